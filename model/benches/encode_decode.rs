@@ -1,0 +1,70 @@
+//! Encode+decode throughput of the reference's ImageNet f16 VQGAN (ch 128, ch_mult
+//! [1,1,2,2,4], 2 res blocks, attention at 16, z 256, 1024 codes, 256x256) on the CPU.
+//!
+//! `cargo bench -p taming-model --bench encode_decode -- [--batches 1,8] [--iters N] [--json]`
+//! Prints images per second for each batch size (random weights: speed does not depend on
+//! them). tools/bench/compare_reference.sh runs this and the reference side by side.
+
+use std::time::Instant;
+
+use burn::tensor::{Device, Distribution, Tensor};
+use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
+use taming_model::quantize::QuantizeMode;
+use taming_model::Vqgan;
+
+fn imagenet_f16() -> VqganConfig {
+    VqganConfig {
+        ddconfig: DdConfig {
+            ch: 128,
+            out_ch: 3,
+            ch_mult: vec![1, 1, 2, 2, 4],
+            num_res_blocks: 2,
+            attn_resolutions: vec![16],
+            dropout: 0.0,
+            resamp_with_conv: true,
+            in_channels: 3,
+            resolution: 256,
+            z_channels: 256,
+            double_z: false,
+        },
+        n_embed: 1024,
+        embed_dim: 256,
+        quantizer: QuantizerConfig::default(),
+    }
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let batches: Vec<usize> = arg(&args, "--batches")
+        .unwrap_or_else(|| "1,8".into())
+        .split(',')
+        .map(|b| b.parse().expect("batch size"))
+        .collect();
+    let iters: usize = arg(&args, "--iters").map_or(3, |s| s.parse().expect("iterations"));
+    let json = args.iter().any(|a| a == "--json");
+    let device = Device::flex();
+    let model = Vqgan::new(&imagenet_f16(), &device).expect("valid config");
+    for batch in batches {
+        let x = Tensor::<4>::random([batch, 3, 256, 256], Distribution::Uniform(-1.0, 1.0), &device);
+        let run = || {
+            let out = model.forward(x.clone(), QuantizeMode::EVAL);
+            out.reconstruction.into_data(); // wait for the result
+        };
+        run(); // warm-up
+        let start = Instant::now();
+        for _ in 0..iters {
+            run();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let ips = (batch * iters) as f64 / secs;
+        if json {
+            println!("{{\"impl\": \"taming-rs\", \"batch\": {batch}, \"iters\": {iters}, \"images_per_s\": {ips:.4}}}");
+        } else {
+            println!("taming-rs  batch {batch}: {ips:.3} images/s ({iters} iterations, {secs:.1} s)");
+        }
+    }
+}

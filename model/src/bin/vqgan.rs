@@ -1,0 +1,173 @@
+//! `vqgan`: import reference checkpoints, encode images to codes, decode codes, reconstruct.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use burn::tensor::Device;
+use clap::{Args, Parser, Subcommand};
+use taming_model::checkpoint::{native, taming};
+use taming_model::codes::CodeGrid;
+use taming_model::device::DeviceSpec;
+use taming_model::image_io::{self, Fit};
+use taming_model::quantize::QuantizeMode;
+use taming_model::{Vqgan, VqganConfig};
+
+#[derive(Parser)]
+#[command(name = "vqgan", version, about = "VQGAN tools: import, encode, decode, reconstruct")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Import a reference (CompVis taming-transformers) YAML config and Lightning checkpoint.
+    ImportTaming {
+        /// The reference's YAML config (model.params.ddconfig, n_embed, embed_dim).
+        #[arg(long)]
+        config: PathBuf,
+        /// The Lightning `.ckpt` file.
+        #[arg(long)]
+        ckpt: PathBuf,
+        /// Model directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace `--out` if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Encode an image to a grid of code indices (JSON).
+    Encode {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Input image (PNG, JPEG, WebP).
+        #[arg(long)]
+        image: PathBuf,
+        /// Output codes.json.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        fit: FitArgs,
+    },
+    /// Encode and decode an image.
+    Reconstruct {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Input image (PNG, JPEG, WebP).
+        #[arg(long)]
+        image: PathBuf,
+        /// Output PNG.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        fit: FitArgs,
+    },
+    /// Decode a grid of code indices (JSON) to an image.
+    Decode {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Input codes.json.
+        #[arg(long)]
+        codes: PathBuf,
+        /// Output PNG.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model directory (written by `vqgan import-taming` or training).
+    #[arg(long)]
+    model: PathBuf,
+    /// Device: cpu, cuda:N or vulkan:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+}
+
+#[derive(Args)]
+struct FitArgs {
+    /// Take the image at its own size (a multiple of the downsampling factor) instead of
+    /// resizing its shorter side and center-cropping to the model's resolution.
+    #[arg(long)]
+    no_resize: bool,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::ImportTaming { config, ckpt, out, force } => import(&config, &ckpt, &out, force),
+        Command::Encode { model, image, out, fit } => {
+            let (config, vqgan, device) = load(&model)?;
+            let x = read_input(&image, &config, &fit, &device)?;
+            let q = vqgan.encode(x, QuantizeMode::EVAL);
+            CodeGrid::from_tensor(q.indices).write(&out)?;
+            Ok(())
+        }
+        Command::Reconstruct { model, image, out, fit } => {
+            let (config, vqgan, device) = load(&model)?;
+            let x = read_input(&image, &config, &fit, &device)?;
+            let rec = vqgan.forward(x, QuantizeMode::EVAL).reconstruction;
+            image_io::write_png(&image_io::to_image(rec), &out)?;
+            Ok(())
+        }
+        Command::Decode { model, codes, out } => {
+            let (config, vqgan, device) = load(&model)?;
+            let grid = CodeGrid::read(&codes)?;
+            let indices = grid.to_tensor(config.n_embed, &codes, &device)?;
+            image_io::write_png(&image_io::to_image(vqgan.decode_indices(indices)), &out)?;
+            Ok(())
+        }
+    }
+}
+
+fn import(config: &Path, ckpt: &Path, out: &Path, force: bool) -> Result<()> {
+    let device = Device::flex();
+    let imported = taming::import_taming(config, ckpt, &device)
+        .with_context(|| format!("importing {}", ckpt.display()))?;
+    for name in &imported.ignored {
+        eprintln!("warning: checkpoint tensor `{name}` has no place in the model; skipped");
+    }
+    native::save_model(out, &imported.config, &imported.model, &imported.loss_tensors, force)?;
+    let loss: BTreeMap<_, _> = imported.loss_tensors;
+    println!(
+        "imported {} (step {}): {} codes of dim {}, factor {}; {} loss-module tensors kept -> {}",
+        ckpt.display(),
+        imported.global_step.map_or("?".into(), |s| s.to_string()),
+        imported.config.n_embed,
+        imported.config.embed_dim,
+        imported.config.ddconfig.downsample_factor(),
+        loss.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn load(args: &ModelArgs) -> Result<(VqganConfig, Vqgan, Device)> {
+    let device = args.device.device().map_err(anyhow::Error::msg)?;
+    let (config, model) = native::load_model(&args.model, &device)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
+    Ok((config, model, device))
+}
+
+fn read_input(path: &Path, config: &VqganConfig, fit: &FitArgs, device: &Device) -> Result<burn::Tensor<4>> {
+    let dd = &config.ddconfig;
+    let fit = if fit.no_resize {
+        Fit::AsIs { factor: dd.downsample_factor() }
+    } else {
+        Fit::ResizeCrop { size: dd.resolution }
+    };
+    let img = image_io::fit_image(image_io::read_rgb(path)?, fit, path)?;
+    Ok(image_io::to_tensor(&img, device))
+}

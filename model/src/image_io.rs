@@ -1,0 +1,105 @@
+//! Images in and out of the model: decoding, the reference's resize/center-crop, scaling to
+//! [-1, 1], and writing results atomically.
+
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use image::imageops::FilterType;
+use image::{DynamicImage, RgbImage};
+
+use crate::error::ModelError;
+
+/// How an input image is fitted to the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// Resize the shorter side to `size` and center-crop to `size x size`.
+    ResizeCrop {
+        /// Side length in pixels.
+        size: usize,
+    },
+    /// Keep the image as it is; both sides must be multiples of `factor`.
+    AsIs {
+        /// The model's downsampling factor.
+        factor: usize,
+    },
+}
+
+/// Reads an image file as RGB; the error names the file.
+pub fn read_rgb(path: &Path) -> Result<RgbImage, ModelError> {
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| ModelError::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| ModelError::io(path, e))?;
+    let img = reader
+        .decode()
+        .map_err(|e| ModelError::file(path, format!("not a readable image ({e})")))?;
+    Ok(img.to_rgb8())
+}
+
+/// Fits an image to the model as `fit` says; the error names the file when sizes don't fit.
+pub fn fit_image(img: RgbImage, fit: Fit, path: &Path) -> Result<RgbImage, ModelError> {
+    match fit {
+        Fit::ResizeCrop { size } => Ok(resize_center_crop(img, size)),
+        Fit::AsIs { factor } => {
+            let (w, h) = img.dimensions();
+            if w as usize % factor != 0 || h as usize % factor != 0 {
+                return Err(ModelError::file(
+                    path,
+                    format!("{w}x{h} is not a multiple of the model's downsampling factor {factor}"),
+                ));
+            }
+            Ok(img)
+        }
+    }
+}
+
+/// The reference's preprocessing: shorter side to `size` (bilinear), then a centered crop.
+pub fn resize_center_crop(img: RgbImage, size: usize) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let size32 = size as u32;
+    let scale = size as f64 / w.min(h) as f64;
+    let (nw, nh) = (
+        ((w as f64 * scale).round() as u32).max(size32),
+        ((h as f64 * scale).round() as u32).max(size32),
+    );
+    let resized = if (nw, nh) == (w, h) {
+        img
+    } else {
+        DynamicImage::ImageRgb8(img).resize_exact(nw, nh, FilterType::Triangle).to_rgb8()
+    };
+    let (left, top) = ((nw - size32) / 2, (nh - size32) / 2);
+    image::imageops::crop_imm(&resized, left, top, size32, size32).to_image()
+}
+
+/// An RGB image as a `[1, 3, h, w]` tensor in [-1, 1] (x / 127.5 - 1).
+pub fn to_tensor(img: &RgbImage, device: &Device) -> Tensor<4> {
+    let (w, h) = img.dimensions();
+    let (w, h) = (w as usize, h as usize);
+    let mut chw = vec![0f32; 3 * h * w];
+    for (x, y, px) in img.enumerate_pixels() {
+        for c in 0..3 {
+            chw[c * h * w + y as usize * w + x as usize] = px.0[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    Tensor::from_data(TensorData::new(chw, [1, 3, h, w]), device)
+}
+
+/// The first image of a `[b, 3, h, w]` tensor in [-1, 1] as RGB (clamped, rounded).
+pub fn to_image(x: Tensor<4>) -> RgbImage {
+    let [_, c, h, w] = x.dims();
+    assert_eq!(c, 3, "images have 3 channels");
+    let first = x.narrow(0, 0, 1).clamp(-1.0, 1.0);
+    let values: Vec<f32> = first.try_into_vec_as::<f32>().expect("f32 data");
+    RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let at = |ch: usize| values[ch * h * w + y as usize * w + x as usize];
+        image::Rgb([0, 1, 2].map(|ch| ((at(ch) + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8))
+    })
+}
+
+/// Writes `img` as PNG to `path` through a temporary sibling file.
+pub fn write_png(img: &RgbImage, path: &Path) -> Result<(), ModelError> {
+    let tmp = crate::atomic::temp_sibling(path);
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(|e| ModelError::file(&tmp, e.to_string()))?;
+    crate::atomic::commit(&tmp, path)
+}

@@ -1,0 +1,16 @@
+//! taming-rs models: the stage-1 VQGAN (encoder, quantizers, decoder), reference checkpoint
+//! import and the project's own model format.
+
+pub mod atomic;
+pub mod checkpoint;
+pub mod codes;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod image_io;
+pub mod quantize;
+pub mod vqgan;
+
+pub use config::{DdConfig, QuantizerConfig, VectorQuantizerConfig, VqganConfig};
+pub use error::ModelError;
+pub use vqgan::Vqgan;

@@ -1,0 +1,204 @@
+//! The `vqgan` binary as a user runs it: import a reference checkpoint, encode, reconstruct,
+//! decode, and the errors bad input gets.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{Expected, fixture};
+use taming_model::codes::CodeGrid;
+
+fn vqgan(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vqgan")).args(args).output().expect("run vqgan")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ok(out: Output) -> Output {
+    assert!(out.status.success(), "vqgan failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Runs a command expected to fail; returns its stderr.
+fn fails(out: Output) -> String {
+    assert!(!out.status.success(), "vqgan succeeded unexpectedly");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn import(name: &str, tmp: &Path) -> PathBuf {
+    let dir = fixture(name);
+    let out = tmp.join(format!("{name}-model"));
+    ok(vqgan(&["import-taming", "--config", s(&dir.join("model.yaml")), "--ckpt", s(&dir.join("model.ckpt")), "--out", s(&out)]));
+    out
+}
+
+fn reference_rows(name: &str, image: usize) -> Vec<Vec<i64>> {
+    let (shape, idx) = Expected::load(name).i64s("indices");
+    let (h, w) = (shape[1], shape[2]);
+    idx[image * h * w..(image + 1) * h * w].chunks(w).map(<[i64]>::to_vec).collect()
+}
+
+#[test]
+fn import_then_encode_reproduces_reference_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = import("vq_a", tmp.path());
+    for image in 0..2 {
+        let codes = tmp.path().join(format!("codes{image}.json"));
+        let photo = fixture("vq_a").join(format!("photo_{image}.png"));
+        ok(vqgan(&["encode", "--model", s(&model), "--image", s(&photo), "--out", s(&codes)]));
+        assert_eq!(CodeGrid::read(&codes).unwrap().indices, reference_rows("vq_a", image));
+    }
+}
+
+#[test]
+fn no_resize_takes_a_non_square_image_as_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = import("vq_b", tmp.path());
+    let codes = tmp.path().join("codes.json");
+    let photo = fixture("vq_b").join("photo_1.png");
+    ok(vqgan(&["encode", "--model", s(&model), "--image", s(&photo), "--out", s(&codes), "--no-resize"]));
+    let grid = CodeGrid::read(&codes).unwrap();
+    assert_eq!((grid.indices.len(), grid.indices[0].len()), (8, 12));
+    assert_eq!(grid.indices, reference_rows("vq_b", 1));
+}
+
+#[test]
+fn resize_path_crops_to_the_model_resolution() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = import("vq_b", tmp.path());
+    let codes = tmp.path().join("codes.json");
+    let photo = fixture("vq_b").join("photo_0.png"); // 48x32: resized and cropped to 32x32
+    ok(vqgan(&["encode", "--model", s(&model), "--image", s(&photo), "--out", s(&codes)]));
+    let grid = CodeGrid::read(&codes).unwrap();
+    assert_eq!((grid.indices.len(), grid.indices[0].len()), (8, 8));
+}
+
+#[test]
+fn reconstruct_matches_reference_and_decode_agrees() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = import("vq_a", tmp.path());
+    let photo = fixture("vq_a").join("photo_0.png");
+    let rec = tmp.path().join("rec.png");
+    ok(vqgan(&["reconstruct", "--model", s(&model), "--image", s(&photo), "--out", s(&rec)]));
+    let img = image::open(&rec).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (32, 32));
+    let (_, dec) = Expected::load("vq_a").f32s("decoder_out");
+    for (x, y, px) in img.enumerate_pixels() {
+        for c in 0..3 {
+            let r = dec[c * 32 * 32 + y as usize * 32 + x as usize].clamp(-1.0, 1.0);
+            let expected = ((r + 1.0) * 127.5).round();
+            assert!((px.0[c] as f32 - expected).abs() <= 1.0, "pixel ({x},{y},{c}): {} vs {expected}", px.0[c]);
+        }
+    }
+    let codes = tmp.path().join("codes.json");
+    ok(vqgan(&["encode", "--model", s(&model), "--image", s(&photo), "--out", s(&codes)]));
+    let decoded = tmp.path().join("dec.png");
+    ok(vqgan(&["decode", "--model", s(&model), "--codes", s(&codes), "--out", s(&decoded)]));
+    assert_eq!(image::open(&decoded).unwrap().to_rgb8(), img);
+}
+
+#[test]
+fn gumbel_checkpoint_imports_and_encodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = import("gumbel", tmp.path());
+    let codes = tmp.path().join("codes.json");
+    let photo = fixture("gumbel").join("photo_1.png");
+    ok(vqgan(&["encode", "--model", s(&model), "--image", s(&photo), "--out", s(&codes)]));
+    assert_eq!(CodeGrid::read(&codes).unwrap().indices, reference_rows("gumbel", 1));
+}
+
+/// Writes the vq_a YAML with `edit` applied to its text.
+fn edited_yaml(tmp: &Path, edit: impl Fn(String) -> String) -> PathBuf {
+    let text = std::fs::read_to_string(fixture("vq_a").join("model.yaml")).unwrap();
+    let path = tmp.join("edited.yaml");
+    std::fs::write(&path, edit(text)).unwrap();
+    path
+}
+
+fn import_fails(tmp: &Path, yaml: &Path, ckpt: &Path) -> String {
+    let out = tmp.join("out");
+    let err = fails(vqgan(&["import-taming", "--config", s(yaml), "--ckpt", s(ckpt), "--out", s(&out)]));
+    assert!(!out.exists(), "nothing may be written under --out");
+    let leftovers: Vec<_> = std::fs::read_dir(tmp).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("out")).collect();
+    assert!(leftovers.is_empty(), "partial output left behind: {leftovers:?}");
+    err
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = fixture("vq_a").join("model.ckpt");
+    let cases: [(&str, &str, &str); 4] = [
+        ("      ch: 32\n", "", "`model.params.ddconfig.ch`"),
+        ("attn_resolutions:\n      - 16", "attn_resolutions:\n      - 7", "attn_resolutions"),
+        ("n_embed: 64", "n_embed: 0", "n_embed"),
+        ("      ch: 32\n", "      ch: 48\n", "ddconfig.ch_mult"),
+    ];
+    for (from, to, key) in cases {
+        let yaml = edited_yaml(tmp.path(), |t| {
+            assert!(t.contains(from), "fixture YAML lacks {from:?}");
+            t.replacen(from, to, 1)
+        });
+        let err = import_fails(tmp.path(), &yaml, &ckpt);
+        assert!(err.contains(key), "error for {key}: {err}");
+    }
+}
+
+#[test]
+fn checkpoint_that_does_not_fit_its_config_names_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml = edited_yaml(tmp.path(), |t| t.replacen("n_embed: 64", "n_embed: 65", 1));
+    let err = import_fails(tmp.path(), &yaml, &fixture("vq_a").join("model.ckpt"));
+    assert!(err.contains("quantize.embedding.weight"), "{err}");
+    assert!(err.contains("[64, 16]") && err.contains("[65, 16]"), "{err}");
+}
+
+#[test]
+fn truncated_checkpoint_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture("vq_a").join("model.ckpt")).unwrap();
+    let cut = tmp.path().join("cut.ckpt");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = import_fails(tmp.path(), &fixture("vq_a").join("model.yaml"), &cut);
+    assert!(err.contains("cut.ckpt"), "{err}");
+}
+
+#[test]
+fn a_file_that_is_not_an_image_is_named_and_nothing_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = import("vq_a", tmp.path());
+    let fake = tmp.path().join("notes.png");
+    std::fs::write(&fake, "this is not an image").unwrap();
+    let codes = tmp.path().join("codes.json");
+    let err = fails(vqgan(&["encode", "--model", s(&model), "--image", s(&fake), "--out", s(&codes)]));
+    assert!(err.contains("notes.png"), "{err}");
+    assert!(!codes.exists());
+}
+
+#[test]
+fn codes_out_of_range_are_refused_with_their_position() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = import("vq_a", tmp.path());
+    let codes = tmp.path().join("bad.json");
+    std::fs::write(&codes, r#"{"indices": [[1, 2], [3, 64]]}"#).unwrap();
+    let out = tmp.path().join("dec.png");
+    let err = fails(vqgan(&["decode", "--model", s(&model), "--codes", s(&codes), "--out", s(&out)]));
+    assert!(err.contains("indices[1][1]") && err.contains("bad.json"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn existing_output_is_not_replaced_without_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = import("vq_a", tmp.path());
+    let (yaml, ckpt) = (fixture("vq_a").join("model.yaml"), fixture("vq_a").join("model.ckpt"));
+    let args = ["import-taming", "--config", s(&yaml), "--ckpt", s(&ckpt), "--out", s(&model)];
+    let err = fails(vqgan(&args));
+    assert!(err.contains("already exists"), "{err}");
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    ok(vqgan(&forced));
+}
