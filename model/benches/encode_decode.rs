@@ -8,33 +8,14 @@
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor};
-use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
-use taming_model::quantize::QuantizeMode;
 use taming_model::Vqgan;
-
-fn imagenet_f16() -> VqganConfig {
-    VqganConfig {
-        ddconfig: DdConfig {
-            ch: 128,
-            out_ch: 3,
-            ch_mult: vec![1, 1, 2, 2, 4],
-            num_res_blocks: 2,
-            attn_resolutions: vec![16],
-            dropout: 0.0,
-            resamp_with_conv: true,
-            in_channels: 3,
-            resolution: 256,
-            z_channels: 256,
-            double_z: false,
-        },
-        n_embed: 1024,
-        embed_dim: 256,
-        quantizer: QuantizerConfig::default(),
-    }
-}
+use taming_model::config::VqganConfig;
+use taming_model::quantize::QuantizeMode;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() {
@@ -47,9 +28,13 @@ fn main() {
     let iters: usize = arg(&args, "--iters").map_or(3, |s| s.parse().expect("iterations"));
     let json = args.iter().any(|a| a == "--json");
     let device = Device::flex();
-    let model = Vqgan::new(&imagenet_f16(), &device).expect("valid config");
+    let model = Vqgan::new(&VqganConfig::imagenet_f16_1024(), &device).expect("valid config");
     for batch in batches {
-        let x = Tensor::<4>::random([batch, 3, 256, 256], Distribution::Uniform(-1.0, 1.0), &device);
+        let x = Tensor::<4>::random(
+            [batch, 3, 256, 256],
+            Distribution::Uniform(-1.0, 1.0),
+            &device,
+        );
         let run = || {
             let out = model.forward(x.clone(), QuantizeMode::EVAL);
             out.reconstruction.into_data(); // wait for the result
@@ -62,9 +47,13 @@ fn main() {
         let secs = start.elapsed().as_secs_f64();
         let ips = (batch * iters) as f64 / secs;
         if json {
-            println!("{{\"impl\": \"taming-rs\", \"batch\": {batch}, \"iters\": {iters}, \"images_per_s\": {ips:.4}}}");
+            println!(
+                "{{\"impl\": \"taming-rs\", \"batch\": {batch}, \"iters\": {iters}, \"images_per_s\": {ips:.4}}}"
+            );
         } else {
-            println!("taming-rs  batch {batch}: {ips:.3} images/s ({iters} iterations, {secs:.1} s)");
+            println!(
+                "taming-rs  batch {batch}: {ips:.3} images/s ({iters} iterations, {secs:.1} s)"
+            );
         }
     }
 }

@@ -210,7 +210,10 @@ impl TemperatureSchedule {
             let slope = (self.max - self.start) / self.warm_up_steps as f64;
             return self.start + slope * step as f64;
         }
-        let span = self.max_decay_steps.saturating_sub(self.warm_up_steps).max(1) as f64;
+        let span = self
+            .max_decay_steps
+            .saturating_sub(self.warm_up_steps)
+            .max(1) as f64;
         let t = ((step - self.warm_up_steps) as f64 / span).min(1.0);
         self.min + 0.5 * (self.max - self.min) * (1.0 + (t * std::f64::consts::PI).cos())
     }
@@ -235,6 +238,24 @@ pub struct VqganConfig {
 pub const NORM_GROUPS: usize = 32;
 
 impl DdConfig {
+    /// The reference's ImageNet f16 autoencoder (configs/imagenet_vqgan.yaml): ch 128,
+    /// ch_mult [1,1,2,2,4], 2 residual blocks, attention at 16, z 256, 256x256.
+    pub fn imagenet_f16() -> Self {
+        Self {
+            ch: 128,
+            out_ch: 3,
+            ch_mult: vec![1, 1, 2, 2, 4],
+            num_res_blocks: 2,
+            attn_resolutions: vec![16],
+            dropout: 0.0,
+            resamp_with_conv: true,
+            in_channels: 3,
+            resolution: 256,
+            z_channels: 256,
+            double_z: false,
+        }
+    }
+
     /// Spatial downsampling factor between image and latent grid.
     pub fn downsample_factor(&self) -> usize {
         1 << self.ch_mult.len().saturating_sub(1)
@@ -273,11 +294,14 @@ impl DdConfig {
             }
         }
         if self.ch_mult.is_empty() || self.ch_mult.contains(&0) {
-            return Err(bad("ch_mult", "must be a non-empty list of positive integers".into()));
+            return Err(bad(
+                "ch_mult",
+                "must be a non-empty list of positive integers".into(),
+            ));
         }
         for (level, mult) in self.ch_mult.iter().enumerate() {
             let channels = self.ch * mult;
-            if channels % NORM_GROUPS != 0 {
+            if !channels.is_multiple_of(NORM_GROUPS) {
                 return Err(bad(
                     "ch_mult",
                     format!(
@@ -288,13 +312,18 @@ impl DdConfig {
             }
         }
         let factor = self.downsample_factor();
-        if self.resolution % factor != 0 {
+        if !self.resolution.is_multiple_of(factor) {
             return Err(bad(
                 "resolution",
-                format!("{} is not divisible by the downsampling factor {factor}", self.resolution),
+                format!(
+                    "{} is not divisible by the downsampling factor {factor}",
+                    self.resolution
+                ),
             ));
         }
-        let reached: Vec<usize> = (0..self.ch_mult.len()).map(|l| self.level_resolution(l)).collect();
+        let reached: Vec<usize> = (0..self.ch_mult.len())
+            .map(|l| self.level_resolution(l))
+            .collect();
         for res in &self.attn_resolutions {
             if !reached.contains(res) {
                 return Err(bad(
@@ -304,13 +333,26 @@ impl DdConfig {
             }
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(bad("dropout", format!("{} is outside [0, 1)", self.dropout)));
+            return Err(bad(
+                "dropout",
+                format!("{} is outside [0, 1)", self.dropout),
+            ));
         }
         Ok(())
     }
 }
 
 impl VqganConfig {
+    /// The reference's ImageNet f16 VQGAN with 1024 codes of dimension 256.
+    pub fn imagenet_f16_1024() -> Self {
+        Self {
+            ddconfig: DdConfig::imagenet_f16(),
+            n_embed: 1024,
+            embed_dim: 256,
+            quantizer: QuantizerConfig::default(),
+        }
+    }
+
     /// Checks the whole model config; errors name the offending key.
     pub fn validate(&self) -> Result<(), ModelError> {
         self.ddconfig.validate()?;
@@ -343,31 +385,40 @@ impl VectorQuantizerConfig {
             key: format!("quantizer.{key}"),
             reason,
         };
-        if !(self.beta >= 0.0) {
+        if self.beta.is_nan() || self.beta < 0.0 {
             return Err(bad("beta", format!("{} must be >= 0", self.beta)));
         }
         if let Some(dim) = self.codebook_dim
             && (dim == 0 || dim > embed_dim)
         {
-            return Err(bad("codebook_dim", format!("{dim} must be in 1..={embed_dim}")));
+            return Err(bad(
+                "codebook_dim",
+                format!("{dim} must be in 1..={embed_dim}"),
+            ));
         }
         if let Some(ema) = &self.ema {
             if !(0.0..1.0).contains(&ema.decay) {
                 return Err(bad("ema.decay", format!("{} is outside [0, 1)", ema.decay)));
             }
-            if !(ema.eps > 0.0) {
+            if ema.eps.is_nan() || ema.eps <= 0.0 {
                 return Err(bad("ema.eps", format!("{} must be > 0", ema.eps)));
             }
         }
         if let Some(k) = &self.kmeans_init
             && (k.iters == 0 || k.batches == 0)
         {
-            return Err(bad("kmeans_init", "iters and batches must be positive".into()));
+            return Err(bad(
+                "kmeans_init",
+                "iters and batches must be positive".into(),
+            ));
         }
         if let Some(r) = &self.dead_code_restart
             && !(0.0..1.0).contains(&r.decay)
         {
-            return Err(bad("dead_code_restart.decay", format!("{} is outside [0, 1)", r.decay)));
+            return Err(bad(
+                "dead_code_restart.decay",
+                format!("{} is outside [0, 1)", r.decay),
+            ));
         }
         if self.usage_window == 0 {
             return Err(bad("usage_window", "must be positive".into()));
@@ -393,20 +444,8 @@ impl GumbelConfig {
 mod tests {
     use super::*;
 
-    pub(crate) fn f16_imagenet() -> DdConfig {
-        DdConfig {
-            ch: 128,
-            out_ch: 3,
-            ch_mult: vec![1, 1, 2, 2, 4],
-            num_res_blocks: 2,
-            attn_resolutions: vec![16],
-            dropout: 0.0,
-            resamp_with_conv: true,
-            in_channels: 3,
-            resolution: 256,
-            z_channels: 256,
-            double_z: false,
-        }
+    fn f16_imagenet() -> DdConfig {
+        DdConfig::imagenet_f16()
     }
 
     #[test]

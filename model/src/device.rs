@@ -62,7 +62,9 @@ fn cuda(n: usize) -> Result<Device, String> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(n: usize) -> Result<Device, String> {
-    Err(format!("device cuda:{n}: this build has no CUDA support (rebuild with `--features cuda`)"))
+    Err(format!(
+        "device cuda:{n}: this build has no CUDA support (rebuild with `--features cuda`)"
+    ))
 }
 
 #[cfg(feature = "vulkan")]
@@ -72,7 +74,9 @@ fn vulkan(n: usize) -> Result<Device, String> {
 
 #[cfg(not(feature = "vulkan"))]
 fn vulkan(n: usize) -> Result<Device, String> {
-    Err(format!("device vulkan:{n}: this build has no Vulkan support (rebuild with `--features vulkan`)"))
+    Err(format!(
+        "device vulkan:{n}: this build has no Vulkan support (rebuild with `--features vulkan`)"
+    ))
 }
 
 #[cfg(test)]

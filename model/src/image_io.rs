@@ -42,10 +42,12 @@ pub fn fit_image(img: RgbImage, fit: Fit, path: &Path) -> Result<RgbImage, Model
         Fit::ResizeCrop { size } => Ok(resize_center_crop(img, size)),
         Fit::AsIs { factor } => {
             let (w, h) = img.dimensions();
-            if w as usize % factor != 0 || h as usize % factor != 0 {
+            if !(w as usize).is_multiple_of(factor) || !(h as usize).is_multiple_of(factor) {
                 return Err(ModelError::file(
                     path,
-                    format!("{w}x{h} is not a multiple of the model's downsampling factor {factor}"),
+                    format!(
+                        "{w}x{h} is not a multiple of the model's downsampling factor {factor}"
+                    ),
                 ));
             }
             Ok(img)
@@ -65,7 +67,9 @@ pub fn resize_center_crop(img: RgbImage, size: usize) -> RgbImage {
     let resized = if (nw, nh) == (w, h) {
         img
     } else {
-        DynamicImage::ImageRgb8(img).resize_exact(nw, nh, FilterType::Triangle).to_rgb8()
+        DynamicImage::ImageRgb8(img)
+            .resize_exact(nw, nh, FilterType::Triangle)
+            .to_rgb8()
     };
     let (left, top) = ((nw - size32) / 2, (nh - size32) / 2);
     image::imageops::crop_imm(&resized, left, top, size32, size32).to_image()

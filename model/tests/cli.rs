@@ -10,7 +10,10 @@ use common::{Expected, fixture};
 use taming_model::codes::CodeGrid;
 
 fn vqgan(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vqgan")).args(args).output().expect("run vqgan")
+    Command::new(env!("CARGO_BIN_EXE_vqgan"))
+        .args(args)
+        .output()
+        .expect("run vqgan")
 }
 
 fn s(p: &Path) -> &str {
@@ -18,7 +21,11 @@ fn s(p: &Path) -> &str {
 }
 
 fn ok(out: Output) -> Output {
-    assert!(out.status.success(), "vqgan failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "vqgan failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -31,14 +38,43 @@ fn fails(out: Output) -> String {
 fn import(name: &str, tmp: &Path) -> PathBuf {
     let dir = fixture(name);
     let out = tmp.join(format!("{name}-model"));
-    ok(vqgan(&["import-taming", "--config", s(&dir.join("model.yaml")), "--ckpt", s(&dir.join("model.ckpt")), "--out", s(&out)]));
+    ok(vqgan(&[
+        "import-taming",
+        "--config",
+        s(&dir.join("model.yaml")),
+        "--ckpt",
+        s(&dir.join("model.ckpt")),
+        "--out",
+        s(&out),
+    ]));
     out
 }
 
 fn reference_rows(name: &str, image: usize) -> Vec<Vec<i64>> {
     let (shape, idx) = Expected::load(name).i64s("indices");
     let (h, w) = (shape[1], shape[2]);
-    idx[image * h * w..(image + 1) * h * w].chunks(w).map(<[i64]>::to_vec).collect()
+    idx[image * h * w..(image + 1) * h * w]
+        .chunks(w)
+        .map(<[i64]>::to_vec)
+        .collect()
+}
+
+/// Encodes photo `index` of fixture `name` with `model`; returns the code grid.
+fn encode_photo(model: &Path, name: &str, index: usize, extra: &[&str]) -> CodeGrid {
+    let photo = fixture(name).join(format!("photo_{index}.png"));
+    let codes = model.with_extension(format!("codes{index}.json"));
+    let mut args = vec![
+        "encode",
+        "--model",
+        s(model),
+        "--image",
+        s(&photo),
+        "--out",
+        s(&codes),
+    ];
+    args.extend_from_slice(extra);
+    ok(vqgan(&args));
+    CodeGrid::read(&codes).unwrap()
 }
 
 #[test]
@@ -46,10 +82,8 @@ fn import_then_encode_reproduces_reference_codes() {
     let tmp = tempfile::tempdir().unwrap();
     let model = import("vq_a", tmp.path());
     for image in 0..2 {
-        let codes = tmp.path().join(format!("codes{image}.json"));
-        let photo = fixture("vq_a").join(format!("photo_{image}.png"));
-        ok(vqgan(&["encode", "--model", s(&model), "--image", s(&photo), "--out", s(&codes)]));
-        assert_eq!(CodeGrid::read(&codes).unwrap().indices, reference_rows("vq_a", image));
+        let grid = encode_photo(&model, "vq_a", image, &[]);
+        assert_eq!(grid.indices, reference_rows("vq_a", image));
     }
 }
 
@@ -57,10 +91,7 @@ fn import_then_encode_reproduces_reference_codes() {
 fn no_resize_takes_a_non_square_image_as_it_is() {
     let tmp = tempfile::tempdir().unwrap();
     let model = import("vq_b", tmp.path());
-    let codes = tmp.path().join("codes.json");
-    let photo = fixture("vq_b").join("photo_1.png");
-    ok(vqgan(&["encode", "--model", s(&model), "--image", s(&photo), "--out", s(&codes), "--no-resize"]));
-    let grid = CodeGrid::read(&codes).unwrap();
+    let grid = encode_photo(&model, "vq_b", 1, &["--no-resize"]);
     assert_eq!((grid.indices.len(), grid.indices[0].len()), (8, 12));
     assert_eq!(grid.indices, reference_rows("vq_b", 1));
 }
@@ -69,10 +100,8 @@ fn no_resize_takes_a_non_square_image_as_it_is() {
 fn resize_path_crops_to_the_model_resolution() {
     let tmp = tempfile::tempdir().unwrap();
     let model = import("vq_b", tmp.path());
-    let codes = tmp.path().join("codes.json");
-    let photo = fixture("vq_b").join("photo_0.png"); // 48x32: resized and cropped to 32x32
-    ok(vqgan(&["encode", "--model", s(&model), "--image", s(&photo), "--out", s(&codes)]));
-    let grid = CodeGrid::read(&codes).unwrap();
+    // photo_0 is 48x32: resized on its shorter side and cropped to 32x32.
+    let grid = encode_photo(&model, "vq_b", 0, &[]);
     assert_eq!((grid.indices.len(), grid.indices[0].len()), (8, 8));
 }
 
@@ -82,7 +111,15 @@ fn reconstruct_matches_reference_and_decode_agrees() {
     let model = import("vq_a", tmp.path());
     let photo = fixture("vq_a").join("photo_0.png");
     let rec = tmp.path().join("rec.png");
-    ok(vqgan(&["reconstruct", "--model", s(&model), "--image", s(&photo), "--out", s(&rec)]));
+    ok(vqgan(&[
+        "reconstruct",
+        "--model",
+        s(&model),
+        "--image",
+        s(&photo),
+        "--out",
+        s(&rec),
+    ]));
     let img = image::open(&rec).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (32, 32));
     let (_, dec) = Expected::load("vq_a").f32s("decoder_out");
@@ -90,13 +127,33 @@ fn reconstruct_matches_reference_and_decode_agrees() {
         for c in 0..3 {
             let r = dec[c * 32 * 32 + y as usize * 32 + x as usize].clamp(-1.0, 1.0);
             let expected = ((r + 1.0) * 127.5).round();
-            assert!((px.0[c] as f32 - expected).abs() <= 1.0, "pixel ({x},{y},{c}): {} vs {expected}", px.0[c]);
+            assert!(
+                (px.0[c] as f32 - expected).abs() <= 1.0,
+                "pixel ({x},{y},{c}): {} vs {expected}",
+                px.0[c]
+            );
         }
     }
     let codes = tmp.path().join("codes.json");
-    ok(vqgan(&["encode", "--model", s(&model), "--image", s(&photo), "--out", s(&codes)]));
+    ok(vqgan(&[
+        "encode",
+        "--model",
+        s(&model),
+        "--image",
+        s(&photo),
+        "--out",
+        s(&codes),
+    ]));
     let decoded = tmp.path().join("dec.png");
-    ok(vqgan(&["decode", "--model", s(&model), "--codes", s(&codes), "--out", s(&decoded)]));
+    ok(vqgan(&[
+        "decode",
+        "--model",
+        s(&model),
+        "--codes",
+        s(&codes),
+        "--out",
+        s(&decoded),
+    ]));
     assert_eq!(image::open(&decoded).unwrap().to_rgb8(), img);
 }
 
@@ -104,10 +161,8 @@ fn reconstruct_matches_reference_and_decode_agrees() {
 fn gumbel_checkpoint_imports_and_encodes() {
     let tmp = tempfile::tempdir().unwrap();
     let model = import("gumbel", tmp.path());
-    let codes = tmp.path().join("codes.json");
-    let photo = fixture("gumbel").join("photo_1.png");
-    ok(vqgan(&["encode", "--model", s(&model), "--image", s(&photo), "--out", s(&codes)]));
-    assert_eq!(CodeGrid::read(&codes).unwrap().indices, reference_rows("gumbel", 1));
+    let grid = encode_photo(&model, "gumbel", 1, &[]);
+    assert_eq!(grid.indices, reference_rows("gumbel", 1));
 }
 
 /// Writes the vq_a YAML with `edit` applied to its text.
@@ -120,10 +175,25 @@ fn edited_yaml(tmp: &Path, edit: impl Fn(String) -> String) -> PathBuf {
 
 fn import_fails(tmp: &Path, yaml: &Path, ckpt: &Path) -> String {
     let out = tmp.join("out");
-    let err = fails(vqgan(&["import-taming", "--config", s(yaml), "--ckpt", s(ckpt), "--out", s(&out)]));
+    let err = fails(vqgan(&[
+        "import-taming",
+        "--config",
+        s(yaml),
+        "--ckpt",
+        s(ckpt),
+        "--out",
+        s(&out),
+    ]));
     assert!(!out.exists(), "nothing may be written under --out");
-    let leftovers: Vec<_> = std::fs::read_dir(tmp).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("out")).collect();
-    assert!(leftovers.is_empty(), "partial output left behind: {leftovers:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(tmp)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("out"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "partial output left behind: {leftovers:?}"
+    );
     err
 }
 
@@ -133,7 +203,11 @@ fn config_errors_name_the_key() {
     let ckpt = fixture("vq_a").join("model.ckpt");
     let cases: [(&str, &str, &str); 4] = [
         ("      ch: 32\n", "", "`model.params.ddconfig.ch`"),
-        ("attn_resolutions:\n      - 16", "attn_resolutions:\n      - 7", "attn_resolutions"),
+        (
+            "attn_resolutions:\n      - 16",
+            "attn_resolutions:\n      - 7",
+            "attn_resolutions",
+        ),
         ("n_embed: 64", "n_embed: 0", "n_embed"),
         ("      ch: 32\n", "      ch: 48\n", "ddconfig.ch_mult"),
     ];
@@ -153,7 +227,10 @@ fn checkpoint_that_does_not_fit_its_config_names_the_tensor() {
     let yaml = edited_yaml(tmp.path(), |t| t.replacen("n_embed: 64", "n_embed: 65", 1));
     let err = import_fails(tmp.path(), &yaml, &fixture("vq_a").join("model.ckpt"));
     assert!(err.contains("quantize.embedding.weight"), "{err}");
-    assert!(err.contains("[64, 16]") && err.contains("[65, 16]"), "{err}");
+    assert!(
+        err.contains("[64, 16]") && err.contains("[65, 16]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -173,7 +250,15 @@ fn a_file_that_is_not_an_image_is_named_and_nothing_is_written() {
     let fake = tmp.path().join("notes.png");
     std::fs::write(&fake, "this is not an image").unwrap();
     let codes = tmp.path().join("codes.json");
-    let err = fails(vqgan(&["encode", "--model", s(&model), "--image", s(&fake), "--out", s(&codes)]));
+    let err = fails(vqgan(&[
+        "encode",
+        "--model",
+        s(&model),
+        "--image",
+        s(&fake),
+        "--out",
+        s(&codes),
+    ]));
     assert!(err.contains("notes.png"), "{err}");
     assert!(!codes.exists());
 }
@@ -185,8 +270,19 @@ fn codes_out_of_range_are_refused_with_their_position() {
     let codes = tmp.path().join("bad.json");
     std::fs::write(&codes, r#"{"indices": [[1, 2], [3, 64]]}"#).unwrap();
     let out = tmp.path().join("dec.png");
-    let err = fails(vqgan(&["decode", "--model", s(&model), "--codes", s(&codes), "--out", s(&out)]));
-    assert!(err.contains("indices[1][1]") && err.contains("bad.json"), "{err}");
+    let err = fails(vqgan(&[
+        "decode",
+        "--model",
+        s(&model),
+        "--codes",
+        s(&codes),
+        "--out",
+        s(&out),
+    ]));
+    assert!(
+        err.contains("indices[1][1]") && err.contains("bad.json"),
+        "{err}"
+    );
     assert!(!out.exists());
 }
 
@@ -194,8 +290,19 @@ fn codes_out_of_range_are_refused_with_their_position() {
 fn existing_output_is_not_replaced_without_force() {
     let tmp = tempfile::tempdir().unwrap();
     let model = import("vq_a", tmp.path());
-    let (yaml, ckpt) = (fixture("vq_a").join("model.yaml"), fixture("vq_a").join("model.ckpt"));
-    let args = ["import-taming", "--config", s(&yaml), "--ckpt", s(&ckpt), "--out", s(&model)];
+    let (yaml, ckpt) = (
+        fixture("vq_a").join("model.yaml"),
+        fixture("vq_a").join("model.ckpt"),
+    );
+    let args = [
+        "import-taming",
+        "--config",
+        s(&yaml),
+        "--ckpt",
+        s(&ckpt),
+        "--out",
+        s(&model),
+    ];
     let err = fails(vqgan(&args));
     assert!(err.contains("already exists"), "{err}");
     let mut forced = args.to_vec();

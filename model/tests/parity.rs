@@ -37,11 +37,18 @@ fn assert_indices_match(model: &Vqgan, exp: &Expected, ours: &[i64], device: &De
     for (pos, (&a, &b)) in ours.iter().zip(&reference).enumerate() {
         if a != b {
             let (da, db) = (dist(pos, a), dist(pos, b));
-            assert!((da - db).abs() <= 1e-6 * db.max(1.0), "index {pos}: ours {a} ({da}), reference {b} ({db})");
+            assert!(
+                (da - db).abs() <= 1e-6 * db.max(1.0),
+                "index {pos}: ours {a} ({da}), reference {b} ({db})"
+            );
             ties += 1;
         }
     }
-    assert!(ties * 100 <= ours.len(), "{ties} near-ties out of {}", ours.len());
+    assert!(
+        ties * 100 <= ours.len(),
+        "{ties} near-ties out of {}",
+        ours.len()
+    );
     let _ = device;
 }
 
@@ -60,16 +67,29 @@ fn check_config(name: &str) {
     let x: Tensor<4> = exp.tensor("input", &device);
     let (h, pre) = model.encode_pre_quant(x);
     assert_close_to_max("encoder_out", &values(h), &exp.f32s("encoder_out").1, 1e-4);
-    assert_close_to_max("pre_quant", &values(pre.clone()), &exp.f32s("pre_quant").1, 1e-4);
+    assert_close_to_max(
+        "pre_quant",
+        &values(pre.clone()),
+        &exp.f32s("pre_quant").1,
+        1e-4,
+    );
     let q = model.quantize.forward(pre, QuantizeMode::EVAL);
     assert_indices_match(model, &exp, &ints(q.indices), &device);
     let loss = values(q.loss)[0];
     let ref_loss = exp.f32s("quant_loss").1[0];
-    assert!(rel(loss, ref_loss) <= loss_tolerance(name), "quantizer loss {loss} vs reference {ref_loss}");
+    assert!(
+        rel(loss, ref_loss) <= loss_tolerance(name),
+        "quantizer loss {loss} vs reference {ref_loss}"
+    );
     let z_q_ref: Tensor<4> = exp.tensor("z_q", &device);
     assert_close_to_max("z_q", &values(q.z_q), &exp.f32s("z_q").1, 1e-4);
     let rec = model.decode(z_q_ref);
-    assert_close_to_max("decoder_out", &values(rec), &exp.f32s("decoder_out").1, 1e-4);
+    assert_close_to_max(
+        "decoder_out",
+        &values(rec),
+        &exp.f32s("decoder_out").1,
+        1e-4,
+    );
 }
 
 #[test]
@@ -93,13 +113,28 @@ fn legacy_quantizer_gradients_match_reference() {
     let imported = import("vq_a", &device);
     let exp = Expected::load("vq_a");
     let pre: Tensor<4> = exp.tensor::<4>("pre_quant", &device).require_grad();
-    let q = imported.model.quantize.forward(pre.clone(), QuantizeMode::EVAL);
+    let q = imported
+        .model
+        .quantize
+        .forward(pre.clone(), QuantizeMode::EVAL);
     let grads = q.loss.backward();
     let grad_pre = values(pre.grad(&grads).expect("grad of latents"));
-    assert_close_to_max("grad_pre_quant", &grad_pre, &exp.f32s("grad_pre_quant").1, 1e-4);
-    let Quantizer::Vector(vq) = &imported.model.quantize else { panic!("vector quantizer") };
+    assert_close_to_max(
+        "grad_pre_quant",
+        &grad_pre,
+        &exp.f32s("grad_pre_quant").1,
+        1e-4,
+    );
+    let Quantizer::Vector(vq) = &imported.model.quantize else {
+        panic!("vector quantizer")
+    };
     let grad_codes = values(vq.embedding.weight.grad(&grads).expect("grad of codebook"));
-    assert_close_to_max("grad_codebook", &grad_codes, &exp.f32s("grad_codebook").1, 1e-4);
+    assert_close_to_max(
+        "grad_codebook",
+        &grad_codes,
+        &exp.f32s("grad_codebook").1,
+        1e-4,
+    );
 }
 
 #[test]
@@ -108,8 +143,14 @@ fn loss_tensors_are_kept_when_present_and_absent_otherwise() {
     let with = import("vq_a", &device);
     let disc = &with.loss_tensors["loss.discriminator.main.0.weight"];
     assert_eq!(disc.shape, vec![8, 3, 4, 4]);
-    assert!(with.loss_tensors.contains_key("loss.discriminator.main.3.num_batches_tracked"));
-    assert!(with.loss_tensors.contains_key("loss.perceptual_loss.lin0.model.1.weight"));
+    assert!(
+        with.loss_tensors
+            .contains_key("loss.discriminator.main.3.num_batches_tracked")
+    );
+    assert!(
+        with.loss_tensors
+            .contains_key("loss.perceptual_loss.lin0.model.1.weight")
+    );
     assert!(with.ignored.is_empty(), "{:?}", with.ignored);
     assert_eq!(with.global_step, Some(1234));
     let without = import("vq_b", &device);

@@ -15,7 +15,11 @@ use taming_model::quantize::QuantizeMode;
 use taming_model::{Vqgan, VqganConfig};
 
 #[derive(Parser)]
-#[command(name = "vqgan", version, about = "VQGAN tools: import, encode, decode, reconstruct")]
+#[command(
+    name = "vqgan",
+    version,
+    about = "VQGAN tools: import, encode, decode, reconstruct"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,27 +46,21 @@ enum Command {
     Encode {
         #[command(flatten)]
         model: ModelArgs,
-        /// Input image (PNG, JPEG, WebP).
-        #[arg(long)]
-        image: PathBuf,
+        #[command(flatten)]
+        input: ImageArgs,
         /// Output codes.json.
         #[arg(long)]
         out: PathBuf,
-        #[command(flatten)]
-        fit: FitArgs,
     },
     /// Encode and decode an image.
     Reconstruct {
         #[command(flatten)]
         model: ModelArgs,
-        /// Input image (PNG, JPEG, WebP).
-        #[arg(long)]
-        image: PathBuf,
+        #[command(flatten)]
+        input: ImageArgs,
         /// Output PNG.
         #[arg(long)]
         out: PathBuf,
-        #[command(flatten)]
-        fit: FitArgs,
     },
     /// Decode a grid of code indices (JSON) to an image.
     Decode {
@@ -88,7 +86,10 @@ struct ModelArgs {
 }
 
 #[derive(Args)]
-struct FitArgs {
+struct ImageArgs {
+    /// Input image (PNG, JPEG, WebP).
+    #[arg(long)]
+    image: PathBuf,
     /// Take the image at its own size (a multiple of the downsampling factor) instead of
     /// resizing its shorter side and center-cropping to the model's resolution.
     #[arg(long)]
@@ -107,17 +108,22 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::ImportTaming { config, ckpt, out, force } => import(&config, &ckpt, &out, force),
-        Command::Encode { model, image, out, fit } => {
+        Command::ImportTaming {
+            config,
+            ckpt,
+            out,
+            force,
+        } => import(&config, &ckpt, &out, force),
+        Command::Encode { model, input, out } => {
             let (config, vqgan, device) = load(&model)?;
-            let x = read_input(&image, &config, &fit, &device)?;
+            let x = read_input(&input, &config, &device)?;
             let q = vqgan.encode(x, QuantizeMode::EVAL);
             CodeGrid::from_tensor(q.indices).write(&out)?;
             Ok(())
         }
-        Command::Reconstruct { model, image, out, fit } => {
+        Command::Reconstruct { model, input, out } => {
             let (config, vqgan, device) = load(&model)?;
-            let x = read_input(&image, &config, &fit, &device)?;
+            let x = read_input(&input, &config, &device)?;
             let rec = vqgan.forward(x, QuantizeMode::EVAL).reconstruction;
             image_io::write_png(&image_io::to_image(rec), &out)?;
             Ok(())
@@ -139,7 +145,13 @@ fn import(config: &Path, ckpt: &Path, out: &Path, force: bool) -> Result<()> {
     for name in &imported.ignored {
         eprintln!("warning: checkpoint tensor `{name}` has no place in the model; skipped");
     }
-    native::save_model(out, &imported.config, &imported.model, &imported.loss_tensors, force)?;
+    native::save_model(
+        out,
+        &imported.config,
+        &imported.model,
+        &imported.loss_tensors,
+        force,
+    )?;
     let loss: BTreeMap<_, _> = imported.loss_tensors;
     println!(
         "imported {} (step {}): {} codes of dim {}, factor {}; {} loss-module tensors kept -> {}",
@@ -161,13 +173,17 @@ fn load(args: &ModelArgs) -> Result<(VqganConfig, Vqgan, Device)> {
     Ok((config, model, device))
 }
 
-fn read_input(path: &Path, config: &VqganConfig, fit: &FitArgs, device: &Device) -> Result<burn::Tensor<4>> {
+fn read_input(input: &ImageArgs, config: &VqganConfig, device: &Device) -> Result<burn::Tensor<4>> {
     let dd = &config.ddconfig;
-    let fit = if fit.no_resize {
-        Fit::AsIs { factor: dd.downsample_factor() }
+    let fit = if input.no_resize {
+        Fit::AsIs {
+            factor: dd.downsample_factor(),
+        }
     } else {
-        Fit::ResizeCrop { size: dd.resolution }
+        Fit::ResizeCrop {
+            size: dd.resolution,
+        }
     };
-    let img = image_io::fit_image(image_io::read_rgb(path)?, fit, path)?;
+    let img = image_io::fit_image(image_io::read_rgb(&input.image)?, fit, &input.image)?;
     Ok(image_io::to_tensor(&img, device))
 }

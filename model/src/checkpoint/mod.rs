@@ -14,7 +14,13 @@ use crate::vqgan::Vqgan;
 
 /// A named f32 tensor ready to be applied to a module.
 pub(crate) fn pack_f32(name: &str, values: Vec<f32>, shape: &[usize]) -> PackTensor {
-    PackTensor::new(name.to_string(), DType::F32, shape.to_vec(), None, Bytes::from_elems(values))
+    PackTensor::new(
+        name.to_string(),
+        DType::F32,
+        shape.to_vec(),
+        None,
+        Bytes::from_elems(values),
+    )
 }
 
 /// Applies tensors that must cover every parameter of `model`.
@@ -24,7 +30,10 @@ pub(crate) fn apply_all(model: &mut Vqgan, tensors: Vec<PackTensor>) -> Result<(
         return Err(ModelError::tensor(err.to_string(), "could not be applied"));
     }
     if let Some((name, why)) = result.missing.first() {
-        return Err(ModelError::tensor(name, format!("was not provided ({why})")));
+        return Err(ModelError::tensor(
+            name,
+            format!("was not provided ({why})"),
+        ));
     }
     Ok(())
 }

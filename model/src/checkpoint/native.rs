@@ -34,11 +34,15 @@ pub fn save_model(
     overwrite: bool,
 ) -> Result<(), ModelError> {
     if out.exists() && !overwrite {
-        return Err(ModelError::file(out, "already exists (pass --force to replace it)"));
+        return Err(ModelError::file(
+            out,
+            "already exists (pass --force to replace it)",
+        ));
     }
     let staging = sibling(out, "partial");
     let _ = fs::remove_dir_all(&staging);
-    let result = write_dir(&staging, config, model, loss).and_then(|()| swap_into_place(&staging, out));
+    let result =
+        write_dir(&staging, config, model, loss).and_then(|()| swap_into_place(&staging, out));
     if result.is_err() {
         let _ = fs::remove_dir_all(&staging);
     }
@@ -46,11 +50,19 @@ pub fn save_model(
 }
 
 fn sibling(out: &Path, tag: &str) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     out.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
 }
 
-fn write_dir(dir: &Path, config: &VqganConfig, model: &Vqgan, loss: &BTreeMap<String, RawTensor>) -> Result<(), ModelError> {
+fn write_dir(
+    dir: &Path,
+    config: &VqganConfig,
+    model: &Vqgan,
+    loss: &BTreeMap<String, RawTensor>,
+) -> Result<(), ModelError> {
     fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let json = serde_json::to_string_pretty(config).expect("config serializes");
     let config_path = dir.join(CONFIG_FILE);
@@ -59,12 +71,17 @@ fn write_dir(dir: &Path, config: &VqganConfig, model: &Vqgan, loss: &BTreeMap<St
     for t in model.collect(None, None, true) {
         let shape = t.shape.to_vec();
         let name = t.name.clone();
-        let bytes = t.into_bytes().map_err(|e| ModelError::tensor(&name, e.to_string()))?;
+        let bytes = t
+            .into_bytes()
+            .map_err(|e| ModelError::tensor(&name, e.to_string()))?;
         tensors.push((name, Dtype::F32, shape, bytes.to_vec()));
     }
     write_safetensors(&dir.join(WEIGHTS_FILE), tensors)?;
     if !loss.is_empty() {
-        let tensors = loss.iter().map(|(name, t)| (name.clone(), raw_dtype(t), t.shape.clone(), raw_bytes(t))).collect();
+        let tensors = loss
+            .iter()
+            .map(|(name, t)| (name.clone(), raw_dtype(t), t.shape.clone(), raw_bytes(t)))
+            .collect();
         write_safetensors(&dir.join(LOSS_FILE), tensors)?;
     }
     Ok(())
@@ -89,10 +106,12 @@ type NamedBytes = (String, Dtype, Vec<usize>, Vec<u8>);
 fn write_safetensors(path: &Path, tensors: Vec<NamedBytes>) -> Result<(), ModelError> {
     let mut views = Vec::new();
     for (name, dtype, shape, bytes) in &tensors {
-        let view = TensorView::new(*dtype, shape.clone(), bytes).map_err(|e| ModelError::tensor(name, e.to_string()))?;
+        let view = TensorView::new(*dtype, shape.clone(), bytes)
+            .map_err(|e| ModelError::tensor(name, e.to_string()))?;
         views.push((name.clone(), view));
     }
-    safetensors::serialize_to_file(views, None, path).map_err(|e| ModelError::file(path, e.to_string()))
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| ModelError::file(path, e.to_string()))
 }
 
 fn swap_into_place(staging: &Path, out: &Path) -> Result<(), ModelError> {
@@ -117,16 +136,25 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(VqganConfig, Vqgan), M
     let mut pack = Vec::new();
     for slot in model.collect(None, None, true) {
         let expected = slot.shape.to_vec();
-        let view = file
-            .tensor(&slot.name)
-            .map_err(|_| ModelError::tensor(&slot.name, format!("missing from {}", path.display())))?;
+        let view = file.tensor(&slot.name).map_err(|_| {
+            ModelError::tensor(&slot.name, format!("missing from {}", path.display()))
+        })?;
         if view.shape() != expected.as_slice() || view.dtype() != Dtype::F32 {
             return Err(ModelError::tensor(
                 &slot.name,
-                format!("{:?} {:?} in {} does not fit the config, which needs F32 {expected:?}", view.dtype(), view.shape(), path.display()),
+                format!(
+                    "{:?} {:?} in {} does not fit the config, which needs F32 {expected:?}",
+                    view.dtype(),
+                    view.shape(),
+                    path.display()
+                ),
             ));
         }
-        let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
         pack.push(super::pack_f32(&slot.name, values, &expected));
     }
     super::apply_all(&mut model, pack)?;
@@ -137,7 +165,8 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(VqganConfig, Vqgan), M
 pub fn read_config(dir: &Path) -> Result<VqganConfig, ModelError> {
     let path = dir.join(CONFIG_FILE);
     let text = fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-    let config: VqganConfig = serde_json::from_str(&text).map_err(|e| ModelError::file(&path, e.to_string()))?;
+    let config: VqganConfig =
+        serde_json::from_str(&text).map_err(|e| ModelError::file(&path, e.to_string()))?;
     config.validate()?;
     Ok(config)
 }

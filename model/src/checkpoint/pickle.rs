@@ -145,11 +145,15 @@ impl<'a> Machine<'a> {
     }
 
     fn u32(&mut self) -> Result<u32, PickleError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     fn u64(&mut self) -> Result<u64, PickleError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 
     fn line(&mut self) -> Result<String, PickleError> {
@@ -170,11 +174,16 @@ impl<'a> Machine<'a> {
     }
 
     fn pop(&mut self, at: usize) -> Result<Value, PickleError> {
-        self.stack.pop().ok_or_else(|| malformed(at, "stack underflow".into()))
+        self.stack
+            .pop()
+            .ok_or_else(|| malformed(at, "stack underflow".into()))
     }
 
     fn pop_mark(&mut self, at: usize) -> Result<Vec<Value>, PickleError> {
-        let mark = self.marks.pop().ok_or_else(|| malformed(at, "no MARK".into()))?;
+        let mark = self
+            .marks
+            .pop()
+            .ok_or_else(|| malformed(at, "no MARK".into()))?;
         if mark > self.stack.len() {
             return Err(malformed(at, "MARK above stack".into()));
         }
@@ -182,7 +191,9 @@ impl<'a> Machine<'a> {
     }
 
     fn top(&mut self, at: usize) -> Result<&mut Value, PickleError> {
-        self.stack.last_mut().ok_or_else(|| malformed(at, "stack underflow".into()))
+        self.stack
+            .last_mut()
+            .ok_or_else(|| malformed(at, "stack underflow".into()))
     }
 
     fn memo_get(&self, key: u32, at: usize) -> Result<Value, PickleError> {
@@ -193,7 +204,11 @@ impl<'a> Machine<'a> {
     }
 
     fn memo_put(&mut self, key: u32, at: usize) -> Result<(), PickleError> {
-        let value = self.stack.last().cloned().ok_or_else(|| malformed(at, "empty stack".into()))?;
+        let value = self
+            .stack
+            .last()
+            .cloned()
+            .ok_or_else(|| malformed(at, "empty stack".into()))?;
         self.memo.insert(key, value);
         Ok(())
     }
@@ -211,8 +226,8 @@ impl<'a> Machine<'a> {
 
     fn step(&mut self, op: u8, at: usize) -> Result<(), PickleError> {
         match op {
-            0x80 => drop(self.u8()?),   // PROTO
-            0x95 => drop(self.u64()?),  // FRAME
+            0x80 => drop(self.u8()?),  // PROTO
+            0x95 => drop(self.u64()?), // FRAME
             b'(' => self.marks.push(self.stack.len()),
             b'}' => self.stack.push(Value::Dict(Vec::new())),
             b']' | 0x8f => self.stack.push(Value::List(Vec::new())),
@@ -410,12 +425,15 @@ fn int_line(line: &str, at: usize) -> Result<Value, PickleError> {
     match line.trim() {
         "00" => Ok(Value::Bool(false)),
         "01" => Ok(Value::Bool(true)),
-        s => s.parse().map(Value::Int).map_err(|_| malformed(at, s.to_string())),
+        s => s
+            .parse()
+            .map(Value::Int)
+            .map_err(|_| malformed(at, s.to_string())),
     }
 }
 
 fn pairs(items: Vec<Value>, at: usize) -> Result<Vec<(Value, Value)>, PickleError> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err(malformed(at, "odd number of dict items".into()));
     }
     let mut out = Vec::with_capacity(items.len() / 2);
@@ -428,7 +446,8 @@ fn pairs(items: Vec<Value>, at: usize) -> Result<Vec<(Value, Value)>, PickleErro
 
 /// `OrderedDict()` and `dict()` calls become plain dicts; other calls stay symbolic.
 fn call(func: Value, args: Value) -> Value {
-    let is_dict = func.is_global("collections", "OrderedDict") || func.is_global("builtins", "dict");
+    let is_dict =
+        func.is_global("collections", "OrderedDict") || func.is_global("builtins", "dict");
     if is_dict && matches!(&args, Value::Tuple(a) if a.is_empty()) {
         return Value::Dict(Vec::new());
     }
@@ -439,7 +458,11 @@ fn call(func: Value, args: Value) -> Value {
     }
 }
 
-fn dict_items(target: &mut Value, items: Vec<(Value, Value)>, at: usize) -> Result<(), PickleError> {
+fn dict_items(
+    target: &mut Value,
+    items: Vec<(Value, Value)>,
+    at: usize,
+) -> Result<(), PickleError> {
     match target {
         Value::Dict(d) => {
             d.extend(items);
@@ -503,12 +526,18 @@ mod tests {
         p.extend_from_slice(&1.5f64.to_be_bytes());
         p.extend_from_slice(&[0x88, b'N', b'e', b'u', b'.']);
         let v = read(&p).unwrap();
-        let Value::Dict(items) = &v else { panic!("{v:?}") };
+        let Value::Dict(items) = &v else {
+            panic!("{v:?}")
+        };
         assert!(items[0].0.is_global("pl.callbacks", "ModelCheckpoint"));
         assert_eq!(items[0].1.get("a"), Some(&Value::Int(1)));
         assert_eq!(
             v.get("x"),
-            Some(&Value::List(vec![Value::Float(1.5), Value::Bool(true), Value::None]))
+            Some(&Value::List(vec![
+                Value::Float(1.5),
+                Value::Bool(true),
+                Value::None
+            ]))
         );
     }
 
@@ -517,7 +546,9 @@ mod tests {
         // [(-2, 2**40), memo copy]
         let mut p = vec![0x80, 2, b']', b'(', b'J'];
         p.extend_from_slice(&(-2i32).to_le_bytes());
-        p.extend_from_slice(&[0x8a, 6, 0, 0, 0, 0, 0, 1, 0x86, b'q', 7, b'h', 7, b'e', b'.']);
+        p.extend_from_slice(&[
+            0x8a, 6, 0, 0, 0, 0, 0, 1, 0x86, b'q', 7, b'h', 7, b'e', b'.',
+        ]);
         let v = read(&p).unwrap();
         let pair = Value::Tuple(vec![Value::Int(-2), Value::Int(1 << 40)]);
         assert_eq!(v, Value::List(vec![pair.clone(), pair]));

@@ -61,7 +61,8 @@ fn missing(key: &str) -> ModelError {
 }
 
 fn get<'a>(node: &'a Yaml, parent: &str, key: &str) -> Result<&'a Yaml, ModelError> {
-    node.get(key).ok_or_else(|| missing(&format!("{parent}.{key}")))
+    node.get(key)
+        .ok_or_else(|| missing(&format!("{parent}.{key}")))
 }
 
 fn number<T: serde::de::DeserializeOwned>(node: &Yaml, key: &str) -> Result<T, ModelError> {
@@ -80,17 +81,27 @@ pub fn taming_config(root: &Yaml) -> Result<VqganConfig, ModelError> {
     for key in REQUIRED_DD_KEYS {
         get(dd_node, "model.params.ddconfig", key)?;
     }
-    let ddconfig: DdConfig = serde_yaml::from_value(dd_node.clone()).map_err(|e| ModelError::Config {
-        key: "model.params.ddconfig".into(),
-        reason: e.to_string(),
-    })?;
-    let n_embed: i64 = number(get(params, "model.params", "n_embed")?, "model.params.n_embed")?;
-    let embed_dim: i64 = number(get(params, "model.params", "embed_dim")?, "model.params.embed_dim")?;
+    let ddconfig: DdConfig =
+        serde_yaml::from_value(dd_node.clone()).map_err(|e| ModelError::Config {
+            key: "model.params.ddconfig".into(),
+            reason: e.to_string(),
+        })?;
+    let n_embed: i64 = number(
+        get(params, "model.params", "n_embed")?,
+        "model.params.n_embed",
+    )?;
+    let embed_dim: i64 = number(
+        get(params, "model.params", "embed_dim")?,
+        "model.params.embed_dim",
+    )?;
     let positive = |v: i64, key: &str| {
-        usize::try_from(v).ok().filter(|&v| v > 0).ok_or_else(|| ModelError::Config {
-            key: key.into(),
-            reason: format!("{v} must be a positive integer"),
-        })
+        usize::try_from(v)
+            .ok()
+            .filter(|&v| v > 0)
+            .ok_or_else(|| ModelError::Config {
+                key: key.into(),
+                reason: format!("{v} must be a positive integer"),
+            })
     };
     let config = VqganConfig {
         ddconfig,
@@ -118,7 +129,9 @@ fn quantizer_for(target: &str, params: &Yaml) -> Result<QuantizerConfig, ModelEr
         "GumbelVQ" => gumbel_config(params).map(QuantizerConfig::Gumbel),
         _ => Err(ModelError::Config {
             key: "model.target".into(),
-            reason: format!("`{target}` is not a supported first-stage model (VQModel, GumbelVQ, EMAVQ, VQSegmentationModel)"),
+            reason: format!(
+                "`{target}` is not a supported first-stage model (VQModel, GumbelVQ, EMAVQ, VQSegmentationModel)"
+            ),
         }),
     }
 }
@@ -128,7 +141,10 @@ fn gumbel_config(params: &Yaml) -> Result<GumbelConfig, ModelError> {
     if let Some(w) = params.get("kl_weight") {
         cfg.kl_weight = number(w, "model.params.kl_weight")?;
     }
-    if let Some(sched) = params.get("temperature_scheduler_config").and_then(|s| s.get("params")) {
+    if let Some(sched) = params
+        .get("temperature_scheduler_config")
+        .and_then(|s| s.get("params"))
+    {
         let key = "model.params.temperature_scheduler_config.params";
         let field = |name: &str| -> Result<f64, ModelError> {
             number(get(sched, key, name)?, &format!("{key}.{name}"))
@@ -162,19 +178,34 @@ pub fn import_taming(config: &Path, ckpt: &Path, device: &Device) -> Result<Impo
         let name = reference_name(&slot.name);
         let expected: Vec<usize> = slot.shape.to_vec();
         let tensor = tensors.remove(&name).ok_or_else(|| {
-            ModelError::tensor(&name, format!("missing from {} (the config needs shape {expected:?})", ckpt.display()))
+            ModelError::tensor(
+                &name,
+                format!(
+                    "missing from {} (the config needs shape {expected:?})",
+                    ckpt.display()
+                ),
+            )
         })?;
         if tensor.shape != expected {
             return Err(ModelError::tensor(
                 &name,
-                format!("shape {:?} in {} does not fit the config, which needs {expected:?}", tensor.shape, ckpt.display()),
+                format!(
+                    "shape {:?} in {} does not fit the config, which needs {expected:?}",
+                    tensor.shape,
+                    ckpt.display()
+                ),
             ));
         }
-        pack.push(super::pack_f32(&slot.name, tensor.f32s(&name)?.to_vec(), &expected));
+        pack.push(super::pack_f32(
+            &slot.name,
+            tensor.f32s(&name)?.to_vec(),
+            &expected,
+        ));
     }
     super::apply_all(&mut model, pack)?;
-    let (loss_tensors, rest): (BTreeMap<_, _>, BTreeMap<_, _>) =
-        tensors.into_iter().partition(|(k, _)| k.starts_with("loss."));
+    let (loss_tensors, rest): (BTreeMap<_, _>, BTreeMap<_, _>) = tensors
+        .into_iter()
+        .partition(|(k, _)| k.starts_with("loss."));
     Ok(Imported {
         config,
         model,

@@ -34,7 +34,10 @@ impl RawTensor {
     pub fn f32s(&self, name: &str) -> Result<&[f32], ModelError> {
         match &self.data {
             RawData::F32(v) => Ok(v),
-            RawData::I64(_) => Err(ModelError::tensor(name, "expected a float tensor, found integers")),
+            RawData::I64(_) => Err(ModelError::tensor(
+                name,
+                "expected a float tensor, found integers",
+            )),
         }
     }
 }
@@ -100,14 +103,36 @@ impl StorageType {
         let at = |i: usize, n: usize| &bytes[i * n..(i + 1) * n];
         macro_rules! ints {
             ($t:ty) => {
-                RawData::I64(picks.map(|i| <$t>::from_le_bytes(at(i, size_of::<$t>()).try_into().unwrap()) as i64).collect())
+                RawData::I64(
+                    picks
+                        .map(|i| {
+                            <$t>::from_le_bytes(at(i, size_of::<$t>()).try_into().unwrap()) as i64
+                        })
+                        .collect(),
+                )
             };
         }
         match self {
-            Self::F64 => RawData::F32(picks.map(|i| f64::from_le_bytes(at(i, 8).try_into().unwrap()) as f32).collect()),
-            Self::F32 => RawData::F32(picks.map(|i| f32::from_le_bytes(at(i, 4).try_into().unwrap())).collect()),
-            Self::F16 => RawData::F32(picks.map(|i| half::f16::from_le_bytes(at(i, 2).try_into().unwrap()).to_f32()).collect()),
-            Self::BF16 => RawData::F32(picks.map(|i| half::bf16::from_le_bytes(at(i, 2).try_into().unwrap()).to_f32()).collect()),
+            Self::F64 => RawData::F32(
+                picks
+                    .map(|i| f64::from_le_bytes(at(i, 8).try_into().unwrap()) as f32)
+                    .collect(),
+            ),
+            Self::F32 => RawData::F32(
+                picks
+                    .map(|i| f32::from_le_bytes(at(i, 4).try_into().unwrap()))
+                    .collect(),
+            ),
+            Self::F16 => RawData::F32(
+                picks
+                    .map(|i| half::f16::from_le_bytes(at(i, 2).try_into().unwrap()).to_f32())
+                    .collect(),
+            ),
+            Self::BF16 => RawData::F32(
+                picks
+                    .map(|i| half::bf16::from_le_bytes(at(i, 2).try_into().unwrap()).to_f32())
+                    .collect(),
+            ),
             Self::I64 => ints!(i64),
             Self::I32 => ints!(i32),
             Self::I16 => ints!(i16),
@@ -122,7 +147,10 @@ impl TorchCheckpoint {
     pub fn open(path: &Path) -> Result<Self, ModelError> {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         let not_torch = |why: String| {
-            ModelError::file(path, format!("not a readable PyTorch zip checkpoint ({why})"))
+            ModelError::file(
+                path,
+                format!("not a readable PyTorch zip checkpoint ({why})"),
+            )
         };
         let mut archive = zip::ZipArchive::new(file).map_err(|e| not_torch(e.to_string()))?;
         let pkl_name = archive
@@ -131,7 +159,7 @@ impl TorchCheckpoint {
             .find(|n| n.ends_with("data.pkl") && n.matches('/').count() == 1)
             .ok_or_else(|| not_torch("no data.pkl entry".into()))?;
         let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
-        let bytes = read_entry(&mut archive, &pkl_name).map_err(|e| not_torch(e))?;
+        let bytes = read_entry(&mut archive, &pkl_name).map_err(&not_torch)?;
         let root = pickle::read(&bytes).map_err(|e| not_torch(e.to_string()))?;
         if let Ok(order) = read_entry(&mut archive, &format!("{prefix}byteorder"))
             && order != b"little"
@@ -159,7 +187,10 @@ impl TorchCheckpoint {
             _ => self.root.clone(),
         };
         let Value::Dict(items) = dict else {
-            return Err(ModelError::file(&self.path, "the checkpoint holds no state dict"));
+            return Err(ModelError::file(
+                &self.path,
+                "the checkpoint holds no state dict",
+            ));
         };
         let mut out = BTreeMap::new();
         for (key, value) in items {
@@ -203,7 +234,9 @@ impl TorchCheckpoint {
 }
 
 fn read_entry(archive: &mut zip::ZipArchive<File>, name: &str) -> Result<Vec<u8>, String> {
-    let mut entry = archive.by_name(name).map_err(|e| format!("entry {name}: {e}"))?;
+    let mut entry = archive
+        .by_name(name)
+        .map_err(|e| format!("entry {name}: {e}"))?;
     let mut bytes = Vec::with_capacity(entry.size() as usize);
     entry
         .read_to_end(&mut bytes)
@@ -284,7 +317,13 @@ impl Iterator for StridedIndices<'_> {
         if self.done {
             return None;
         }
-        let pos = self.offset + self.index.iter().zip(self.stride).map(|(i, s)| i * s).sum::<usize>();
+        let pos = self.offset
+            + self
+                .index
+                .iter()
+                .zip(self.stride)
+                .map(|(i, s)| i * s)
+                .sum::<usize>();
         self.done = true;
         for d in (0..self.index.len()).rev() {
             self.index[d] += 1;

@@ -64,7 +64,11 @@ impl GumbelQuantizer {
 
     fn sample(&self, logits: Tensor<2>, temperature: f64) -> (Tensor<2>, Tensor<1, Int>) {
         let [rows, n] = logits.dims();
-        let uniform = Tensor::<2>::random([rows, n], Distribution::Uniform(1e-10, 1.0), &logits.device());
+        let uniform = Tensor::<2>::random(
+            [rows, n],
+            Distribution::Uniform(1e-10, 1.0),
+            &logits.device(),
+        );
         let gumbel = uniform.log().neg().log().neg();
         let soft = softmax((logits + gumbel).div_scalar(temperature), 1);
         let indices = soft.clone().argmax(1).reshape([rows]);
@@ -86,7 +90,11 @@ impl GumbelQuantizer {
     /// Code vectors for indices `[b, h, w]`, as `[b, embed_dim, h, w]`.
     pub fn lookup(&self, indices: Tensor<3, Int>) -> Tensor<4> {
         let [b, h, w] = indices.dims();
-        let rows = self.embed.weight.val().select(0, indices.reshape([b * h * w]));
+        let rows = self
+            .embed
+            .weight
+            .val()
+            .select(0, indices.reshape([b * h * w]));
         from_rows(rows, [b, h, w])
     }
 }

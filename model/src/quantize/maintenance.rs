@@ -116,7 +116,10 @@ impl CodebookMaintainer {
         latents: Tensor<2>,
         indices: Tensor<1, Int>,
     ) -> (VectorQuantizer, MaintenanceReport) {
-        let host: Vec<i64> = indices.clone().try_into_vec_as::<i64>().expect("int indices");
+        let host: Vec<i64> = indices
+            .clone()
+            .try_into_vec_as::<i64>()
+            .expect("int indices");
         let mut report = MaintenanceReport::default();
         let mut q = match &self.cfg.ema {
             Some(ema) => quantizer.ema_update(latents.clone(), indices, ema.decay, ema.eps),
@@ -171,7 +174,12 @@ impl CodebookMaintainer {
     }
 
     /// Replaces each dead code with a randomly chosen latent of the batch.
-    fn restart(&mut self, q: VectorQuantizer, latents: Tensor<2>, dead: &[usize]) -> VectorQuantizer {
+    fn restart(
+        &mut self,
+        q: VectorQuantizer,
+        latents: Tensor<2>,
+        dead: &[usize],
+    ) -> VectorQuantizer {
         let [rows, _] = latents.dims();
         let device = latents.device();
         let n = q.n_embed();
@@ -200,12 +208,26 @@ pub fn kmeans(x: Tensor<2>, k: usize, iters: usize, cosine: bool, rng: &mut StdR
         order.swap(i, rng.random_range(0..=i));
     }
     let init: Vec<i64> = (0..k).map(|i| order[i % n]).collect();
-    let mut centers = x.clone().select(0, Tensor::from_data(TensorData::new(init, [k]), &device));
+    let mut centers = x
+        .clone()
+        .select(0, Tensor::from_data(TensorData::new(init, [k]), &device));
     let ones = Tensor::<1>::ones([n], &device);
     for _ in 0..iters {
-        let assign = squared_distances(x.clone(), centers.clone()).argmin(1).reshape([n]);
-        let sums = Tensor::<2>::zeros([k, d], &device).select_assign(0, assign.clone(), x.clone(), burn::tensor::IndexingUpdateOp::Add);
-        let counts = Tensor::<1>::zeros([k], &device).select_assign(0, assign, ones.clone(), burn::tensor::IndexingUpdateOp::Add);
+        let assign = squared_distances(x.clone(), centers.clone())
+            .argmin(1)
+            .reshape([n]);
+        let sums = Tensor::<2>::zeros([k, d], &device).select_assign(
+            0,
+            assign.clone(),
+            x.clone(),
+            burn::tensor::IndexingUpdateOp::Add,
+        );
+        let counts = Tensor::<1>::zeros([k], &device).select_assign(
+            0,
+            assign,
+            ones.clone(),
+            burn::tensor::IndexingUpdateOp::Add,
+        );
         let empty = counts.clone().equal_elem(0.0).reshape([k, 1]).float();
         let means = sums / counts.clamp_min(1.0).reshape([k, 1]);
         centers = means * empty.clone().neg().add_scalar(1.0) + centers * empty;

@@ -43,6 +43,8 @@ impl QuantizeMode {
 
 /// The configured quantizer. Checkpoint paths skip the variant name
 /// (`quantize.embedding.weight`, `quantize.proj.weight`).
+// One quantizer per model: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Quantizer {
     /// Nearest-code vector quantization.
@@ -108,7 +110,12 @@ pub(crate) fn from_rows(rows: Tensor<2>, [b, h, w]: [usize; 3]) -> Tensor<4> {
 
 /// Scales each row to unit l2 norm.
 pub(crate) fn l2_normalize(rows: Tensor<2>) -> Tensor<2> {
-    let norm = rows.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
+    let norm = rows
+        .clone()
+        .powi_scalar(2)
+        .sum_dim(1)
+        .sqrt()
+        .clamp_min(1e-12);
     rows / norm
 }
 

@@ -37,7 +37,12 @@ pub struct VectorQuantizer {
 impl VectorQuantizer {
     /// A quantizer with `n_embed` codes for `embed_dim`-channel latents, codebook drawn from
     /// U(-1/n, 1/n) as in the reference.
-    pub fn new(n_embed: usize, embed_dim: usize, cfg: &VectorQuantizerConfig, device: &Device) -> Self {
+    pub fn new(
+        n_embed: usize,
+        embed_dim: usize,
+        cfg: &VectorQuantizerConfig,
+        device: &Device,
+    ) -> Self {
         let code_dim = cfg.codebook_dim.unwrap_or(embed_dim);
         let bound = 1.0 / n_embed as f64;
         let embedding = EmbeddingConfig::new(n_embed, code_dim)
@@ -52,7 +57,8 @@ impl VectorQuantizer {
         let ema = cfg.ema.as_ref().map(|_| EmaStats {
             // Ones, so that codes = embed_avg / cluster_size holds from the start (zeros, as at
             // the reference's HEAD, blow unused codes up by 1/eps on the first update).
-            cluster_size: Param::from_tensor(Tensor::ones([n_embed], device)).set_require_grad(false),
+            cluster_size: Param::from_tensor(Tensor::ones([n_embed], device))
+                .set_require_grad(false),
             embed_avg: Param::from_tensor(embedding.weight.val()).set_require_grad(false),
         });
         let embedding = if cfg.ema.is_some() {
@@ -81,7 +87,11 @@ impl VectorQuantizer {
     /// The codebook as used for lookup (l2-normalized in cosine mode), `[n_embed, code_dim]`.
     pub fn codebook(&self) -> Tensor<2> {
         let codes = self.embedding.weight.val();
-        if self.cosine { l2_normalize(codes) } else { codes }
+        if self.cosine {
+            l2_normalize(codes)
+        } else {
+            codes
+        }
     }
 
     /// Maps latent rows `[n, embed_dim]` into the lookup space.
@@ -90,10 +100,14 @@ impl VectorQuantizer {
             Some(proj) => proj.forward(rows),
             None => rows,
         };
-        if self.cosine { l2_normalize(rows) } else { rows }
+        if self.cosine {
+            l2_normalize(rows)
+        } else {
+            rows
+        }
     }
 
-    fn from_lookup_space(&self, rows: Tensor<2>) -> Tensor<2> {
+    fn project_out(&self, rows: Tensor<2>) -> Tensor<2> {
         match &self.proj_out {
             Some(proj) => proj.forward(rows),
             None => rows,
@@ -105,12 +119,13 @@ impl VectorQuantizer {
         let [b, _, h, w] = z.dims();
         let latents = self.to_lookup_space(to_rows(z));
         let codebook = self.codebook();
-        let indices = squared_distances(latents.clone().detach(), codebook.clone().detach()).argmin(1);
+        let indices =
+            squared_distances(latents.clone().detach(), codebook.clone().detach()).argmin(1);
         let indices = indices.reshape([b * h * w]);
         let chosen = codebook.select(0, indices.clone());
         let loss = self.loss(latents.clone(), chosen.clone());
         let straight = latents.clone() + (chosen - latents.clone()).detach();
-        let z_q = from_rows(self.from_lookup_space(straight), [b, h, w]);
+        let z_q = from_rows(self.project_out(straight), [b, h, w]);
         Quantized {
             z_q,
             loss,
@@ -122,7 +137,9 @@ impl VectorQuantizer {
     /// `beta*|sg[e]-z|^2 + |e-sg[z]|^2` (paper), the swapped form when `legacy`, and only the
     /// commitment term under EMA updates.
     fn loss(&self, latents: Tensor<2>, chosen: Tensor<2>) -> Tensor<1> {
-        let commitment = (chosen.clone().detach() - latents.clone()).powi_scalar(2).mean();
+        let commitment = (chosen.clone().detach() - latents.clone())
+            .powi_scalar(2)
+            .mean();
         if self.ema.is_some() {
             return commitment.mul_scalar(self.beta);
         }
@@ -138,18 +155,18 @@ impl VectorQuantizer {
     pub fn lookup(&self, indices: Tensor<3, Int>) -> Tensor<4> {
         let [b, h, w] = indices.dims();
         let rows = self.codebook().select(0, indices.reshape([b * h * w]));
-        from_rows(self.from_lookup_space(rows), [b, h, w])
+        from_rows(self.project_out(rows), [b, h, w])
     }
 
     /// Replaces the codebook (keeping its parameter id); EMA averages follow when present.
     pub fn with_codebook(mut self, codes: Tensor<2>) -> Self {
-        self.embedding.weight = self.embedding.weight.map(|_| codes.clone());
+        self.embedding.weight = replace(self.embedding.weight, codes.clone());
         if let Some(ema) = self.ema.take() {
             let n = codes.dims()[0];
             let device = codes.device();
             self.ema = Some(EmaStats {
-                cluster_size: ema.cluster_size.map(|_| Tensor::ones([n], &device)),
-                embed_avg: ema.embed_avg.map(|_| codes),
+                cluster_size: replace(ema.cluster_size, Tensor::ones([n], &device)),
+                embed_avg: replace(ema.embed_avg, codes),
             });
         }
         self
@@ -158,7 +175,13 @@ impl VectorQuantizer {
     /// One EMA step from a batch's lookup latents `[n, d]` and their indices `[n]`:
     /// moving averages of counts and sums, Laplace-smoothed counts, codes = sums / counts.
     /// Does nothing when EMA is not configured.
-    pub fn ema_update(mut self, latents: Tensor<2>, indices: Tensor<1, Int>, decay: f64, eps: f64) -> Self {
+    pub fn ema_update(
+        mut self,
+        latents: Tensor<2>,
+        indices: Tensor<1, Int>,
+        decay: f64,
+        eps: f64,
+    ) -> Self {
         let Some(ema) = self.ema.take() else {
             return self;
         };
@@ -166,18 +189,37 @@ impl VectorQuantizer {
         let device = latents.device();
         let [tokens, _] = latents.dims();
         let ones = Tensor::<1>::ones([tokens], &device);
-        let counts = Tensor::<1>::zeros([n], &device).select_assign(0, indices.clone(), ones, burn::tensor::IndexingUpdateOp::Add);
-        let sums = Tensor::<2>::zeros([n, d], &device).select_assign(0, indices, latents, burn::tensor::IndexingUpdateOp::Add);
+        let counts = Tensor::<1>::zeros([n], &device).select_assign(
+            0,
+            indices.clone(),
+            ones,
+            burn::tensor::IndexingUpdateOp::Add,
+        );
+        let sums = Tensor::<2>::zeros([n, d], &device).select_assign(
+            0,
+            indices,
+            latents,
+            burn::tensor::IndexingUpdateOp::Add,
+        );
         let cluster = ema.cluster_size.val().mul_scalar(decay) + counts.mul_scalar(1.0 - decay);
         let avg = ema.embed_avg.val().mul_scalar(decay) + sums.mul_scalar(1.0 - decay);
         let total = cluster.clone().sum();
-        let smoothed = (cluster.clone().add_scalar(eps) / total.clone().add_scalar(n as f64 * eps)) * total;
+        let smoothed =
+            (cluster.clone().add_scalar(eps) / total.clone().add_scalar(n as f64 * eps)) * total;
         let codes = avg.clone() / smoothed.reshape([n, 1]);
-        self.embedding.weight = self.embedding.weight.map(|_| codes.detach());
+        self.embedding.weight = replace(self.embedding.weight, codes);
         self.ema = Some(EmaStats {
-            cluster_size: ema.cluster_size.map(|_| cluster.detach()),
-            embed_avg: ema.embed_avg.map(|_| avg.detach()),
+            cluster_size: replace(ema.cluster_size, cluster),
+            embed_avg: replace(ema.embed_avg, avg),
         });
         self
     }
+}
+
+/// A parameter with a new value, keeping its id and whether it tracks gradients.
+fn replace<const D: usize>(param: Param<Tensor<D>>, value: Tensor<D>) -> Param<Tensor<D>> {
+    param.map(|old| {
+        let tracked = old.is_require_grad();
+        value.detach().set_require_grad(tracked)
+    })
 }

@@ -94,7 +94,11 @@ impl AttnBlock {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let hn = self.norm.forward(x.clone());
-        let q = self.q.forward(hn.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
+        let q = self
+            .q
+            .forward(hn.clone())
+            .reshape([b, c, h * w])
+            .swap_dims(1, 2);
         let k = self.k.forward(hn.clone()).reshape([b, c, h * w]);
         let v = self.v.forward(hn).reshape([b, c, h * w]);
         // weights[b, i, j] = <q_i, k_j> / sqrt(c), softmax over j.
@@ -149,7 +153,8 @@ impl Upsample {
     /// Applies the block.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [_, _, h, w] = x.dims();
-        let options = InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]);
+        let options =
+            InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]);
         let up = interpolate(x, options);
         match &self.conv {
             Some(conv) => conv.forward(up),

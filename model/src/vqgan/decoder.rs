@@ -49,7 +49,8 @@ impl Decoder {
                     attn.push(AttnBlock::new(block_in, device));
                 }
             }
-            let upsample = (level != 0).then(|| Upsample::new(block_in, dd.resamp_with_conv, device));
+            let upsample =
+                (level != 0).then(|| Upsample::new(block_in, dd.resamp_with_conv, device));
             up.push(UpLevel {
                 block,
                 attn,

@@ -39,7 +39,8 @@ impl Mid {
 
     /// Applies the section.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.block_2.forward(self.attn_1.forward(self.block_1.forward(x)))
+        self.block_2
+            .forward(self.attn_1.forward(self.block_1.forward(x)))
     }
 }
 
@@ -71,8 +72,8 @@ impl Encoder {
                     attn.push(AttnBlock::new(block_in, device));
                 }
             }
-            let downsample =
-                (level + 1 != levels).then(|| Downsample::new(block_in, dd.resamp_with_conv, device));
+            let downsample = (level + 1 != levels)
+                .then(|| Downsample::new(block_in, dd.resamp_with_conv, device));
             down.push(DownLevel {
                 block,
                 attn,

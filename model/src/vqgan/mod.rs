@@ -45,12 +45,18 @@ impl Vqgan {
         config.validate()?;
         let dd = &config.ddconfig;
         let quantize = match &config.quantizer {
-            QuantizerConfig::Vector(vq) => {
-                Quantizer::Vector(VectorQuantizer::new(config.n_embed, config.embed_dim, vq, device))
-            }
-            QuantizerConfig::Gumbel(g) => {
-                Quantizer::Gumbel(GumbelQuantizer::new(config.n_embed, config.embed_dim, g, device))
-            }
+            QuantizerConfig::Vector(vq) => Quantizer::Vector(VectorQuantizer::new(
+                config.n_embed,
+                config.embed_dim,
+                vq,
+                device,
+            )),
+            QuantizerConfig::Gumbel(g) => Quantizer::Gumbel(GumbelQuantizer::new(
+                config.n_embed,
+                config.embed_dim,
+                g,
+                device,
+            )),
         };
         Ok(Self {
             encoder: Encoder::new(dd, device),

@@ -9,7 +9,9 @@ use safetensors::tensor::Dtype;
 
 /// Directory of one fixture config (`vq_a`, `vq_b`, `gumbel`).
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vqgan").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/vqgan")
+        .join(name)
 }
 
 /// The reference's outputs for a fixture.
@@ -31,18 +33,30 @@ impl Expected {
     /// Shape and f32 values of tensor `name`.
     pub fn f32s(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
         let st = self.view();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture tensor {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("fixture tensor {name}"));
         assert_eq!(t.dtype(), Dtype::F32, "{name}");
-        let v = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         (t.shape().to_vec(), v)
     }
 
     /// Shape and i64 values of tensor `name`.
     pub fn i64s(&self, name: &str) -> (Vec<usize>, Vec<i64>) {
         let st = self.view();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture tensor {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("fixture tensor {name}"));
         assert_eq!(t.dtype(), Dtype::I64, "{name}");
-        let v = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        let v = t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         (t.shape().to_vec(), v)
     }
 
