@@ -2,8 +2,9 @@
 //! [1,1,2,2,4], 2 res blocks, attention at 16, z 256, 1024 codes, 256x256) on the CPU.
 //!
 //! `cargo bench -p taming-model --bench encode_decode -- [--batches 1,8] [--iters N] [--json]`
-//! Prints images per second for each batch size (random weights: speed does not depend on
-//! them). tools/bench/compare_reference.sh runs this and the reference side by side.
+//! Prints images per second and the process's peak resident memory after each batch size
+//! (random weights: speed does not depend on them). Batch sizes run in the order given, so
+//! list them smallest first for the peak to belong to the batch it follows. tools/bench/compare_reference.sh runs this and the reference side by side.
 
 use std::time::Instant;
 
@@ -11,6 +12,16 @@ use burn::tensor::{Device, Distribution, Tensor};
 use taming_model::Vqgan;
 use taming_model::config::VqganConfig;
 use taming_model::quantize::QuantizeMode;
+
+/// Peak resident memory of this process so far (VmHWM), in MiB; 0 where unknown.
+fn peak_rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024)
+}
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()

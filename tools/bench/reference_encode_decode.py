@@ -7,6 +7,7 @@ Same model, input size and measurement as model/benches/encode_decode.rs.
 import argparse
 import json
 import pathlib
+import resource
 import sys
 import time
 
@@ -43,12 +44,15 @@ def main():
             run()
         secs = time.perf_counter() - start
         ips = batch * a.iters / secs
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         if a.json:
             print(json.dumps({"impl": f"reference (torch {torch.__version__}, "
                                       f"{torch.get_num_threads()} threads)",
-                              "batch": batch, "iters": a.iters, "images_per_s": round(ips, 4)}))
+                              "batch": batch, "iters": a.iters, "images_per_s": round(ips, 4),
+                              "peak_rss_mib": peak}))
         else:
-            print(f"reference  batch {batch}: {ips:.3f} images/s ({a.iters} iterations, {secs:.1f} s)")
+            print(f"reference  batch {batch}: {ips:.3f} images/s ({a.iters} iterations, "
+                  f"{secs:.1f} s), peak RSS {peak} MiB")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,9 @@
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 
-use super::blocks::{AttnBlock, ResnetBlock, Upsample, conv3x3, norm};
+use super::blocks::{AttnBlock, ResnetBlock, Upsample, conv3x3, norm, swish};
 use super::encoder::Mid;
 use crate::config::DdConfig;
 
@@ -81,7 +80,7 @@ impl Decoder {
                 h = up.forward(h);
             }
         }
-        self.conv_out.forward(silu(self.norm_out.forward(h)))
+        self.conv_out.forward(swish(self.norm_out.forward(h)))
     }
 
     /// The last convolution's weight, where the adaptive GAN weight takes its gradients.

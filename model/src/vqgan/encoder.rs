@@ -5,10 +5,9 @@
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 
-use super::blocks::{AttnBlock, Downsample, ResnetBlock, conv3x3, norm};
+use super::blocks::{AttnBlock, Downsample, ResnetBlock, conv3x3, norm, swish};
 use crate::config::DdConfig;
 
 /// One resolution level of the encoder.
@@ -104,6 +103,6 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(h);
-        self.conv_out.forward(silu(self.norm_out.forward(h)))
+        self.conv_out.forward(swish(self.norm_out.forward(h)))
     }
 }
