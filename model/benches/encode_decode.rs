@@ -57,13 +57,14 @@ fn main() {
         }
         let secs = start.elapsed().as_secs_f64();
         let ips = (batch * iters) as f64 / secs;
+        let peak = peak_rss_mib();
         if json {
             println!(
-                "{{\"impl\": \"taming-rs\", \"batch\": {batch}, \"iters\": {iters}, \"images_per_s\": {ips:.4}}}"
+                "{{\"impl\": \"taming-rs\", \"batch\": {batch}, \"iters\": {iters}, \"images_per_s\": {ips:.4}, \"peak_rss_mib\": {peak}}}"
             );
         } else {
             println!(
-                "taming-rs  batch {batch}: {ips:.3} images/s ({iters} iterations, {secs:.1} s)"
+                "taming-rs  batch {batch}: {ips:.3} images/s ({iters} iterations, {secs:.1} s), peak RSS {peak} MiB"
             );
         }
     }

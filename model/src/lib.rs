@@ -8,6 +8,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod image_io;
+pub mod loss;
 pub mod quantize;
 pub mod vqgan;
 

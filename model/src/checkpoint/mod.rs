@@ -6,11 +6,14 @@ pub mod pickle;
 pub mod taming;
 pub mod torch_file;
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
 use burn::store::ModuleSnapshot;
 use burn::store::burn_pack::{Bytes, DType, Tensor as PackTensor};
 
 use crate::error::ModelError;
-use crate::vqgan::Vqgan;
+use torch_file::{RawTensor, TorchCheckpoint};
 
 /// A named f32 tensor ready to be applied to a module.
 pub(crate) fn pack_f32(name: &str, values: Vec<f32>, shape: &[usize]) -> PackTensor {
@@ -23,8 +26,63 @@ pub(crate) fn pack_f32(name: &str, values: Vec<f32>, shape: &[usize]) -> PackTen
     )
 }
 
+/// Fills every parameter of `model` from `tensors`, where `name_of` gives the checkpoint's
+/// name for a module path. Errors name the missing or misshapen tensor and `source`; the
+/// tensors left over are returned.
+pub fn fill_from<M: ModuleSnapshot>(
+    model: &mut M,
+    mut tensors: BTreeMap<String, RawTensor>,
+    name_of: impl Fn(&str) -> String,
+    source: &Path,
+) -> Result<BTreeMap<String, RawTensor>, ModelError> {
+    let mut pack = Vec::new();
+    for slot in model.collect(None, None, true) {
+        let name = name_of(&slot.name);
+        let expected: Vec<usize> = slot.shape.to_vec();
+        let tensor = tensors.remove(&name).ok_or_else(|| {
+            ModelError::tensor(
+                &name,
+                format!(
+                    "missing from {} (the config needs shape {expected:?})",
+                    source.display()
+                ),
+            )
+        })?;
+        if tensor.shape != expected {
+            return Err(ModelError::tensor(
+                &name,
+                format!(
+                    "shape {:?} in {} does not fit the config, which needs {expected:?}",
+                    tensor.shape,
+                    source.display()
+                ),
+            ));
+        }
+        pack.push(pack_f32(
+            &slot.name,
+            tensor.f32s(&name)?.to_vec(),
+            &expected,
+        ));
+    }
+    apply_all(model, pack)?;
+    Ok(tensors)
+}
+
+/// Fills `model` from a PyTorch file's state dict (see [`fill_from`]).
+pub fn fill_from_torch<M: ModuleSnapshot>(
+    model: &mut M,
+    path: &Path,
+    name_of: impl Fn(&str) -> String,
+) -> Result<BTreeMap<String, RawTensor>, ModelError> {
+    let tensors = TorchCheckpoint::open(path)?.state_dict()?;
+    fill_from(model, tensors, name_of, path)
+}
+
 /// Applies tensors that must cover every parameter of `model`.
-pub(crate) fn apply_all(model: &mut Vqgan, tensors: Vec<PackTensor>) -> Result<(), ModelError> {
+pub(crate) fn apply_all<M: ModuleSnapshot>(
+    model: &mut M,
+    tensors: Vec<PackTensor>,
+) -> Result<(), ModelError> {
     let result = model.apply(tensors, None, None, true);
     if let Some(err) = result.errors.first() {
         return Err(ModelError::tensor(err.to_string(), "could not be applied"));

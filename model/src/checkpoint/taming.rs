@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::store::ModuleSnapshot;
 use burn::tensor::Device;
 use serde_yaml::Value as Yaml;
 
@@ -171,38 +170,9 @@ pub fn import_taming(config: &Path, ckpt: &Path, device: &Device) -> Result<Impo
     let config = read_taming_yaml(config)?;
     let mut file = TorchCheckpoint::open(ckpt)?;
     let global_step = file.root().get("global_step").and_then(|v| v.as_int());
-    let mut tensors = file.state_dict()?;
+    let tensors = file.state_dict()?;
     let mut model = Vqgan::new(&config, device)?;
-    let mut pack = Vec::new();
-    for slot in model.collect(None, None, true) {
-        let name = reference_name(&slot.name);
-        let expected: Vec<usize> = slot.shape.to_vec();
-        let tensor = tensors.remove(&name).ok_or_else(|| {
-            ModelError::tensor(
-                &name,
-                format!(
-                    "missing from {} (the config needs shape {expected:?})",
-                    ckpt.display()
-                ),
-            )
-        })?;
-        if tensor.shape != expected {
-            return Err(ModelError::tensor(
-                &name,
-                format!(
-                    "shape {:?} in {} does not fit the config, which needs {expected:?}",
-                    tensor.shape,
-                    ckpt.display()
-                ),
-            ));
-        }
-        pack.push(super::pack_f32(
-            &slot.name,
-            tensor.f32s(&name)?.to_vec(),
-            &expected,
-        ));
-    }
-    super::apply_all(&mut model, pack)?;
+    let tensors = super::fill_from(&mut model, tensors, reference_name, ckpt)?;
     let (loss_tensors, rest): (BTreeMap<_, _>, BTreeMap<_, _>) = tensors
         .into_iter()
         .partition(|(k, _)| k.starts_with("loss."));

@@ -68,6 +68,11 @@ impl Decoder {
 
     /// Decodes `[b, z_channels, h, w]` to images `[b, out_ch, h*f, w*f]`.
     pub fn forward(&self, z: Tensor<4>) -> Tensor<4> {
+        self.forward_with_last_input(z).0
+    }
+
+    /// Decodes and also returns the input of the last convolution (for the adaptive weight).
+    pub fn forward_with_last_input(&self, z: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let mut h = self.mid.forward(self.conv_in.forward(z));
         for level in self.up.iter().rev() {
             for (i, block) in level.block.iter().enumerate() {
@@ -80,7 +85,8 @@ impl Decoder {
                 h = up.forward(h);
             }
         }
-        self.conv_out.forward(swish(self.norm_out.forward(h)))
+        let last_input = swish(self.norm_out.forward(h));
+        (self.conv_out.forward(last_input.clone()), last_input)
     }
 
     /// The last convolution's weight, where the adaptive GAN weight takes its gradients.

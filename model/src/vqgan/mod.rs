@@ -37,6 +37,8 @@ pub struct VqganOutput {
     pub reconstruction: Tensor<4>,
     /// The quantizer's outputs.
     pub quantized: Quantized,
+    /// Input of the decoder's last convolution (for the adaptive GAN weight).
+    pub last_input: Tensor<4>,
 }
 
 impl Vqgan {
@@ -93,10 +95,12 @@ impl Vqgan {
     /// Encode, quantize and decode.
     pub fn forward(&self, x: Tensor<4>, mode: QuantizeMode) -> VqganOutput {
         let quantized = self.encode(x, mode);
-        let reconstruction = self.decode(quantized.z_q.clone());
+        let h = self.post_quant_conv.forward(quantized.z_q.clone());
+        let (reconstruction, last_input) = self.decoder.forward_with_last_input(h);
         VqganOutput {
             reconstruction,
             quantized,
+            last_input,
         }
     }
 

@@ -1,0 +1,248 @@
+//! The stage-1 objective (the reference's VQLPIPSWithDiscriminator): L1 + LPIPS
+//! reconstruction, a PatchGAN generator term weighted adaptively from gradient norms at the
+//! decoder's last layer, the quantizer loss, and the discriminator's hinge or vanilla loss.
+//!
+//! The generator step needs two gradients at the last layer (of the reconstruction loss and
+//! of the GAN loss) besides the full backward pass. Both losses depend on the autoencoder only
+//! through the reconstruction `rec = conv(h, W)`, so they are evaluated on a detached copy of
+//! `rec`: one backward each through LPIPS or the discriminator gives `dL/drec`, the last-layer
+//! weight gradients follow from one small convolution backward, and the autoencoder is
+//! back-propagated once with the surrogate `sum(rec * dTotal/drec) + codebook_weight * L_q`,
+//! whose gradients equal those of the total loss. The reference instead back-propagates
+//! LPIPS and the discriminator twice.
+
+use burn::tensor::Tensor;
+use burn::tensor::activation::{relu, softplus};
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::ConvOptions;
+use serde::{Deserialize, Serialize};
+
+use super::discriminator::{DiscriminatorConfig, NLayerDiscriminator};
+use super::lpips::{Lpips, LpipsConfig};
+
+/// Which discriminator loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscLoss {
+    /// `0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(rec))))`.
+    Hinge,
+    /// `0.5 * (mean(softplus(-D(x))) + mean(softplus(D(rec))))`.
+    Vanilla,
+}
+
+/// Loss settings, named as the reference's `lossconfig.params`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LossConfig {
+    /// Step from which the GAN term and discriminator training start.
+    pub disc_start: u64,
+    /// Weight of the quantizer loss.
+    pub codebook_weight: f64,
+    /// Stored for compatibility and, as in the reference, never applied.
+    pub pixelloss_weight: f64,
+    /// Weight of LPIPS in the reconstruction term (0 disables LPIPS).
+    pub perceptual_weight: f64,
+    /// Factor on the GAN terms once the discriminator is on.
+    pub disc_factor: f64,
+    /// Scale of the adaptive generator weight.
+    pub disc_weight: f64,
+    /// Discriminator loss.
+    pub disc_loss: DiscLoss,
+    /// Whether the discriminator also sees a condition (channels appended to its input).
+    pub disc_conditional: bool,
+    /// Discriminator shape.
+    pub discriminator: DiscriminatorConfig,
+    /// LPIPS weights; required when `perceptual_weight > 0`.
+    pub lpips: Option<LpipsConfig>,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            disc_start: 10_000,
+            codebook_weight: 1.0,
+            pixelloss_weight: 1.0,
+            perceptual_weight: 1.0,
+            disc_factor: 1.0,
+            disc_weight: 0.8,
+            disc_loss: DiscLoss::Hinge,
+            disc_conditional: false,
+            discriminator: DiscriminatorConfig::default(),
+            lpips: None,
+        }
+    }
+}
+
+impl LossConfig {
+    /// `disc_factor` from `disc_start` on, 0 before (the reference's `adopt_weight`).
+    pub fn disc_factor_at(&self, step: u64) -> f64 {
+        if step < self.disc_start {
+            0.0
+        } else {
+            self.disc_factor
+        }
+    }
+}
+
+/// Loss values of one step, for logging.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GeneratorLog {
+    /// `nll + d_weight * disc_factor * g_loss + codebook_weight * quant`.
+    pub total: f64,
+    /// Mean of `|x - rec| + perceptual_weight * lpips`.
+    pub nll: f64,
+    /// Mean L1.
+    pub l1: f64,
+    /// Mean LPIPS (0 when off).
+    pub p_loss: f64,
+    /// `-mean(D(rec))` (0 before `disc_start`).
+    pub g_loss: f64,
+    /// Adaptive weight times `disc_weight` (0 before `disc_start`).
+    pub d_weight: f64,
+    /// The GAN factor in force.
+    pub disc_factor: f64,
+    /// Quantizer loss.
+    pub quant: f64,
+}
+
+/// What the generator step hands to the optimizer: a scalar whose gradients are those of the
+/// total loss, and the loss values.
+#[derive(Debug, Clone)]
+pub struct GeneratorStep {
+    /// Back-propagate this (its value is not the loss; see [`GeneratorLog::total`]).
+    pub surrogate: Tensor<1>,
+    /// Loss values.
+    pub log: GeneratorLog,
+}
+
+/// The decoder's last convolution (3x3, stride 1, padding 1): its input and weight.
+#[derive(Debug, Clone)]
+pub struct LastLayer {
+    /// Input of the convolution.
+    pub input: Tensor<4>,
+    /// Its weight `[out, in, 3, 3]`.
+    pub weight: Tensor<4>,
+}
+
+/// The stage-1 objective with its (frozen) LPIPS network.
+#[derive(Debug)]
+pub struct VqLoss {
+    /// Settings.
+    pub config: LossConfig,
+    lpips: Option<Lpips>,
+}
+
+fn scalar(t: Tensor<1>) -> f64 {
+    t.into_scalar::<f32>() as f64
+}
+
+impl VqLoss {
+    /// The objective; `lpips` must be given when `perceptual_weight > 0`.
+    pub fn new(config: LossConfig, lpips: Option<Lpips>) -> Self {
+        Self { config, lpips }
+    }
+
+    /// Reconstruction term `mean(|x - rec| + perceptual_weight * lpips(x, rec))`, with its
+    /// parts (mean L1, mean LPIPS).
+    pub fn nll(&self, x: Tensor<4>, rec: Tensor<4>) -> (Tensor<1>, f64, f64) {
+        let l1 = (x.clone() - rec.clone()).abs();
+        let l1_mean = scalar(l1.clone().mean().detach());
+        let pw = self.config.perceptual_weight;
+        match (&self.lpips, pw > 0.0) {
+            (Some(lpips), true) => {
+                let p = lpips.forward(x, rec); // [b, 1, 1, 1]
+                let p_mean = scalar(p.clone().mean().detach());
+                let per_pixel = l1 + p.mul_scalar(pw);
+                (per_pixel.mean(), l1_mean, p_mean)
+            }
+            _ => (l1.mean(), l1_mean, 0.0),
+        }
+    }
+
+    /// The generator (autoencoder) step at training step `step`. `rec` is the
+    /// reconstruction on the autoencoder's graph, `quant` the quantizer loss.
+    pub fn generator(
+        &self,
+        disc: &NLayerDiscriminator,
+        x: Tensor<4>,
+        rec: Tensor<4>,
+        quant: Tensor<1>,
+        last: &LastLayer,
+        step: u64,
+    ) -> GeneratorStep {
+        let cfg = &self.config;
+        let leaf = rec.clone().detach().require_grad();
+        let (nll, l1, p_loss) = self.nll(x, leaf.clone());
+        let nll_value = scalar(nll.clone().detach());
+        let grad_nll = leaf.grad(&nll.backward()).expect("reconstruction gradient");
+        let disc_factor = cfg.disc_factor_at(step);
+        let quant_value = scalar(quant.clone().detach());
+        let mut log = GeneratorLog {
+            nll: nll_value,
+            l1,
+            p_loss,
+            disc_factor,
+            quant: quant_value,
+            ..Default::default()
+        };
+        let mut grad_rec = grad_nll.clone();
+        if disc_factor > 0.0 {
+            let leaf = rec.clone().detach().require_grad();
+            let g_loss = disc.forward(leaf.clone()).mean().neg();
+            log.g_loss = scalar(g_loss.clone().detach());
+            let grad_g = leaf.grad(&g_loss.backward()).expect("generator gradient");
+            log.d_weight = adaptive_weight(last, grad_nll, grad_g.clone()) * cfg.disc_weight;
+            grad_rec = grad_rec + grad_g.mul_scalar(log.d_weight * disc_factor);
+        }
+        log.total =
+            nll_value + log.d_weight * disc_factor * log.g_loss + cfg.codebook_weight * quant_value;
+        let surrogate = (rec * grad_rec.detach()).sum() + quant.mul_scalar(cfg.codebook_weight);
+        GeneratorStep { surrogate, log }
+    }
+
+    /// The discriminator loss at `step` on real images and detached reconstructions, with the
+    /// mean logits on each; `None` before `disc_start`.
+    pub fn discriminator(
+        &self,
+        disc: &NLayerDiscriminator,
+        x: Tensor<4>,
+        rec: Tensor<4>,
+        step: u64,
+    ) -> Option<(Tensor<1>, f64, f64)> {
+        let factor = self.config.disc_factor_at(step);
+        if factor == 0.0 {
+            return None;
+        }
+        let real = disc.forward(x.detach());
+        let fake = disc.forward(rec.detach());
+        let (real_mean, fake_mean) = (
+            scalar(real.clone().mean().detach()),
+            scalar(fake.clone().mean().detach()),
+        );
+        let loss = match self.config.disc_loss {
+            DiscLoss::Hinge => {
+                relu(real.neg().add_scalar(1.0)).mean() + relu(fake.add_scalar(1.0)).mean()
+            }
+            DiscLoss::Vanilla => softplus(real.neg(), 1.0).mean() + softplus(fake, 1.0).mean(),
+        };
+        Some((loss.mul_scalar(0.5 * factor), real_mean, fake_mean))
+    }
+}
+
+/// `|grad_W L_rec| / (|grad_W L_G| + 1e-4)`, clamped to [0, 1e4]; `W` the last layer's weight,
+/// each gradient obtained from `dL/drec` by one convolution backward.
+fn adaptive_weight(last: &LastLayer, grad_nll: Tensor<4>, grad_g: Tensor<4>) -> f64 {
+    let norm = |g: Tensor<4>| {
+        let w = last.weight.clone().detach().require_grad();
+        let out = conv2d(
+            last.input.clone().detach(),
+            w.clone(),
+            None,
+            ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
+        );
+        let grads = (out * g.detach()).sum().backward();
+        let gw = w.grad(&grads).expect("weight gradient");
+        scalar(gw.powi_scalar(2).sum()).sqrt()
+    };
+    (norm(grad_nll) / (norm(grad_g) + 1e-4)).clamp(0.0, 1e4)
+}
