@@ -1,0 +1,128 @@
+//! Decoding and augmentation: the reference's preprocessing (shorter side to `size`, random
+//! crop for training or center crop for validation, x/127.5 - 1) plus an optional
+//! horizontal flip.
+
+use image::imageops::FilterType;
+use image::{DynamicImage, RgbImage};
+use rand::Rng;
+
+/// How images become model inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preprocess {
+    /// Output side length.
+    pub size: usize,
+    /// Random crop (training) instead of center crop (validation).
+    pub random_crop: bool,
+    /// Flip horizontally with probability 1/2.
+    pub flip: bool,
+}
+
+impl Preprocess {
+    /// Decodes `bytes` (PNG, JPEG, WebP) and returns CHW floats in [-1, 1].
+    pub fn apply(&self, bytes: &[u8], rng: &mut impl Rng) -> Result<Vec<f32>, String> {
+        let img = image::load_from_memory(bytes)
+            .map_err(|e| e.to_string())?
+            .to_rgb8();
+        let img = self.crop(resize_shorter(img, self.size), rng);
+        let flip = self.flip && rng.random_bool(0.5);
+        Ok(to_chw(&img, flip))
+    }
+
+    fn crop(&self, img: RgbImage, rng: &mut impl Rng) -> RgbImage {
+        let (w, h) = img.dimensions();
+        let s = self.size as u32;
+        let (left, top) = if self.random_crop {
+            (rng.random_range(0..=w - s), rng.random_range(0..=h - s))
+        } else {
+            ((w - s) / 2, (h - s) / 2)
+        };
+        image::imageops::crop_imm(&img, left, top, s, s).to_image()
+    }
+}
+
+/// Resizes so that the shorter side is `size` (bilinear), keeping the aspect ratio.
+pub fn resize_shorter(img: RgbImage, size: usize) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let scale = size as f64 / w.min(h) as f64;
+    let nw = ((w as f64 * scale).round() as u32).max(size as u32);
+    let nh = ((h as f64 * scale).round() as u32).max(size as u32);
+    if (nw, nh) == (w, h) {
+        return img;
+    }
+    DynamicImage::ImageRgb8(img)
+        .resize_exact(nw, nh, FilterType::Triangle)
+        .to_rgb8()
+}
+
+fn to_chw(img: &RgbImage, flip: bool) -> Vec<f32> {
+    let (w, h) = img.dimensions();
+    let (w, h) = (w as usize, h as usize);
+    let mut out = vec![0f32; 3 * h * w];
+    for (x, y, px) in img.enumerate_pixels() {
+        let x = if flip { w - 1 - x as usize } else { x as usize };
+        for c in 0..3 {
+            out[c * h * w + y as usize * w + x] = px.0[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 255]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn center_crop_of_a_wide_image_keeps_the_middle_and_scales_to_unit_range() {
+        let p = Preprocess {
+            size: 4,
+            random_crop: false,
+            flip: false,
+        };
+        let v = p.apply(&png(8, 4), &mut StdRng::seed_from_u64(0)).unwrap();
+        assert_eq!(v.len(), 3 * 16);
+        // Red channel = x: columns 2..6 of the original.
+        assert_eq!(v[0], 2.0 / 127.5 - 1.0);
+        assert_eq!(v[3], 5.0 / 127.5 - 1.0);
+        assert_eq!(v[2 * 16], 1.0, "blue 255 maps to 1");
+    }
+
+    #[test]
+    fn flip_mirrors_columns() {
+        let p = Preprocess {
+            size: 4,
+            random_crop: false,
+            flip: true,
+        };
+        let mut rng = StdRng::seed_from_u64(1);
+        let runs: Vec<Vec<f32>> = (0..8)
+            .map(|_| p.apply(&png(4, 4), &mut rng).unwrap())
+            .collect();
+        assert!(
+            runs.iter().any(|v| v[0] == 3.0 / 127.5 - 1.0),
+            "some flipped"
+        );
+        assert!(runs.iter().any(|v| v[0] == -1.0), "some not flipped");
+    }
+
+    #[test]
+    fn garbage_bytes_are_an_error() {
+        let p = Preprocess {
+            size: 4,
+            random_crop: true,
+            flip: false,
+        };
+        assert!(
+            p.apply(b"not an image", &mut StdRng::seed_from_u64(0))
+                .is_err()
+        );
+    }
+}

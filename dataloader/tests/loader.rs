@@ -1,0 +1,146 @@
+//! The shard loader on the embedded Fashion-MNIST shards and on hand-made bad shards.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use taming_dataloader::shards::list_split;
+use taming_dataloader::{DataError, LoaderConfig, LoaderState, Preprocess, ShardLoader};
+
+fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/fashion-mnist")
+}
+
+fn config(batch_size: usize, train: bool) -> LoaderConfig {
+    LoaderConfig {
+        batch_size,
+        preprocess: Preprocess {
+            size: 32,
+            random_crop: train,
+            flip: train,
+        },
+        seed: 7,
+        shuffle_shards: train,
+    }
+}
+
+#[test]
+fn validation_pass_reads_every_sample_once_with_labels() {
+    let shards = list_split(&data_dir(), "val").unwrap();
+    let mut loader = ShardLoader::new(shards, config(64, false), LoaderState::default());
+    let mut keys = HashSet::new();
+    let mut labels = HashSet::new();
+    while let Some(batch) = loader.next_in_epoch().unwrap() {
+        assert_eq!(batch.shape[1..], [3, 32, 32]);
+        assert_eq!(batch.images.len(), batch.shape.iter().product::<usize>());
+        assert!(batch.images.iter().all(|v| (-1.0..=1.0).contains(v)));
+        for (k, l) in batch.keys.iter().zip(&batch.labels) {
+            assert!(keys.insert(k.clone()), "{k} twice");
+            labels.insert(l.expect("label"));
+        }
+    }
+    assert_eq!(keys.len(), 500);
+    assert_eq!(labels.len(), 10, "all ten classes: {labels:?}");
+}
+
+#[test]
+fn an_epoch_delivers_every_training_sample_exactly_once_then_reshuffles() {
+    let shards = list_split(&data_dir(), "train").unwrap();
+    let mut loader = ShardLoader::new(shards, config(128, true), LoaderState::default());
+    let mut first = Vec::new();
+    while first.len() < 3000 {
+        first.extend(loader.next_batch().unwrap().keys);
+    }
+    let epoch0: HashSet<_> = first[..3000].iter().cloned().collect();
+    assert_eq!(epoch0.len(), 3000, "no duplicate within an epoch");
+    assert_eq!(loader.state().epoch, 1, "crossed into epoch 1");
+    assert_eq!(loader.order(0).len(), 6);
+    assert_ne!(
+        loader.order(0),
+        loader.order(1),
+        "shard order differs between epochs"
+    );
+}
+
+#[test]
+fn resuming_from_a_saved_state_continues_with_identical_batches() {
+    let shards = list_split(&data_dir(), "train").unwrap();
+    let mut straight = ShardLoader::new(shards.clone(), config(96, true), LoaderState::default());
+    let batches: Vec<_> = (0..8).map(|_| straight.next_batch().unwrap()).collect();
+    let saved = batches[2].state;
+    let mut resumed = ShardLoader::new(shards, config(96, true), saved);
+    for expected in &batches[3..] {
+        let got = resumed.next_batch().unwrap();
+        assert_eq!(got.keys, expected.keys);
+        assert_eq!(
+            got.images, expected.images,
+            "same augmentations after resume"
+        );
+    }
+}
+
+fn shard_with(path: &Path, files: &[(&str, &[u8])]) {
+    let mut builder = tar::Builder::new(std::fs::File::create(path).unwrap());
+    for (name, data) in files {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append_data(&mut header, name, *data).unwrap();
+    }
+    builder.finish().unwrap();
+}
+
+fn png() -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(40, 36, image::Rgb([10, 200, 30]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn corrupt_images_and_samples_without_image_are_skipped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = png();
+    shard_with(
+        &tmp.path().join("train-000000.tar"),
+        &[
+            ("a.png", &good),
+            ("a.cls", b"3"),
+            ("b.png", b"\x89PNG truncated"),
+            ("c.cls", b"1"),
+            ("d.jpg", &good[..good.len() / 2]),
+            ("e.png", &good),
+        ],
+    );
+    let shards = list_split(tmp.path(), "train").unwrap();
+    let mut loader = ShardLoader::new(shards, config(8, false), LoaderState::default());
+    let batch = loader.next_in_epoch().unwrap().unwrap();
+    assert_eq!(batch.keys, vec!["a", "e"]);
+    assert_eq!(batch.labels, vec![Some(3), None]);
+    assert_eq!(loader.skipped(), 3);
+}
+
+#[test]
+fn a_data_set_without_any_usable_sample_is_an_error_not_a_hang() {
+    let tmp = tempfile::tempdir().unwrap();
+    shard_with(
+        &tmp.path().join("train-000000.tar"),
+        &[("x.png", b"garbage")],
+    );
+    let shards = list_split(tmp.path(), "train").unwrap();
+    let mut loader = ShardLoader::new(shards, config(4, true), LoaderState::default());
+    assert!(matches!(
+        loader.next_batch(),
+        Err(DataError::Empty { skipped: 1, .. })
+    ));
+}
+
+#[test]
+fn a_directory_without_shards_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = list_split(tmp.path(), "train").unwrap_err().to_string();
+    assert!(
+        err.contains(&tmp.path().display().to_string()) && err.contains("train-*.tar"),
+        "{err}"
+    );
+}
