@@ -55,6 +55,9 @@ pub struct ImageBatch {
     pub state: LoaderState,
 }
 
+/// One decoded sample: key, CHW image, label.
+type Decoded = (String, Vec<f32>, Option<i64>);
+
 type Samples = Box<dyn Iterator<Item = Result<Sample, webdataset::Error>> + Send>;
 
 struct Cursor {
@@ -166,7 +169,7 @@ impl ShardLoader {
     }
 
     /// The next usable sample of the epoch; `None` when the epoch is over.
-    fn next_sample(&mut self) -> Result<Option<(String, Vec<f32>, Option<i64>)>, DataError> {
+    fn next_sample(&mut self) -> Result<Option<Decoded>, DataError> {
         loop {
             if self.state.shard >= self.shards.len() {
                 return Ok(None);
@@ -209,12 +212,7 @@ impl ShardLoader {
         Ok(Cursor { path, samples })
     }
 
-    fn decode(
-        &mut self,
-        path: &std::path::Path,
-        index: usize,
-        sample: &Sample,
-    ) -> Option<(String, Vec<f32>, Option<i64>)> {
+    fn decode(&mut self, path: &std::path::Path, index: usize, sample: &Sample) -> Option<Decoded> {
         let key = sample.key().unwrap_or("?").to_string();
         let shard_id = self.order(self.state.epoch)[self.state.shard] as u64;
         let mut rng =
