@@ -1,0 +1,3 @@
+//! taming-rs trainers. `stage1` trains a VQGAN with the reference's objective.
+
+pub mod stage1;

@@ -1,0 +1,79 @@
+//! Stage-1 training settings: the model, the loss, and the optimization recipe.
+
+use serde::{Deserialize, Serialize};
+use taming_model::VqganConfig;
+use taming_model::error::ModelError;
+use taming_model::loss::LossConfig;
+
+/// Everything a stage-1 run needs besides its data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage1Config {
+    /// The VQGAN.
+    pub model: VqganConfig,
+    /// The objective.
+    #[serde(default)]
+    pub loss: LossConfig,
+    /// Learning rate per image: lr = base_learning_rate x batch x nodes x grad_accum.
+    #[serde(default = "base_lr")]
+    pub base_learning_rate: f64,
+    /// Images per step per node (per micro-batch when accumulating).
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed before each optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Clip each parameter's gradient to this l2 norm.
+    #[serde(default)]
+    pub grad_clip: Option<f32>,
+    /// Horizontal flips in training augmentation.
+    #[serde(default)]
+    pub flip: bool,
+    /// Seed of initialization, data order and augmentation.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn base_lr() -> f64 {
+    4.5e-6
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Stage1Config {
+    /// The reference's learning-rate scaling for `nodes` nodes.
+    pub fn learning_rate(&self, nodes: usize) -> f64 {
+        self.base_learning_rate * (self.batch_size * nodes * self.grad_accum) as f64
+    }
+
+    /// Refuses impossible settings before any work; errors name the key.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        self.model.validate()?;
+        let bad = |key: &str, reason: &str| ModelError::Config {
+            key: key.into(),
+            reason: reason.into(),
+        };
+        if self.batch_size == 0 {
+            return Err(bad("batch_size", "must be positive"));
+        }
+        if self.grad_accum == 0 {
+            return Err(bad("grad_accum", "must be positive"));
+        }
+        if self.base_learning_rate.is_nan() || self.base_learning_rate <= 0.0 {
+            return Err(bad("base_learning_rate", "must be positive"));
+        }
+        if self.loss.perceptual_weight > 0.0 && self.loss.lpips.is_none() {
+            return Err(bad(
+                "loss.lpips",
+                "perceptual_weight > 0 needs LPIPS weights: set loss.lpips.vgg16 (torchvision's \
+                 vgg16 .pth) and loss.lpips.heads (lpips' weights/v0.1/vgg.pth), or set \
+                 loss.perceptual_weight to 0",
+            ));
+        }
+        if let Some(lpips) = &self.loss.lpips {
+            taming_model::loss::lpips::check_files(lpips)?;
+        }
+        Ok(())
+    }
+}

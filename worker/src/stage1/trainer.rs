@@ -1,0 +1,235 @@
+//! The stage-1 training step: ONE autoencoder forward per step, the generator update from
+//! the reference's objective (see `taming_model::loss::vqperceptual`), then the discriminator
+//! update on the same, detached reconstruction (the reference recomputes it).
+
+use burn::module::Module;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Tensor, TensorData};
+use taming_dataloader::ImageBatch;
+use taming_model::Vqgan;
+use taming_model::config::QuantizerConfig;
+use taming_model::error::ModelError;
+use taming_model::loss::{GeneratorLog, LastLayer, Lpips, NLayerDiscriminator, VqLoss};
+use taming_model::quantize::{CodebookMaintainer, QuantizeMode, Quantizer, perplexity};
+
+use super::config::Stage1Config;
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Step number after this step.
+    pub step: u64,
+    /// Generator-side losses (of the last micro-batch).
+    pub generator: GeneratorLog,
+    /// Discriminator loss, when the discriminator trained.
+    pub d_loss: Option<f64>,
+    /// Codebook usage over the recent-token window (vector quantizers).
+    pub usage: Option<f64>,
+    /// Per-batch perplexity of the codes.
+    pub perplexity: f64,
+}
+
+/// Stage-1 trainer state: models, optimizers, step.
+pub struct Stage1Trainer {
+    model: Option<Vqgan>,
+    disc: Option<NLayerDiscriminator>,
+    opt_ae: ModuleOptimizer,
+    opt_d: ModuleOptimizer,
+    acc_ae: GradientsAccumulator<Vqgan>,
+    acc_d: GradientsAccumulator<NLayerDiscriminator>,
+    micro: usize,
+    loss: VqLoss,
+    maintainer: Option<CodebookMaintainer>,
+    config: Stage1Config,
+    lr: f64,
+    step: u64,
+    device: Device,
+}
+
+fn adam(clip: Option<f32>) -> ModuleOptimizer {
+    let mut cfg = AdamConfig::new()
+        .with_beta_1(0.5)
+        .with_beta_2(0.9)
+        .with_epsilon(1e-8);
+    if let Some(norm) = clip {
+        cfg = cfg.with_grad_clipping(Some(GradientClippingConfig::Norm(norm)));
+    }
+    cfg.init()
+}
+
+impl Stage1Trainer {
+    /// A fresh run on `device` (an autodiff device) for `nodes` nodes.
+    pub fn new(config: Stage1Config, nodes: usize, device: &Device) -> Result<Self, ModelError> {
+        config.validate()?;
+        device.seed(config.seed);
+        let model = Vqgan::new(&config.model, device)?;
+        let disc = NLayerDiscriminator::new(&config.loss.discriminator, device);
+        let lpips = match (&config.loss.lpips, config.loss.perceptual_weight > 0.0) {
+            (Some(cfg), true) => Some(Lpips::load(cfg, device)?),
+            _ => None,
+        };
+        let maintainer = match &config.model.quantizer {
+            QuantizerConfig::Vector(vq) => Some(CodebookMaintainer::new(
+                vq,
+                config.model.n_embed,
+                config.seed,
+            )),
+            QuantizerConfig::Gumbel(_) => None,
+        };
+        Ok(Self {
+            model: Some(model),
+            disc: Some(disc),
+            opt_ae: adam(config.grad_clip),
+            opt_d: adam(config.grad_clip),
+            acc_ae: GradientsAccumulator::new(),
+            acc_d: GradientsAccumulator::new(),
+            micro: 0,
+            loss: VqLoss::new(config.loss.clone(), lpips),
+            maintainer,
+            lr: config.learning_rate(nodes),
+            config,
+            step: 0,
+            device: device.clone(),
+        })
+    }
+
+    /// Optimizer steps taken.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The learning rate in force.
+    pub fn learning_rate(&self) -> f64 {
+        self.lr
+    }
+
+    /// The autoencoder being trained.
+    pub fn model(&self) -> &Vqgan {
+        self.model.as_ref().expect("model present between steps")
+    }
+
+    /// The discriminator being trained.
+    pub fn discriminator(&self) -> &NLayerDiscriminator {
+        self.disc
+            .as_ref()
+            .expect("discriminator present between steps")
+    }
+
+    /// A batch as a tensor on the trainer's device.
+    pub fn to_tensor(&self, batch: &ImageBatch) -> Tensor<4> {
+        Tensor::from_data(
+            TensorData::new(batch.images.clone(), batch.shape),
+            &self.device,
+        )
+    }
+
+    /// One micro-batch; every `grad_accum` micro-batches the optimizers step and a report is
+    /// returned.
+    pub fn train_batch(&mut self, x: Tensor<4>) -> Option<StepReport> {
+        let model = self.model.take().expect("model");
+        let disc = self.disc.take().expect("discriminator");
+        let mode = QuantizeMode {
+            training: true,
+            temperature: self.temperature(),
+        };
+        let out = model.forward(x.clone(), mode);
+        let last = LastLayer {
+            input: out.last_input.clone(),
+            weight: model.last_layer_weight(),
+        };
+        let generator = self.loss.generator(
+            &disc,
+            x.clone(),
+            out.reconstruction.clone(),
+            out.quantized.loss.clone(),
+            &last,
+            self.step,
+        );
+        let grads = GradientsParams::from_grads(generator.surrogate.backward(), &model);
+        self.acc_ae.accumulate(&model, grads);
+        let d = self
+            .loss
+            .discriminator(&disc, x, out.reconstruction.detach(), self.step);
+        let d_loss = d.map(|(loss, _, _)| {
+            let value = loss.clone().into_scalar::<f32>() as f64;
+            let grads = GradientsParams::from_grads(loss.backward(), &disc);
+            self.acc_d.accumulate(&disc, grads);
+            value
+        });
+        let indices = out.quantized.indices.clone();
+        let [b, h, w] = indices.dims();
+        let flat = indices.reshape([b * h * w]);
+        let host: Vec<i64> = flat.clone().try_into_vec_as::<i64>().expect("indices");
+        self.micro += 1;
+        if self.micro < self.config.grad_accum {
+            self.model = Some(model);
+            self.disc = Some(disc);
+            return None;
+        }
+        self.micro = 0;
+        let model = self.opt_ae.step(self.lr, model, self.acc_ae.grads());
+        let disc = if d_loss.is_some() {
+            self.opt_d.step(self.lr, disc, self.acc_d.grads())
+        } else {
+            disc
+        };
+        let (model, usage) = self.maintain(model, out.quantized.lookup_latents, flat);
+        self.model = Some(model);
+        self.disc = Some(disc);
+        self.step += 1;
+        Some(StepReport {
+            step: self.step,
+            generator: generator.log,
+            d_loss,
+            usage,
+            perplexity: perplexity(&host, self.config.model.n_embed),
+        })
+    }
+
+    fn temperature(&self) -> f64 {
+        match &self.config.model.quantizer {
+            QuantizerConfig::Gumbel(g) => g.temperature.at(self.step),
+            QuantizerConfig::Vector(_) => 1.0,
+        }
+    }
+
+    /// Codebook maintenance after the optimizer step (vector quantizers).
+    fn maintain(
+        &mut self,
+        model: Vqgan,
+        latents: Tensor<2>,
+        indices: Tensor<1, burn::tensor::Int>,
+    ) -> (Vqgan, Option<f64>) {
+        let Some(maintainer) = self.maintainer.as_mut() else {
+            return (model, None);
+        };
+        let Vqgan {
+            encoder,
+            decoder,
+            quant_conv,
+            post_quant_conv,
+            quantize,
+        } = model;
+        let quantize = match quantize {
+            Quantizer::Vector(vq) => Quantizer::Vector(maintainer.step(vq, latents, indices).0),
+            other => other,
+        };
+        let model = Vqgan {
+            encoder,
+            decoder,
+            quant_conv,
+            post_quant_conv,
+            quantize,
+        };
+        (model, Some(maintainer.usage()))
+    }
+
+    /// Mean L1 reconstruction error of `x` in evaluation mode (no gradients).
+    pub fn eval_l1(&self, x: Tensor<4>) -> f64 {
+        let model = self.model().valid();
+        let x = x.inner();
+        let rec = model.forward(x.clone(), QuantizeMode::EVAL).reconstruction;
+        (x - rec).abs().mean().into_scalar::<f32>() as f64
+    }
+}
