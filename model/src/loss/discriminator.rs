@@ -91,6 +91,15 @@ impl NLayerDiscriminator {
         self.convs[self.convs.len() - 1].forward(h)
     }
 
+    /// Folds pending running-statistics updates in, so that saving or evaluating sees the
+    /// latest values (burn applies the last update lazily).
+    pub fn sync_running_stats(&self) {
+        for norm in &self.norms {
+            norm.running_mean.value_sync();
+            norm.running_var.value_sync();
+        }
+    }
+
     /// Running mean and variance of BatchNorm `i`.
     pub fn running_stats(&self, i: usize) -> (Tensor<1>, Tensor<1>) {
         let norm = &self.norms[i];

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 
 use super::vector::VectorQuantizer;
 use super::{l2_normalize, squared_distances};
@@ -68,6 +69,19 @@ impl UsageWindow {
     }
 }
 
+/// The part of a [`CodebookMaintainer`] that a checkpoint keeps: the usage window, the
+/// per-code use averages and whether k-means has run. (Batches pooled for a k-means that has
+/// not run yet are not kept: pooling restarts after a resume.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaintainerState {
+    /// Tokens in the usage window, oldest first.
+    pub window: Vec<u32>,
+    /// Moving-average use per code.
+    pub use_ema: Vec<f64>,
+    /// Whether the k-means initialization is done (or not configured).
+    pub kmeans_done: bool,
+}
+
 /// What one maintenance step did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MaintenanceReport {
@@ -106,6 +120,31 @@ impl CodebookMaintainer {
     /// Codebook usage over the recent-token window.
     pub fn usage(&self) -> f64 {
         self.usage.usage()
+    }
+
+    /// Reseeds the random choices (restart samples, k-means init); trainers reseed from
+    /// (seed, step) so that a resumed run draws what an uninterrupted one would.
+    pub fn reseed(&mut self, seed: u64) {
+        self.rng = StdRng::seed_from_u64(seed);
+    }
+
+    /// The state to checkpoint.
+    pub fn state(&self) -> MaintainerState {
+        MaintainerState {
+            window: self.usage.tokens.iter().copied().collect(),
+            use_ema: self.use_ema.clone(),
+            kmeans_done: self.kmeans_done,
+        }
+    }
+
+    /// Restores a checkpointed state.
+    pub fn restore(&mut self, state: &MaintainerState) {
+        let window: Vec<i64> = state.window.iter().map(|&t| t as i64).collect();
+        self.usage = UsageWindow::new(self.use_ema.len(), self.cfg.usage_window);
+        self.usage.observe(&window);
+        self.use_ema = state.use_ema.clone();
+        self.kmeans_done = state.kmeans_done;
+        self.pending.clear();
     }
 
     /// One step: EMA update, k-means once enough batches are pooled, dead-code restart, usage.

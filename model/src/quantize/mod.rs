@@ -8,7 +8,7 @@ use burn::module::Module;
 use burn::tensor::{Int, Tensor};
 
 pub use gumbel::GumbelQuantizer;
-pub use maintenance::{CodebookMaintainer, UsageWindow};
+pub use maintenance::{CodebookMaintainer, MaintainerState, UsageWindow};
 pub use vector::VectorQuantizer;
 
 /// What a quantizer returns for a latent map `[b, d, h, w]`.

@@ -1,5 +1,6 @@
 //! Stage-1 (VQGAN) training: configuration and the training step.
 
+pub mod checkpoint;
 pub mod config;
 pub mod trainer;
 

@@ -13,7 +13,24 @@ use taming_model::error::ModelError;
 use taming_model::loss::{GeneratorLog, LastLayer, Lpips, NLayerDiscriminator, VqLoss};
 use taming_model::quantize::{CodebookMaintainer, QuantizeMode, Quantizer, perplexity};
 
+use std::path::{Path, PathBuf};
+
+use burn::store::{BurnpackStore, ModuleSnapshot};
+use taming_dataloader::LoaderState;
+
+use super::checkpoint::{self, CheckpointError, TrainState};
 use super::config::Stage1Config;
+
+/// Why training could not start or go on.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Bad config, weights or model files.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A checkpoint could not be written or read.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+}
 
 /// What one optimizer step did.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,6 +144,14 @@ impl Stage1Trainer {
     /// One micro-batch; every `grad_accum` micro-batches the optimizers step and a report is
     /// returned.
     pub fn train_batch(&mut self, x: Tensor<4>) -> Option<StepReport> {
+        if self.micro == 0 {
+            // Random draws depend on (seed, step) only, so a resumed run repeats them.
+            let seed = step_seed(self.config.seed, self.step);
+            self.device.seed(seed);
+            if let Some(m) = self.maintainer.as_mut() {
+                m.reseed(seed ^ 0x5EED);
+            }
+        }
         let model = self.model.take().expect("model");
         let disc = self.disc.take().expect("discriminator");
         let mode = QuantizeMode {
@@ -225,6 +250,66 @@ impl Stage1Trainer {
         (model, Some(maintainer.usage()))
     }
 
+    /// Writes a checkpoint of this step into the run folder `run` (keeping the newest `keep`);
+    /// `loader` is the training reader's position after the last batch trained on.
+    pub fn save_checkpoint(
+        &self,
+        run: &Path,
+        loader: LoaderState,
+        keep: usize,
+    ) -> Result<PathBuf, CheckpointError> {
+        let state = TrainState {
+            step: self.step,
+            loader,
+            maintainer: self.maintainer.as_ref().map(|m| m.state()),
+        };
+        self.discriminator().sync_running_stats();
+        checkpoint::write(run, &self.config, &state, keep, |dir| {
+            save_module(self.model(), &dir.join("model.bpk"))?;
+            save_module(self.discriminator(), &dir.join("disc.bpk"))?;
+            for (optim, name) in [(&self.opt_ae, "opt_ae.bpk"), (&self.opt_d, "opt_d.bpk")] {
+                let path = dir.join(name);
+                optim
+                    .save(&path)
+                    .map_err(|e| CheckpointError::new(&path, format!("{e:?}")))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Continues the run in `run` from its latest checkpoint; returns the trainer and the
+    /// position of the training reader.
+    pub fn resume(
+        run: &Path,
+        nodes: usize,
+        device: &Device,
+    ) -> Result<(Self, LoaderState), TrainError> {
+        let dir = checkpoint::latest(run)?;
+        let (config, state) = checkpoint::read_meta(&dir)?;
+        let mut trainer = Self::new(config, nodes, device)?;
+        load_module(
+            trainer.model.as_mut().expect("model"),
+            &dir.join("model.bpk"),
+        )?;
+        load_module(
+            trainer.disc.as_mut().expect("discriminator"),
+            &dir.join("disc.bpk"),
+        )?;
+        let load_optim = |optim: ModuleOptimizer, name: &str| {
+            let path = dir.join(name);
+            optim
+                .load(&path)
+                .map_err(|e| CheckpointError::new(&path, format!("{e:?}")))
+        };
+        trainer.opt_ae = load_optim(trainer.opt_ae, "opt_ae.bpk")?;
+        trainer.opt_d = load_optim(trainer.opt_d, "opt_d.bpk")?;
+        trainer.step = state.step;
+        if let (Some(m), Some(saved)) = (trainer.maintainer.as_mut(), &state.maintainer) {
+            m.restore(saved);
+        }
+        Ok((trainer, state.loader))
+    }
+
     /// Mean L1 reconstruction error of `x` in evaluation mode (no gradients).
     pub fn eval_l1(&self, x: Tensor<4>) -> f64 {
         let model = self.model().valid();
@@ -232,4 +317,38 @@ impl Stage1Trainer {
         let rec = model.forward(x.clone(), QuantizeMode::EVAL).reconstruction;
         (x - rec).abs().mean().into_scalar::<f32>() as f64
     }
+}
+
+fn save_module<M: ModuleSnapshot>(module: &M, path: &Path) -> Result<(), CheckpointError> {
+    let mut store = BurnpackStore::from_file(path)
+        .auto_extension(false)
+        .overwrite(true);
+    module
+        .save_into(&mut store)
+        .map_err(|e| CheckpointError::new(path, e))
+}
+
+fn load_module<M: ModuleSnapshot>(module: &mut M, path: &Path) -> Result<(), CheckpointError> {
+    let mut store = BurnpackStore::from_file(path).auto_extension(false);
+    let result = module
+        .load_from(&mut store)
+        .map_err(|e| CheckpointError::new(path, e))?;
+    if let Some(err) = result.errors.first() {
+        return Err(CheckpointError::new(path, err));
+    }
+    if let Some((name, why)) = result.missing.first() {
+        return Err(CheckpointError::new(
+            path,
+            format!("tensor `{name}` missing ({why})"),
+        ));
+    }
+    Ok(())
+}
+
+/// The seed of step `step` of a run seeded with `seed` (a splitmix64 step).
+fn step_seed(seed: u64, step: u64) -> u64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }

@@ -1,0 +1,138 @@
+//! Training checkpoints. Each is a directory `ckpt-NNNNNNNN` beside a `latest` file naming
+//! the newest: `config.json`, `state.json` (step, data position, codebook-maintenance
+//! state), `model.bpk` and `disc.bpk` (burnpack, parameter ids kept so that optimizer states
+//! still match), `opt_ae.bpk` and `opt_d.bpk`. A checkpoint is written under a temporary
+//! name and renamed when complete, then `latest` is replaced atomically: a process killed at
+//! any point leaves the previous checkpoint intact and loadable.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use taming_dataloader::LoaderState;
+use taming_model::quantize::MaintainerState;
+
+use super::config::Stage1Config;
+
+/// File naming the newest checkpoint directory inside a run folder.
+pub const LATEST: &str = "latest";
+
+/// Why a checkpoint could not be written or read; names the path.
+#[derive(Debug, thiserror::Error)]
+#[error("checkpoint {}: {reason}", path.display())]
+pub struct CheckpointError {
+    /// The file or directory.
+    pub path: PathBuf,
+    /// What went wrong.
+    pub reason: String,
+}
+
+impl CheckpointError {
+    /// An error about `path`.
+    pub fn new(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
+        Self {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// The small, human-readable part of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Where the training data reader stands.
+    pub loader: LoaderState,
+    /// Codebook maintenance (vector quantizers).
+    pub maintainer: Option<MaintainerState>,
+}
+
+/// Writes a checkpoint for `step` into `run`: `write_payload` fills the staging directory
+/// with the binary files; this adds `config.json` and `state.json`, renames the directory
+/// into place, points `latest` at it and keeps the newest `keep` checkpoints.
+pub fn write(
+    run: &Path,
+    config: &Stage1Config,
+    state: &TrainState,
+    keep: usize,
+    write_payload: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<PathBuf, CheckpointError> {
+    fs::create_dir_all(run).map_err(|e| CheckpointError::new(run, e))?;
+    let name = format!("ckpt-{:08}", state.step);
+    let final_dir = run.join(&name);
+    let staging = run.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&staging);
+    let result = (|| {
+        fs::create_dir_all(&staging).map_err(|e| CheckpointError::new(&staging, e))?;
+        write_json(&staging.join("config.json"), config)?;
+        write_json(&staging.join("state.json"), state)?;
+        write_payload(&staging)?;
+        let _ = fs::remove_dir_all(&final_dir);
+        fs::rename(&staging, &final_dir).map_err(|e| CheckpointError::new(&final_dir, e))?;
+        write_atomic(&run.join(LATEST), name.as_bytes())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&staging);
+    }
+    result?;
+    prune(run, keep);
+    Ok(final_dir)
+}
+
+/// The newest complete checkpoint of `run`.
+pub fn latest(run: &Path) -> Result<PathBuf, CheckpointError> {
+    let pointer = run.join(LATEST);
+    let name = fs::read_to_string(&pointer).map_err(|e| CheckpointError::new(&pointer, e))?;
+    let dir = run.join(name.trim());
+    if !dir.is_dir() {
+        return Err(CheckpointError::new(&dir, "named by `latest` but missing"));
+    }
+    Ok(dir)
+}
+
+/// Reads `config.json` and `state.json` of a checkpoint directory.
+pub fn read_meta(dir: &Path) -> Result<(Stage1Config, TrainState), CheckpointError> {
+    Ok((
+        read_json(&dir.join("config.json"))?,
+        read_json(&dir.join("state.json"))?,
+    ))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), CheckpointError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| CheckpointError::new(path, e))?;
+    fs::write(path, text).map_err(|e| CheckpointError::new(path, e))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, CheckpointError> {
+    let text = fs::read_to_string(path).map_err(|e| CheckpointError::new(path, e))?;
+    serde_json::from_str(&text).map_err(|e| CheckpointError::new(path, e))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let tmp = path.with_file_name(format!(".{}.tmp-{}", LATEST, std::process::id()));
+    fs::write(&tmp, bytes).map_err(|e| CheckpointError::new(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| CheckpointError::new(path, e))
+}
+
+/// Removes all but the newest `keep` complete checkpoints (never the one `latest` names).
+fn prune(run: &Path, keep: usize) {
+    let Ok(entries) = fs::read_dir(run) else {
+        return;
+    };
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("ckpt-"))
+        })
+        .collect();
+    dirs.sort();
+    let newest = latest(run).ok();
+    let excess = dirs.len().saturating_sub(keep.max(1));
+    for dir in dirs.into_iter().take(excess) {
+        if Some(&dir) != newest.as_ref() {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Checkpoints: resuming continues exactly as an uninterrupted run, and an interrupted write
+//! leaves the previous checkpoint intact and loadable.
+
+use std::path::PathBuf;
+
+use burn::store::ModuleSnapshot;
+use burn::tensor::Device;
+use taming_dataloader::shards::list_split;
+use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
+use taming_model::config::{
+    DdConfig, QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig,
+};
+use taming_model::loss::{DiscriminatorConfig, LossConfig};
+use taming_worker::stage1::checkpoint::{self, CheckpointError};
+use taming_worker::stage1::{Stage1Config, Stage1Trainer};
+
+/// burn seeds one process-wide generator: tests that train must not interleave their draws.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn config() -> Stage1Config {
+    Stage1Config {
+        model: VqganConfig {
+            ddconfig: DdConfig {
+                ch: 32,
+                out_ch: 3,
+                ch_mult: vec![1, 2],
+                num_res_blocks: 1,
+                attn_resolutions: vec![],
+                dropout: 0.0,
+                resamp_with_conv: true,
+                in_channels: 3,
+                resolution: 32,
+                z_channels: 8,
+                double_z: false,
+            },
+            n_embed: 32,
+            embed_dim: 8,
+            quantizer: QuantizerConfig::Vector(VectorQuantizerConfig {
+                dead_code_restart: Some(RestartConfig {
+                    threshold: 0.5,
+                    decay: 0.9,
+                }),
+                ..Default::default()
+            }),
+        },
+        loss: LossConfig {
+            disc_start: 1,
+            perceptual_weight: 0.0,
+            discriminator: DiscriminatorConfig {
+                in_channels: 3,
+                ndf: 8,
+                n_layers: 2,
+            },
+            ..LossConfig::default()
+        },
+        base_learning_rate: 1e-4,
+        batch_size: 4,
+        grad_accum: 1,
+        grad_clip: Some(1.0),
+        flip: true,
+        seed: 11,
+    }
+}
+
+fn loader(state: LoaderState) -> ShardLoader {
+    let shards = list_split(&root().join("data/fashion-mnist"), "train").unwrap();
+    let cfg = LoaderConfig {
+        batch_size: 4,
+        preprocess: Preprocess {
+            size: 32,
+            random_crop: true,
+            flip: true,
+        },
+        seed: 11,
+        shuffle_shards: true,
+    };
+    ShardLoader::new(shards, cfg, state)
+}
+
+fn run(trainer: &mut Stage1Trainer, data: &mut ShardLoader, steps: usize) {
+    for _ in 0..steps {
+        let batch = data.next_batch().unwrap();
+        let x = trainer.to_tensor(&batch);
+        trainer.train_batch(x).expect("a step per batch");
+    }
+}
+
+fn params<M: ModuleSnapshot>(m: &M) -> Vec<(String, Vec<f32>)> {
+    let mut out: Vec<(String, Vec<f32>)> = m
+        .collect(None, None, false)
+        .into_iter()
+        .map(|t| {
+            let name = t.name.clone();
+            let bytes = t.into_bytes().unwrap();
+            (
+                name,
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn assert_same(a: Vec<(String, Vec<f32>)>, b: Vec<(String, Vec<f32>)>) {
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let scale = x.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        let worst = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-5 * scale,
+            "{name}: differs by {worst} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn resume_gives_the_parameters_of_an_uninterrupted_run() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex().autodiff();
+    let mut straight = Stage1Trainer::new(config(), 1, &device).unwrap();
+    run(&mut straight, &mut loader(LoaderState::default()), 6);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut first = Stage1Trainer::new(config(), 1, &device).unwrap();
+    let mut data = loader(LoaderState::default());
+    run(&mut first, &mut data, 3);
+    first.save_checkpoint(tmp.path(), data.state(), 2).unwrap();
+    let saved_model = params(first.model());
+    let saved_disc = params(first.discriminator());
+    drop(first);
+    let (mut resumed, state) = Stage1Trainer::resume(tmp.path(), 1, &device).unwrap();
+    assert_eq!(resumed.step(), 3);
+    assert_same(saved_model, params(resumed.model()));
+    assert_same(saved_disc, params(resumed.discriminator()));
+    run(&mut resumed, &mut loader(state), 3);
+
+    assert_eq!(resumed.step(), straight.step());
+    assert_same(params(straight.model()), params(resumed.model()));
+    assert_same(
+        params(straight.discriminator()),
+        params(resumed.discriminator()),
+    );
+}
+
+#[test]
+fn an_interrupted_checkpoint_write_leaves_the_previous_one_loadable() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex().autodiff();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut trainer = Stage1Trainer::new(config(), 1, &device).unwrap();
+    let mut data = loader(LoaderState::default());
+    run(&mut trainer, &mut data, 2);
+    trainer
+        .save_checkpoint(tmp.path(), data.state(), 2)
+        .unwrap();
+    let saved = params(trainer.model());
+
+    // A write that fails half-way (as a full disk would) ...
+    let (cfg, mut state) = checkpoint::read_meta(&checkpoint::latest(tmp.path()).unwrap()).unwrap();
+    state.step = 3;
+    let err = checkpoint::write(tmp.path(), &cfg, &state, 2, |dir| {
+        std::fs::write(dir.join("model.bpk"), b"half a model").unwrap();
+        Err(CheckpointError::new(
+            dir.join("disc.bpk"),
+            "No space left on device",
+        ))
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("disc.bpk"), "{err}");
+    // ... and the leftovers of a process killed while writing.
+    let killed = tmp.path().join(".ckpt-00000004.partial-999999");
+    std::fs::create_dir_all(&killed).unwrap();
+    std::fs::write(killed.join("model.bpk"), b"truncated").unwrap();
+
+    let (resumed, _) = Stage1Trainer::resume(tmp.path(), 1, &device).unwrap();
+    assert_eq!(resumed.step(), 2);
+    assert_same(saved, params(resumed.model()));
+}
