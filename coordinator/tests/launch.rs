@@ -1,0 +1,141 @@
+//! `coordinator launch` as a user runs it: a short stage-1 job on the embedded data through a
+//! real worker process, and the refusals.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn coordinator() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_coordinator"))
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A tiny config so that the job takes seconds.
+fn tiny_config(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("configs/stage1/fashion_mnist.yaml")).unwrap();
+    let text = text
+        .replace("ch_mult: [1, 2, 2]", "ch_mult: [1, 2]")
+        .replace("attn_resolutions: [8]", "attn_resolutions: [16]")
+        .replace("disc_start: 400", "disc_start: 2")
+        .replace("batch_size: 16", "batch_size: 4")
+        .replace(
+            "kmeans_init: {iters: 10, batches: 2}",
+            "kmeans_init: {iters: 3, batches: 1}",
+        );
+    let path = dir.join("tiny.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn launch_runs_a_vqgan_job_and_leaves_a_complete_run_folder() {
+    let worker = PathBuf::from(env!("CARGO_BIN_EXE_coordinator")).with_file_name("worker");
+    assert!(
+        worker.is_file(),
+        "{} missing: run the tests with `cargo test --workspace`",
+        worker.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = tiny_config(tmp.path());
+    let data = root().join("data/fashion-mnist");
+    let args = |steps: &str| {
+        let mut c = coordinator();
+        c.args([
+            "launch", "--stage", "vqgan", "--nodes", "1", "--steps", steps,
+        ])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out);
+        c
+    };
+    let run = args("3").output().unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for file in [
+        "metrics.csv",
+        "loss.png",
+        "val_grid.png",
+        "model/config.json",
+        "model/model.safetensors",
+        "checkpoints/latest",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let again = args("5").output().unwrap();
+    assert!(
+        !again.status.success(),
+        "an existing run is not overwritten without --resume"
+    );
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+    let resumed = args("5").arg("--resume").output().unwrap();
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let steps: Vec<u64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        vec![1, 2, 3, 4, 5],
+        "one continuous step count and loss curve"
+    );
+}
+
+#[test]
+fn a_config_with_an_unknown_key_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bad.yaml");
+    let text = std::fs::read_to_string(root().join("configs/stage1/fashion_mnist.yaml")).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("batch_size: 16", "batch_size: 16\nbatch_sise: 8"),
+    )
+    .unwrap();
+    let out = tmp.path().join("run");
+    let run = coordinator()
+        .args(["launch", "--stage", "vqgan", "--steps", "2"])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("batch_sise") && err.contains("bad.yaml"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written");
+}
+
+#[test]
+fn multi_node_and_stage_two_are_refused_clearly() {
+    let cases = [
+        (["--stage", "vqgan", "--nodes", "8"], "--nodes 8"),
+        (
+            ["--stage", "transformer", "--nodes", "1"],
+            "--stage transformer",
+        ),
+    ];
+    for (args, named) in cases {
+        let run = coordinator().arg("launch").args(args).output().unwrap();
+        assert!(!run.status.success());
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(err.contains(named) && err.contains("not"), "{err}");
+    }
+}

@@ -1,0 +1,279 @@
+//! A whole stage-1 run on local shards: the training loop with evaluation, checkpoints,
+//! `metrics.csv`, the loss curve, the validation grid and the exported model.
+//!
+//! Run folder: `checkpoints/` (see [`super::checkpoint`]), `metrics.csv`, `loss.png`,
+//! `val_grid.png` (inputs beside reconstructions) and `model/` (the project's model format,
+//! for `vqgan encode|decode|reconstruct|eval`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use taming_dataloader::shards::list_split;
+use taming_dataloader::{
+    DataError, ImageBatch, LoaderConfig, LoaderState, Preprocess, ShardLoader,
+};
+use taming_model::checkpoint::native;
+use taming_model::image_io::to_image;
+use taming_model::quantize::QuantizeMode;
+
+use super::checkpoint::{self, CheckpointError};
+use super::config::Stage1Config;
+use super::report::{self, MetricsRow};
+use super::trainer::{Stage1Trainer, StepReport, TrainError};
+
+/// How to run.
+pub struct RunOptions {
+    /// Training settings.
+    pub config: Stage1Config,
+    /// Directory with `train-*.tar` and `val-*.tar` shards.
+    pub data: PathBuf,
+    /// Run folder.
+    pub out: PathBuf,
+    /// Train until this many optimizer steps.
+    pub steps: u64,
+    /// Continue from the run folder's latest checkpoint.
+    pub resume: bool,
+    /// Evaluate every this many steps (and at the end).
+    pub eval_every: u64,
+    /// Checkpoint every this many steps (and at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept.
+    pub keep: usize,
+    /// Nodes (for the learning-rate scaling).
+    pub nodes: usize,
+    /// An autodiff device.
+    pub device: Device,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    /// Steps done in total.
+    pub steps: u64,
+    /// Validation L1 at the start of this invocation.
+    pub first_val_l1: f64,
+    /// Validation L1 at the end.
+    pub last_val_l1: f64,
+    /// Training samples skipped as unusable.
+    pub skipped: u64,
+    /// The exported model directory.
+    pub model_dir: PathBuf,
+}
+
+/// Errors of a run: training errors, data errors, or an output folder that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Training could not start or go on.
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    /// The data could not be read.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// An output could not be written.
+    #[error("{}: {reason}", path.display())]
+    Output {
+        /// The file or folder.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+fn output(path: &Path, reason: impl ToString) -> RunError {
+    RunError::Output {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Runs (or resumes) stage-1 training.
+pub fn run_stage1(opts: RunOptions) -> Result<RunSummary, RunError> {
+    opts.config.validate().map_err(TrainError::from)?;
+    let train_shards = list_split(&opts.data, "train")?;
+    let val_shards = list_split(&opts.data, "val")?;
+    std::fs::create_dir_all(&opts.out).map_err(|e| output(&opts.out, e))?;
+    let ckpt_dir = opts.out.join("checkpoints");
+    let (mut trainer, state, mut rows) = start(&opts, &ckpt_dir)?;
+    let size = opts.config.model.ddconfig.resolution;
+    let loader_cfg = |batch_size, train: bool| LoaderConfig {
+        batch_size,
+        preprocess: Preprocess {
+            size,
+            random_crop: train,
+            flip: train && opts.config.flip,
+        },
+        seed: opts.config.seed,
+        shuffle_shards: train,
+    };
+    let mut loader = ShardLoader::new(
+        train_shards,
+        loader_cfg(opts.config.batch_size, true),
+        state,
+    );
+    let val = ShardLoader::new(val_shards, loader_cfg(16, false), LoaderState::default())
+        .next_in_epoch()?
+        .ok_or_else(|| output(&opts.data, "the validation shards hold no usable sample"))?;
+    let val_x = trainer.to_tensor(&val);
+    let first_val_l1 = trainer.eval_l1(val_x.clone());
+    let bar = progress_bar(&opts, trainer.step());
+    let mut last_val_l1 = first_val_l1;
+    while trainer.step() < opts.steps {
+        let started = Instant::now();
+        let report = train_step(&mut trainer, &mut loader)?;
+        let ips = (opts.config.batch_size * opts.config.grad_accum) as f64
+            / started.elapsed().as_secs_f64();
+        let step = report.step;
+        let evaluate = step % opts.eval_every.max(1) == 0 || step == opts.steps;
+        let val_l1 = evaluate.then(|| trainer.eval_l1(val_x.clone()));
+        last_val_l1 = val_l1.unwrap_or(last_val_l1);
+        rows.push(row(&report, ips, val_l1));
+        bar.set_position(step);
+        bar.set_message(message(&report, ips, last_val_l1));
+        if step % opts.checkpoint_every.max(1) == 0 || step == opts.steps {
+            trainer
+                .save_checkpoint(&ckpt_dir, loader.state(), opts.keep)
+                .map_err(TrainError::from)?;
+            report::write_csv(&opts.out.join("metrics.csv"), &rows)
+                .map_err(|e| output(&opts.out.join("metrics.csv"), e))?;
+        }
+    }
+    bar.finish();
+    finish(&opts, &trainer, &val, val_x, &rows)?;
+    Ok(RunSummary {
+        steps: trainer.step(),
+        first_val_l1,
+        last_val_l1,
+        skipped: loader.skipped(),
+        model_dir: opts.out.join("model"),
+    })
+}
+
+fn start(
+    opts: &RunOptions,
+    ckpt_dir: &Path,
+) -> Result<(Stage1Trainer, LoaderState, Vec<MetricsRow>), RunError> {
+    let has_checkpoint = ckpt_dir.join(checkpoint::LATEST).exists();
+    if has_checkpoint && !opts.resume {
+        return Err(output(
+            &opts.out,
+            "holds a run already: pass --resume to continue it, or choose another --out",
+        ));
+    }
+    if !has_checkpoint {
+        if opts.resume {
+            return Err(TrainError::from(CheckpointError::new(
+                ckpt_dir,
+                "no checkpoint to resume from",
+            ))
+            .into());
+        }
+        let trainer = Stage1Trainer::new(opts.config.clone(), opts.nodes, &opts.device)
+            .map_err(TrainError::from)?;
+        return Ok((trainer, LoaderState::default(), Vec::new()));
+    }
+    let (trainer, state) = Stage1Trainer::resume(ckpt_dir, opts.nodes, &opts.device)?;
+    let rows = report::read_csv(&opts.out.join("metrics.csv"))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.step <= trainer.step())
+        .collect();
+    Ok((trainer, state, rows))
+}
+
+fn train_step(
+    trainer: &mut Stage1Trainer,
+    loader: &mut ShardLoader,
+) -> Result<StepReport, RunError> {
+    loop {
+        let batch: ImageBatch = loader.next_batch()?;
+        let x = trainer.to_tensor(&batch);
+        if let Some(report) = trainer.train_batch(x) {
+            return Ok(report);
+        }
+    }
+}
+
+fn row(r: &StepReport, ips: f64, val_l1: Option<f64>) -> MetricsRow {
+    let g = &r.generator;
+    MetricsRow {
+        step: r.step,
+        total: g.total,
+        nll: g.nll,
+        l1: g.l1,
+        p_loss: g.p_loss,
+        quant: g.quant,
+        g_loss: g.g_loss,
+        d_loss: r.d_loss.unwrap_or(0.0),
+        d_weight: g.d_weight,
+        usage: r.usage.unwrap_or(0.0),
+        images_per_s: ips,
+        val_l1,
+    }
+}
+
+fn progress_bar(opts: &RunOptions, position: u64) -> ProgressBar {
+    if !opts.progress {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(opts.steps).with_position(position);
+    let style = ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed} < {eta}] {msg}")
+        .expect("valid template");
+    bar.set_style(style);
+    bar
+}
+
+fn message(r: &StepReport, ips: f64, val_l1: f64) -> String {
+    let g = &r.generator;
+    format!(
+        "l1 {:.4} nll {:.4} q {:.4} g {:.3} d {:.3} lambda {:.3} usage {:.0}% val {:.4} | {:.1} img/s",
+        g.l1,
+        g.nll,
+        g.quant,
+        g.g_loss,
+        r.d_loss.unwrap_or(0.0),
+        g.d_weight,
+        100.0 * r.usage.unwrap_or(0.0),
+        val_l1,
+        ips
+    )
+}
+
+/// Loss curve, validation grid and exported model.
+fn finish(
+    opts: &RunOptions,
+    trainer: &Stage1Trainer,
+    val: &ImageBatch,
+    val_x: Tensor<4>,
+    rows: &[MetricsRow],
+) -> Result<(), RunError> {
+    report::write_csv(&opts.out.join("metrics.csv"), rows)
+        .map_err(|e| output(&opts.out.join("metrics.csv"), e))?;
+    let loss_png = opts.out.join("loss.png");
+    report::plot_losses(&loss_png, rows).map_err(|e| output(&loss_png, e))?;
+    let model = trainer.model().valid();
+    let x = val_x.inner();
+    let rec = model.forward(x.clone(), QuantizeMode::EVAL).reconstruction;
+    let n = val.shape[0];
+    let inputs: Vec<_> = (0..n)
+        .map(|i| to_image(x.clone().narrow(0, i, 1)))
+        .collect();
+    let recs: Vec<_> = (0..n)
+        .map(|i| to_image(rec.clone().narrow(0, i, 1)))
+        .collect();
+    let grid = opts.out.join("val_grid.png");
+    report::write_grid(&grid, &inputs, &recs).map_err(|e| output(&grid, e))?;
+    native::save_model(
+        &opts.out.join("model"),
+        &opts.config.model,
+        &model,
+        &BTreeMap::new(),
+        true,
+    )
+    .map_err(|e| output(&opts.out.join("model"), e))
+}
