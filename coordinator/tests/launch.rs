@@ -139,3 +139,24 @@ fn multi_node_and_stage_two_are_refused_clearly() {
         assert!(err.contains(named) && err.contains("not"), "{err}");
     }
 }
+
+#[test]
+fn an_output_folder_that_cannot_be_created_fails_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blocker = tmp.path().join("not-a-dir");
+    std::fs::write(&blocker, "a file where the run folder's parent should be").unwrap();
+    let out = blocker.join("run");
+    let run = coordinator()
+        .args(["launch", "--stage", "vqgan", "--steps", "2"])
+        .arg("--config")
+        .arg(tiny_config(tmp.path()))
+        .arg("--data")
+        .arg(root().join("data/fashion-mnist"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("not-a-dir"), "{err}");
+}

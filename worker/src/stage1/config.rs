@@ -71,6 +71,13 @@ impl Stage1Config {
                  loss.perceptual_weight to 0",
             ));
         }
+        if self.loss.disc_conditional {
+            return Err(bad(
+                "loss.disc_conditional",
+                "the conditional discriminator needs conditioning data, which stage-1 training \
+                 does not read yet",
+            ));
+        }
         if let Some(lpips) = &self.loss.lpips {
             taming_model::loss::lpips::check_files(lpips)?;
         }
