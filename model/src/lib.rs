@@ -9,6 +9,7 @@ pub mod device;
 pub mod error;
 pub mod image_io;
 pub mod loss;
+pub mod metrics;
 pub mod quantize;
 pub mod vqgan;
 

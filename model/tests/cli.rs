@@ -309,3 +309,37 @@ fn existing_output_is_not_replaced_without_force() {
     forced.push("--force");
     ok(vqgan(&forced));
 }
+
+#[test]
+fn eval_reports_reconstruction_metrics_over_a_shard_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = import("vq_a", tmp.path());
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/fashion-mnist");
+    let loss = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loss");
+    let report = tmp.path().join("eval.json");
+    let out = ok(vqgan(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--lpips-vgg16",
+        s(&loss.join("vgg16_2stages.pth")),
+        "--lpips-heads",
+        s(&loss.join("lpips_heads_2stages.pth")),
+        "--lpips-stages",
+        "2",
+        "--out",
+        s(&report),
+    ]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PSNR"));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["images"], 500);
+    let f = |k: &str| json[k].as_f64().unwrap_or_else(|| panic!("{k}: {json}"));
+    assert!(f("l1") > 0.0 && f("l1") < 2.0);
+    assert!(f("psnr") > 0.0 && f("psnr") < 60.0);
+    assert!(f("ssim") > -1.0 && f("ssim") < 1.0);
+    assert!(f("lpips") >= 0.0);
+    assert!(f("codebook_usage") > 0.0 && f("codebook_usage") <= 1.0);
+}

@@ -11,8 +11,11 @@ use taming_model::checkpoint::{native, taming};
 use taming_model::codes::CodeGrid;
 use taming_model::device::DeviceSpec;
 use taming_model::image_io::{self, Fit};
+use taming_model::loss::LpipsConfig;
 use taming_model::quantize::QuantizeMode;
 use taming_model::{Vqgan, VqganConfig};
+
+mod eval;
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +64,33 @@ enum Command {
         /// Output PNG.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Reconstruction quality over a data set: L1, PSNR, SSIM, LPIPS (with weights) and
+    /// codebook usage; printed and written as JSON.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Directory of WebDataset shards.
+        #[arg(long)]
+        data: PathBuf,
+        /// Which shards: `{split}-*.tar`.
+        #[arg(long, default_value = "val")]
+        split: String,
+        /// Images per batch.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// torchvision's VGG16 weights, for LPIPS.
+        #[arg(long, requires = "lpips_heads")]
+        lpips_vgg16: Option<PathBuf>,
+        /// The lpips package's weights/v0.1/vgg.pth, for LPIPS.
+        #[arg(long, requires = "lpips_vgg16")]
+        lpips_heads: Option<PathBuf>,
+        /// VGG stages LPIPS uses (5 for LPIPS proper).
+        #[arg(long, default_value_t = 5)]
+        lpips_stages: usize,
+        /// Where to write the JSON report (default: eval-SPLIT.json in the model directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Decode a grid of code indices (JSON) to an image.
     Decode {
@@ -127,6 +157,34 @@ fn run(cli: Cli) -> Result<()> {
             let rec = vqgan.forward(x, QuantizeMode::EVAL).reconstruction;
             image_io::write_png(&image_io::to_image(rec), &out)?;
             Ok(())
+        }
+        Command::Eval {
+            model,
+            data,
+            split,
+            batch_size,
+            lpips_vgg16,
+            lpips_heads,
+            lpips_stages,
+            out,
+        } => {
+            let lpips = lpips_vgg16
+                .zip(lpips_heads)
+                .map(|(vgg16, heads)| LpipsConfig {
+                    vgg16,
+                    heads,
+                    stages: lpips_stages,
+                });
+            let out = out.unwrap_or_else(|| model.model.join(format!("eval-{split}.json")));
+            eval::run(
+                &model.model,
+                model.device,
+                &data,
+                &split,
+                batch_size,
+                lpips,
+                &out,
+            )
         }
         Command::Decode { model, codes, out } => {
             let (config, vqgan, device) = load(&model)?;

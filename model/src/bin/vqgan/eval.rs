@@ -1,0 +1,113 @@
+//! `vqgan eval`: reconstruction quality of a model over a shard set.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use burn::tensor::{Tensor, TensorData};
+use serde::Serialize;
+use taming_dataloader::shards::list_split;
+use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
+use taming_model::checkpoint::native;
+use taming_model::device::DeviceSpec;
+use taming_model::loss::{Lpips, LpipsConfig};
+use taming_model::metrics;
+use taming_model::quantize::QuantizeMode;
+
+/// The report written as JSON.
+#[derive(Debug, Serialize)]
+struct Report {
+    images: usize,
+    l1: f64,
+    psnr: f64,
+    ssim: f64,
+    lpips: Option<f64>,
+    codebook_usage: f64,
+    codes_used: usize,
+    n_embed: usize,
+    skipped: u64,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// Evaluates the model in `model_dir` on `{split}-*.tar` of `data` and writes `out`.
+pub fn run(
+    model_dir: &Path,
+    device: DeviceSpec,
+    data: &Path,
+    split: &str,
+    batch_size: usize,
+    lpips: Option<LpipsConfig>,
+    out: &Path,
+) -> Result<()> {
+    let device = device.device().map_err(anyhow::Error::msg)?;
+    let (config, model) = native::load_model(model_dir, &device)
+        .with_context(|| format!("loading model {}", model_dir.display()))?;
+    let lpips = lpips.map(|cfg| Lpips::load(&cfg, &device)).transpose()?;
+    let shards = list_split(data, split)?;
+    let size = config.ddconfig.resolution;
+    let cfg = LoaderConfig {
+        batch_size: batch_size.max(1),
+        preprocess: Preprocess {
+            size,
+            random_crop: false,
+            flip: false,
+        },
+        seed: 0,
+        shuffle_shards: false,
+    };
+    let mut loader = ShardLoader::new(shards, cfg, LoaderState::default());
+    let (mut l1, mut psnr, mut ssim, mut perceptual) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut used = vec![false; config.n_embed];
+    while let Some(batch) = loader.next_in_epoch()? {
+        let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), &device);
+        let out = model.forward(x.clone(), QuantizeMode::EVAL);
+        for code in out
+            .quantized
+            .indices
+            .try_into_vec_as::<i64>()
+            .context("indices")?
+        {
+            used[code as usize] = true;
+        }
+        let rec = out.reconstruction;
+        l1.extend(metrics::l1(x.clone(), rec.clone()));
+        psnr.extend(metrics::psnr(x.clone(), rec.clone()));
+        ssim.extend(metrics::ssim(x.clone(), rec.clone()));
+        if let Some(lpips) = &lpips {
+            let d = lpips
+                .forward(x, rec)
+                .try_into_vec_as::<f32>()
+                .context("lpips")?;
+            perceptual.extend(d.into_iter().map(f64::from));
+        }
+    }
+    let codes_used = used.iter().filter(|u| **u).count();
+    let report = Report {
+        images: l1.len(),
+        l1: mean(&l1),
+        psnr: mean(&psnr),
+        ssim: mean(&ssim),
+        lpips: lpips.as_ref().map(|_| mean(&perceptual)),
+        codebook_usage: codes_used as f64 / config.n_embed as f64,
+        codes_used,
+        n_embed: config.n_embed,
+        skipped: loader.skipped(),
+    };
+    let lp = report.lpips.map_or("-".into(), |v| format!("{v:.4}"));
+    println!(
+        "{} images: L1 {:.4}  PSNR {:.2} dB  SSIM {:.4}  LPIPS {lp}  usage {:.1}% ({}/{} codes)",
+        report.images,
+        report.l1,
+        report.psnr,
+        report.ssim,
+        100.0 * report.codebook_usage,
+        codes_used,
+        config.n_embed
+    );
+    let json = serde_json::to_string_pretty(&report).expect("report serializes");
+    taming_model::atomic::write(out, json.as_bytes())?;
+    Ok(())
+}
