@@ -11,3 +11,5 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
 cargo bench -p taming-model --bench encode_decode -- --iters "$iters" --json
 "$python" tools/bench/reference_encode_decode.py --iters "$iters" --json
+cargo bench -p taming-worker --bench train_step -- --iters "$iters" --json
+"$python" tools/bench/reference_train_step.py --iters "$iters" --json

@@ -79,13 +79,20 @@ impl Stage1Trainer {
     /// A fresh run on `device` (an autodiff device) for `nodes` nodes.
     pub fn new(config: Stage1Config, nodes: usize, device: &Device) -> Result<Self, ModelError> {
         config.validate()?;
-        device.seed(config.seed);
-        let model = Vqgan::new(&config.model, device)?;
-        let disc = NLayerDiscriminator::new(&config.loss.discriminator, device);
         let lpips = match (&config.loss.lpips, config.loss.perceptual_weight > 0.0) {
             (Some(cfg), true) => Some(Lpips::load(cfg, device)?),
             _ => None,
         };
+        Self::with_lpips(config, nodes, device, lpips)
+    }
+
+    /// A fresh run with a given LPIPS network (`None`: no perceptual term), for benchmarks
+    /// and callers that build LPIPS themselves. The config's `lpips` paths are not read.
+    pub fn with_lpips(config: Stage1Config, nodes: usize, device: &Device, lpips: Option<Lpips>) -> Result<Self, ModelError> {
+        config.model.validate()?;
+        device.seed(config.seed);
+        let model = Vqgan::new(&config.model, device)?;
+        let disc = NLayerDiscriminator::new(&config.loss.discriminator, device);
         let maintainer = match &config.model.quantizer {
             QuantizerConfig::Vector(vq) => Some(CodebookMaintainer::new(
                 vq,

@@ -1,0 +1,77 @@
+//! One full stage-1 training iteration (generator step + discriminator step) on the CPU, for
+//! the config of issue 3's benchmark: ch 64, ch_mult [1,2,2,4], 2 residual blocks, attention
+//! at 8, z 64, 512 codes of dimension 64, 64x64 images, batch 4, LPIPS (full VGG16, random
+//! weights) and the discriminator on.
+//!
+//! `cargo bench -p taming-worker --bench train_step -- [--iters N] [--json]`
+
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::{Device, Distribution, Tensor};
+use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
+use taming_model::loss::{DiscriminatorConfig, LossConfig, Lpips};
+use taming_worker::stage1::{Stage1Config, Stage1Trainer};
+
+fn config() -> Stage1Config {
+    Stage1Config {
+        model: VqganConfig {
+            ddconfig: DdConfig {
+                ch: 64,
+                out_ch: 3,
+                ch_mult: vec![1, 2, 2, 4],
+                num_res_blocks: 2,
+                attn_resolutions: vec![8],
+                dropout: 0.0,
+                resamp_with_conv: true,
+                in_channels: 3,
+                resolution: 64,
+                z_channels: 64,
+                double_z: false,
+            },
+            n_embed: 512,
+            embed_dim: 64,
+            quantizer: QuantizerConfig::default(),
+        },
+        loss: LossConfig {
+            disc_start: 0,
+            discriminator: DiscriminatorConfig::default(),
+            ..LossConfig::default()
+        },
+        base_learning_rate: 4.5e-6,
+        batch_size: 4,
+        grad_accum: 1,
+        grad_clip: None,
+        flip: false,
+        seed: 0,
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let iters: usize = args
+        .iter()
+        .position(|a| a == "--iters")
+        .and_then(|i| args.get(i + 1))
+        .map_or(5, |s| s.parse().expect("iterations"));
+    let json = args.iter().any(|a| a == "--json");
+    let device = Device::flex().autodiff();
+    let lpips = Lpips::new(5, &device).no_grad();
+    let mut trainer = Stage1Trainer::with_lpips(config(), 1, &device, Some(lpips)).expect("valid config");
+    let x = Tensor::<4>::random([4, 3, 64, 64], Distribution::Uniform(-1.0, 1.0), &device);
+    let step = |t: &mut Stage1Trainer| {
+        let report = t.train_batch(x.clone()).expect("one step per batch");
+        assert!(report.d_loss.is_some(), "discriminator on");
+    };
+    step(&mut trainer); // warm-up
+    let start = Instant::now();
+    for _ in 0..iters {
+        step(&mut trainer);
+    }
+    let secs = start.elapsed().as_secs_f64() / iters as f64;
+    if json {
+        println!("{{\"impl\": \"taming-rs\", \"seconds_per_iteration\": {secs:.4}, \"iters\": {iters}}}");
+    } else {
+        println!("taming-rs: {secs:.3} s per training iteration (G + D), {iters} iterations");
+    }
+}
