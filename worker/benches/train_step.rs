@@ -57,7 +57,8 @@ fn main() {
     let json = args.iter().any(|a| a == "--json");
     let device = Device::flex().autodiff();
     let lpips = Lpips::new(5, &device).no_grad();
-    let mut trainer = Stage1Trainer::with_lpips(config(), 1, &device, Some(lpips)).expect("valid config");
+    let mut trainer =
+        Stage1Trainer::with_lpips(config(), 1, &device, Some(lpips)).expect("valid config");
     let x = Tensor::<4>::random([4, 3, 64, 64], Distribution::Uniform(-1.0, 1.0), &device);
     let step = |t: &mut Stage1Trainer| {
         let report = t.train_batch(x.clone()).expect("one step per batch");
@@ -70,7 +71,9 @@ fn main() {
     }
     let secs = start.elapsed().as_secs_f64() / iters as f64;
     if json {
-        println!("{{\"impl\": \"taming-rs\", \"seconds_per_iteration\": {secs:.4}, \"iters\": {iters}}}");
+        println!(
+            "{{\"impl\": \"taming-rs\", \"seconds_per_iteration\": {secs:.4}, \"iters\": {iters}}}"
+        );
     } else {
         println!("taming-rs: {secs:.3} s per training iteration (G + D), {iters} iterations");
     }

@@ -88,7 +88,12 @@ impl Stage1Trainer {
 
     /// A fresh run with a given LPIPS network (`None`: no perceptual term), for benchmarks
     /// and callers that build LPIPS themselves. The config's `lpips` paths are not read.
-    pub fn with_lpips(config: Stage1Config, nodes: usize, device: &Device, lpips: Option<Lpips>) -> Result<Self, ModelError> {
+    pub fn with_lpips(
+        config: Stage1Config,
+        nodes: usize,
+        device: &Device,
+        lpips: Option<Lpips>,
+    ) -> Result<Self, ModelError> {
         config.model.validate()?;
         device.seed(config.seed);
         let model = Vqgan::new(&config.model, device)?;
