@@ -4,8 +4,7 @@
 use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use image::imageops::FilterType;
-use image::{DynamicImage, RgbImage};
+use image::RgbImage;
 
 use crate::error::ModelError;
 
@@ -57,22 +56,10 @@ pub fn fit_image(img: RgbImage, fit: Fit, path: &Path) -> Result<RgbImage, Model
 
 /// The reference's preprocessing: shorter side to `size` (bilinear), then a centered crop.
 pub fn resize_center_crop(img: RgbImage, size: usize) -> RgbImage {
-    let (w, h) = img.dimensions();
-    let size32 = size as u32;
-    let scale = size as f64 / w.min(h) as f64;
-    let (nw, nh) = (
-        ((w as f64 * scale).round() as u32).max(size32),
-        ((h as f64 * scale).round() as u32).max(size32),
-    );
-    let resized = if (nw, nh) == (w, h) {
-        img
-    } else {
-        DynamicImage::ImageRgb8(img)
-            .resize_exact(nw, nh, FilterType::Triangle)
-            .to_rgb8()
-    };
-    let (left, top) = ((nw - size32) / 2, (nh - size32) / 2);
-    image::imageops::crop_imm(&resized, left, top, size32, size32).to_image()
+    let resized = taming_dataloader::transform::resize_shorter(img, size);
+    let (w, h) = resized.dimensions();
+    let s = size as u32;
+    image::imageops::crop_imm(&resized, (w - s) / 2, (h - s) / 2, s, s).to_image()
 }
 
 /// An RGB image as a `[1, 3, h, w]` tensor in [-1, 1] (x / 127.5 - 1).

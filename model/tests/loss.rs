@@ -8,8 +8,7 @@ use std::path::PathBuf;
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor, TensorData};
-use common::{assert_close_to_max, rel, values};
-use safetensors::SafeTensors;
+use common::{Expected, assert_close_to_max, rel, values};
 use taming_model::checkpoint::fill_from_torch;
 use taming_model::loss::discriminator::reference_name;
 use taming_model::loss::{
@@ -21,29 +20,8 @@ fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loss")
 }
 
-struct Fixture(Vec<u8>);
-
-impl Fixture {
-    fn load() -> Self {
-        Self(std::fs::read(dir().join("expected.safetensors")).unwrap())
-    }
-    fn get(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
-        let st = SafeTensors::deserialize(&self.0).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture {name}"));
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        (t.shape().to_vec(), v)
-    }
-    fn tensor<const D: usize>(&self, name: &str, device: &Device) -> Tensor<D> {
-        let (shape, v) = self.get(name);
-        Tensor::from_data(TensorData::new(v, shape), device)
-    }
-    fn scalar(&self, name: &str) -> f32 {
-        self.get(name).1[0]
-    }
+fn fixture() -> Expected {
+    Expected::from_file(&dir().join("expected.safetensors"))
 }
 
 fn lpips_config() -> LpipsConfig {
@@ -74,10 +52,10 @@ fn discriminator(device: &Device) -> NLayerDiscriminator {
 #[test]
 fn lpips_matches_the_lpips_package() {
     let device = Device::flex();
-    let fx = Fixture::load();
+    let fx = fixture();
     let lpips = Lpips::load(&lpips_config(), &device).unwrap();
     let d = values(lpips.forward(fx.tensor("x", &device), fx.tensor("degraded", &device)));
-    let expected = fx.get("lpips").1;
+    let expected = fx.f32s("lpips").1;
     for (a, b) in d.iter().zip(&expected) {
         assert!(rel(*a, *b) < 1e-4, "lpips {a} vs {b}");
     }
@@ -105,33 +83,33 @@ fn lpips_file_that_does_not_fit_names_the_tensor() {
 #[test]
 fn discriminator_matches_reference_in_training_and_eval_mode() {
     let device = Device::flex().autodiff();
-    let fx = Fixture::load();
+    let fx = fixture();
     let disc = discriminator(&device);
     let real = disc.forward(fx.tensor("x", &device));
     assert_close_to_max(
         "D(x) train",
         &values(real),
-        &fx.get("disc_real_train").1,
+        &fx.f32s("disc_real_train").1,
         1e-4,
     );
     let fake = disc.forward(fx.tensor("degraded", &device));
     assert_close_to_max(
         "D(rec) train",
         &values(fake),
-        &fx.get("disc_fake_train").1,
+        &fx.f32s("disc_fake_train").1,
         1e-4,
     );
     let (mean, var) = disc.running_stats(0);
     assert_close_to_max(
         "running mean",
         &values(mean),
-        &fx.get("disc_running_mean_3").1,
+        &fx.f32s("disc_running_mean_3").1,
         1e-5,
     );
     assert_close_to_max(
         "running var",
         &values(var),
-        &fx.get("disc_running_var_3").1,
+        &fx.f32s("disc_running_var_3").1,
         1e-5,
     );
     let eval =
@@ -141,14 +119,14 @@ fn discriminator_matches_reference_in_training_and_eval_mode() {
     assert_close_to_max(
         "D(rec) eval",
         &values(eval),
-        &fx.get("disc_fake_eval").1,
+        &fx.f32s("disc_fake_eval").1,
         3e-4,
     );
 }
 
 fn loss_case(tag: &str, kind: DiscLoss, step: u64) {
     let device = Device::flex().autodiff();
-    let fx = Fixture::load();
+    let fx = fixture();
     let config = LossConfig {
         disc_start: 10,
         disc_loss: kind,
@@ -198,13 +176,13 @@ fn loss_case(tag: &str, kind: DiscLoss, step: u64) {
     assert_close_to_max(
         "grad W",
         &values(w.grad(&grads).unwrap()),
-        &fx.get(&format!("{tag}/grad_last_w")).1,
+        &fx.f32s(&format!("{tag}/grad_last_w")).1,
         1e-3,
     );
     assert_close_to_max(
         "grad h",
         &values(h.grad(&grads).unwrap()),
-        &fx.get(&format!("{tag}/grad_rec_in")).1,
+        &fx.f32s(&format!("{tag}/grad_rec_in")).1,
         1e-3,
     );
     match loss.discriminator(&disc, x, rec, step) {

@@ -22,8 +22,18 @@ pub struct Expected {
 impl Expected {
     /// Loads `expected.safetensors` of fixture `name`.
     pub fn load(name: &str) -> Self {
-        let bytes = std::fs::read(fixture(name).join("expected.safetensors")).expect("fixture");
+        Self::from_file(&fixture(name).join("expected.safetensors"))
+    }
+
+    /// Loads any safetensors file of expected values.
+    pub fn from_file(path: &std::path::Path) -> Self {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         Self { bytes }
+    }
+
+    /// The first value of f32 tensor `name`.
+    pub fn scalar(&self, name: &str) -> f32 {
+        self.f32s(name).1[0]
     }
 
     fn view(&self) -> SafeTensors<'_> {

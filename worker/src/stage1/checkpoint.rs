@@ -70,7 +70,8 @@ pub fn write(
         write_payload(&staging)?;
         let _ = fs::remove_dir_all(&final_dir);
         fs::rename(&staging, &final_dir).map_err(|e| CheckpointError::new(&final_dir, e))?;
-        write_atomic(&run.join(LATEST), name.as_bytes())
+        taming_model::atomic::write(&run.join(LATEST), name.as_bytes())
+            .map_err(|e| CheckpointError::new(run.join(LATEST), e))
     })();
     if result.is_err() {
         let _ = fs::remove_dir_all(&staging);
@@ -107,12 +108,6 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), CheckpointErro
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, CheckpointError> {
     let text = fs::read_to_string(path).map_err(|e| CheckpointError::new(path, e))?;
     serde_json::from_str(&text).map_err(|e| CheckpointError::new(path, e))
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let tmp = path.with_file_name(format!(".{}.tmp-{}", LATEST, std::process::id()));
-    fs::write(&tmp, bytes).map_err(|e| CheckpointError::new(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| CheckpointError::new(path, e))
 }
 
 /// Removes all but the newest `keep` complete checkpoints (never the one `latest` names).

@@ -40,7 +40,7 @@ const HEADER: &str =
     "step,total,nll,l1,p_loss,quant,g_loss,d_loss,d_weight,usage,images_per_s,val_l1";
 
 /// Writes all rows as CSV.
-pub fn write_csv(path: &Path, rows: &[MetricsRow]) -> std::io::Result<()> {
+pub fn write_csv(path: &Path, rows: &[MetricsRow]) -> Result<(), taming_model::ModelError> {
     let mut text = String::from(HEADER);
     text.push('\n');
     for r in rows {
@@ -60,7 +60,7 @@ pub fn write_csv(path: &Path, rows: &[MetricsRow]) -> std::io::Result<()> {
             r.images_per_s
         ));
     }
-    write_atomic(path, text.as_bytes())
+    taming_model::atomic::write(path, text.as_bytes())
 }
 
 /// Reads rows written by [`write_csv`] (for resuming a run's curve).
@@ -89,16 +89,6 @@ pub fn read_csv(path: &Path) -> std::io::Result<Vec<MetricsRow>> {
         });
     }
     Ok(rows)
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Which value of a row a curve shows.
