@@ -1,15 +1,27 @@
-//! Data for taming-rs: WebDataset tar shards read as streams, samples grouped by key,
-//! decoded and augmented as the reference does (shorter side to size, random or center crop,
-//! optional flip, x/127.5 - 1), batched, with a small resumable position.
+//! Data for taming-rs: WebDataset tar shards streamed from object storage (S3, GCS, Azure,
+//! local, memory), samples grouped by key, split across ranks and read slots, shuffled,
+//! decoded and augmented in parallel as the reference does (shorter side to size, random or
+//! center crop, optional flip, x/127.5 - 1), batched, with a small resumable position; the
+//! batch service and its client; shard packing; and the code-index Parquet of stage 2.
 //!
-//! This crate computes no gradients and does not depend on burn: batches are plain `f32`
-//! buffers that trainers turn into tensors.
+//! This crate computes no gradients and does not depend on burn: batches are plain buffers
+//! that trainers turn into tensors.
 
+pub mod client;
+pub mod codes;
 pub mod error;
 pub mod loader;
+pub mod pack;
+pub mod reader;
+pub mod runtime;
+pub mod sample;
+pub mod service;
 pub mod shards;
+pub mod source;
+pub mod stream;
 pub mod transform;
 
 pub use error::DataError;
-pub use loader::{ImageBatch, LoaderConfig, LoaderState, ShardLoader};
+pub use loader::{BatchSource, ImageBatch, LoaderConfig, PixelBatch, ShardLoader};
+pub use reader::{LoaderState, ReaderConfig};
 pub use transform::Preprocess;

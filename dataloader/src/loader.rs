@@ -1,31 +1,17 @@
-//! Batches from local shards, in an order fixed by (seed, epoch), with a position that can be
-//! saved and resumed: resuming at a [`LoaderState`] delivers exactly the samples that had not
-//! been delivered, with the same augmentations.
-
-use std::fs::File;
-use std::path::PathBuf;
+//! Batches for trainers: samples from a [`SampleReader`], decoded and augmented in parallel
+//! (rayon), each with its own random stream seeded by (seed, epoch, shard, index) so that a
+//! resumed run sees the same augmentations. Unusable samples are skipped with a counter and
+//! a warning naming shard and key.
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use serde::{Deserialize, Serialize};
-use webdataset::Sample;
-use webdataset::shard::{TarFiles, group_by_keys};
+use rayon::prelude::*;
 
 use crate::error::DataError;
-use crate::transform::Preprocess;
-
-/// Where a loader stands: epoch, index of the shard in that epoch's order, samples of that
-/// shard already consumed (usable or not).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LoaderState {
-    /// Epoch.
-    pub epoch: u64,
-    /// Index into the epoch's shard order.
-    pub shard: usize,
-    /// Samples of that shard consumed.
-    pub offset: usize,
-}
+use crate::reader::{LoaderState, RawSample, ReaderConfig, SampleReader, mix};
+use crate::sample;
+use crate::source::{Location, locate};
+use crate::transform::{Pixels, Preprocess, normalize};
 
 /// Loader settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,222 +20,281 @@ pub struct LoaderConfig {
     pub batch_size: usize,
     /// Decoding and augmentation.
     pub preprocess: Preprocess,
-    /// Seed of the shard order and the augmentations.
-    pub seed: u64,
-    /// Shuffle the shard order each epoch (training) or keep it (validation).
-    pub shuffle_shards: bool,
+    /// Rank split, read slots, shuffling and seed.
+    pub reader: ReaderConfig,
 }
 
-/// A batch of images `[b, 3, size, size]` in [-1, 1], with labels and keys.
+impl LoaderConfig {
+    /// One rank, one read slot, shards shuffled per epoch when `train`, no sample buffer.
+    pub fn simple(batch_size: usize, preprocess: Preprocess, seed: u64, train: bool) -> Self {
+        Self {
+            batch_size,
+            preprocess,
+            reader: ReaderConfig {
+                shuffle_shards: train,
+                seed,
+                ..ReaderConfig::default()
+            },
+        }
+    }
+}
+
+/// A batch of decoded pixels `[b, 3, size, size]` (bytes), with label maps, labels and keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PixelBatch {
+    /// CHW pixels, concatenated.
+    pub pixels: Vec<u8>,
+    /// `[b, 3, size, size]`.
+    pub shape: [usize; 4],
+    /// `[b, size, size]` label maps when every sample had one.
+    pub masks: Option<Vec<u8>>,
+    /// Class labels, when present.
+    pub labels: Vec<Option<i64>>,
+    /// Sample keys.
+    pub keys: Vec<String>,
+    /// The shard each sample came from.
+    pub sources: Vec<String>,
+    /// The loader's position after this batch.
+    pub state: LoaderState,
+}
+
+/// A batch of images `[b, 3, size, size]` in [-1, 1], with label maps, labels and keys.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageBatch {
     /// CHW images, concatenated.
     pub images: Vec<f32>,
     /// `[b, 3, size, size]`.
     pub shape: [usize; 4],
-    /// Class labels (from `.cls`), when present.
+    /// `[b, size, size]` label maps when every sample had one.
+    pub masks: Option<Vec<u8>>,
+    /// Class labels, when present.
     pub labels: Vec<Option<i64>>,
     /// Sample keys.
     pub keys: Vec<String>,
+    /// The shard each sample came from.
+    pub sources: Vec<String>,
     /// The loader's position after this batch.
     pub state: LoaderState,
 }
 
-/// One decoded sample: key, CHW image, label.
-type Decoded = (String, Vec<f32>, Option<i64>);
-
-type Samples = Box<dyn Iterator<Item = Result<Sample, webdataset::Error>> + Send>;
-
-struct Cursor {
-    path: PathBuf,
-    samples: Samples,
+impl From<PixelBatch> for ImageBatch {
+    fn from(b: PixelBatch) -> Self {
+        Self {
+            images: normalize(&b.pixels),
+            shape: b.shape,
+            masks: b.masks,
+            labels: b.labels,
+            keys: b.keys,
+            sources: b.sources,
+            state: b.state,
+        }
+    }
 }
 
-/// Reads batches from a list of shards, epoch after epoch.
+/// Anything that hands out batches and can say where it stands: the local loader and the
+/// dataloader-service client.
+pub trait BatchSource: Send {
+    /// The next batch, wrapping into the next epoch as needed.
+    fn next_batch(&mut self) -> Result<ImageBatch, DataError>;
+    /// The position after the last batch.
+    fn state(&self) -> LoaderState;
+    /// Samples skipped as unusable so far.
+    fn skipped(&self) -> u64;
+}
+
+struct Decoded {
+    key: String,
+    shard: usize,
+    pixels: Pixels,
+    label: Option<i64>,
+}
+
+/// Reads batches from shards, epoch after epoch.
 pub struct ShardLoader {
-    shards: Vec<PathBuf>,
+    reader: SampleReader,
     cfg: LoaderConfig,
-    state: LoaderState,
-    cursor: Option<Cursor>,
     skipped: u64,
     usable_this_epoch: bool,
 }
 
-const IMAGE_FIELDS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
-
 impl ShardLoader {
-    /// A loader over `shards` starting at `state`.
-    pub fn new(shards: Vec<PathBuf>, cfg: LoaderConfig, state: LoaderState) -> Self {
-        Self {
-            shards,
-            cfg,
-            state,
-            cursor: None,
-            skipped: 0,
-            usable_this_epoch: state.shard > 0 || state.offset > 0,
-        }
+    /// A loader over shard URLs or paths, starting at `state`.
+    pub fn open(
+        shards: &[String],
+        cfg: LoaderConfig,
+        state: &LoaderState,
+    ) -> Result<Self, DataError> {
+        let locations = shards
+            .iter()
+            .map(|s| locate(s))
+            .collect::<Result<Vec<Location>, _>>()?;
+        Self::new(locations, cfg, state)
     }
 
-    /// Samples skipped so far because they had no decodable image.
+    /// A loader over located shards, starting at `state`.
+    pub fn new(
+        shards: Vec<Location>,
+        cfg: LoaderConfig,
+        state: &LoaderState,
+    ) -> Result<Self, DataError> {
+        let started = state.delivered > 0 || !state.pending.is_empty();
+        Ok(Self {
+            reader: SampleReader::new(shards, cfg.reader, state)?,
+            cfg,
+            skipped: 0,
+            usable_this_epoch: started,
+        })
+    }
+
+    /// Samples skipped so far because they were unusable.
     pub fn skipped(&self) -> u64 {
         self.skipped
     }
 
-    /// The position after the last delivered sample.
-    pub fn state(&self) -> LoaderState {
-        self.state
+    /// Shards abandoned as corrupt or truncated.
+    pub fn bad_shards(&self) -> u64 {
+        self.reader.bad_shards()
     }
 
-    /// The shard order of `epoch`.
-    pub fn order(&self, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.shards.len()).collect();
-        if self.cfg.shuffle_shards {
-            order.shuffle(&mut StdRng::seed_from_u64(mix(
-                self.cfg.seed,
-                epoch,
-                u64::MAX,
-                0,
-            )));
-        }
-        order
+    /// The position after the last delivered batch.
+    pub fn state(&self) -> LoaderState {
+        self.reader.state()
     }
 
     /// The next batch, moving on to the next epoch when one ends.
     pub fn next_batch(&mut self) -> Result<ImageBatch, DataError> {
-        self.collect_batch(true)?.ok_or(DataError::Empty {
-            shards: self.shards.len(),
+        self.next_pixels().map(ImageBatch::from)
+    }
+
+    /// The next batch as bytes, moving on to the next epoch when one ends.
+    pub fn next_pixels(&mut self) -> Result<PixelBatch, DataError> {
+        self.collect(true)?.ok_or(DataError::Empty {
             skipped: self.skipped,
         })
     }
 
     /// The next batch of the current epoch (the last one may be short), `None` at its end.
     pub fn next_in_epoch(&mut self) -> Result<Option<ImageBatch>, DataError> {
-        self.collect_batch(false)
+        Ok(self.collect(false)?.map(ImageBatch::from))
     }
 
-    fn collect_batch(&mut self, wrap: bool) -> Result<Option<ImageBatch>, DataError> {
-        let size = self.cfg.preprocess.size;
-        let mut batch = ImageBatch {
-            images: Vec::with_capacity(self.cfg.batch_size * 3 * size * size),
-            shape: [0, 3, size, size],
-            labels: Vec::new(),
-            keys: Vec::new(),
-            state: self.state,
-        };
-        while batch.keys.len() < self.cfg.batch_size {
-            match self.next_sample()? {
-                Some((key, image, label)) => {
-                    batch.images.extend(image);
-                    batch.labels.push(label);
-                    batch.keys.push(key);
+    /// Like [`Self::next_in_epoch`], as bytes.
+    pub fn next_pixels_in_epoch(&mut self) -> Result<Option<PixelBatch>, DataError> {
+        self.collect(false)
+    }
+
+    fn collect(&mut self, wrap: bool) -> Result<Option<PixelBatch>, DataError> {
+        let mut done: Vec<Decoded> = Vec::with_capacity(self.cfg.batch_size);
+        while done.len() < self.cfg.batch_size {
+            let raws = self.draw(self.cfg.batch_size - done.len())?;
+            if raws.is_empty() {
+                if !wrap {
+                    break;
                 }
-                None if wrap => self.next_epoch()?,
+                self.next_epoch()?;
+                continue;
+            }
+            let decoded = self.decode_all(raws);
+            self.usable_this_epoch |= !decoded.is_empty();
+            done.extend(decoded);
+        }
+        Ok((!done.is_empty()).then(|| self.assemble(done)))
+    }
+
+    fn draw(&mut self, n: usize) -> Result<Vec<RawSample>, DataError> {
+        let mut raws = Vec::with_capacity(n);
+        while raws.len() < n {
+            match self.reader.next_raw()? {
+                Some(raw) => raws.push(raw),
                 None => break,
             }
         }
-        batch.shape[0] = batch.keys.len();
-        batch.state = self.state;
-        Ok((!batch.keys.is_empty()).then_some(batch))
+        Ok(raws)
     }
 
     fn next_epoch(&mut self) -> Result<(), DataError> {
         if !self.usable_this_epoch {
             return Err(DataError::Empty {
-                shards: self.shards.len(),
                 skipped: self.skipped,
             });
         }
-        self.state = LoaderState {
-            epoch: self.state.epoch + 1,
-            shard: 0,
-            offset: 0,
-        };
+        self.reader.next_epoch();
         self.usable_this_epoch = false;
         Ok(())
     }
 
-    /// The next usable sample of the epoch; `None` when the epoch is over.
-    fn next_sample(&mut self) -> Result<Option<Decoded>, DataError> {
-        loop {
-            if self.state.shard >= self.shards.len() {
-                return Ok(None);
-            }
-            if self.cursor.is_none() {
-                self.cursor = Some(self.open()?);
-            }
-            let cursor = self.cursor.as_mut().expect("opened");
-            let Some(item) = cursor.samples.next() else {
-                self.cursor = None;
-                self.state.shard += 1;
-                self.state.offset = 0;
-                continue;
-            };
-            let path = cursor.path.clone();
-            let sample = item.map_err(|e| DataError::Shard {
-                shard: path.clone(),
-                reason: e.to_string(),
-            })?;
-            let index = self.state.offset;
-            self.state.offset += 1;
-            if let Some(usable) = self.decode(&path, index, &sample) {
-                self.usable_this_epoch = true;
-                return Ok(Some(usable));
+    fn decode_all(&mut self, raws: Vec<RawSample>) -> Vec<Decoded> {
+        let (pre, seed, epoch) = (self.cfg.preprocess, self.reader.seed(), self.reader.epoch());
+        let results: Vec<Result<Decoded, String>> = raws
+            .par_iter()
+            .map(|raw| decode(raw, &pre, seed, epoch))
+            .collect();
+        let mut out = Vec::with_capacity(results.len());
+        for (raw, result) in raws.iter().zip(results) {
+            match result {
+                Ok(d) => out.push(d),
+                Err(why) => {
+                    self.skipped += 1;
+                    let key = raw.sample.key().unwrap_or("?");
+                    let shard = self.reader.shard_url(raw.shard);
+                    tracing::warn!(shard, key, "skipping sample: {why}");
+                }
             }
         }
+        out
     }
 
-    fn open(&self) -> Result<Cursor, DataError> {
-        let path = self.shards[self.order(self.state.epoch)[self.state.shard]].clone();
-        let file = File::open(&path).map_err(|e| DataError::Shard {
-            shard: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let files = TarFiles::new(Box::new(file)).map_err(|e| DataError::Shard {
-            shard: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let samples: Samples = Box::new(group_by_keys(files).skip(self.state.offset));
-        Ok(Cursor { path, samples })
-    }
-
-    fn decode(&mut self, path: &std::path::Path, index: usize, sample: &Sample) -> Option<Decoded> {
-        let key = sample.key().unwrap_or("?").to_string();
-        let shard_id = self.order(self.state.epoch)[self.state.shard] as u64;
-        let mut rng =
-            StdRng::seed_from_u64(mix(self.cfg.seed, self.state.epoch, shard_id, index as u64));
-        let bytes = IMAGE_FIELDS
-            .iter()
-            .find_map(|f| sample.get(f).and_then(|v| v.as_bytes()));
-        let result = match bytes {
-            Some(bytes) => self.cfg.preprocess.apply(bytes, &mut rng),
-            None => Err("no image (.png, .jpg, .jpeg or .webp)".to_string()),
+    fn assemble(&self, done: Vec<Decoded>) -> PixelBatch {
+        let size = self.cfg.preprocess.size;
+        let all_masks = done.iter().all(|d| d.pixels.mask.is_some());
+        let mut batch = PixelBatch {
+            pixels: Vec::with_capacity(done.len() * 3 * size * size),
+            shape: [done.len(), 3, size, size],
+            masks: all_masks.then(Vec::new),
+            labels: Vec::with_capacity(done.len()),
+            keys: Vec::with_capacity(done.len()),
+            sources: Vec::with_capacity(done.len()),
+            state: self.reader.state(),
         };
-        match result {
-            Ok(image) => Some((key, image, label(sample))),
-            Err(why) => {
-                self.skipped += 1;
-                tracing::warn!(shard = %path.display(), key = %key, "skipping sample: {why}");
-                None
+        for d in done {
+            batch.pixels.extend_from_slice(&d.pixels.image);
+            if let (Some(masks), Some(m)) = (batch.masks.as_mut(), d.pixels.mask) {
+                masks.extend(m);
             }
+            batch.labels.push(d.label);
+            batch.keys.push(d.key);
+            batch
+                .sources
+                .push(self.reader.shard_url(d.shard).to_string());
         }
+        batch
     }
 }
 
-fn label(sample: &Sample) -> Option<i64> {
-    let value = sample.get("cls")?;
-    value.as_i64().or_else(|| {
-        let bytes = value.as_bytes()?;
-        std::str::from_utf8(bytes).ok()?.trim().parse().ok()
-    })
+impl BatchSource for ShardLoader {
+    fn next_batch(&mut self) -> Result<ImageBatch, DataError> {
+        ShardLoader::next_batch(self)
+    }
+
+    fn state(&self) -> LoaderState {
+        ShardLoader::state(self)
+    }
+
+    fn skipped(&self) -> u64 {
+        ShardLoader::skipped(self)
+    }
 }
 
-/// A seed from (seed, epoch, shard, index) (splitmix64 steps).
-fn mix(seed: u64, epoch: u64, shard: u64, index: u64) -> u64 {
-    let step = |mut z: u64| {
-        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    step(step(step(step(seed) ^ epoch) ^ shard) ^ index)
+fn decode(raw: &RawSample, pre: &Preprocess, seed: u64, epoch: u64) -> Result<Decoded, String> {
+    let s = &raw.sample;
+    let key = sample::safe_key(s)?.to_string();
+    let image = sample::image_bytes(s).ok_or("no image (.png, .jpg, .jpeg or .webp)")?;
+    let mut rng = StdRng::seed_from_u64(mix(&[seed, epoch, raw.shard as u64, raw.index]));
+    let pixels = pre.apply_pixels(image, sample::mask_bytes(s), &mut rng)?;
+    Ok(Decoded {
+        key,
+        shard: raw.shard,
+        pixels,
+        label: sample::label(s),
+    })
 }

@@ -3,7 +3,7 @@
 //! horizontal flip.
 
 use image::imageops::FilterType;
-use image::{DynamicImage, RgbImage};
+use image::{DynamicImage, GrayImage, RgbImage};
 use rand::Rng;
 
 /// How images become model inputs.
@@ -17,35 +17,105 @@ pub struct Preprocess {
     pub flip: bool,
 }
 
+/// A decoded, cropped sample: CHW pixels and, when given, the label map cropped alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pixels {
+    /// `[3, size, size]` bytes.
+    pub image: Vec<u8>,
+    /// `[size, size]` label ids.
+    pub mask: Option<Vec<u8>>,
+}
+
 impl Preprocess {
     /// Decodes `bytes` (PNG, JPEG, WebP) and returns CHW floats in [-1, 1].
     pub fn apply(&self, bytes: &[u8], rng: &mut impl Rng) -> Result<Vec<f32>, String> {
-        let img = image::load_from_memory(bytes)
-            .map_err(|e| e.to_string())?
-            .to_rgb8();
-        let img = self.crop(resize_shorter(img, self.size), rng);
-        let flip = self.flip && rng.random_bool(0.5);
-        Ok(to_chw(&img, flip))
+        Ok(normalize(&self.apply_pixels(bytes, None, rng)?.image))
     }
 
-    fn crop(&self, img: RgbImage, rng: &mut impl Rng) -> RgbImage {
-        let (w, h) = img.dimensions();
+    /// Decodes an image and optionally its label map (which must have the image's size),
+    /// resizes both on the shorter side (bilinear for the image, nearest for labels) and
+    /// crops and flips them identically.
+    pub fn apply_pixels(
+        &self,
+        image: &[u8],
+        mask: Option<&[u8]>,
+        rng: &mut impl Rng,
+    ) -> Result<Pixels, String> {
+        let img = image::load_from_memory(image)
+            .map_err(|e| format!("image: {e}"))?
+            .to_rgb8();
+        let mask = mask.map(|m| decode_mask(m, img.dimensions())).transpose()?;
+        let img = resize_shorter(img, self.size);
+        let (left, top) = self.crop_origin(img.dimensions(), rng);
+        let flip = self.flip && rng.random_bool(0.5);
         let s = self.size as u32;
-        let (left, top) = if self.random_crop {
+        let img = image::imageops::crop_imm(&img, left, top, s, s).to_image();
+        let mask = mask.map(|m| {
+            let (w, h) = img_dims_after_resize(&m, self.size);
+            let m = image::imageops::resize(&m, w, h, FilterType::Nearest);
+            let m = image::imageops::crop_imm(&m, left, top, s, s).to_image();
+            flip_rows(m.into_raw(), self.size, flip)
+        });
+        Ok(Pixels {
+            image: to_chw(&img, flip),
+            mask,
+        })
+    }
+
+    fn crop_origin(&self, (w, h): (u32, u32), rng: &mut impl Rng) -> (u32, u32) {
+        let s = self.size as u32;
+        if self.random_crop {
             (rng.random_range(0..=w - s), rng.random_range(0..=h - s))
         } else {
             ((w - s) / 2, (h - s) / 2)
-        };
-        image::imageops::crop_imm(&img, left, top, s, s).to_image()
+        }
     }
+}
+
+/// x / 127.5 - 1.
+pub fn normalize(pixels: &[u8]) -> Vec<f32> {
+    pixels.iter().map(|&p| p as f32 / 127.5 - 1.0).collect()
+}
+
+fn decode_mask(bytes: &[u8], image_dims: (u32, u32)) -> Result<GrayImage, String> {
+    let mask = image::load_from_memory(bytes)
+        .map_err(|e| format!("mask: {e}"))?
+        .to_luma8();
+    if mask.dimensions() != image_dims {
+        return Err(format!(
+            "mask is {}x{} but its image is {}x{}",
+            mask.width(),
+            mask.height(),
+            image_dims.0,
+            image_dims.1
+        ));
+    }
+    Ok(mask)
+}
+
+fn img_dims_after_resize(img: &GrayImage, size: usize) -> (u32, u32) {
+    let (w, h) = img.dimensions();
+    resized_dims(w, h, size)
+}
+
+fn resized_dims(w: u32, h: u32, size: usize) -> (u32, u32) {
+    let scale = size as f64 / w.min(h) as f64;
+    let nw = ((w as f64 * scale).round() as u32).max(size as u32);
+    let nh = ((h as f64 * scale).round() as u32).max(size as u32);
+    (nw, nh)
+}
+
+fn flip_rows(mut data: Vec<u8>, size: usize, flip: bool) -> Vec<u8> {
+    if flip {
+        data.chunks_mut(size).for_each(<[u8]>::reverse);
+    }
+    data
 }
 
 /// Resizes so that the shorter side is `size` (bilinear), keeping the aspect ratio.
 pub fn resize_shorter(img: RgbImage, size: usize) -> RgbImage {
     let (w, h) = img.dimensions();
-    let scale = size as f64 / w.min(h) as f64;
-    let nw = ((w as f64 * scale).round() as u32).max(size as u32);
-    let nh = ((h as f64 * scale).round() as u32).max(size as u32);
+    let (nw, nh) = resized_dims(w, h, size);
     if (nw, nh) == (w, h) {
         return img;
     }
@@ -54,14 +124,15 @@ pub fn resize_shorter(img: RgbImage, size: usize) -> RgbImage {
         .to_rgb8()
 }
 
-fn to_chw(img: &RgbImage, flip: bool) -> Vec<f32> {
+fn to_chw(img: &RgbImage, flip: bool) -> Vec<u8> {
     let (w, h) = img.dimensions();
     let (w, h) = (w as usize, h as usize);
-    let mut out = vec![0f32; 3 * h * w];
-    for (x, y, px) in img.enumerate_pixels() {
-        let x = if flip { w - 1 - x as usize } else { x as usize };
+    let mut out = vec![0u8; 3 * h * w];
+    for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
+        let (y, x) = (i / w, i % w);
+        let x = if flip { w - 1 - x } else { x };
         for c in 0..3 {
-            out[c * h * w + y as usize * w + x] = px.0[c] as f32 / 127.5 - 1.0;
+            out[c * h * w + y * w + x] = px[c];
         }
     }
     out

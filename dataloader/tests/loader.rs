@@ -1,32 +1,33 @@
 //! The shard loader on the embedded Fashion-MNIST shards and on hand-made bad shards.
 
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::collections::HashSet;
+use std::path::Path;
+
+use common::{data_dir, png};
+use taming_dataloader::reader::SampleReader;
 use taming_dataloader::shards::list_split;
+use taming_dataloader::source::locate;
 use taming_dataloader::{DataError, LoaderConfig, LoaderState, Preprocess, ShardLoader};
 
-fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/fashion-mnist")
+fn config(batch_size: usize, train: bool) -> LoaderConfig {
+    let preprocess = Preprocess {
+        size: 32,
+        random_crop: train,
+        flip: train,
+    };
+    LoaderConfig::simple(batch_size, preprocess, 7, train)
 }
 
-fn config(batch_size: usize, train: bool) -> LoaderConfig {
-    LoaderConfig {
-        batch_size,
-        preprocess: Preprocess {
-            size: 32,
-            random_crop: train,
-            flip: train,
-        },
-        seed: 7,
-        shuffle_shards: train,
-    }
+fn open(shards: &[String], cfg: LoaderConfig, state: &LoaderState) -> ShardLoader {
+    ShardLoader::open(shards, cfg, state).unwrap()
 }
 
 #[test]
 fn validation_pass_reads_every_sample_once_with_labels() {
     let shards = list_split(&data_dir(), "val").unwrap();
-    let mut loader = ShardLoader::new(shards, config(64, false), LoaderState::default());
+    let mut loader = open(&shards, config(64, false), &LoaderState::default());
     let mut keys = HashSet::new();
     let mut labels = HashSet::new();
     while let Some(batch) = loader.next_in_epoch().unwrap() {
@@ -45,7 +46,7 @@ fn validation_pass_reads_every_sample_once_with_labels() {
 #[test]
 fn an_epoch_delivers_every_training_sample_exactly_once_then_reshuffles() {
     let shards = list_split(&data_dir(), "train").unwrap();
-    let mut loader = ShardLoader::new(shards, config(128, true), LoaderState::default());
+    let mut loader = open(&shards, config(128, true), &LoaderState::default());
     let mut first = Vec::new();
     while first.len() < 3000 {
         first.extend(loader.next_batch().unwrap().keys);
@@ -53,10 +54,13 @@ fn an_epoch_delivers_every_training_sample_exactly_once_then_reshuffles() {
     let epoch0: HashSet<_> = first[..3000].iter().cloned().collect();
     assert_eq!(epoch0.len(), 3000, "no duplicate within an epoch");
     assert_eq!(loader.state().epoch, 1, "crossed into epoch 1");
-    assert_eq!(loader.order(0).len(), 6);
+    let located = shards.iter().map(|s| locate(s).unwrap()).collect();
+    let reader =
+        SampleReader::new(located, config(1, true).reader, &LoaderState::default()).unwrap();
+    assert_eq!(reader.rank_shards(0).len(), 6);
     assert_ne!(
-        loader.order(0),
-        loader.order(1),
+        reader.rank_shards(0),
+        reader.rank_shards(1),
         "shard order differs between epochs"
     );
 }
@@ -64,10 +68,10 @@ fn an_epoch_delivers_every_training_sample_exactly_once_then_reshuffles() {
 #[test]
 fn resuming_from_a_saved_state_continues_with_identical_batches() {
     let shards = list_split(&data_dir(), "train").unwrap();
-    let mut straight = ShardLoader::new(shards.clone(), config(96, true), LoaderState::default());
+    let mut straight = open(&shards, config(96, true), &LoaderState::default());
     let batches: Vec<_> = (0..8).map(|_| straight.next_batch().unwrap()).collect();
-    let saved = batches[2].state;
-    let mut resumed = ShardLoader::new(shards, config(96, true), saved);
+    let saved = batches[2].state.clone();
+    let mut resumed = open(&shards, config(96, true), &saved);
     for expected in &batches[3..] {
         let got = resumed.next_batch().unwrap();
         assert_eq!(got.keys, expected.keys);
@@ -79,22 +83,7 @@ fn resuming_from_a_saved_state_continues_with_identical_batches() {
 }
 
 fn shard_with(path: &Path, files: &[(&str, &[u8])]) {
-    let mut builder = tar::Builder::new(std::fs::File::create(path).unwrap());
-    for (name, data) in files {
-        let mut header = tar::Header::new_ustar();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        builder.append_data(&mut header, name, *data).unwrap();
-    }
-    builder.finish().unwrap();
-}
-
-fn png() -> Vec<u8> {
-    let img = image::RgbImage::from_pixel(40, 36, image::Rgb([10, 200, 30]));
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
+    std::fs::write(path, common::tar_bytes(files)).unwrap();
 }
 
 #[test]
@@ -113,7 +102,7 @@ fn corrupt_images_and_samples_without_image_are_skipped_and_counted() {
         ],
     );
     let shards = list_split(tmp.path(), "train").unwrap();
-    let mut loader = ShardLoader::new(shards, config(8, false), LoaderState::default());
+    let mut loader = open(&shards, config(8, false), &LoaderState::default());
     let batch = loader.next_in_epoch().unwrap().unwrap();
     assert_eq!(batch.keys, vec!["a", "e"]);
     assert_eq!(batch.labels, vec![Some(3), None]);
@@ -128,10 +117,10 @@ fn a_data_set_without_any_usable_sample_is_an_error_not_a_hang() {
         &[("x.png", b"garbage")],
     );
     let shards = list_split(tmp.path(), "train").unwrap();
-    let mut loader = ShardLoader::new(shards, config(4, true), LoaderState::default());
+    let mut loader = open(&shards, config(4, true), &LoaderState::default());
     assert!(matches!(
         loader.next_batch(),
-        Err(DataError::Empty { skipped: 1, .. })
+        Err(DataError::Empty { skipped: 1 })
     ));
 }
 

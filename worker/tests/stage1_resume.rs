@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use burn::store::ModuleSnapshot;
 use burn::tensor::Device;
 use taming_dataloader::shards::list_split;
-use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
+use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
 use taming_model::config::{
     DdConfig, QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig,
 };
@@ -75,10 +75,16 @@ fn loader(state: LoaderState) -> ShardLoader {
             random_crop: true,
             flip: true,
         },
-        seed: 11,
-        shuffle_shards: true,
+        // Two interleaved read slots and a shuffle buffer: the resume state carries both.
+        reader: ReaderConfig {
+            seed: 11,
+            shuffle_shards: true,
+            read_slots: 2,
+            shuffle_buffer: 64,
+            ..ReaderConfig::default()
+        },
     };
-    ShardLoader::new(shards, cfg, state)
+    ShardLoader::open(&shards, cfg, &state).unwrap()
 }
 
 fn run(trainer: &mut Stage1Trainer, data: &mut ShardLoader, steps: usize) {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use burn::tensor::Device;
 use taming_dataloader::shards::list_split;
-use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
+use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
 use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
 use taming_model::loss::{DiscriminatorConfig, LossConfig, LpipsConfig};
 use taming_worker::stage1::{Stage1Config, Stage1Trainer};
@@ -67,10 +67,13 @@ fn loader(split: &str, batch: usize, train: bool) -> ShardLoader {
             random_crop: train,
             flip: false,
         },
-        seed: 3,
-        shuffle_shards: train,
+        reader: ReaderConfig {
+            seed: 3,
+            shuffle_shards: train,
+            ..ReaderConfig::default()
+        },
     };
-    ShardLoader::new(shards, cfg, LoaderState::default())
+    ShardLoader::open(&shards, cfg, &LoaderState::default()).unwrap()
 }
 
 #[test]

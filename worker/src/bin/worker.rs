@@ -41,9 +41,14 @@ enum Command {
         /// Training config (YAML); the embedded Fashion-MNIST default when absent.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Directory of train-*.tar and val-*.tar shards.
+        /// Directory or object-store prefix (s3://bucket/prefix) of train-*.tar and
+        /// val-*.tar shards.
         #[arg(long)]
-        data: Option<PathBuf>,
+        data: Option<String>,
+        /// Stream training batches from these dataloader services (comma-separated
+        /// host:port; a dead one is replaced by the next).
+        #[arg(long, value_delimiter = ',')]
+        dataloader: Vec<String>,
         /// Run folder.
         #[arg(long, default_value = "runs/vqgan")]
         out: PathBuf,
@@ -90,6 +95,7 @@ fn run(cli: Cli) -> Result<()> {
         stage: Stage::Vqgan,
         config,
         data,
+        dataloader,
         out,
         steps,
         resume,
@@ -102,12 +108,13 @@ fn run(cli: Cli) -> Result<()> {
     let config = read_config(config.as_deref())?;
     let data = match data {
         Some(dir) => dir,
-        None => default_data()?,
+        None => default_data()?.to_string_lossy().into_owned(),
     };
     let device = device.device().map_err(anyhow::Error::msg)?.autodiff();
     let summary = run_stage1(RunOptions {
         config,
         data,
+        dataloaders: dataloader,
         out: out.clone(),
         steps,
         resume,

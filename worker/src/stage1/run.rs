@@ -12,9 +12,11 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
+use taming_dataloader::client::RemoteLoader;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{
-    DataError, ImageBatch, LoaderConfig, LoaderState, Preprocess, ShardLoader,
+    BatchSource, DataError, ImageBatch, LoaderConfig, LoaderState, Preprocess, ReaderConfig,
+    ShardLoader,
 };
 use taming_model::checkpoint::native;
 use taming_model::image_io::to_image;
@@ -29,8 +31,10 @@ use super::trainer::{Stage1Trainer, StepReport, TrainError};
 pub struct RunOptions {
     /// Training settings.
     pub config: Stage1Config,
-    /// Directory with `train-*.tar` and `val-*.tar` shards.
-    pub data: PathBuf,
+    /// Directory or object-store prefix with `train-*.tar` and `val-*.tar` shards.
+    pub data: String,
+    /// Dataloader service instances to stream training batches from (none: read locally).
+    pub dataloaders: Vec<String>,
     /// Run folder.
     pub out: PathBuf,
     /// Train until this many optimizer steps.
@@ -108,24 +112,38 @@ pub fn run_stage1(opts: RunOptions) -> Result<RunSummary, RunError> {
             random_crop: train,
             flip: train && opts.config.flip,
         },
-        seed: opts.config.seed,
-        shuffle_shards: train,
+        reader: ReaderConfig {
+            shuffle_shards: train,
+            seed: opts.config.seed,
+            ..ReaderConfig::default()
+        },
     };
-    let mut loader = ShardLoader::new(
-        train_shards,
-        loader_cfg(opts.config.batch_size, true),
-        state,
-    );
-    let val = ShardLoader::new(val_shards, loader_cfg(16, false), LoaderState::default())
+    let train_cfg = loader_cfg(opts.config.batch_size, true);
+    let mut loader: Box<dyn BatchSource> = if opts.dataloaders.is_empty() {
+        Box::new(ShardLoader::open(&train_shards, train_cfg, &state)?)
+    } else {
+        Box::new(RemoteLoader::new(
+            opts.dataloaders.clone(),
+            train_shards,
+            train_cfg,
+            state,
+        ))
+    };
+    let val = ShardLoader::open(&val_shards, loader_cfg(16, false), &LoaderState::default())?
         .next_in_epoch()?
-        .ok_or_else(|| output(&opts.data, "the validation shards hold no usable sample"))?;
+        .ok_or_else(|| {
+            output(
+                Path::new(&opts.data),
+                "the validation shards hold no usable sample",
+            )
+        })?;
     let val_x = trainer.to_tensor(&val);
     let first_val_l1 = trainer.eval_l1(val_x.clone());
     let bar = progress_bar(&opts, trainer.step());
     let mut last_val_l1 = first_val_l1;
     while trainer.step() < opts.steps {
         let started = Instant::now();
-        let report = train_step(&mut trainer, &mut loader)?;
+        let report = train_step(&mut trainer, loader.as_mut())?;
         let ips = (opts.config.batch_size * opts.config.grad_accum) as f64
             / started.elapsed().as_secs_f64();
         let step = report.step;
@@ -188,7 +206,7 @@ fn start(
 
 fn train_step(
     trainer: &mut Stage1Trainer,
-    loader: &mut ShardLoader,
+    loader: &mut dyn BatchSource,
 ) -> Result<StepReport, RunError> {
     loop {
         let batch: ImageBatch = loader.next_batch()?;

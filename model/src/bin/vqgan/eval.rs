@@ -47,17 +47,13 @@ pub fn run(
     let lpips = lpips.map(|cfg| Lpips::load(&cfg, &device)).transpose()?;
     let shards = list_split(data, split)?;
     let size = config.ddconfig.resolution;
-    let cfg = LoaderConfig {
-        batch_size: batch_size.max(1),
-        preprocess: Preprocess {
-            size,
-            random_crop: false,
-            flip: false,
-        },
-        seed: 0,
-        shuffle_shards: false,
+    let preprocess = Preprocess {
+        size,
+        random_crop: false,
+        flip: false,
     };
-    let mut loader = ShardLoader::new(shards, cfg, LoaderState::default());
+    let cfg = LoaderConfig::simple(batch_size.max(1), preprocess, 0, false);
+    let mut loader = ShardLoader::open(&shards, cfg, &LoaderState::default())?;
     let (mut l1, mut psnr, mut ssim, mut perceptual) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut used = vec![false; config.n_embed];

@@ -1,0 +1,264 @@
+//! The dataloader service: `StreamBatches` streams ready batches for one rank of a job from a
+//! resume state; every request is checked before any work. Batches are produced on a
+//! blocking thread per stream with a bounded queue, so a slow client holds at most
+//! [`QUEUED_BATCHES`] batches in memory.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use taming_proto::dataloader::dataloader_server::{Dataloader, DataloaderServer};
+use taming_proto::dataloader::{Batch, DType, HealthReply, HealthRequest, StreamRequest, Tensor};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::loader::{LoaderConfig, PixelBatch, ShardLoader};
+use crate::reader::{LoaderState, ReaderConfig};
+use crate::shards::resolve;
+use crate::transform::Preprocess;
+
+/// Batches queued per stream ahead of the client.
+pub const QUEUED_BATCHES: usize = 2;
+/// Largest message either side accepts (a 64 x 3 x 512 x 512 f32 batch is 201 MB).
+pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
+
+/// Limits on request fields.
+const MAX_BATCH: u32 = 4096;
+const MAX_SIZE: u32 = 4096;
+const MAX_SHARDS: usize = 1 << 20;
+const MAX_URL: usize = 4096;
+const MAX_STATE: usize = 64 << 20;
+
+/// Counters of one service instance.
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    /// Streams open now.
+    pub active: AtomicU32,
+    /// Batches sent since start.
+    pub served: AtomicU64,
+}
+
+/// The service implementation.
+#[derive(Debug, Clone, Default)]
+pub struct DataloaderService {
+    stats: Arc<ServiceStats>,
+}
+
+impl DataloaderService {
+    /// The tonic server around this service, with message limits raised for batches.
+    pub fn into_server(self) -> DataloaderServer<Self> {
+        DataloaderServer::new(self)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(MAX_STATE + (MAX_SHARDS * 64))
+    }
+}
+
+/// Serves on `addr` until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(DataloaderService::default().into_server())
+        .serve_with_shutdown(addr, shutdown)
+        .await
+}
+
+/// Serves on an already bound listener (tests bind port 0 first).
+pub async fn serve_listener(
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(DataloaderService::default().into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}
+
+#[tonic::async_trait]
+impl Dataloader for DataloaderService {
+    type StreamBatchesStream = ReceiverStream<Result<Batch, Status>>;
+
+    async fn stream_batches(
+        &self,
+        request: Request<StreamRequest>,
+    ) -> Result<Response<Self::StreamBatchesStream>, Status> {
+        let job = Job::check(request.into_inner())?;
+        let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
+        let stats = self.stats.clone();
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        std::thread::Builder::new()
+            .name("taming-batches".into())
+            .spawn(move || {
+                job.produce(&tx, &stats);
+                stats.active.fetch_sub(1, Ordering::Relaxed);
+            })
+            .map_err(|e| Status::resource_exhausted(format!("no thread for the stream: {e}")))?;
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthReply>, Status> {
+        Ok(Response::new(HealthReply {
+            active_streams: self.stats.active.load(Ordering::Relaxed),
+            batches_served: self.stats.served.load(Ordering::Relaxed),
+        }))
+    }
+}
+
+/// A checked request.
+struct Job {
+    shards: Vec<String>,
+    cfg: LoaderConfig,
+    state: LoaderState,
+    dtype: DType,
+    max_batches: u64,
+    single_epoch: bool,
+}
+
+impl Job {
+    fn check(r: StreamRequest) -> Result<Self, Status> {
+        let bad = |field: &str, why: String| Err(invalid(field, why));
+        if r.shards.is_empty() || r.shards.len() > MAX_SHARDS {
+            return bad(
+                "shards",
+                format!("{} given; 1..={MAX_SHARDS} allowed", r.shards.len()),
+            );
+        }
+        if let Some(s) = r.shards.iter().find(|s| s.is_empty() || s.len() > MAX_URL) {
+            return bad(
+                "shards",
+                format!("entry of length {} (1..={MAX_URL})", s.len()),
+            );
+        }
+        if r.batch_size == 0 || r.batch_size > MAX_BATCH {
+            return bad(
+                "batch_size",
+                format!("{} not in 1..={MAX_BATCH}", r.batch_size),
+            );
+        }
+        if r.size == 0 || r.size > MAX_SIZE {
+            return bad("size", format!("{} not in 1..={MAX_SIZE}", r.size));
+        }
+        if r.world_size == 0 || r.rank >= r.world_size {
+            return bad(
+                "rank",
+                format!("{} with world_size {}", r.rank, r.world_size),
+            );
+        }
+        if r.read_slots > 64 || r.shuffle_buffer > 100_000 {
+            return bad(
+                "read_slots/shuffle_buffer",
+                "read_slots <= 64, shuffle_buffer <= 100000".into(),
+            );
+        }
+        if r.state.len() > MAX_STATE {
+            return bad(
+                "state",
+                format!("{} bytes (at most {MAX_STATE})", r.state.len()),
+            );
+        }
+        let state = if r.state.is_empty() {
+            LoaderState::default()
+        } else {
+            serde_json::from_str(&r.state).map_err(|e| invalid("state", e.to_string()))?
+        };
+        let dtype = match DType::try_from(r.dtype) {
+            Ok(DType::F32) => DType::F32,
+            Ok(_) => DType::Uint8,
+            Err(_) => return bad("dtype", format!("unknown value {}", r.dtype)),
+        };
+        let mut shards = Vec::new();
+        for spec in &r.shards {
+            shards.extend(resolve(spec).map_err(|e| invalid("shards", e.to_string()))?);
+        }
+        let cfg = LoaderConfig {
+            batch_size: r.batch_size as usize,
+            preprocess: Preprocess {
+                size: r.size as usize,
+                random_crop: r.random_crop,
+                flip: r.flip,
+            },
+            reader: ReaderConfig {
+                rank: r.rank as usize,
+                world_size: r.world_size as usize,
+                read_slots: r.read_slots.max(1) as usize,
+                shuffle_buffer: r.shuffle_buffer as usize,
+                shuffle_shards: r.shuffle,
+                seed: r.seed,
+            },
+        };
+        Ok(Self {
+            shards,
+            cfg,
+            state,
+            dtype,
+            max_batches: r.max_batches,
+            single_epoch: r.single_epoch,
+        })
+    }
+
+    fn produce(self, tx: &mpsc::Sender<Result<Batch, Status>>, stats: &ServiceStats) {
+        let mut loader = match ShardLoader::open(&self.shards, self.cfg, &self.state) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(Status::failed_precondition(e.to_string())));
+                return;
+            }
+        };
+        let mut sent = 0u64;
+        while self.max_batches == 0 || sent < self.max_batches {
+            let next = if self.single_epoch {
+                loader.next_pixels_in_epoch()
+            } else {
+                loader.next_pixels().map(Some)
+            };
+            let item = match next {
+                Ok(Some(b)) => Ok(to_proto(b, self.dtype, loader.skipped())),
+                Ok(None) => return,
+                Err(e) => Err(Status::failed_precondition(e.to_string())),
+            };
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
+                return;
+            }
+            sent += 1;
+            stats.served.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn invalid(field: &str, why: String) -> Status {
+    Status::invalid_argument(format!("{field}: {why}"))
+}
+
+fn to_proto(b: PixelBatch, dtype: DType, skipped: u64) -> Batch {
+    let data = match dtype {
+        DType::F32 => crate::transform::normalize(&b.pixels)
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        _ => b.pixels,
+    };
+    let [n, _, h, w] = b.shape;
+    Batch {
+        images: Some(Tensor {
+            dtype: dtype as i32,
+            shape: b.shape.iter().map(|&d| d as u64).collect(),
+            data: data.into(),
+        }),
+        masks: b.masks.map(|m| Tensor {
+            dtype: DType::Uint8 as i32,
+            shape: vec![n as u64, h as u64, w as u64],
+            data: m.into(),
+        }),
+        labels: b.labels.iter().map(|l| l.unwrap_or(-1)).collect(),
+        keys: b.keys,
+        sources: b.sources,
+        state: serde_json::to_string(&b.state).expect("state serializes"),
+        skipped,
+    }
+}

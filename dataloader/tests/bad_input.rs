@@ -1,0 +1,101 @@
+//! Corrupt, truncated and hostile shard contents are skipped with a counter and the run goes
+//! on; masks follow their images; labels come from `.cls` or `.json`.
+
+mod common;
+
+use common::{config, mask_png, png, png_from, put_shard, tar_bytes};
+use taming_dataloader::codes::upload;
+use taming_dataloader::{LoaderState, ReaderConfig, ShardLoader};
+
+fn sequential() -> ReaderConfig {
+    ReaderConfig {
+        shuffle_shards: false,
+        ..ReaderConfig::default()
+    }
+}
+
+#[test]
+fn bad_entries_and_broken_shards_are_skipped_and_counted() {
+    let good = png();
+    let dir = "memory://bad/shards";
+    put_shard(
+        &format!("{dir}/train-0.tar"),
+        &[
+            ("a.png", &good),
+            ("../evil.png", &good),
+            ("b.png", &good[..good.len() / 2]),
+            ("c.png", &good),
+            ("c.seg.png", &mask_png(3, 3, |_, _| 1)),
+            ("d.json", b"{\"label\": 4}"),
+            ("d.png", &good),
+            ("e.cls", b"1"),
+        ],
+    );
+    let whole = tar_bytes(&[("f.png", &good), ("g.png", &good), ("h.png", &good)]);
+    upload(&format!("{dir}/train-1.tar"), whole[..700].to_vec().into()).unwrap();
+    upload(
+        &format!("{dir}/train-2.tar"),
+        b"this is not a tar archive at all".to_vec().into(),
+    )
+    .unwrap();
+    put_shard(&format!("{dir}/train-3.tar"), &[("z.png", &good)]);
+    let urls: Vec<String> = (0..4).map(|i| format!("{dir}/train-{i}.tar")).collect();
+    let mut loader =
+        ShardLoader::open(&urls, config(16, sequential()), &LoaderState::default()).unwrap();
+    let batch = loader.next_in_epoch().unwrap().unwrap();
+    let keys: Vec<&str> = batch.keys.iter().map(String::as_str).collect();
+    assert!(keys.starts_with(&["a", "d"]), "{keys:?}");
+    assert_eq!(
+        keys.last(),
+        Some(&"z"),
+        "the shards after the broken ones are read"
+    );
+    assert!(!keys.contains(&"../evil"));
+    assert_eq!(batch.labels[1], Some(4), "label from .json");
+    // evil (traversal), b (truncated image), c (mask of another size), e (no image).
+    assert!(loader.skipped() >= 4, "skipped {}", loader.skipped());
+    assert!(loader.bad_shards() >= 1, "the non-tar shard is abandoned");
+    assert!(loader.next_in_epoch().unwrap().is_none());
+}
+
+#[test]
+fn masks_are_cropped_and_flipped_with_their_image() {
+    // Left half red 0 / label 1, right half red 255 / label 2; 12 x 8 with size 8 means a
+    // random horizontal crop and no resize.
+    let img = png_from(12, 8, |x, _| [if x < 6 { 0 } else { 255 }, 0, 0]);
+    let mask = mask_png(12, 8, |x, _| if x < 6 { 1 } else { 2 });
+    let files: Vec<(String, Vec<u8>)> = (0..16)
+        .flat_map(|i| {
+            [
+                (format!("k{i:02}.png"), img.clone()),
+                (format!("k{i:02}.seg.png"), mask.clone()),
+            ]
+        })
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (n.as_str(), &d[..])).collect();
+    put_shard("memory://masks/train-0.tar", &refs);
+    let mut cfg = config(16, sequential());
+    cfg.preprocess.random_crop = true;
+    cfg.preprocess.flip = true;
+    let urls = vec!["memory://masks/train-0.tar".to_string()];
+    let batch = ShardLoader::open(&urls, cfg, &LoaderState::default())
+        .unwrap()
+        .next_in_epoch()
+        .unwrap()
+        .unwrap();
+    let masks = batch.masks.expect("masks");
+    assert_eq!(masks.len(), 16 * 64);
+    let mut flipped = 0;
+    for n in 0..16 {
+        for p in 0..64 {
+            let red = batch.images[n * 3 * 64 + p];
+            let label = masks[n * 64 + p];
+            assert_eq!(red > 0.0, label == 2, "sample {n} pixel {p}");
+        }
+        flipped += (masks[n * 64] == 2) as usize;
+    }
+    assert!(
+        flipped > 0 && flipped < 16,
+        "some flipped, some not: {flipped}"
+    );
+}

@@ -1,0 +1,8 @@
+//! The wire formats of taming-rs services, generated from `proto/*.proto`.
+//!
+//! This crate computes nothing: it holds messages and tonic clients/servers only.
+
+/// The dataloader service: ready batches streamed to trainers.
+pub mod dataloader {
+    tonic::include_proto!("taming.dataloader.v1");
+}
