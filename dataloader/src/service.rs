@@ -46,6 +46,11 @@ pub struct DataloaderService {
 }
 
 impl DataloaderService {
+    /// This instance's counters.
+    pub fn stats(&self) -> Arc<ServiceStats> {
+        self.stats.clone()
+    }
+
     /// The tonic server around this service, with message limits raised for batches.
     pub fn into_server(self) -> DataloaderServer<Self> {
         DataloaderServer::new(self)
@@ -70,8 +75,17 @@ pub async fn serve_listener(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    serve_service(DataloaderService::default(), listener, shutdown).await
+}
+
+/// Serves `service` on a bound listener.
+pub async fn serve_service(
+    service: DataloaderService,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
-        .add_service(DataloaderService::default().into_server())
+        .add_service(service.into_server())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,

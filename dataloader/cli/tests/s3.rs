@@ -1,0 +1,332 @@
+//! The data pipeline against a real S3 server (moto): reading and splitting across ranks,
+//! resume, packing, Parquet multipart upload, precompute over two ranks, and a service
+//! instance killed mid-stream.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use common::{dataloader, s3, upload_fashion_mnist, url};
+use taming_dataloader::client::RemoteLoader;
+use taming_dataloader::codes::{self, CodeRow};
+use taming_dataloader::shards::{list_split, resolve};
+use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
+use taming_model::checkpoint::native;
+use taming_model::quantize::QuantizeMode;
+use taming_model::{DdConfig, QuantizerConfig, Vqgan, VqganConfig};
+
+fn cfg(batch: usize, reader: ReaderConfig) -> LoaderConfig {
+    LoaderConfig {
+        batch_size: batch,
+        preprocess: Preprocess {
+            size: 32,
+            random_crop: true,
+            flip: true,
+        },
+        reader,
+    }
+}
+
+fn ranks(rank: usize) -> ReaderConfig {
+    ReaderConfig {
+        rank,
+        world_size: 3,
+        read_slots: 2,
+        shuffle_buffer: 32,
+        shuffle_shards: true,
+        seed: 21,
+    }
+}
+
+#[test]
+fn s3_shards_are_split_across_three_ranks_exactly_once_and_resume_exactly() {
+    s3();
+    upload_fashion_mnist("split");
+    let shards = resolve(&url("split/train-{000000..000005}.tar")).unwrap();
+    assert_eq!(shards, list_split(url("split"), "train").unwrap());
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for rank in 0..3 {
+        let mut loader =
+            ShardLoader::open(&shards, cfg(64, ranks(rank)), &LoaderState::default()).unwrap();
+        while let Some(b) = loader.next_in_epoch().unwrap() {
+            total += b.keys.len();
+            seen.extend(b.keys);
+        }
+    }
+    assert_eq!(
+        (total, seen.len()),
+        (3000, 3000),
+        "each sample exactly once"
+    );
+
+    let mut straight =
+        ShardLoader::open(&shards, cfg(50, ranks(1)), &LoaderState::default()).unwrap();
+    let batches: Vec<_> = (0..6).map(|_| straight.next_batch().unwrap()).collect();
+    let mut resumed = ShardLoader::open(&shards, cfg(50, ranks(1)), &batches[2].state).unwrap();
+    for expected in &batches[3..] {
+        let got = resumed.next_batch().unwrap();
+        assert_eq!((&got.keys, &got.images), (&expected.keys, &expected.images));
+    }
+}
+
+#[test]
+fn pack_writes_complete_shards_to_s3() {
+    s3();
+    let tmp = tempfile::tempdir().unwrap();
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(tmp.path().join(class)).unwrap();
+        for i in 0..4 {
+            let img = image::RgbImage::from_pixel(16, 16, image::Rgb([i * 40, 9, 9]));
+            img.save(tmp.path().join(format!("{class}/{i}.png")))
+                .unwrap();
+        }
+    }
+    let out = dataloader()
+        .args([
+            "pack",
+            "--layout",
+            "imagefolder",
+            "--shard-mb",
+            "0.002",
+            "--out",
+        ])
+        .arg(url("packed"))
+        .arg("--input")
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shards = list_split(url("packed"), "train").unwrap();
+    assert!(shards.len() >= 2, "{shards:?}");
+    let reader = ReaderConfig {
+        shuffle_shards: false,
+        ..ReaderConfig::default()
+    };
+    let mut loader = ShardLoader::open(&shards, cfg(100, reader), &LoaderState::default()).unwrap();
+    let batch = loader.next_in_epoch().unwrap().unwrap();
+    assert_eq!(batch.keys.len(), 8);
+    assert_eq!(batch.labels.iter().filter(|l| **l == Some(1)).count(), 4);
+
+    let bad = dataloader()
+        .args(["pack", "--out", "s3://no-such-bucket/x", "--input"])
+        .arg(tmp.path().join("a"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("s3://no-such-bucket/x/train-000000.tar"),
+        "{err}"
+    );
+}
+
+#[test]
+fn large_code_parquet_goes_up_as_a_multipart_upload_and_reads_back() {
+    s3();
+    let mut state = 12345u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        // Full-range values: dictionary encoding cannot shrink them below 4 bytes each.
+        state as i32
+    };
+    let rows: Vec<CodeRow> = (0..6000)
+        .map(|i| CodeRow {
+            key: format!("img{i:06}"),
+            codes: (0..256).map(|_| next()).collect(),
+            height: 16,
+            width: 16,
+            label: Some(i % 1000),
+            cond_codes: None,
+            shard: url("x/train-000000.tar"),
+        })
+        .collect();
+    let size = codes::encode_parquet(&rows).unwrap().len();
+    assert!(
+        size > codes::PART_BYTES,
+        "{size} bytes: big enough for a multipart upload"
+    );
+    let target = url("codes-big/codes-r0000-00000.parquet");
+    codes::write_codes(&target, &rows).unwrap();
+    assert_eq!(codes::read_codes(&target).unwrap(), rows);
+}
+
+fn tiny_vqgan(dir: &std::path::Path, in_channels: usize) -> (VqganConfig, Vqgan) {
+    let config = VqganConfig {
+        ddconfig: DdConfig {
+            ch: 32,
+            out_ch: in_channels,
+            ch_mult: vec![1, 1],
+            num_res_blocks: 1,
+            attn_resolutions: vec![],
+            dropout: 0.0,
+            resamp_with_conv: true,
+            in_channels,
+            resolution: 32,
+            z_channels: 8,
+            double_z: false,
+        },
+        n_embed: 32,
+        embed_dim: 8,
+        quantizer: QuantizerConfig::default(),
+    };
+    let device = Device::flex();
+    let model = Vqgan::new(&config, &device).unwrap();
+    native::save_model(dir, &config, &model, &Default::default(), false).unwrap();
+    (config, model)
+}
+
+#[test]
+fn precompute_over_two_ranks_writes_code_parquet_and_the_manifest_last() {
+    s3();
+    upload_fashion_mnist("pre");
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, model) = tiny_vqgan(&tmp.path().join("vqgan"), 3);
+    let out = url("pre-codes");
+    let run = |rank: &str| {
+        dataloader()
+            .args([
+                "precompute-codes",
+                "--batch",
+                "32",
+                "--rows-per-file",
+                "150",
+                "--world-size",
+                "2",
+            ])
+            .args(["--rank", rank, "--out", &out, "--data"])
+            .arg(url("pre/train-{000000..000001}.tar"))
+            .arg("--vqgan")
+            .arg(tmp.path().join("vqgan"))
+            .output()
+            .unwrap()
+    };
+    let first = run("0");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        codes::read_manifest(&out).is_err(),
+        "no manifest while a rank is missing"
+    );
+    let second = run("1");
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let manifest = codes::read_manifest(&out).unwrap();
+    assert_eq!(manifest.rows, 1000);
+    assert!(manifest.files.len() >= 8, "{} files", manifest.files.len());
+    let mut rows = Vec::new();
+    for f in &manifest.files {
+        rows.extend(codes::read_codes(&codes::join(&out, &f.path)).unwrap());
+    }
+    let keys: HashSet<_> = rows.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(keys.len(), 1000);
+    assert!(
+        rows.iter()
+            .all(|r| (r.height, r.width, r.codes.len()) == (16, 16, 256))
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r.label.is_some() && r.shard.starts_with(&url("pre/train-")))
+    );
+
+    // The codes are the model's: re-encode the first batch of the first shard here.
+    let shard = vec![url("pre/train-000000.tar")];
+    let plain = LoaderConfig {
+        batch_size: 4,
+        preprocess: Preprocess {
+            size: 32,
+            random_crop: false,
+            flip: false,
+        },
+        reader: ReaderConfig {
+            shuffle_shards: false,
+            ..ReaderConfig::default()
+        },
+    };
+    let batch = ShardLoader::open(&shard, plain, &LoaderState::default())
+        .unwrap()
+        .next_batch()
+        .unwrap();
+    let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), &Device::flex());
+    let expected = model
+        .encode(x, QuantizeMode::EVAL)
+        .indices
+        .try_into_vec_as::<i64>()
+        .unwrap();
+    for (i, key) in batch.keys.iter().enumerate() {
+        let row = rows.iter().find(|r| &r.key == key).unwrap();
+        let want: Vec<i32> = expected[i * 256..(i + 1) * 256]
+            .iter()
+            .map(|&v| v as i32)
+            .collect();
+        assert_eq!(row.codes, want, "codes of {key}");
+    }
+}
+
+fn serve() -> (Child, String) {
+    let mut child = dataloader()
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("address line")
+        .to_string();
+    (child, addr)
+}
+
+#[test]
+fn a_killed_service_instance_is_replaced_with_nothing_duplicated_or_lost() {
+    s3();
+    upload_fashion_mnist("svc");
+    let (mut a, addr_a) = serve();
+    let (mut b, addr_b) = serve();
+    let shards = vec![url("svc/val-000000.tar"), url("svc/train-000000.tar")];
+    let reader = ReaderConfig {
+        read_slots: 2,
+        shuffle_buffer: 16,
+        ..ReaderConfig::default()
+    };
+    let mut client = RemoteLoader::new(
+        vec![addr_a, addr_b],
+        shards,
+        cfg(20, reader),
+        LoaderState::default(),
+    )
+    .single_epoch();
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        keys.extend(client.next_in_epoch().unwrap().unwrap().keys);
+    }
+    a.kill().unwrap();
+    a.wait().unwrap();
+    while let Some(batch) = client.next_in_epoch().unwrap() {
+        keys.extend(batch.keys);
+    }
+    b.kill().unwrap();
+    b.wait().unwrap();
+    assert!(client.failovers() >= 1);
+    let distinct: HashSet<_> = keys.iter().collect();
+    assert_eq!((keys.len(), distinct.len()), (1000, 1000));
+}

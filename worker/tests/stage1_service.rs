@@ -1,0 +1,54 @@
+//! `worker train --dataloader ADDR`: stage-1 training fed by a dataloader service instance.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+
+use taming_dataloader::runtime;
+use taming_dataloader::service::{DataloaderService, serve_service};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn training_streams_its_batches_from_the_dataloader_service() {
+    let service = DataloaderService::default();
+    let stats = service.stats();
+    let listener = runtime::block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    runtime::io().spawn(serve_service(service, listener, std::future::pending()));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join("configs/stage1/fashion_mnist.yaml")).unwrap();
+    let text = text
+        .replace("ch_mult: [1, 2, 2]", "ch_mult: [1, 2]")
+        .replace("attn_resolutions: [8]", "attn_resolutions: [16]")
+        .replace("batch_size: 16", "batch_size: 4")
+        .replace(
+            "kmeans_init: {iters: 10, batches: 2}",
+            "kmeans_init: {iters: 3, batches: 1}",
+        );
+    std::fs::write(tmp.path().join("tiny.yaml"), text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["train", "--stage", "vqgan", "--steps", "3", "--quiet"])
+        .arg("--config")
+        .arg(tmp.path().join("tiny.yaml"))
+        .arg("--data")
+        .arg(root().join("data/fashion-mnist"))
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .args(["--dataloader", &addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tmp.path().join("run/model/model.safetensors").is_file());
+    assert!(
+        stats.served.load(Ordering::Relaxed) >= 3,
+        "the training batches came from the service"
+    );
+}
