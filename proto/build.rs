@@ -1,7 +1,7 @@
 //! Compiles proto/*.proto with protox (pure Rust; no protoc needed) for tonic.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/dataloader.proto"];
+    let files = ["proto/dataloader.proto", "proto/coordinator.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything CI checks, from a fresh clone: formatting, clippy with warnings as errors (with
 # the Vulkan backend compiled in, which is also CI's `cargo check` of that feature), and the
-# whole test suite. Needs only the Rust toolchain; installs rustfmt and clippy if missing.
+# whole test suite. Needs the Rust toolchain and python3; installs rustfmt and clippy if
+# missing, and moto (the S3 server the data tests start) into a cached virtualenv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,14 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+pyenv=${TAMING_PYENV:-$HOME/.cache/taming-rs/pyenv}
+if [ ! -x "$pyenv/bin/moto_server" ]; then
+    echo "== installing moto[server] into $pyenv"
+    python3 -m venv "$pyenv"
+    "$pyenv/bin/pip" install --quiet "moto[server]"
+fi
+export MOTO_SERVER="$pyenv/bin/moto_server"
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

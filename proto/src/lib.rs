@@ -6,3 +6,8 @@
 pub mod dataloader {
     tonic::include_proto!("taming.dataloader.v1");
 }
+
+/// The coordinator: registry, jobs, assignments, progress, rendezvous.
+pub mod coordinator {
+    tonic::include_proto!("taming.coordinator.v1");
+}

@@ -1,3 +1,4 @@
 //! taming-rs trainers. `stage1` trains a VQGAN with the reference's objective.
 
+pub mod distributed;
 pub mod stage1;

@@ -5,6 +5,9 @@
 use burn::module::Module;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use taming_collective::{AllReduce, CollectiveError};
+
+use crate::distributed::{broadcast_params, mean_gradients};
 use burn::tensor::{Device, Tensor, TensorData};
 use taming_dataloader::ImageBatch;
 use taming_model::Vqgan;
@@ -62,6 +65,7 @@ pub struct Stage1Trainer {
     lr: f64,
     step: u64,
     device: Device,
+    group: Option<Box<dyn AllReduce>>,
 }
 
 fn adam(clip: Option<f32>) -> ModuleOptimizer {
@@ -98,6 +102,9 @@ impl Stage1Trainer {
         device.seed(config.seed);
         let model = Vqgan::new(&config.model, device)?;
         let disc = NLayerDiscriminator::new(&config.loss.discriminator, device);
+        // Parameters initialize lazily; draw them now, while the seed above holds.
+        materialize(&model);
+        materialize(&disc);
         let maintainer = match &config.model.quantizer {
             QuantizerConfig::Vector(vq) => Some(CodebookMaintainer::new(
                 vq,
@@ -120,7 +127,20 @@ impl Stage1Trainer {
             config,
             step: 0,
             device: device.clone(),
+            group: None,
         })
+    }
+
+    /// Joins a data-parallel group: the model and discriminator are replaced by rank 0's, and
+    /// from now on gradients are averaged over the group before every optimizer step and the
+    /// codebook (which each rank's maintenance changes) is copied from rank 0 after it.
+    pub fn join_group(&mut self, mut group: Box<dyn AllReduce>) -> Result<(), CollectiveError> {
+        let model = self.model.take().expect("model");
+        let disc = self.disc.take().expect("discriminator");
+        self.model = Some(broadcast_params(group.as_mut(), model, 0)?);
+        self.disc = Some(broadcast_params(group.as_mut(), disc, 0)?);
+        self.group = Some(group);
+        Ok(())
     }
 
     /// Optimizer steps taken.
@@ -154,8 +174,13 @@ impl Stage1Trainer {
     }
 
     /// One micro-batch; every `grad_accum` micro-batches the optimizers step and a report is
-    /// returned.
+    /// returned. Panics if a collective fails: group members use [`Self::try_train_batch`].
     pub fn train_batch(&mut self, x: Tensor<4>) -> Option<StepReport> {
+        self.try_train_batch(x).expect("collective")
+    }
+
+    /// [`Self::train_batch`], with the errors of the data-parallel group returned.
+    pub fn try_train_batch(&mut self, x: Tensor<4>) -> Result<Option<StepReport>, CollectiveError> {
         if self.micro == 0 {
             // Random draws depend on (seed, step) only, so a resumed run repeats them.
             let seed = step_seed(self.config.seed, self.step);
@@ -202,25 +227,63 @@ impl Stage1Trainer {
         if self.micro < self.config.grad_accum {
             self.model = Some(model);
             self.disc = Some(disc);
-            return None;
+            return Ok(None);
         }
         self.micro = 0;
-        let model = self.opt_ae.step(self.lr, model, self.acc_ae.grads());
+        let grads_ae = self.acc_ae.grads();
+        let grads_ae = self.synced(&model, grads_ae)?;
+        let model = self.opt_ae.step(self.lr, model, grads_ae);
         let disc = if d_loss.is_some() {
-            self.opt_d.step(self.lr, disc, self.acc_d.grads())
+            let grads_d = self.acc_d.grads();
+            let grads_d = self.synced(&disc, grads_d)?;
+            self.opt_d.step(self.lr, disc, grads_d)
         } else {
             disc
         };
         let (model, usage) = self.maintain(model, out.quantized.lookup_latents, flat);
+        let model = self.sync_codebook(model)?;
         self.model = Some(model);
         self.disc = Some(disc);
         self.step += 1;
-        Some(StepReport {
+        Ok(Some(StepReport {
             step: self.step,
             generator: generator.log,
             d_loss,
             usage,
             perplexity: perplexity(&host, self.config.model.n_embed),
+        }))
+    }
+
+    fn synced<M: Module>(
+        &mut self,
+        module: &M,
+        grads: GradientsParams,
+    ) -> Result<GradientsParams, CollectiveError> {
+        match self.group.as_mut() {
+            Some(group) => mean_gradients(group.as_mut(), module, grads),
+            None => Ok(grads),
+        }
+    }
+
+    /// Rank 0's quantizer everywhere, when codebook maintenance changed it locally.
+    fn sync_codebook(&mut self, model: Vqgan) -> Result<Vqgan, CollectiveError> {
+        let (Some(group), Some(_)) = (self.group.as_mut(), self.maintainer.as_ref()) else {
+            return Ok(model);
+        };
+        let Vqgan {
+            encoder,
+            decoder,
+            quant_conv,
+            post_quant_conv,
+            quantize,
+        } = model;
+        let quantize = broadcast_params(group.as_mut(), quantize, 0)?;
+        Ok(Vqgan {
+            encoder,
+            decoder,
+            quant_conv,
+            post_quant_conv,
+            quantize,
         })
     }
 
@@ -358,6 +421,17 @@ fn load_module<M: ModuleSnapshot>(module: &mut M, path: &Path) -> Result<(), Che
 }
 
 /// The seed of step `step` of a run seeded with `seed` (a splitmix64 step).
+/// Initializes every lazily initialized parameter of `module`.
+fn materialize<M: Module>(module: &M) {
+    struct Touch;
+    impl burn::module::ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
+}
+
 fn step_seed(seed: u64, step: u64) -> u64 {
     let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

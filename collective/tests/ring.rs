@@ -1,0 +1,139 @@
+//! The TCP ring against a plain sum, for odd buffer sizes and 2 to 5 ranks; broadcast and
+//! mean; strangers refused; NCCL refused clearly without CUDA.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use taming_collective::{AllReduce, RingConfig, TcpRing, all_reduce_mean, nccl};
+
+const LENGTHS: [usize; 5] = [1, 3, 7, 1001, 65_537];
+
+fn rings(n: usize, job: u64) -> Vec<TcpRing> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let cfg = RingConfig {
+                rank,
+                peers: peers.clone(),
+                job,
+                timeout: Duration::from_secs(20),
+            };
+            std::thread::spawn(move || TcpRing::connect(l, &cfg).unwrap())
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// A deterministic pseudo-random buffer per rank and length.
+fn buffer(rank: usize, len: usize) -> Vec<f32> {
+    let mut s = 0x9E37_79B9u64.wrapping_mul(rank as u64 + 1) ^ len as u64;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+/// Runs `f` on every rank of the group at once and returns the results by rank.
+fn on_all<T: Send + 'static>(
+    group: Vec<TcpRing>,
+    f: impl Fn(&mut TcpRing) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let handles: Vec<_> = group
+        .into_iter()
+        .map(|mut ring| {
+            let f = f.clone();
+            std::thread::spawn(move || f(&mut ring))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn ring_sum_equals_a_plain_sum_for_odd_sizes_and_two_to_five_ranks() {
+    for n in 2..=5 {
+        let results = on_all(rings(n, 7), |ring| {
+            LENGTHS
+                .iter()
+                .map(|&len| {
+                    let mut buf = buffer(ring.rank(), len);
+                    ring.all_reduce_sum(&mut buf).unwrap();
+                    buf
+                })
+                .collect::<Vec<_>>()
+        });
+        for (li, &len) in LENGTHS.iter().enumerate() {
+            let inputs: Vec<Vec<f32>> = (0..n).map(|r| buffer(r, len)).collect();
+            let expected: Vec<f32> = (0..len)
+                .map(|i| inputs.iter().map(|b| b[i]).sum())
+                .collect();
+            for (rank, got) in results.iter().enumerate() {
+                for (i, (g, e)) in got[li].iter().zip(&expected).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-5 * e.abs().max(1.0),
+                        "n={n} len={len} rank={rank} [{i}]: {g} vs {e}"
+                    );
+                }
+            }
+            // Every rank holds bit-identical results (same summation order for each chunk).
+            assert!(
+                results.iter().all(|r| r[li] == results[0][li]),
+                "n={n} len={len}"
+            );
+        }
+    }
+}
+
+#[test]
+fn broadcast_and_mean() {
+    let results = on_all(rings(3, 8), |ring| {
+        let mut b = buffer(ring.rank(), 1001);
+        ring.broadcast(&mut b, 2).unwrap();
+        let mut m = vec![ring.rank() as f32; 5];
+        all_reduce_mean(ring, &mut m).unwrap();
+        (b, m)
+    });
+    for (b, m) in &results {
+        assert_eq!(b, &buffer(2, 1001));
+        assert_eq!(m, &vec![1.0; 5]);
+    }
+}
+
+#[test]
+fn a_peer_of_another_job_is_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let stranger_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let peers = vec![
+        listener.local_addr().unwrap(),
+        stranger_listener.local_addr().unwrap(),
+    ];
+    let cfg = |rank, job| RingConfig {
+        rank,
+        peers: peers.clone(),
+        job,
+        timeout: Duration::from_secs(2),
+    };
+    let (mine, theirs) = (cfg(0, 1), cfg(1, 2));
+    let stranger =
+        std::thread::spawn(move || TcpRing::connect(stranger_listener, &theirs).map(|_| ()));
+    let err = TcpRing::connect(listener, &mine).err().expect("refused");
+    assert!(err.to_string().contains("did not connect"), "{err}");
+    assert!(stranger.join().unwrap().is_err());
+}
+
+#[test]
+fn nccl_is_refused_clearly_without_cuda() {
+    if nccl::unavailable().is_none() {
+        return; // A CUDA machine: the refusal does not apply.
+    }
+    let err = nccl::new_id().err().expect("no NCCL here").to_string();
+    assert!(err.contains("libcuda") || err.contains("libnccl"), "{err}");
+}

@@ -1,0 +1,175 @@
+//! Data parallelism: two ranks with batch b, averaging gradients over the TCP ring, end with
+//! the parameters of one rank with batch 2b (before the discriminator starts: its BatchNorm
+//! sees per-rank batch statistics, see the README).
+//!
+//! The bound is 1e-4 relative, not 1e-5: the convolutions of a batch of 4 and of 8 round
+//! differently (~1e-7), and Adam divides each gradient element by its own magnitude, so
+//! elements whose gradient is at rounding level move by +-lr either way. Measured here:
+//! 1.6e-5 after one step, 2.7e-5 after two, 3.4e-5 after three.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use burn::store::ModuleSnapshot;
+use burn::tensor::{Device, Tensor, TensorData};
+use taming_collective::{RingConfig, TcpRing};
+use taming_dataloader::shards::list_split;
+use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
+use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
+use taming_model::loss::{DiscriminatorConfig, LossConfig};
+use taming_worker::stage1::{Stage1Config, Stage1Trainer};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn config(batch_size: usize) -> Stage1Config {
+    Stage1Config {
+        model: VqganConfig {
+            ddconfig: DdConfig {
+                ch: 32,
+                out_ch: 3,
+                ch_mult: vec![1, 2],
+                num_res_blocks: 1,
+                attn_resolutions: vec![16],
+                dropout: 0.0,
+                resamp_with_conv: true,
+                in_channels: 3,
+                resolution: 32,
+                z_channels: 16,
+                double_z: false,
+            },
+            n_embed: 64,
+            embed_dim: 16,
+            quantizer: QuantizerConfig::default(),
+        },
+        loss: LossConfig {
+            disc_start: 1000,
+            perceptual_weight: 0.0,
+            lpips: None,
+            discriminator: DiscriminatorConfig {
+                in_channels: 3,
+                ndf: 16,
+                n_layers: 2,
+            },
+            ..LossConfig::default()
+        },
+        base_learning_rate: 1e-4,
+        batch_size,
+        grad_accum: 1,
+        grad_clip: None,
+        flip: false,
+        seed: 5,
+    }
+}
+
+/// Three batches of 8 validation images.
+fn batches() -> Vec<(Vec<f32>, [usize; 4])> {
+    let shards = list_split(root().join("data/fashion-mnist"), "val").unwrap();
+    let pre = Preprocess {
+        size: 32,
+        random_crop: false,
+        flip: false,
+    };
+    let mut loader = ShardLoader::open(
+        &shards,
+        LoaderConfig::simple(8, pre, 0, false),
+        &LoaderState::default(),
+    )
+    .unwrap();
+    (0..3)
+        .map(|_| {
+            let b = loader.next_batch().unwrap();
+            (b.images, b.shape)
+        })
+        .collect()
+}
+
+fn half(batch: &(Vec<f32>, [usize; 4]), which: usize) -> Tensor<4> {
+    let [n, c, h, w] = batch.1;
+    let per = c * h * w;
+    let part = batch.0[which * (n / 2) * per..(which + 1) * (n / 2) * per].to_vec();
+    Tensor::from_data(
+        TensorData::new(part, [n / 2, c, h, w]),
+        &Device::flex().autodiff(),
+    )
+}
+
+fn flat<M: ModuleSnapshot>(m: &M) -> Vec<f32> {
+    let mut tensors = m.collect(None, None, false);
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    tensors
+        .into_iter()
+        .flat_map(|t| {
+            t.into_bytes()
+                .unwrap()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn relative_difference(a: &[f32], b: &[f32]) -> f64 {
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let norm: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+    (diff / norm).sqrt()
+}
+
+#[test]
+fn two_ranks_with_batch_4_match_one_rank_with_batch_8() {
+    let device = Device::flex().autodiff();
+    let data = batches();
+    // Trainers are built one after another: burn's random generator is process-global.
+    let mut single = Stage1Trainer::new(config(8), 1, &device).unwrap();
+    let ranks: Vec<Stage1Trainer> = (0..2)
+        .map(|_| Stage1Trainer::new(config(4), 2, &device).unwrap())
+        .collect();
+    assert!((single.learning_rate() - ranks[0].learning_rate()).abs() < 1e-12);
+    let before = flat(single.model());
+    for b in &data {
+        let x = Tensor::cat(vec![half(b, 0), half(b, 1)], 0);
+        single.train_batch(x).expect("a step");
+    }
+
+    let listeners: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let handles: Vec<_> = ranks
+        .into_iter()
+        .zip(listeners)
+        .enumerate()
+        .map(|(rank, (mut trainer, listener))| {
+            let cfg = RingConfig {
+                rank,
+                peers: peers.clone(),
+                job: 1,
+                timeout: Duration::from_secs(60),
+            };
+            let data = data.clone();
+            std::thread::spawn(move || {
+                let ring = TcpRing::connect(listener, &cfg).unwrap();
+                trainer.join_group(Box::new(ring)).unwrap();
+                for b in &data {
+                    trainer
+                        .try_train_batch(half(b, rank))
+                        .unwrap()
+                        .expect("a step");
+                }
+                (flat(trainer.model()), flat(trainer.discriminator()))
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        results[0], results[1],
+        "both ranks hold identical parameters"
+    );
+    let after = flat(single.model());
+    let moved = relative_difference(&before, &after);
+    let diff = relative_difference(&after, &results[0].0);
+    assert!(moved > 1e-4, "training moved the parameters ({moved})");
+    assert!(diff < 1e-4, "2 x 4 vs 1 x 8: relative difference {diff}");
+}
