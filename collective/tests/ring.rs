@@ -134,6 +134,6 @@ fn nccl_is_refused_clearly_without_cuda() {
     if nccl::unavailable().is_none() {
         return; // A CUDA machine: the refusal does not apply.
     }
-    let err = nccl::new_id().err().expect("no NCCL here").to_string();
+    let err = nccl::new_id().expect_err("no NCCL here").to_string();
     assert!(err.contains("libcuda") || err.contains("libnccl"), "{err}");
 }

@@ -90,6 +90,12 @@ pub struct SpecRecord {
     pub eval_every: u64,
     /// Checkpoint interval.
     pub checkpoint_every: u64,
+    /// Continue an existing run.
+    #[serde(default)]
+    pub resume: bool,
+    /// Device kind.
+    #[serde(default)]
+    pub device: String,
 }
 
 impl From<JobSpec> for SpecRecord {
@@ -106,6 +112,8 @@ impl From<JobSpec> for SpecRecord {
             collective: s.collective,
             eval_every: s.eval_every,
             checkpoint_every: s.checkpoint_every,
+            resume: s.resume,
+            device: s.device,
         }
     }
 }
@@ -124,6 +132,8 @@ impl From<SpecRecord> for JobSpec {
             collective: s.collective,
             eval_every: s.eval_every,
             checkpoint_every: s.checkpoint_every,
+            resume: s.resume,
+            device: s.device,
         }
     }
 }
@@ -164,16 +174,26 @@ pub struct Cluster {
     pub workers: BTreeMap<String, Worker>,
     /// Jobs by id.
     pub jobs: BTreeMap<String, JobRecord>,
+    /// A failed attempt is restarted no sooner than this, so that workers that died with it
+    /// have stopped heartbeating and are not placed again.
+    pub restart_delay: Duration,
+    not_before: BTreeMap<String, Instant>,
     next_worker: u64,
     next_job: u64,
 }
+
+/// Attempts before a job whose ranks keep failing is given up.
+pub const MAX_ATTEMPTS: u32 = 8;
 
 /// Most ranks a job may ask for.
 pub const MAX_NODES: u32 = 4096;
 const MAX_TEXT: usize = 1 << 20;
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ClusterError {
-    ClusterError::Invalid { field, reason: reason.into() }
+    ClusterError::Invalid {
+        field,
+        reason: reason.into(),
+    }
 }
 
 impl Cluster {
@@ -186,7 +206,10 @@ impl Cluster {
         now: Instant,
     ) -> Result<String, ClusterError> {
         if name.len() > 256 || ring_addr.len() > 256 || devices.len() > 64 {
-            return Err(invalid("register", "name, ring_addr (256 bytes) or devices (64) too long"));
+            return Err(invalid(
+                "register",
+                "name, ring_addr (256 bytes) or devices (64) too long",
+            ));
         }
         ring_addr
             .parse::<std::net::SocketAddr>()
@@ -212,30 +235,53 @@ impl Cluster {
         let w = self
             .workers
             .get_mut(worker)
-            .ok_or_else(|| ClusterError::Unknown { what: "worker", id: worker.into() })?;
+            .ok_or_else(|| ClusterError::Unknown {
+                what: "worker",
+                id: worker.into(),
+            })?;
         w.seen = now;
-        Ok(w.job.iter().filter(|j| self.jobs.get(*j).is_some_and(|j| j.state != RUNNING)).cloned().collect())
+        Ok(w.job
+            .iter()
+            .filter(|j| self.jobs.get(*j).is_some_and(|j| j.state != RUNNING))
+            .cloned()
+            .collect())
     }
 
     /// Queues a job after checking its spec.
     pub fn submit(&mut self, spec: JobSpec) -> Result<String, ClusterError> {
         if spec.stage != "vqgan" && spec.stage != "transformer" {
-            return Err(invalid("spec.stage", format!("`{}` (vqgan or transformer)", spec.stage)));
+            return Err(invalid(
+                "spec.stage",
+                format!("`{}` (vqgan or transformer)", spec.stage),
+            ));
         }
         if spec.nodes == 0 || spec.nodes > MAX_NODES {
-            return Err(invalid("spec.nodes", format!("{} not in 1..={MAX_NODES}", spec.nodes)));
+            return Err(invalid(
+                "spec.nodes",
+                format!("{} not in 1..={MAX_NODES}", spec.nodes),
+            ));
         }
         if spec.min_nodes > spec.nodes {
-            return Err(invalid("spec.min_nodes", format!("{} above nodes {}", spec.min_nodes, spec.nodes)));
+            return Err(invalid(
+                "spec.min_nodes",
+                format!("{} above nodes {}", spec.min_nodes, spec.nodes),
+            ));
         }
         if spec.steps == 0 {
             return Err(invalid("spec.steps", "must be at least 1"));
         }
-        if spec.out.is_empty() || spec.config_yaml.len() > MAX_TEXT || spec.dataloaders.len() > 256 {
-            return Err(invalid("spec", "empty out, config over 1 MiB or over 256 dataloaders"));
+        if spec.out.is_empty() || spec.config_yaml.len() > MAX_TEXT || spec.dataloaders.len() > 256
+        {
+            return Err(invalid(
+                "spec",
+                "empty out, config over 1 MiB or over 256 dataloaders",
+            ));
         }
         if !matches!(spec.collective.as_str(), "" | "ring" | "nccl") {
-            return Err(invalid("spec.collective", format!("`{}` (ring or nccl)", spec.collective)));
+            return Err(invalid(
+                "spec.collective",
+                format!("`{}` (ring or nccl)", spec.collective),
+            ));
         }
         self.next_job += 1;
         let id = format!("job-{:04}", self.next_job);
@@ -261,23 +307,39 @@ impl Cluster {
 
     /// Places pending jobs on idle workers, oldest job first. A first attempt waits for
     /// `nodes` workers; a restart takes what is there, down to `min_nodes`.
-    pub fn schedule(&mut self) -> Vec<(String, Assignment)> {
+    pub fn schedule(&mut self, now: Instant) -> Vec<(String, Assignment)> {
         let mut out = Vec::new();
-        let pending: Vec<String> =
-            self.jobs.values().filter(|j| j.state == PENDING).map(|j| j.id.clone()).collect();
+        self.not_before.retain(|_, t| *t > now);
+        let pending: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == PENDING && !self.not_before.contains_key(&j.id))
+            .map(|j| j.id.clone())
+            .collect();
         for id in pending {
-            let idle: Vec<String> =
-                self.workers.values().filter(|w| w.job.is_none()).map(|w| w.id.clone()).collect();
+            let idle: Vec<String> = self
+                .workers
+                .values()
+                .filter(|w| w.job.is_none())
+                .map(|w| w.id.clone())
+                .collect();
             let job = self.jobs.get_mut(&id).expect("listed");
-            let need = if job.attempt == 0 { job.spec.nodes } else { job.spec.min_nodes } as usize;
+            let need = if job.attempt == 0 {
+                job.spec.nodes
+            } else {
+                job.spec.min_nodes
+            } as usize;
             if idle.len() < need {
                 job.message = format!("waiting for {need} idle worker(s); {} idle", idle.len());
                 continue;
             }
             let take = idle.len().min(job.spec.nodes as usize);
             let chosen: Vec<String> = idle.into_iter().take(take).collect();
-            let peers: Vec<String> = chosen.iter().map(|w| self.workers[w].ring_addr.clone()).collect();
-            let resume = job.attempt > 0;
+            let peers: Vec<String> = chosen
+                .iter()
+                .map(|w| self.workers[w].ring_addr.clone())
+                .collect();
+            let resume = job.attempt > 0 || job.spec.resume;
             job.attempt += 1;
             job.state = RUNNING.into();
             job.workers = chosen.clone();
@@ -305,17 +367,23 @@ impl Cluster {
     /// Records a progress report; returns whether the worker must stop.
     pub fn progress(&mut self, r: &ProgressReport) -> Result<bool, ClusterError> {
         if r.losses.len() > 64 || r.message.len() > 4096 {
-            return Err(invalid("progress", "over 64 losses or a message over 4 KiB"));
+            return Err(invalid(
+                "progress",
+                "over 64 losses or a message over 4 KiB",
+            ));
         }
         let job = self
             .jobs
             .get_mut(&r.job_id)
-            .ok_or_else(|| ClusterError::Unknown { what: "job", id: r.job_id.clone() })?;
+            .ok_or_else(|| ClusterError::Unknown {
+                what: "job",
+                id: r.job_id.clone(),
+            })?;
         if r.attempt != job.attempt || job.state != RUNNING {
             return Ok(true);
         }
-        if r.rank == 0 {
-            job.step = job.step.max(r.step);
+        if r.rank == 0 && !r.losses.is_empty() {
+            job.step = r.step;
             job.losses = r.losses.iter().map(|(k, v)| (k.clone(), *v)).collect();
             job.images_per_s = r.images_per_s;
         }
@@ -331,9 +399,15 @@ impl Cluster {
                     job.message = format!("finished at step {}", job.step);
                 }
             }
-            "failed" => {
+            "failed" if r.retryable && job.attempt < MAX_ATTEMPTS => {
                 let message = format!("rank {} failed: {}", r.rank, r.message);
                 self.fail_attempt(&r.job_id, &message);
+            }
+            "failed" => {
+                job.state = FAILED.into();
+                job.message = format!("rank {} failed: {}", r.rank, r.message);
+                let workers = std::mem::take(&mut job.workers);
+                workers.iter().for_each(|w| self.release_worker(w));
             }
             _ => {}
         }
@@ -342,10 +416,10 @@ impl Cluster {
 
     /// Cancels a job; its workers are told at their next heartbeat or report.
     pub fn cancel(&mut self, id: &str) -> Result<String, ClusterError> {
-        let job = self
-            .jobs
-            .get_mut(id)
-            .ok_or_else(|| ClusterError::Unknown { what: "job", id: id.into() })?;
+        let job = self.jobs.get_mut(id).ok_or_else(|| ClusterError::Unknown {
+            what: "job",
+            id: id.into(),
+        })?;
         if job.state == PENDING || job.state == RUNNING {
             job.state = CANCELLED.into();
             job.message = "cancelled".into();
@@ -375,7 +449,9 @@ impl Cluster {
     /// Ends the current attempt of a running job: its workers are released and the job is
     /// queued again to resume from its last checkpoint.
     fn fail_attempt(&mut self, id: &str, why: &str) {
-        let Some(job) = self.jobs.get_mut(id) else { return };
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
         if job.state != RUNNING {
             return;
         }
@@ -383,6 +459,8 @@ impl Cluster {
         job.state = PENDING.into();
         job.message = format!("restarting after: {why}");
         let workers = std::mem::take(&mut job.workers);
+        self.not_before
+            .insert(id.to_string(), Instant::now() + self.restart_delay);
         workers.iter().for_each(|w| self.release_worker(w));
     }
 
@@ -394,7 +472,10 @@ impl Cluster {
 
     /// A job as the API shows it.
     pub fn job(&self, id: &str) -> Result<Job, ClusterError> {
-        let j = self.jobs.get(id).ok_or_else(|| ClusterError::Unknown { what: "job", id: id.into() })?;
+        let j = self.jobs.get(id).ok_or_else(|| ClusterError::Unknown {
+            what: "job",
+            id: id.into(),
+        })?;
         Ok(Job {
             job_id: j.id.clone(),
             state: j.state.clone(),
@@ -411,8 +492,12 @@ impl Cluster {
     /// Writes the jobs to `dir/jobs.json` (temporary file, then rename).
     pub fn save(&self, dir: &Path) -> Result<(), ClusterError> {
         let path = dir.join("jobs.json");
-        let err = |e: std::io::Error| ClusterError::State { path: path.clone(), reason: e.to_string() };
-        let json = serde_json::to_vec_pretty(&self.jobs.values().collect::<Vec<_>>()).expect("jobs serialize");
+        let err = |e: std::io::Error| ClusterError::State {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        let json = serde_json::to_vec_pretty(&self.jobs.values().collect::<Vec<_>>())
+            .expect("jobs serialize");
         std::fs::create_dir_all(dir).map_err(err)?;
         let tmp = dir.join(".jobs.json.tmp");
         std::fs::write(&tmp, json).map_err(err)?;
@@ -427,10 +512,18 @@ impl Cluster {
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cluster),
-            Err(e) => return Err(ClusterError::State { path, reason: e.to_string() }),
+            Err(e) => {
+                return Err(ClusterError::State {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
         };
-        let jobs: Vec<JobRecord> = serde_json::from_str(&text)
-            .map_err(|e| ClusterError::State { path: path.clone(), reason: e.to_string() })?;
+        let jobs: Vec<JobRecord> =
+            serde_json::from_str(&text).map_err(|e| ClusterError::State {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         for mut job in jobs {
             if job.state == RUNNING {
                 job.state = PENDING.into();
@@ -451,12 +544,29 @@ mod tests {
     use super::*;
 
     fn spec(nodes: u32, min_nodes: u32) -> JobSpec {
-        JobSpec { stage: "vqgan".into(), out: "runs/x".into(), steps: 10, nodes, min_nodes, ..Default::default() }
+        JobSpec {
+            stage: "vqgan".into(),
+            out: "runs/x".into(),
+            steps: 10,
+            nodes,
+            min_nodes,
+            ..Default::default()
+        }
     }
 
     fn cluster_with(n: usize, now: Instant) -> (Cluster, Vec<String>) {
         let mut c = Cluster::default();
-        let ids = (0..n).map(|i| c.register(&format!("h{i}"), vec![], &format!("127.0.0.1:{}", 7000 + i), now).unwrap()).collect();
+        let ids = (0..n)
+            .map(|i| {
+                c.register(
+                    &format!("h{i}"),
+                    vec![],
+                    &format!("127.0.0.1:{}", 7000 + i),
+                    now,
+                )
+                .unwrap()
+            })
+            .collect();
         (c, ids)
     }
 
@@ -465,13 +575,16 @@ mod tests {
         let now = Instant::now();
         let (mut c, _) = cluster_with(2, now);
         let id = c.submit(spec(3, 2)).unwrap();
-        assert!(c.schedule().is_empty());
+        assert!(c.schedule(now).is_empty());
         assert_eq!(c.jobs[&id].state, PENDING);
         c.register("h2", vec![], "127.0.0.1:7002", now).unwrap();
-        let a = c.schedule();
+        let a = c.schedule(now);
         assert_eq!(a.len(), 3);
         assert_eq!(a.iter().map(|(_, a)| a.rank).collect::<Vec<_>>(), [0, 1, 2]);
-        assert!(a.iter().all(|(_, a)| a.world_size == 3 && a.peers.len() == 3 && !a.resume));
+        assert!(
+            a.iter()
+                .all(|(_, a)| a.world_size == 3 && a.peers.len() == 3 && !a.resume)
+        );
     }
 
     #[test]
@@ -479,17 +592,29 @@ mod tests {
         let now = Instant::now();
         let (mut c, ids) = cluster_with(3, now);
         let id = c.submit(spec(3, 2)).unwrap();
-        assert_eq!(c.schedule().len(), 3);
+        assert_eq!(c.schedule(now).len(), 3);
         let later = now + Duration::from_secs(10);
         c.heartbeat(&ids[0], later).unwrap();
         c.heartbeat(&ids[1], later).unwrap();
-        assert_eq!(c.expire(later, Duration::from_secs(5)), vec![ids[2].clone()]);
+        assert_eq!(
+            c.expire(later, Duration::from_secs(5)),
+            vec![ids[2].clone()]
+        );
         assert_eq!(c.jobs[&id].state, PENDING);
-        let again = c.schedule();
+        let again = c.schedule(later);
         assert_eq!(again.len(), 2);
-        assert!(again.iter().all(|(_, a)| a.resume && a.attempt == 2 && a.world_size == 2));
+        assert!(
+            again
+                .iter()
+                .all(|(_, a)| a.resume && a.attempt == 2 && a.world_size == 2)
+        );
         // Reports of the old attempt are told to stop.
-        let old = ProgressReport { job_id: id.clone(), attempt: 1, state: "running".into(), ..Default::default() };
+        let old = ProgressReport {
+            job_id: id.clone(),
+            attempt: 1,
+            state: "running".into(),
+            ..Default::default()
+        };
         assert!(c.progress(&old).unwrap());
     }
 
@@ -498,13 +623,13 @@ mod tests {
         let now = Instant::now();
         let (mut c, _) = cluster_with(1, now);
         let id = c.submit(spec(1, 1)).unwrap();
-        c.schedule();
+        c.schedule(now);
         let tmp = tempfile::tempdir().unwrap();
         c.save(tmp.path()).unwrap();
         let mut back = Cluster::load(tmp.path()).unwrap();
         assert_eq!(back.jobs[&id].state, PENDING);
         back.register("h", vec![], "127.0.0.1:9", now).unwrap();
-        let a = back.schedule();
+        let a = back.schedule(now);
         assert!(a[0].1.resume);
         assert_eq!(back.submit(spec(1, 1)).unwrap(), "job-0002");
     }
@@ -514,9 +639,18 @@ mod tests {
         let mut c = Cluster::default();
         let e = c.submit(spec(0, 0)).unwrap_err().to_string();
         assert!(e.contains("spec.nodes"), "{e}");
-        let e = c.submit(JobSpec { stage: "gan".into(), ..spec(1, 1) }).unwrap_err().to_string();
+        let e = c
+            .submit(JobSpec {
+                stage: "gan".into(),
+                ..spec(1, 1)
+            })
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("spec.stage"), "{e}");
-        let e = c.register("x", vec![], "not an address", Instant::now()).unwrap_err().to_string();
+        let e = c
+            .register("x", vec![], "not an address", Instant::now())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ring_addr"), "{e}");
     }
 }

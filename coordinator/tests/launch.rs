@@ -124,20 +124,59 @@ fn a_config_with_an_unknown_key_is_refused_before_any_work() {
 }
 
 #[test]
-fn multi_node_and_stage_two_are_refused_clearly() {
-    let cases = [
-        (["--stage", "vqgan", "--nodes", "8"], "--nodes 8"),
-        (
-            ["--stage", "transformer", "--nodes", "1"],
-            "--stage transformer",
-        ),
-    ];
-    for (args, named) in cases {
-        let run = coordinator().arg("launch").args(args).output().unwrap();
-        assert!(!run.status.success());
-        let err = String::from_utf8_lossy(&run.stderr);
-        assert!(err.contains(named) && err.contains("not"), "{err}");
+fn stage_two_is_refused_clearly() {
+    let run = coordinator()
+        .args(["launch", "--stage", "transformer", "--nodes", "1"])
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("--stage transformer") && err.contains("not"),
+        "{err}"
+    );
+}
+
+#[test]
+fn two_nodes_on_the_local_mini_cluster_train_through_the_dataloader_service() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let run = coordinator()
+        .args([
+            "launch", "--stage", "vqgan", "--nodes", "2", "--steps", "4", "--quiet",
+        ])
+        .args(["--eval-every", "2", "--checkpoint-every", "2"])
+        .arg("--config")
+        .arg(tiny_config(tmp.path()))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains("succeeded") && stdout.contains("on 2 worker(s)"),
+        "{stdout}"
+    );
+    for file in [
+        "metrics.csv",
+        "loss.png",
+        "val_grid.png",
+        "model/model.safetensors",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
     }
+    let log = std::fs::read_to_string(out.join("logs/worker-0.log")).unwrap()
+        + &std::fs::read_to_string(out.join("logs/worker-1.log")).unwrap();
+    assert!(log.contains("rank=0") && log.contains("rank=1"), "{log}");
+    assert!(
+        out.join("loader").read_dir().unwrap().next().is_some(),
+        "rank 1 saved its data position at the checkpoint"
+    );
 }
 
 #[test]

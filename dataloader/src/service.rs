@@ -262,12 +262,12 @@ fn to_proto(b: PixelBatch, dtype: DType, skipped: u64) -> Batch {
         images: Some(Tensor {
             dtype: dtype as i32,
             shape: b.shape.iter().map(|&d| d as u64).collect(),
-            data: data.into(),
+            data,
         }),
         masks: b.masks.map(|m| Tensor {
             dtype: DType::Uint8 as i32,
             shape: vec![n as u64, h as u64, w as u64],
-            data: m.into(),
+            data: m,
         }),
         labels: b.labels.iter().map(|l| l.unwrap_or(-1)).collect(),
         keys: b.keys,

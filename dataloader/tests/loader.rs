@@ -26,7 +26,7 @@ fn open(shards: &[String], cfg: LoaderConfig, state: &LoaderState) -> ShardLoade
 
 #[test]
 fn validation_pass_reads_every_sample_once_with_labels() {
-    let shards = list_split(&data_dir(), "val").unwrap();
+    let shards = list_split(data_dir(), "val").unwrap();
     let mut loader = open(&shards, config(64, false), &LoaderState::default());
     let mut keys = HashSet::new();
     let mut labels = HashSet::new();
@@ -45,7 +45,7 @@ fn validation_pass_reads_every_sample_once_with_labels() {
 
 #[test]
 fn an_epoch_delivers_every_training_sample_exactly_once_then_reshuffles() {
-    let shards = list_split(&data_dir(), "train").unwrap();
+    let shards = list_split(data_dir(), "train").unwrap();
     let mut loader = open(&shards, config(128, true), &LoaderState::default());
     let mut first = Vec::new();
     while first.len() < 3000 {
@@ -67,7 +67,7 @@ fn an_epoch_delivers_every_training_sample_exactly_once_then_reshuffles() {
 
 #[test]
 fn resuming_from_a_saved_state_continues_with_identical_batches() {
-    let shards = list_split(&data_dir(), "train").unwrap();
+    let shards = list_split(data_dir(), "train").unwrap();
     let mut straight = open(&shards, config(96, true), &LoaderState::default());
     let batches: Vec<_> = (0..8).map(|_| straight.next_batch().unwrap()).collect();
     let saved = batches[2].state.clone();

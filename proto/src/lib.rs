@@ -1,6 +1,9 @@
 //! The wire formats of taming-rs services, generated from `proto/*.proto`.
 //!
-//! This crate computes nothing: it holds messages and tonic clients/servers only.
+//! This crate computes nothing: it holds messages, tonic clients/servers and the token
+//! interceptors every service shares.
+
+pub mod auth;
 
 /// The dataloader service: ready batches streamed to trainers.
 pub mod dataloader {

@@ -67,7 +67,7 @@ fn config() -> Stage1Config {
 }
 
 fn loader(state: LoaderState) -> ShardLoader {
-    let shards = list_split(&root().join("data/fashion-mnist"), "train").unwrap();
+    let shards = list_split(root().join("data/fashion-mnist"), "train").unwrap();
     let cfg = LoaderConfig {
         batch_size: 4,
         preprocess: Preprocess {

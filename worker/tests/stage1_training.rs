@@ -59,7 +59,7 @@ fn small_config(disc_start: u64) -> Stage1Config {
 }
 
 fn loader(split: &str, batch: usize, train: bool) -> ShardLoader {
-    let shards = list_split(&root().join("data/fashion-mnist"), split).unwrap();
+    let shards = list_split(root().join("data/fashion-mnist"), split).unwrap();
     let cfg = LoaderConfig {
         batch_size: batch,
         preprocess: Preprocess {

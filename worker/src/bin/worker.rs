@@ -1,5 +1,6 @@
-//! `worker`: runs trainers. `worker train --stage vqgan` trains a VQGAN on local shards; with
-//! no arguments it trains the small default on the embedded Fashion-MNIST shards.
+//! `worker`: runs trainers. `worker --coordinator ADDR` joins a cluster and runs the jobs
+//! the coordinator assigns; `worker train --stage vqgan` trains on its own (with no other
+//! arguments: the small default on the embedded Fashion-MNIST shards).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,12 +8,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use taming_model::device::DeviceSpec;
+use taming_proto::auth::TOKEN_ENV;
+use taming_worker::agent::{AgentOptions, run_agent};
+use taming_worker::defaults::{default_data, parse_config};
 use taming_worker::stage1::{RunOptions, Stage1Config, run_stage1};
-
-/// The embedded default config (configs/stage1/fashion_mnist.yaml).
-const DEFAULT_CONFIG: &str = include_str!("../../../configs/stage1/fashion_mnist.yaml");
-/// Where the embedded default data lives in a checkout.
-const DEFAULT_DATA: &str = "data/fashion-mnist";
 
 #[derive(Parser)]
 #[command(
@@ -21,8 +20,26 @@ const DEFAULT_DATA: &str = "data/fashion-mnist";
     about = "taming-rs worker: runs training jobs"
 )]
 struct Cli {
+    /// Join the cluster of this coordinator and run its assignments.
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// Name shown in the coordinator's registry.
+    #[arg(long, default_value = "worker")]
+    name: String,
+    /// Cluster token.
+    #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
+    token: Option<String>,
+    /// Address the all-reduce ring listens on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    ring_bind: std::net::SocketAddr,
+    /// Address peers reach the ring at (default: the bound address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// CPU threads for compute (default: all).
+    #[arg(long)]
+    threads: Option<usize>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -33,6 +50,12 @@ enum Stage {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Parse and check a training config (the embedded default when none is given), then exit.
+    CheckConfig {
+        /// Training config (YAML).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Train locally (one process).
     Train {
         /// What to train.
@@ -78,6 +101,7 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
@@ -91,6 +115,30 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if let Some(t) = cli.threads {
+        rayon_threads(t)?;
+    }
+    let command = match (cli.command, cli.coordinator) {
+        (Some(c), None) => c,
+        (None, Some(coordinator)) => {
+            return run_agent(AgentOptions {
+                coordinator,
+                name: cli.name,
+                token: cli.token,
+                ring_bind: cli.ring_bind,
+                advertise: cli.advertise,
+                collective_timeout: std::time::Duration::from_secs(300),
+            });
+        }
+        (Some(_), Some(_)) => {
+            bail!("--coordinator joins a cluster; it does not go with a subcommand")
+        }
+        (None, None) => bail!("give --coordinator ADDR (join a cluster) or a subcommand (train)"),
+    };
+    if let Command::CheckConfig { config } = &command {
+        read_config(config.as_deref())?;
+        return Ok(());
+    }
     let Command::Train {
         stage: Stage::Vqgan,
         config,
@@ -104,27 +152,24 @@ fn run(cli: Cli) -> Result<()> {
         eval_every,
         checkpoint_every,
         quiet,
-    } = cli.command;
+    } = command
+    else {
+        unreachable!("check-config returned above");
+    };
     let config = read_config(config.as_deref())?;
     let data = match data {
         Some(dir) => dir,
         None => default_data()?.to_string_lossy().into_owned(),
     };
     let device = device.device().map_err(anyhow::Error::msg)?.autodiff();
-    let summary = run_stage1(RunOptions {
-        config,
-        data,
-        dataloaders: dataloader,
-        out: out.clone(),
-        steps,
-        resume,
-        eval_every,
-        checkpoint_every,
-        keep: 2,
-        nodes,
-        device,
-        progress: !quiet,
-    })?;
+    let mut opts = RunOptions::single(config, data, out.clone(), steps, device);
+    opts.dataloaders = dataloader;
+    opts.resume = resume;
+    opts.eval_every = eval_every;
+    opts.checkpoint_every = checkpoint_every;
+    opts.nodes = nodes;
+    opts.progress = !quiet;
+    let summary = run_stage1(opts)?;
     println!(
         "trained {} steps: validation L1 {:.4} -> {:.4}; {} samples skipped; model in {}; metrics, loss.png and val_grid.png in {}",
         summary.steps,
@@ -138,37 +183,19 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn read_config(path: Option<&Path>) -> Result<Stage1Config> {
-    let (text, name) = match path {
-        Some(p) => (
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-            p.display().to_string(),
-        ),
-        None => (
-            DEFAULT_CONFIG.to_string(),
-            "the embedded default config".to_string(),
-        ),
-    };
-    let config: Stage1Config = serde_yaml::from_str(&text)
-        .with_context(|| format!("{name}: not a valid stage-1 config"))?;
-    config
-        .validate()
-        .with_context(|| format!("{name}: refused"))?;
-    Ok(config)
+    match path {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            parse_config(&text, &p.display().to_string())
+        }
+        None => parse_config("", ""),
+    }
 }
 
-/// `data/fashion-mnist` under the current directory, else in the checkout this was built from.
-fn default_data() -> Result<PathBuf> {
-    let here = PathBuf::from(DEFAULT_DATA);
-    if here.is_dir() {
-        return Ok(here);
-    }
-    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(DEFAULT_DATA);
-    if checkout.is_dir() {
-        return Ok(checkout);
-    }
-    bail!(
-        "no --data given and the embedded data ({DEFAULT_DATA}) is not here; run from the repository root"
-    )
+fn rayon_threads(n: usize) -> Result<()> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .context("setting --threads")
 }

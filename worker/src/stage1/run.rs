@@ -22,10 +22,15 @@ use taming_model::checkpoint::native;
 use taming_model::image_io::to_image;
 use taming_model::quantize::QuantizeMode;
 
+use taming_collective::AllReduce;
+
 use super::checkpoint::{self, CheckpointError};
 use super::config::Stage1Config;
 use super::report::{self, MetricsRow};
 use super::trainer::{Stage1Trainer, StepReport, TrainError};
+
+/// Called after every step with its metrics row; returning false stops the run.
+pub type StepHook = Box<dyn FnMut(&MetricsRow) -> bool + Send>;
 
 /// How to run.
 pub struct RunOptions {
@@ -53,6 +58,44 @@ pub struct RunOptions {
     pub device: Device,
     /// Show a progress bar.
     pub progress: bool,
+    /// This rank and the number of ranks (data split, who writes the run folder).
+    pub rank: usize,
+    /// Ranks in the job.
+    pub world: usize,
+    /// The data-parallel group (with `world > 1`).
+    pub group: Option<Box<dyn AllReduce>>,
+    /// Called after every step with its metrics row; returning false stops the run.
+    pub on_step: Option<StepHook>,
+}
+
+impl RunOptions {
+    /// A single-process run.
+    pub fn single(
+        config: Stage1Config,
+        data: String,
+        out: PathBuf,
+        steps: u64,
+        device: Device,
+    ) -> Self {
+        Self {
+            config,
+            data,
+            dataloaders: Vec::new(),
+            out,
+            steps,
+            resume: false,
+            eval_every: 100,
+            checkpoint_every: 200,
+            keep: 2,
+            nodes: 1,
+            device,
+            progress: false,
+            rank: 0,
+            world: 1,
+            group: None,
+            on_step: None,
+        }
+    }
 }
 
 /// How a run ended.
@@ -79,6 +122,12 @@ pub enum RunError {
     /// The data could not be read.
     #[error(transparent)]
     Data(#[from] DataError),
+    /// The data-parallel group failed (a peer died or timed out).
+    #[error(transparent)]
+    Collective(#[from] taming_collective::CollectiveError),
+    /// The coordinator asked the run to stop.
+    #[error("stopped by the coordinator at step {0}")]
+    Stopped(u64),
     /// An output could not be written.
     #[error("{}: {reason}", path.display())]
     Output {
@@ -97,13 +146,17 @@ fn output(path: &Path, reason: impl ToString) -> RunError {
 }
 
 /// Runs (or resumes) stage-1 training.
-pub fn run_stage1(opts: RunOptions) -> Result<RunSummary, RunError> {
+pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
     opts.config.validate().map_err(TrainError::from)?;
     let train_shards = list_split(&opts.data, "train")?;
     let val_shards = list_split(&opts.data, "val")?;
     std::fs::create_dir_all(&opts.out).map_err(|e| output(&opts.out, e))?;
     let ckpt_dir = opts.out.join("checkpoints");
     let (mut trainer, state, mut rows) = start(&opts, &ckpt_dir)?;
+    if let Some(group) = opts.group.take() {
+        trainer.join_group(group)?;
+    }
+    let lead = opts.rank == 0;
     let size = opts.config.model.ddconfig.resolution;
     let loader_cfg = |batch_size, train: bool| LoaderConfig {
         batch_size,
@@ -118,7 +171,9 @@ pub fn run_stage1(opts: RunOptions) -> Result<RunSummary, RunError> {
             ..ReaderConfig::default()
         },
     };
-    let train_cfg = loader_cfg(opts.config.batch_size, true);
+    let mut train_cfg = loader_cfg(opts.config.batch_size, true);
+    train_cfg.reader.rank = opts.rank;
+    train_cfg.reader.world_size = opts.world;
     let mut loader: Box<dyn BatchSource> = if opts.dataloaders.is_empty() {
         Box::new(ShardLoader::open(&train_shards, train_cfg, &state)?)
     } else {
@@ -154,15 +209,26 @@ pub fn run_stage1(opts: RunOptions) -> Result<RunSummary, RunError> {
         bar.set_position(step);
         bar.set_message(message(&report, ips, last_val_l1));
         if step % opts.checkpoint_every.max(1) == 0 || step == opts.steps {
-            trainer
-                .save_checkpoint(&ckpt_dir, loader.state(), opts.keep)
-                .map_err(TrainError::from)?;
-            report::write_csv(&opts.out.join("metrics.csv"), &rows)
-                .map_err(|e| output(&opts.out.join("metrics.csv"), e))?;
+            if lead {
+                trainer
+                    .save_checkpoint(&ckpt_dir, loader.state(), opts.keep)
+                    .map_err(TrainError::from)?;
+                report::write_csv(&opts.out.join("metrics.csv"), &rows)
+                    .map_err(|e| output(&opts.out.join("metrics.csv"), e))?;
+            } else {
+                save_rank_state(&opts, step, &loader.state())?;
+            }
+        }
+        if let Some(on_step) = opts.on_step.as_mut()
+            && !on_step(rows.last().expect("pushed"))
+        {
+            return Err(RunError::Stopped(step));
         }
     }
     bar.finish();
-    finish(&opts, &trainer, &val, val_x, &rows)?;
+    if lead {
+        finish(&opts, &trainer, &val, val_x, &rows)?;
+    }
     Ok(RunSummary {
         steps: trainer.step(),
         first_val_l1,
@@ -196,12 +262,55 @@ fn start(
         return Ok((trainer, LoaderState::default(), Vec::new()));
     }
     let (trainer, state) = Stage1Trainer::resume(ckpt_dir, opts.nodes, &opts.device)?;
+    let state = if opts.rank == 0 {
+        state
+    } else {
+        load_rank_state(opts, trainer.step(), state.epoch)
+    };
     let rows = report::read_csv(&opts.out.join("metrics.csv"))
         .unwrap_or_default()
         .into_iter()
         .filter(|r| r.step <= trainer.step())
         .collect();
     Ok((trainer, state, rows))
+}
+
+/// The data position of rank r > 0 at a checkpoint step (rank 0's is in the checkpoint).
+fn rank_state_path(opts: &RunOptions, step: u64) -> PathBuf {
+    opts.out.join("loader").join(format!(
+        "rank-{:04}-of-{:04}-step-{step:08}.json",
+        opts.rank, opts.world
+    ))
+}
+
+fn save_rank_state(opts: &RunOptions, step: u64, state: &LoaderState) -> Result<(), RunError> {
+    let path = rank_state_path(opts, step);
+    let json = serde_json::to_vec(state).expect("state serializes");
+    std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(|e| output(&path, e))?;
+    taming_model::atomic::write(&path, &json).map_err(|e| output(&path, e))
+}
+
+/// Rank r's saved position, or the start of rank 0's epoch when there is none (the world
+/// size changed since the checkpoint, or this rank is new).
+fn load_rank_state(opts: &RunOptions, step: u64, epoch: u64) -> LoaderState {
+    let path = rank_state_path(opts, step);
+    match std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        Some(state) => state,
+        None => {
+            tracing::warn!(
+                rank = opts.rank,
+                step,
+                "no saved data position; starting epoch {epoch} afresh"
+            );
+            LoaderState {
+                epoch,
+                ..LoaderState::default()
+            }
+        }
+    }
 }
 
 fn train_step(
@@ -211,7 +320,7 @@ fn train_step(
     loop {
         let batch: ImageBatch = loader.next_batch()?;
         let x = trainer.to_tensor(&batch);
-        if let Some(report) = trainer.train_batch(x) {
+        if let Some(report) = trainer.try_train_batch(x)? {
             return Ok(report);
         }
     }

@@ -51,11 +51,9 @@ fn start_moto() -> String {
     // moto dies with the thread that started it (PR_SET_PDEATHSIG), so that thread lives
     // as long as the test process.
     std::thread::spawn(move || {
-        let child = spawn_moto(port);
+        let mut child = spawn_moto(port);
         tx.send(child.id()).unwrap();
-        loop {
-            std::thread::park();
-        }
+        let _ = child.wait();
     });
     rx.recv().expect("moto started");
     let endpoint = format!("http://127.0.0.1:{port}");

@@ -1,0 +1,115 @@
+//! Talking to a running coordinator: submit, follow (progress bar with step, losses, images/s
+//! and ETA), list and cancel.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use taming_proto::coordinator::coordinator_client::CoordinatorClient;
+use taming_proto::coordinator::{
+    CancelRequest, Job, JobSpec, JobStatusRequest, ListJobsRequest, SubmitRequest,
+};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::cluster::{CANCELLED, FAILED, SUCCEEDED};
+use taming_proto::auth::AttachToken;
+
+/// A connected client.
+pub type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
+
+/// Connects to `addr` (`host:port` or a URL), sending `token` with every call.
+pub async fn connect(addr: &str, token: Option<&str>) -> Result<Client> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("coordinator address `{addr}`"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the coordinator at {url}"))?;
+    Ok(CoordinatorClient::with_interceptor(
+        channel,
+        AttachToken::new(token),
+    ))
+}
+
+/// Submits a job and returns its id.
+pub async fn submit(client: &mut Client, spec: JobSpec) -> Result<String> {
+    let reply = client
+        .submit(SubmitRequest { spec: Some(spec) })
+        .await
+        .context("submitting the job")?;
+    Ok(reply.into_inner().job_id)
+}
+
+/// Follows a job until it ends, drawing a progress bar; returns its final state.
+pub async fn follow(client: &mut Client, job_id: &str, show: bool) -> Result<Job> {
+    let bar = if show {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed} < {eta}] {msg}")
+            .expect("template"),
+    );
+    loop {
+        let job = client
+            .job_status(JobStatusRequest {
+                job_id: job_id.to_string(),
+            })
+            .await
+            .with_context(|| format!("status of {job_id}"))?
+            .into_inner();
+        let steps = job.spec.as_ref().map_or(0, |s| s.steps);
+        bar.set_length(steps);
+        bar.set_position(job.step);
+        bar.set_message(line(&job));
+        if [SUCCEEDED, FAILED, CANCELLED].contains(&job.state.as_str()) {
+            bar.finish();
+            return Ok(job);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One line about a job: state, attempt, workers, losses, images/s, message.
+pub fn line(job: &Job) -> String {
+    let mut losses: Vec<_> = job.losses.iter().collect();
+    losses.sort_by(|a, b| a.0.cmp(b.0));
+    let losses: Vec<String> = losses.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+    format!(
+        "{} attempt {} on {} worker(s) | {} | {:.1} img/s | {}",
+        job.state,
+        job.attempt,
+        job.workers.len(),
+        losses.join(" "),
+        job.images_per_s,
+        job.message
+    )
+}
+
+/// Every job.
+pub async fn list(client: &mut Client) -> Result<Vec<Job>> {
+    Ok(client
+        .list_jobs(ListJobsRequest {})
+        .await
+        .context("listing jobs")?
+        .into_inner()
+        .jobs)
+}
+
+/// Cancels a job; returns its state.
+pub async fn cancel(client: &mut Client, job_id: &str) -> Result<String> {
+    let reply = client
+        .cancel(CancelRequest {
+            job_id: job_id.to_string(),
+        })
+        .await
+        .with_context(|| format!("cancelling {job_id}"))?;
+    Ok(reply.into_inner().state)
+}

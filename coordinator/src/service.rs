@@ -1,0 +1,301 @@
+//! The coordinator's gRPC service around [`Cluster`]: every change is followed by scheduling
+//! (assignments go to the workers' watch streams) and by saving the jobs under the state
+//! directory; a monitor expires silent workers every second.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use taming_proto::coordinator::coordinator_server::{Coordinator, CoordinatorServer};
+use taming_proto::coordinator::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status};
+
+use crate::cluster::{Cluster, ClusterError};
+use taming_proto::auth::RequireToken;
+
+/// Service settings.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Where jobs are kept across restarts.
+    pub state_dir: PathBuf,
+    /// A worker silent this long is dropped and its job's attempt fails.
+    pub heartbeat_timeout: Duration,
+    /// Interval the workers are asked to heartbeat at.
+    pub heartbeat_interval: Duration,
+    /// Required cluster token.
+    pub token: Option<String>,
+}
+
+type AssignmentTx = mpsc::Sender<Result<Assignment, Status>>;
+
+struct Shared {
+    cluster: Mutex<Cluster>,
+    watchers: Mutex<HashMap<String, AssignmentTx>>,
+    undelivered: Mutex<HashMap<String, Vec<Assignment>>>,
+    ids: Mutex<HashMap<(String, u32), Vec<u8>>>,
+    opts: ServeOptions,
+}
+
+/// The service.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    shared: Arc<Shared>,
+}
+
+fn status(e: ClusterError) -> Status {
+    match e {
+        ClusterError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        ClusterError::Unknown { .. } => Status::not_found(e.to_string()),
+        ClusterError::State { .. } => Status::internal(e.to_string()),
+    }
+}
+
+impl CoordinatorService {
+    /// A service with the jobs saved in `opts.state_dir`.
+    pub fn new(opts: ServeOptions) -> Result<Self, ClusterError> {
+        let mut cluster = Cluster::load(&opts.state_dir)?;
+        cluster.restart_delay = opts.heartbeat_timeout + Duration::from_secs(1);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                cluster: Mutex::new(cluster),
+                watchers: Mutex::default(),
+                undelivered: Mutex::default(),
+                ids: Mutex::default(),
+                opts,
+            }),
+        })
+    }
+
+    /// The tonic server with the token check.
+    pub fn into_server(self) -> InterceptedService<CoordinatorServer<Self>, RequireToken> {
+        let token = RequireToken::new(self.shared.opts.token.clone());
+        InterceptedService::new(CoordinatorServer::new(self), token)
+    }
+
+    /// Runs `f` on the cluster, then schedules, dispatches and saves.
+    fn change<T>(
+        &self,
+        f: impl FnOnce(&mut Cluster) -> Result<T, ClusterError>,
+    ) -> Result<T, Status> {
+        let (out, assignments) = {
+            let mut c = self.shared.cluster.lock().expect("cluster");
+            let out = f(&mut c).map_err(status)?;
+            let assignments = c.schedule(Instant::now());
+            c.save(&self.shared.opts.state_dir).map_err(status)?;
+            (out, assignments)
+        };
+        self.dispatch(assignments);
+        Ok(out)
+    }
+
+    fn dispatch(&self, assignments: Vec<(String, Assignment)>) {
+        let watchers = self.shared.watchers.lock().expect("watchers");
+        let mut undelivered = self.shared.undelivered.lock().expect("undelivered");
+        for (worker, a) in assignments {
+            tracing::info!(
+                worker,
+                job = a.job_id,
+                rank = a.rank,
+                attempt = a.attempt,
+                "assigned"
+            );
+            match watchers.get(&worker) {
+                Some(tx) if tx.try_send(Ok(a.clone())).is_ok() => {}
+                _ => undelivered.entry(worker).or_default().push(a),
+            }
+        }
+    }
+
+    /// Expires silent workers (called every second by [`serve`]).
+    pub fn monitor_tick(&self) {
+        let timeout = self.shared.opts.heartbeat_timeout;
+        let _ = self.change(|c| {
+            for w in c.expire(Instant::now(), timeout) {
+                tracing::warn!(worker = w, "dropped: no heartbeat");
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Serves on a bound listener until `shutdown`, with the expiry monitor.
+pub async fn serve(
+    service: CoordinatorService,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let monitor = service.clone();
+    let ticker = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            monitor.monitor_tick();
+        }
+    });
+    let result = tonic::transport::Server::builder()
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    ticker.abort();
+    result
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register_worker(
+        &self,
+        r: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterReply>, Status> {
+        let r = r.into_inner();
+        let devices = r
+            .devices
+            .into_iter()
+            .map(|d| (d.spec, d.memory_bytes))
+            .collect();
+        let id = self.change(|c| c.register(&r.name, devices, &r.ring_addr, Instant::now()))?;
+        tracing::info!(worker = id, ring = r.ring_addr, "registered");
+        Ok(Response::new(RegisterReply {
+            worker_id: id,
+            heartbeat_ms: self.shared.opts.heartbeat_interval.as_millis() as u32,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        r: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let id = r.into_inner().worker_id;
+        let stop = self
+            .shared
+            .cluster
+            .lock()
+            .expect("cluster")
+            .heartbeat(&id, Instant::now())
+            .map_err(status)?;
+        Ok(Response::new(HeartbeatReply { stop_jobs: stop }))
+    }
+
+    type WatchAssignmentsStream = ReceiverStream<Result<Assignment, Status>>;
+
+    async fn watch_assignments(
+        &self,
+        r: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+        let id = r.into_inner().worker_id;
+        if !self
+            .shared
+            .cluster
+            .lock()
+            .expect("cluster")
+            .workers
+            .contains_key(&id)
+        {
+            return Err(Status::not_found(format!("unknown worker `{id}`")));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let waiting = self
+            .shared
+            .undelivered
+            .lock()
+            .expect("undelivered")
+            .remove(&id)
+            .unwrap_or_default();
+        for a in waiting {
+            let _ = tx.try_send(Ok(a));
+        }
+        self.shared
+            .watchers
+            .lock()
+            .expect("watchers")
+            .insert(id, tx);
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn submit(&self, r: Request<SubmitRequest>) -> Result<Response<SubmitReply>, Status> {
+        let spec = r
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+        let id = self.change(|c| c.submit(spec))?;
+        tracing::info!(job = id, "submitted");
+        Ok(Response::new(SubmitReply { job_id: id }))
+    }
+
+    async fn job_status(&self, r: Request<JobStatusRequest>) -> Result<Response<Job>, Status> {
+        let id = r.into_inner().job_id;
+        let job = self
+            .shared
+            .cluster
+            .lock()
+            .expect("cluster")
+            .job(&id)
+            .map_err(status)?;
+        Ok(Response::new(job))
+    }
+
+    async fn list_jobs(
+        &self,
+        _: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsReply>, Status> {
+        let c = self.shared.cluster.lock().expect("cluster");
+        let jobs = c.jobs.keys().filter_map(|id| c.job(id).ok()).collect();
+        Ok(Response::new(ListJobsReply { jobs }))
+    }
+
+    async fn report_progress(
+        &self,
+        r: Request<ProgressReport>,
+    ) -> Result<Response<ProgressReply>, Status> {
+        let r = r.into_inner();
+        let stop = self.change(|c| c.progress(&r))?;
+        Ok(Response::new(ProgressReply { stop }))
+    }
+
+    async fn cancel(&self, r: Request<CancelRequest>) -> Result<Response<CancelReply>, Status> {
+        let id = r.into_inner().job_id;
+        let state = self.change(|c| c.cancel(&id))?;
+        Ok(Response::new(CancelReply { state }))
+    }
+
+    async fn publish_collective_id(
+        &self,
+        r: Request<CollectiveId>,
+    ) -> Result<Response<PublishReply>, Status> {
+        let r = r.into_inner();
+        if r.id.len() != 128 {
+            return Err(Status::invalid_argument(format!(
+                "id: {} bytes, NCCL ids have 128",
+                r.id.len()
+            )));
+        }
+        self.shared
+            .ids
+            .lock()
+            .expect("ids")
+            .insert((r.job_id, r.attempt), r.id);
+        Ok(Response::new(PublishReply {}))
+    }
+
+    async fn fetch_collective_id(
+        &self,
+        r: Request<FetchCollectiveIdRequest>,
+    ) -> Result<Response<CollectiveId>, Status> {
+        let r = r.into_inner();
+        let ids = self.shared.ids.lock().expect("ids");
+        let id = ids
+            .get(&(r.job_id.clone(), r.attempt))
+            .ok_or_else(|| Status::unavailable("rank 0 has not published the id yet"))?;
+        Ok(Response::new(CollectiveId {
+            job_id: r.job_id,
+            attempt: r.attempt,
+            id: id.clone(),
+        }))
+    }
+}

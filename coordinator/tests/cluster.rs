@@ -1,0 +1,260 @@
+//! The cluster as operators run it: `coordinator serve`, `worker --coordinator` processes,
+//! `coordinator launch|status|cancel --coordinator`; a worker killed mid-job; the token.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "test-token";
+
+fn bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_coordinator")).with_file_name(name)
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Kills its process when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(state: &Path) -> (Proc, String) {
+    let mut child = Command::new(bin("coordinator"))
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--heartbeat-timeout",
+            "3",
+            "--state",
+        ])
+        .arg(state)
+        .env("TAMING_CLUSTER_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("coordinator listening on ")
+        .unwrap()
+        .to_string();
+    (Proc(child), addr)
+}
+
+fn worker(addr: &str, name: &str, token: &str, log: &Path) -> Proc {
+    let log = std::fs::File::create(log).unwrap();
+    Proc(
+        Command::new(bin("worker"))
+            .args(["--coordinator", addr, "--name", name])
+            .env("TAMING_CLUSTER_TOKEN", token)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn tiny_config(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("configs/stage1/fashion_mnist.yaml")).unwrap();
+    let text = text
+        .replace("ch_mult: [1, 2, 2]", "ch_mult: [1, 2]")
+        .replace("attn_resolutions: [8]", "attn_resolutions: [16]")
+        .replace("batch_size: 16", "batch_size: 4")
+        .replace(
+            "kmeans_init: {iters: 10, batches: 2}",
+            "kmeans_init: {iters: 3, batches: 1}",
+        );
+    let path = dir.join("tiny.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn coordinator(addr: &str) -> Command {
+    let mut c = Command::new(bin("coordinator"));
+    c.env("TAMING_CLUSTER_TOKEN", TOKEN);
+    c.arg("--token").arg(TOKEN);
+    let _ = addr;
+    c
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_job_survives_a_killed_worker_and_finishes_with_one_continuous_step_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_coord, addr) = serve(&tmp.path().join("state"));
+    let _a = worker(&addr, "a", TOKEN, &tmp.path().join("a.log"));
+    let mut b = worker(&addr, "b", TOKEN, &tmp.path().join("b.log"));
+    let out = tmp.path().join("run");
+    let launch = coordinator(&addr)
+        .args([
+            "launch",
+            "--stage",
+            "vqgan",
+            "--nodes",
+            "2",
+            "--min-nodes",
+            "1",
+            "--steps",
+            "24",
+        ])
+        .args([
+            "--checkpoint-every",
+            "4",
+            "--eval-every",
+            "4",
+            "--quiet",
+            "--coordinator",
+            &addr,
+        ])
+        .arg("--config")
+        .arg(tiny_config(tmp.path()))
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("a checkpoint", Duration::from_secs(240), || {
+        out.join("checkpoints/latest").exists()
+    });
+    b.0.kill().unwrap();
+    b.0.wait().unwrap();
+    let result = launch.wait_with_output_timeout();
+    assert!(result.0, "launch failed:\n{}\n{}", result.1, result.2);
+    assert!(
+        result.1.contains("succeeded") && result.1.contains("attempt 2"),
+        "{}",
+        result.1
+    );
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let steps: Vec<u64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=24).collect::<Vec<u64>>(),
+        "one continuous step count"
+    );
+    assert!(out.join("model/model.safetensors").is_file());
+}
+
+trait WaitTimeout {
+    fn wait_with_output_timeout(self) -> (bool, String, String);
+}
+
+impl WaitTimeout for Child {
+    fn wait_with_output_timeout(self) -> (bool, String, String) {
+        let out = self.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+#[test]
+fn status_and_cancel_work_against_a_running_coordinator_and_jobs_survive_its_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let (coord, addr) = serve(&state);
+    // No workers: the job waits in the queue.
+    let submit = coordinator(&addr)
+        .args([
+            "launch",
+            "--stage",
+            "vqgan",
+            "--nodes",
+            "3",
+            "--steps",
+            "5",
+            "--coordinator",
+            &addr,
+        ])
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _submit = Proc(submit);
+    let status = || {
+        let out = coordinator(&addr)
+            .args(["status", "--coordinator", &addr])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_for("the job", Duration::from_secs(30), || {
+        status().contains("job-0001")
+    });
+    assert!(status().contains("pending"), "{}", status());
+    drop(coord);
+    let (_coord, addr) = serve(&state);
+    let status = coordinator(&addr)
+        .args(["status", "--coordinator", &addr])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("job-0001") && text.contains("pending"),
+        "kept across a restart: {text}"
+    );
+    let cancel = coordinator(&addr)
+        .args(["cancel", "job-0001", "--coordinator", &addr])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&cancel.stdout).contains("cancelled"));
+    let missing = coordinator(&addr)
+        .args(["cancel", "job-9999", "--coordinator", &addr])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("job-9999"));
+}
+
+#[test]
+fn workers_and_clients_without_the_token_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_coord, addr) = serve(&tmp.path().join("state"));
+    let log = tmp.path().join("w.log");
+    let mut w = worker(&addr, "intruder", "wrong-token", &log);
+    let status = w.0.wait().unwrap();
+    assert!(!status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("wrong cluster token"), "{text}");
+    let out = Command::new(bin("coordinator"))
+        .args(["status", "--coordinator", &addr])
+        .env_remove("TAMING_CLUSTER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing cluster token"));
+}

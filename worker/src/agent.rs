@@ -1,0 +1,350 @@
+//! `worker --coordinator ADDR`: registers with the coordinator, heartbeats, takes
+//! assignments one at a time and runs them: the trainer joins its group (the TCP ring or
+//! NCCL), streams data from the dataloader services named by the job, reports every step,
+//! and stops when the coordinator says so.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use taming_collective::{AllReduce, RingConfig, TcpRing, nccl};
+use taming_model::device::DeviceSpec;
+use taming_proto::auth::AttachToken;
+use taming_proto::coordinator::coordinator_client::CoordinatorClient;
+use taming_proto::coordinator::*;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::defaults::{default_data, parse_config};
+use crate::stage1::checkpoint::LATEST;
+use crate::stage1::{RunError, RunOptions, run_stage1};
+use taming_dataloader::DataError;
+
+type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
+
+/// Agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Coordinator address.
+    pub coordinator: String,
+    /// Name shown in the registry.
+    pub name: String,
+    /// Cluster token.
+    pub token: Option<String>,
+    /// Where the ring listener binds.
+    pub ring_bind: SocketAddr,
+    /// Address peers use to reach the ring listener (default: the bound address).
+    pub advertise: Option<String>,
+    /// Longest wait on a peer inside a collective.
+    pub collective_timeout: Duration,
+}
+
+/// Runs the agent until the coordinator goes away.
+pub fn run_agent(opts: AgentOptions) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
+    let listener =
+        TcpListener::bind(opts.ring_bind).with_context(|| format!("binding {}", opts.ring_bind))?;
+    let ring_addr = match &opts.advertise {
+        Some(a) => a.clone(),
+        None => listener.local_addr()?.to_string(),
+    };
+    let mut client = rt.block_on(connect(&opts.coordinator, opts.token.as_deref()))?;
+    let reply = rt
+        .block_on(client.register_worker(RegisterRequest {
+            name: opts.name.clone(),
+            devices: vec![Device {
+                spec: "cpu".into(),
+                memory_bytes: 0,
+            }],
+            ring_addr,
+        }))
+        .context("registering with the coordinator")?
+        .into_inner();
+    let id = reply.worker_id;
+    tracing::info!(worker = id, "registered");
+    let stop = Arc::new(AtomicBool::new(false));
+    rt.spawn(heartbeat(
+        client.clone(),
+        id.clone(),
+        Duration::from_millis(reply.heartbeat_ms.max(100) as u64),
+        stop.clone(),
+    ));
+    let mut stream = rt
+        .block_on(client.watch_assignments(WatchRequest {
+            worker_id: id.clone(),
+        }))
+        .context("watching assignments")?
+        .into_inner();
+    while let Some(a) = rt.block_on(stream.message()).context("assignment stream")? {
+        stop.store(false, Ordering::SeqCst);
+        tracing::info!(
+            job = a.job_id,
+            rank = a.rank,
+            attempt = a.attempt,
+            "assignment"
+        );
+        let started = Instant::now();
+        let result = run_assignment(&rt, &client, &id, &a, &listener, &opts, stop.clone());
+        let (state, message) = match &result {
+            Ok(()) => (
+                "succeeded",
+                format!("done in {:.0} s", started.elapsed().as_secs_f64()),
+            ),
+            Err(e) => ("failed", format!("{e:#}")),
+        };
+        let retryable = result.as_ref().err().is_some_and(retryable);
+        if let Err(e) = &result {
+            tracing::error!(job = a.job_id, "{e:#}");
+        }
+        let report = ProgressReport {
+            worker_id: id.clone(),
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            rank: a.rank,
+            state: state.into(),
+            message,
+            retryable,
+            ..Default::default()
+        };
+        let _ = rt.block_on(client.report_progress(report));
+    }
+    Ok(())
+}
+
+/// Failures a restart from the last checkpoint can cure: a peer or a data service went away.
+fn retryable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<taming_collective::CollectiveError>()
+            .is_some()
+            || matches!(
+                c.downcast_ref::<RunError>(),
+                Some(RunError::Collective(_) | RunError::Data(DataError::Service { .. }))
+            )
+    })
+}
+
+async fn connect(addr: &str, token: Option<&str>) -> Result<Client> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = Endpoint::from_shared(url.clone())?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the coordinator at {url}"))?;
+    Ok(CoordinatorClient::with_interceptor(
+        channel,
+        AttachToken::new(token),
+    ))
+}
+
+async fn heartbeat(mut client: Client, id: String, every: Duration, stop: Arc<AtomicBool>) {
+    let mut failures = 0;
+    loop {
+        tokio::time::sleep(every).await;
+        match client
+            .heartbeat(HeartbeatRequest {
+                worker_id: id.clone(),
+            })
+            .await
+        {
+            Ok(r) => {
+                failures = 0;
+                if !r.into_inner().stop_jobs.is_empty() {
+                    stop.store(true, Ordering::SeqCst);
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!("heartbeat failed: {e}");
+                if failures >= 30 {
+                    tracing::error!("the coordinator is gone; exiting");
+                    std::process::exit(3);
+                }
+            }
+        }
+    }
+}
+
+fn run_assignment(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    worker_id: &str,
+    a: &Assignment,
+    listener: &TcpListener,
+    opts: &AgentOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
+    let spec = a.spec.clone().context("assignment without a spec")?;
+    if spec.stage != "vqgan" {
+        bail!("stage `{}` is not available in this worker", spec.stage);
+    }
+    let config = parse_config(&spec.config_yaml, "the job's config")?;
+    let data = if spec.data.is_empty() {
+        default_data()?.to_string_lossy().into_owned()
+    } else {
+        spec.data.clone()
+    };
+    let out = std::path::PathBuf::from(&spec.out);
+    let resume = a.resume && out.join("checkpoints").join(LATEST).exists();
+    let device = device_for(&spec.device, a.rank)?
+        .device()
+        .map_err(anyhow::Error::msg)?
+        .autodiff();
+    let group = make_group(rt, client, a, &spec, listener, opts)?;
+    let reporter = Reporter {
+        rt: rt.handle().clone(),
+        client: client.clone(),
+        worker_id: worker_id.into(),
+        a: a.clone(),
+        stop,
+    };
+    let mut run = RunOptions::single(config, data, out, spec.steps, device);
+    run.dataloaders = spec.dataloaders.clone();
+    run.resume = resume;
+    run.nodes = a.world_size as usize;
+    run.rank = a.rank as usize;
+    run.world = a.world_size as usize;
+    run.group = group;
+    run.eval_every = spec.eval_every.max(1);
+    run.checkpoint_every = spec.checkpoint_every.max(1);
+    run.on_step = Some(Box::new(move |row| reporter.report(row)));
+    run_stage1(run)?;
+    Ok(())
+}
+
+fn device_for(kind: &str, rank: u32) -> Result<DeviceSpec> {
+    let spec = match kind {
+        "" | "cpu" => "cpu".to_string(),
+        "cuda" | "vulkan" => format!("{kind}:{rank}"),
+        other => other.to_string(),
+    };
+    spec.parse()
+        .map_err(|e: String| anyhow::anyhow!("device `{kind}`: {e}"))
+}
+
+fn make_group(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    a: &Assignment,
+    spec: &JobSpec,
+    listener: &TcpListener,
+    opts: &AgentOptions,
+) -> Result<Option<Box<dyn AllReduce>>> {
+    if a.world_size <= 1 {
+        return Ok(None);
+    }
+    if spec.collective == "nccl" {
+        return Ok(Some(Box::new(nccl_group(rt, client, a)?)));
+    }
+    let peers = a
+        .peers
+        .iter()
+        .map(|p| p.parse().with_context(|| format!("peer address `{p}`")))
+        .collect::<Result<Vec<SocketAddr>>>()?;
+    let mut h = DefaultHasher::new();
+    (&a.job_id, a.attempt).hash(&mut h);
+    let cfg = RingConfig {
+        rank: a.rank as usize,
+        peers,
+        job: h.finish(),
+        timeout: opts.collective_timeout,
+    };
+    Ok(Some(Box::new(TcpRing::connect(
+        listener.try_clone()?,
+        &cfg,
+    )?)))
+}
+
+fn nccl_group(rt: &tokio::runtime::Runtime, client: &Client, a: &Assignment) -> Result<nccl::Nccl> {
+    let mut c = client.clone();
+    let id = if a.rank == 0 {
+        let id = nccl::new_id()?;
+        rt.block_on(c.publish_collective_id(CollectiveId {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            id: id.to_vec(),
+        }))?;
+        id
+    } else {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let req = FetchCollectiveIdRequest {
+                job_id: a.job_id.clone(),
+                attempt: a.attempt,
+            };
+            match rt.block_on(c.fetch_collective_id(req)) {
+                Ok(r) => {
+                    break r
+                        .into_inner()
+                        .id
+                        .try_into()
+                        .map_err(|_| anyhow::anyhow!("malformed NCCL id"))?;
+                }
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                Err(e) => bail!("rank 0 never published the NCCL id: {e}"),
+            }
+        }
+    };
+    Ok(nccl::Nccl::new(
+        a.rank as usize,
+        a.rank as usize,
+        a.world_size as usize,
+        id,
+    )?)
+}
+
+/// Sends each step's metrics to the coordinator; says whether to go on.
+struct Reporter {
+    rt: tokio::runtime::Handle,
+    client: Client,
+    worker_id: String,
+    a: Assignment,
+    stop: Arc<AtomicBool>,
+}
+
+impl Reporter {
+    fn report(&self, row: &crate::stage1::report::MetricsRow) -> bool {
+        let losses = [
+            ("total", row.total),
+            ("l1", row.l1),
+            ("nll", row.nll),
+            ("quant", row.quant),
+            ("g", row.g_loss),
+            ("d", row.d_loss),
+            ("usage", row.usage),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let report = ProgressReport {
+            worker_id: self.worker_id.clone(),
+            job_id: self.a.job_id.clone(),
+            attempt: self.a.attempt,
+            rank: self.a.rank,
+            step: row.step,
+            losses,
+            images_per_s: row.images_per_s,
+            state: "running".into(),
+            message: String::new(),
+            retryable: false,
+        };
+        let mut client = self.client.clone();
+        let stop = match self.rt.block_on(client.report_progress(report)) {
+            Ok(r) => r.into_inner().stop,
+            Err(e) => {
+                tracing::warn!("progress report failed: {e}");
+                false
+            }
+        };
+        !(stop || self.stop.load(Ordering::SeqCst))
+    }
+}
