@@ -299,7 +299,10 @@ async fn launch_local(mut spec: JobSpec, show: bool) -> Result<ExitCode> {
     }
     let mut c = client::connect(&addr, Some(&token)).await?;
     let id = client::submit(&mut c, spec).await?;
-    let job = client::follow(&mut c, &id, show).await;
+    let job = tokio::select! {
+        job = client::follow(&mut c, &id, show) => job,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; {id} stopped with its workers (continue with --resume)")),
+    };
     drop(children);
     let _ = stop_tx.send(());
     let _ = server.await;

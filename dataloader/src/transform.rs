@@ -3,7 +3,7 @@
 //! horizontal flip.
 
 use image::imageops::FilterType;
-use image::{DynamicImage, GrayImage, RgbImage};
+use image::{GrayImage, RgbImage};
 use rand::Rng;
 
 /// How images become model inputs.
@@ -112,16 +112,24 @@ fn flip_rows(mut data: Vec<u8>, size: usize, flip: bool) -> Vec<u8> {
     data
 }
 
-/// Resizes so that the shorter side is `size` (bilinear), keeping the aspect ratio.
+/// Resizes so that the shorter side is `size` (bilinear convolution, antialiased when
+/// shrinking, as PIL does; SIMD through `fast_image_resize`), keeping the aspect ratio.
 pub fn resize_shorter(img: RgbImage, size: usize) -> RgbImage {
+    use fast_image_resize as fr;
     let (w, h) = img.dimensions();
     let (nw, nh) = resized_dims(w, h, size);
     if (nw, nh) == (w, h) {
         return img;
     }
-    DynamicImage::ImageRgb8(img)
-        .resize_exact(nw, nh, FilterType::Triangle)
-        .to_rgb8()
+    let src = fr::images::Image::from_vec_u8(w, h, img.into_raw(), fr::PixelType::U8x3)
+        .expect("an RGB buffer of its own size");
+    let mut dst = fr::images::Image::new(nw, nh, fr::PixelType::U8x3);
+    let opts = fr::ResizeOptions::new()
+        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
+    fr::Resizer::new()
+        .resize(&src, &mut dst, &opts)
+        .expect("same pixel types");
+    RgbImage::from_raw(nw, nh, dst.into_vec()).expect("a buffer of the new size")
 }
 
 fn to_chw(img: &RgbImage, flip: bool) -> Vec<u8> {
