@@ -92,6 +92,9 @@ enum Cmd {
         /// Hide the progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Dataloader services the local mini-cluster starts (0: workers read the shards).
+        #[arg(long, default_value_t = 1)]
+        dataloaders: usize,
     },
     /// List the jobs of a running coordinator.
     Status {
@@ -182,6 +185,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             eval_every,
             checkpoint_every,
             quiet,
+            dataloaders,
         } => {
             if stage == Stage::Transformer {
                 bail!("--stage transformer: stage-2 training is not available yet");
@@ -209,7 +213,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             match coordinator {
                 Some(addr) => launch_remote(&addr, token.as_deref(), spec, !quiet).await,
-                None => launch_local(spec, !quiet).await,
+                None => launch_local(spec, dataloaders, !quiet).await,
             }
         }
     }
@@ -258,7 +262,7 @@ impl Drop for Children {
 }
 
 /// A coordinator in this process, a dataloader service and `nodes` workers on loopback.
-async fn launch_local(mut spec: JobSpec, show: bool) -> Result<ExitCode> {
+async fn launch_local(mut spec: JobSpec, dataloaders: usize, show: bool) -> Result<ExitCode> {
     let out = PathBuf::from(&spec.out);
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
@@ -276,13 +280,16 @@ async fn launch_local(mut spec: JobSpec, show: bool) -> Result<ExitCode> {
         let _ = stop_rx.await;
     }));
     let mut children = Children(Vec::new());
-    match start_dataloader(&logs) {
-        Ok((child, dl)) => {
-            children.0.push(child);
-            spec.dataloaders = vec![dl];
-        }
-        Err(e) => {
-            eprintln!("note: no dataloader service ({e:#}); workers read the shards themselves")
+    for i in 0..dataloaders {
+        match start_dataloader(&logs, i) {
+            Ok((child, dl)) => {
+                children.0.push(child);
+                spec.dataloaders.push(dl);
+            }
+            Err(e) => {
+                eprintln!("note: no dataloader service ({e:#}); workers read the shards");
+                break;
+            }
         }
     }
     let worker = sibling("worker")?;
@@ -317,9 +324,9 @@ fn random_token() -> Result<String> {
 }
 
 /// Starts `dataloader serve` on a free loopback port; returns it and its address.
-fn start_dataloader(logs: &Path) -> Result<(Child, String)> {
+fn start_dataloader(logs: &Path, i: usize) -> Result<(Child, String)> {
     let bin = sibling("dataloader")?;
-    let log = std::fs::File::create(logs.join("dataloader.log"))?;
+    let log = std::fs::File::create(logs.join(format!("dataloader-{i}.log")))?;
     let mut child = Command::new(&bin)
         .args(["serve", "--bind", "127.0.0.1:0"])
         .stdout(Stdio::piped())

@@ -124,8 +124,8 @@ pub fn resize_shorter(img: RgbImage, size: usize) -> RgbImage {
     let src = fr::images::Image::from_vec_u8(w, h, img.into_raw(), fr::PixelType::U8x3)
         .expect("an RGB buffer of its own size");
     let mut dst = fr::images::Image::new(nw, nh, fr::PixelType::U8x3);
-    let opts = fr::ResizeOptions::new()
-        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
+    let opts =
+        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
     fr::Resizer::new()
         .resize(&src, &mut dst, &opts)
         .expect("same pixel types");

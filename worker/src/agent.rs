@@ -41,6 +41,8 @@ pub struct AgentOptions {
     pub advertise: Option<String>,
     /// Longest wait on a peer inside a collective.
     pub collective_timeout: Duration,
+    /// This worker's device (default: what the job asks for: cpu, or cuda/vulkan by rank).
+    pub device: Option<DeviceSpec>,
 }
 
 /// Runs the agent until the coordinator goes away.

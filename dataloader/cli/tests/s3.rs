@@ -330,3 +330,151 @@ fn a_killed_service_instance_is_replaced_with_nothing_duplicated_or_lost() {
     let distinct: HashSet<_> = keys.iter().collect();
     assert_eq!((keys.len(), distinct.len()), (1000, 1000));
 }
+
+/// The small default config cut down so that a step takes a fraction of a second.
+fn tiny_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(common::root().join("configs/stage1/fashion_mnist.yaml"))
+        .unwrap()
+        .replace("ch_mult: [1, 2, 2]", "ch_mult: [1, 2]")
+        .replace("attn_resolutions: [8]", "attn_resolutions: [16]")
+        .replace("batch_size: 16", "batch_size: 4")
+        .replace(
+            "kmeans_init: {iters: 10, batches: 2}",
+            "kmeans_init: {iters: 3, batches: 1}",
+        );
+    let path = dir.join("tiny.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_mini_cluster_trains_from_s3_through_two_dataloaders_then_precomputes_codes() {
+    s3();
+    upload_fashion_mnist("cluster");
+    let coordinator =
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_dataloader")).with_file_name("coordinator");
+    assert!(
+        coordinator.is_file(),
+        "{} missing: run `cargo test --workspace`",
+        coordinator.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let run = std::process::Command::new(&coordinator)
+        .envs(common::aws_env())
+        .args([
+            "launch",
+            "--stage",
+            "vqgan",
+            "--nodes",
+            "2",
+            "--dataloaders",
+            "2",
+            "--steps",
+            "3",
+        ])
+        .args([
+            "--eval-every",
+            "3",
+            "--checkpoint-every",
+            "3",
+            "--quiet",
+            "--data",
+        ])
+        .arg(url("cluster"))
+        .arg("--config")
+        .arg(tiny_config(tmp.path()))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(String::from_utf8_lossy(&run.stdout).contains("on 2 worker(s)"));
+    for f in [
+        "model/model.safetensors",
+        "logs/dataloader-0.log",
+        "logs/dataloader-1.log",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let codes_url = url("cluster-codes");
+    let pre = dataloader()
+        .args(["precompute-codes", "--out", &codes_url, "--data"])
+        .arg(url("cluster/val-000000.tar"))
+        .arg("--vqgan")
+        .arg(out.join("model"))
+        .output()
+        .unwrap();
+    assert!(
+        pre.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pre.stderr)
+    );
+    let manifest = codes::read_manifest(&codes_url).unwrap();
+    assert_eq!(manifest.rows, 500);
+    let rows = codes::read_codes(&codes::join(&codes_url, &manifest.files[0].path)).unwrap();
+    assert!(
+        rows.iter()
+            .all(|r| r.codes.len() == (r.height * r.width) as usize && r.height == 16)
+    );
+}
+
+#[test]
+fn precompute_with_a_cond_stage_vqgan_writes_segmentation_codes() {
+    s3();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..6u32 {
+        let img = image::RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb([(x * 8) as u8, (y * 8) as u8, (i * 40) as u8])
+        });
+        let mask = image::GrayImage::from_fn(32, 32, |x, _| image::Luma([(x / 8) as u8]));
+        let mut png = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+        let mut seg = std::io::Cursor::new(Vec::new());
+        mask.write_to(&mut seg, image::ImageFormat::Png).unwrap();
+        files.push((format!("{i:04}.png"), png.into_inner()));
+        files.push((format!("{i:04}.seg.png"), seg.into_inner()));
+    }
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, data) in &files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    codes::upload(
+        &url("seg/train-000000.tar"),
+        tar.into_inner().unwrap().into(),
+    )
+    .unwrap();
+    tiny_vqgan(&tmp.path().join("image"), 3);
+    tiny_vqgan(&tmp.path().join("cond"), 4);
+    let out = url("seg-codes");
+    let pre = dataloader()
+        .args(["precompute-codes", "--out", &out, "--data"])
+        .arg(url("seg/train-000000.tar"))
+        .arg("--vqgan")
+        .arg(tmp.path().join("image"))
+        .arg("--cond-vqgan")
+        .arg(tmp.path().join("cond"))
+        .output()
+        .unwrap();
+    assert!(
+        pre.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pre.stderr)
+    );
+    let manifest = codes::read_manifest(&out).unwrap();
+    let rows = codes::read_codes(&codes::join(&out, &manifest.files[0].path)).unwrap();
+    assert_eq!(rows.len(), 6);
+    assert!(
+        rows.iter()
+            .all(|r| r.cond_codes.as_ref().is_some_and(|c| c.len() == 256))
+    );
+}

@@ -38,6 +38,9 @@ struct Cli {
     /// CPU threads for compute (default: all).
     #[arg(long)]
     threads: Option<usize>,
+    /// Device for the jobs this worker runs (with --coordinator): cpu, cuda:N or vulkan:N.
+    #[arg(long)]
+    device: Option<DeviceSpec>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -128,6 +131,7 @@ fn run(cli: Cli) -> Result<()> {
                 ring_bind: cli.ring_bind,
                 advertise: cli.advertise,
                 collective_timeout: std::time::Duration::from_secs(300),
+                device: cli.device,
             });
         }
         (Some(_), Some(_)) => {
