@@ -66,6 +66,7 @@ pub struct Stage1Trainer {
     step: u64,
     device: Device,
     group: Option<Box<dyn AllReduce>>,
+    comm: std::time::Duration,
 }
 
 fn adam(clip: Option<f32>) -> ModuleOptimizer {
@@ -128,6 +129,7 @@ impl Stage1Trainer {
             step: 0,
             device: device.clone(),
             group: None,
+            comm: std::time::Duration::ZERO,
         })
     }
 
@@ -141,6 +143,11 @@ impl Stage1Trainer {
         self.disc = Some(broadcast_params(group.as_mut(), disc, 0)?);
         self.group = Some(group);
         Ok(())
+    }
+
+    /// Time spent in collectives (gradient means, codebook broadcasts) so far.
+    pub fn comm_time(&self) -> std::time::Duration {
+        self.comm
     }
 
     /// Optimizer steps taken.
@@ -259,10 +266,13 @@ impl Stage1Trainer {
         module: &M,
         grads: GradientsParams,
     ) -> Result<GradientsParams, CollectiveError> {
-        match self.group.as_mut() {
+        let started = std::time::Instant::now();
+        let out = match self.group.as_mut() {
             Some(group) => mean_gradients(group.as_mut(), module, grads),
             None => Ok(grads),
-        }
+        };
+        self.comm += started.elapsed();
+        out
     }
 
     /// Rank 0's quantizer everywhere, when codebook maintenance changed it locally.
@@ -277,7 +287,9 @@ impl Stage1Trainer {
             post_quant_conv,
             quantize,
         } = model;
+        let started = std::time::Instant::now();
         let quantize = broadcast_params(group.as_mut(), quantize, 0)?;
+        self.comm += started.elapsed();
         Ok(Vqgan {
             encoder,
             decoder,
