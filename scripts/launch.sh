@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: stage-1 (VQGAN) training on the embedded Fashion-MNIST shards, as
-# `coordinator launch --stage vqgan --nodes 1`. Extra arguments go to `coordinator launch`
+# `coordinator launch --stage vqgan --nodes 1` on a local mini-cluster (a coordinator, a
+# worker process and a dataloader service; logs in runs/vqgan/logs/). Extra arguments go to `coordinator launch`
 # (e.g. --steps 200, --out runs/other, --resume, --config configs/stage1/....yaml).
 # Output: runs/vqgan/ (metrics.csv, loss.png, val_grid.png, model/, checkpoints/).
 set -euo pipefail
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get install -y -qq fonts-dejavu-core >/dev/null 2>&1 || true)
 fi
-cargo build --release -p taming-coordinator -p taming-worker
+cargo build --release -p taming-coordinator -p taming-worker -p taming-dataloader-cli
 bin=${CARGO_TARGET_DIR:-target}/release
 args=("$@")
 [[ " $* " == *" --steps "* ]] || args+=(--steps 500)
