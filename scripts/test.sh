@@ -15,8 +15,16 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 pyenv=${TAMING_PYENV:-$HOME/.cache/taming-rs/pyenv}
 if [ ! -x "$pyenv/bin/moto_server" ]; then
     echo "== installing moto[server] into $pyenv"
-    python3 -m venv "$pyenv"
-    "$pyenv/bin/pip" install --quiet "moto[server]"
+    if python3 -m venv "$pyenv"; then
+        "$pyenv/bin/pip" install --quiet "moto[server]"
+    else
+        # No venv module (Debian without python3-venv): a plain prefix install.
+        python3 -m pip install --quiet --prefix "$pyenv" "moto[server]"
+    fi
+fi
+if [ ! -f "$pyenv/pyvenv.cfg" ]; then
+    PYTHONPATH="$(echo "$pyenv"/lib/python3*/site-packages)${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH
 fi
 export MOTO_SERVER="$pyenv/bin/moto_server"
 
