@@ -99,3 +99,42 @@ fn masks_are_cropped_and_flipped_with_their_image() {
         "some flipped, some not: {flipped}"
     );
 }
+
+#[test]
+fn webp_and_jpeg_samples_decode_like_png() {
+    let img = image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([x as u8 * 30, y as u8 * 30, 90]));
+    let encode = |format| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    };
+    let (png, webp, jpg) = (
+        encode(image::ImageFormat::Png),
+        encode(image::ImageFormat::WebP),
+        encode(image::ImageFormat::Jpeg),
+    );
+    put_shard(
+        "memory://formats/train-0.tar",
+        &[("a.png", &png), ("b.webp", &webp), ("c.jpg", &jpg)],
+    );
+    let urls = vec!["memory://formats/train-0.tar".to_string()];
+    let batch = ShardLoader::open(&urls, config(3, sequential()), &LoaderState::default())
+        .unwrap()
+        .next_in_epoch()
+        .unwrap()
+        .unwrap();
+    assert_eq!(batch.keys, ["a", "b", "c"]);
+    let per = 3 * 64;
+    let (a, b, c) = (
+        &batch.images[..per],
+        &batch.images[per..2 * per],
+        &batch.images[2 * per..],
+    );
+    assert_eq!(a, b, "lossless WebP decodes to the PNG's pixels");
+    let worst = a
+        .iter()
+        .zip(c)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(worst < 0.2, "JPEG close to the PNG: {worst}");
+}
