@@ -5,36 +5,20 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use taming_proto::coordinator::coordinator_client::CoordinatorClient;
 use taming_proto::coordinator::{
     CancelRequest, Job, JobSpec, JobStatusRequest, ListJobsRequest, SubmitRequest,
 };
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::cluster::{CANCELLED, FAILED, SUCCEEDED};
-use taming_proto::auth::AttachToken;
 
 /// A connected client.
-pub type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
+pub type Client = taming_proto::CoordinatorClient;
 
 /// Connects to `addr` (`host:port` or a URL), sending `token` with every call.
 pub async fn connect(addr: &str, token: Option<&str>) -> Result<Client> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let channel = Endpoint::from_shared(url.clone())
-        .with_context(|| format!("coordinator address `{addr}`"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
+    taming_proto::connect_coordinator(addr, token)
         .await
-        .with_context(|| format!("connecting to the coordinator at {url}"))?;
-    Ok(CoordinatorClient::with_interceptor(
-        channel,
-        AttachToken::new(token),
-    ))
+        .with_context(|| format!("connecting to the coordinator at {addr}"))
 }
 
 /// Submits a job and returns its id.

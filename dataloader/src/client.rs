@@ -59,7 +59,10 @@ impl RemoteLoader {
             max_batches: 0,
             single_epoch: false,
         };
-        let addrs = addrs.into_iter().map(with_scheme).collect();
+        let addrs = addrs
+            .iter()
+            .map(|a| taming_proto::endpoint_url(a))
+            .collect();
         Self {
             addrs,
             request,
@@ -218,14 +221,6 @@ impl RemoteLoader {
 enum Failure {
     Retry(String),
     Fatal(DataError),
-}
-
-fn with_scheme(addr: String) -> String {
-    if addr.contains("://") {
-        addr
-    } else {
-        format!("http://{addr}")
-    }
 }
 
 impl BatchSource for RemoteLoader {

@@ -14,3 +14,34 @@ pub mod dataloader {
 pub mod coordinator {
     tonic::include_proto!("taming.coordinator.v1");
 }
+
+/// `http://` put before a bare `host:port`; URLs pass unchanged.
+pub fn endpoint_url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// A coordinator client that sends the cluster token with every call.
+pub type CoordinatorClient = coordinator::coordinator_client::CoordinatorClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, auth::AttachToken>,
+>;
+
+/// Connects to the coordinator at `addr` (`host:port` or a URL) within 5 seconds.
+pub async fn connect_coordinator(
+    addr: &str,
+    token: Option<&str>,
+) -> Result<CoordinatorClient, tonic::transport::Error> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint_url(addr))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await?;
+    Ok(
+        coordinator::coordinator_client::CoordinatorClient::with_interceptor(
+            channel,
+            auth::AttachToken::new(token),
+        ),
+    )
+}

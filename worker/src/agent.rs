@@ -13,18 +13,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use taming_collective::{AllReduce, RingConfig, TcpRing, nccl};
 use taming_model::device::DeviceSpec;
-use taming_proto::auth::AttachToken;
-use taming_proto::coordinator::coordinator_client::CoordinatorClient;
 use taming_proto::coordinator::*;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::defaults::{default_data, parse_config};
 use crate::stage1::checkpoint::LATEST;
 use crate::stage1::{RunError, RunOptions, run_stage1};
 use taming_dataloader::DataError;
 
-type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
+type Client = taming_proto::CoordinatorClient;
 
 /// Agent settings.
 #[derive(Debug, Clone)]
@@ -130,20 +126,9 @@ fn retryable(e: &anyhow::Error) -> bool {
 }
 
 async fn connect(addr: &str, token: Option<&str>) -> Result<Client> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let channel = Endpoint::from_shared(url.clone())?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
+    taming_proto::connect_coordinator(addr, token)
         .await
-        .with_context(|| format!("connecting to the coordinator at {url}"))?;
-    Ok(CoordinatorClient::with_interceptor(
-        channel,
-        AttachToken::new(token),
-    ))
+        .with_context(|| format!("connecting to the coordinator at {addr}"))
 }
 
 async fn heartbeat(mut client: Client, id: String, every: Duration, stop: Arc<AtomicBool>) {
