@@ -1,5 +1,6 @@
-//! taming-rs models: the stage-1 VQGAN (encoder, quantizers, decoder), reference checkpoint
-//! import and the project's own model format.
+//! taming-rs models: the stage-1 VQGAN (encoder, quantizers, decoder), the stage-2
+//! transformer (GPT, conditioning, sampling), reference checkpoint import and the project's
+//! own model format.
 
 pub mod atomic;
 pub mod checkpoint;
@@ -11,6 +12,7 @@ pub mod image_io;
 pub mod loss;
 pub mod metrics;
 pub mod quantize;
+pub mod transformer;
 pub mod vqgan;
 
 pub use config::{DdConfig, QuantizerConfig, VectorQuantizerConfig, VqganConfig};

@@ -2,6 +2,7 @@
 //! and out.
 
 pub mod native;
+pub mod net2net;
 pub mod pickle;
 pub mod taming;
 pub mod torch_file;

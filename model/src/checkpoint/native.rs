@@ -15,6 +15,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use super::torch_file::{RawData, RawTensor};
 use crate::config::VqganConfig;
 use crate::error::ModelError;
+use crate::transformer::{Gpt, TransformerConfig};
 use crate::vqgan::Vqgan;
 
 /// File holding the config inside a model directory.
@@ -33,6 +34,16 @@ pub fn save_model(
     loss: &BTreeMap<String, RawTensor>,
     overwrite: bool,
 ) -> Result<(), ModelError> {
+    staged(out, overwrite, |dir| write_dir(dir, config, model, loss))
+}
+
+/// Runs `write` on a staging directory beside `out` and renames it into place; the staging
+/// directory is removed on failure.
+fn staged(
+    out: &Path,
+    overwrite: bool,
+    write: impl FnOnce(&Path) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
     if out.exists() && !overwrite {
         return Err(ModelError::file(
             out,
@@ -41,8 +52,7 @@ pub fn save_model(
     }
     let staging = sibling(out, "partial");
     let _ = fs::remove_dir_all(&staging);
-    let result =
-        write_dir(&staging, config, model, loss).and_then(|()| swap_into_place(&staging, out));
+    let result = write(&staging).and_then(|()| swap_into_place(&staging, out));
     if result.is_err() {
         let _ = fs::remove_dir_all(&staging);
     }
@@ -57,18 +67,30 @@ fn sibling(out: &Path, tag: &str) -> PathBuf {
     out.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
 }
 
-fn write_dir(
+/// Writes any module with its config to the directory `out` (replacing it when
+/// `overwrite`), through a staging directory renamed into place.
+pub fn save_module_dir<M: ModuleSnapshot>(
+    out: &Path,
+    config: &impl serde::Serialize,
+    module: &M,
+    overwrite: bool,
+) -> Result<(), ModelError> {
+    staged(out, overwrite, |dir| {
+        write_config_and_weights(dir, config, module)
+    })
+}
+
+fn write_config_and_weights<M: ModuleSnapshot>(
     dir: &Path,
-    config: &VqganConfig,
-    model: &Vqgan,
-    loss: &BTreeMap<String, RawTensor>,
+    config: &impl serde::Serialize,
+    module: &M,
 ) -> Result<(), ModelError> {
     fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let json = serde_json::to_string_pretty(config).expect("config serializes");
     let config_path = dir.join(CONFIG_FILE);
     fs::write(&config_path, json).map_err(|e| ModelError::io(&config_path, e))?;
     let mut tensors = Vec::new();
-    for t in model.collect(None, None, true) {
+    for t in module.collect(None, None, true) {
         let shape = t.shape.to_vec();
         let name = t.name.clone();
         let bytes = t
@@ -76,7 +98,16 @@ fn write_dir(
             .map_err(|e| ModelError::tensor(&name, e.to_string()))?;
         tensors.push((name, Dtype::F32, shape, bytes.to_vec()));
     }
-    write_safetensors(&dir.join(WEIGHTS_FILE), tensors)?;
+    write_safetensors(&dir.join(WEIGHTS_FILE), tensors)
+}
+
+fn write_dir(
+    dir: &Path,
+    config: &VqganConfig,
+    model: &Vqgan,
+    loss: &BTreeMap<String, RawTensor>,
+) -> Result<(), ModelError> {
+    write_config_and_weights(dir, config, model)?;
     if !loss.is_empty() {
         let tensors = loss
             .iter()
@@ -129,12 +160,19 @@ fn swap_into_place(staging: &Path, out: &Path) -> Result<(), ModelError> {
 pub fn load_model(dir: &Path, device: &Device) -> Result<(VqganConfig, Vqgan), ModelError> {
     let config = read_config(dir)?;
     let mut model = Vqgan::new(&config, device)?;
+    load_weights(dir, &mut model)?;
+    Ok((config, model))
+}
+
+/// Fills every parameter of `module` from `model.safetensors` in `dir`; errors name the
+/// tensor and the file.
+pub fn load_weights<M: ModuleSnapshot>(dir: &Path, module: &mut M) -> Result<(), ModelError> {
     let path = dir.join(WEIGHTS_FILE);
     let bytes = fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
     let file = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| ModelError::file(&path, format!("not a readable safetensors file ({e})")))?;
     let mut pack = Vec::new();
-    for slot in model.collect(None, None, true) {
+    for slot in module.collect(None, None, true) {
         let expected = slot.shape.to_vec();
         let view = file.tensor(&slot.name).map_err(|_| {
             ModelError::tensor(&slot.name, format!("missing from {}", path.display()))
@@ -157,16 +195,41 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(VqganConfig, Vqgan), M
             .collect();
         pack.push(super::pack_f32(&slot.name, values, &expected));
     }
-    super::apply_all(&mut model, pack)?;
-    Ok((config, model))
+    super::apply_all(module, pack)
 }
 
-/// Reads and validates `config.json` of a model directory.
+/// Reads and validates `config.json` of a VQGAN model directory.
 pub fn read_config(dir: &Path) -> Result<VqganConfig, ModelError> {
-    let path = dir.join(CONFIG_FILE);
-    let text = fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-    let config: VqganConfig =
-        serde_json::from_str(&text).map_err(|e| ModelError::file(&path, e.to_string()))?;
+    let config: VqganConfig = read_json_config(dir)?;
     config.validate()?;
     Ok(config)
+}
+
+/// Parses `config.json` of a model directory; errors name the file.
+pub fn read_json_config<C: serde::de::DeserializeOwned>(dir: &Path) -> Result<C, ModelError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::file(&path, e.to_string()))
+}
+
+/// Writes a stage-2 transformer (its config and GPT) to the directory `out`.
+pub fn save_transformer(
+    out: &Path,
+    config: &TransformerConfig,
+    gpt: &Gpt,
+    overwrite: bool,
+) -> Result<(), ModelError> {
+    save_module_dir(out, config, gpt, overwrite)
+}
+
+/// Reads a transformer directory written by [`save_transformer`].
+pub fn load_transformer(
+    dir: &Path,
+    device: &Device,
+) -> Result<(TransformerConfig, Gpt), ModelError> {
+    let config: TransformerConfig = read_json_config(dir)?;
+    config.validate()?;
+    let mut gpt = Gpt::new(&config.gpt, device);
+    load_weights(dir, &mut gpt)?;
+    Ok((config, gpt))
 }

@@ -1,0 +1,260 @@
+//! The GPT (the reference's minGPT): token embedding plus learned absolute positions, pre-LN
+//! blocks of causal multi-head self-attention and a GELU MLP (4x wide), a final LayerNorm
+//! and a bias-free head. Weights start at N(0, 0.02), biases and positions at zero.
+//!
+//! [`Gpt::forward_cached`] appends tokens to a [`KvCache`], so that sampling costs one new
+//! position per token instead of the whole sequence.
+
+use burn::module::{Module, Param};
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
+    Linear, LinearConfig,
+};
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use super::config::GptConfig;
+
+fn init() -> Initializer {
+    Initializer::Normal {
+        mean: 0.0,
+        std: 0.02,
+    }
+}
+
+fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+    let mut layer = LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
+        .with_initializer(init())
+        .init(device);
+    if let Some(b) = layer.bias.take() {
+        layer.bias = Some(b.map(|t| t.zeros_like()));
+    }
+    layer
+}
+
+/// Causal multi-head self-attention with separate key, query and value projections.
+#[derive(Module, Debug)]
+pub struct CausalSelfAttention {
+    /// Key projection.
+    pub key: Linear,
+    /// Query projection.
+    pub query: Linear,
+    /// Value projection.
+    pub value: Linear,
+    /// Output projection.
+    pub proj: Linear,
+    attn_drop: Dropout,
+    resid_drop: Dropout,
+    n_head: usize,
+}
+
+/// Keys and values of one layer, `[batch, heads, positions, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    k: Tensor<4>,
+    v: Tensor<4>,
+}
+
+/// Keys and values of every layer for the positions fed so far.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.k.dims()[2])
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps the first `n` positions.
+    pub fn truncate(&mut self, n: usize) {
+        if n == 0 {
+            self.layers.clear();
+            return;
+        }
+        if n >= self.len() {
+            return;
+        }
+        for l in &mut self.layers {
+            l.k = l.k.clone().narrow(2, 0, n);
+            l.v = l.v.clone().narrow(2, 0, n);
+        }
+    }
+}
+
+impl CausalSelfAttention {
+    fn new(c: &GptConfig, device: &Device) -> Self {
+        let n = c.n_embd;
+        Self {
+            key: linear(n, n, true, device),
+            query: linear(n, n, true, device),
+            value: linear(n, n, true, device),
+            proj: linear(n, n, true, device),
+            attn_drop: DropoutConfig::new(c.attn_pdrop).init(),
+            resid_drop: DropoutConfig::new(c.resid_pdrop).init(),
+            n_head: c.n_head,
+        }
+    }
+
+    fn heads(&self, x: Tensor<3>) -> Tensor<4> {
+        let [b, t, n] = x.dims();
+        x.reshape([b, t, self.n_head, n / self.n_head])
+            .swap_dims(1, 2)
+    }
+
+    /// `x`: `[b, t, n]` at positions `past..past + t`; `cache` holds positions `0..past`
+    /// and receives the new ones.
+    fn forward(&self, x: Tensor<3>, cache: Option<&mut LayerCache>) -> (Tensor<3>, LayerCache) {
+        let [b, t, n] = x.dims();
+        let q = self.heads(self.query.forward(x.clone()));
+        let mut k = self.heads(self.key.forward(x.clone()));
+        let mut v = self.heads(self.value.forward(x));
+        let past = cache.as_ref().map_or(0, |c| c.k.dims()[2]);
+        if let Some(c) = cache {
+            k = Tensor::cat(vec![c.k.clone(), k], 2);
+            v = Tensor::cat(vec![c.v.clone(), v], 2);
+        }
+        let total = past + t;
+        let scale = 1.0 / ((n / self.n_head) as f64).sqrt();
+        let mut att = q.matmul(k.clone().swap_dims(2, 3)).mul_scalar(scale);
+        if t > 1 {
+            let mask = causal_mask(t, total, past, &att.device());
+            att = att.mask_fill(mask.expand([b, self.n_head, t, total]), f32::NEG_INFINITY);
+        }
+        let att = self.attn_drop.forward(softmax(att, 3));
+        let y = att.matmul(v.clone()).swap_dims(1, 2).reshape([b, t, n]);
+        (
+            self.resid_drop.forward(self.proj.forward(y)),
+            LayerCache { k, v },
+        )
+    }
+}
+
+/// `[1, 1, t, total]`, true where query `past + i` must not see key `j` (`j > past + i`).
+fn causal_mask(t: usize, total: usize, past: usize, device: &Device) -> Tensor<4, Bool> {
+    let values: Vec<bool> = (0..t)
+        .flat_map(|i| (0..total).map(move |j| j > past + i))
+        .collect();
+    Tensor::from_data(TensorData::new(values, [1, 1, t, total]), device)
+}
+
+/// One pre-LN transformer block.
+#[derive(Module, Debug)]
+pub struct Block {
+    /// LayerNorm before attention.
+    pub ln1: LayerNorm,
+    /// LayerNorm before the MLP.
+    pub ln2: LayerNorm,
+    /// Self-attention.
+    pub attn: CausalSelfAttention,
+    /// MLP expansion (the reference's `mlp.0`).
+    pub mlp_fc: Linear,
+    /// MLP projection (the reference's `mlp.2`).
+    pub mlp_proj: Linear,
+    mlp_drop: Dropout,
+}
+
+impl Block {
+    fn new(c: &GptConfig, device: &Device) -> Self {
+        let n = c.n_embd;
+        Self {
+            ln1: LayerNormConfig::new(n).init(device),
+            ln2: LayerNormConfig::new(n).init(device),
+            attn: CausalSelfAttention::new(c, device),
+            mlp_fc: linear(n, 4 * n, true, device),
+            mlp_proj: linear(4 * n, n, true, device),
+            mlp_drop: DropoutConfig::new(c.resid_pdrop).init(),
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>, cache: Option<&mut LayerCache>) -> (Tensor<3>, LayerCache) {
+        let (a, kv) = self.attn.forward(self.ln1.forward(x.clone()), cache);
+        let x = x + a;
+        let h = self.mlp_fc.forward(self.ln2.forward(x.clone()));
+        let h = self.mlp_drop.forward(self.mlp_proj.forward(gelu(h)));
+        (x + h, kv)
+    }
+}
+
+/// The GPT.
+#[derive(Module, Debug)]
+pub struct Gpt {
+    /// Token embedding.
+    pub tok_emb: Embedding,
+    /// Learned positions, `[1, block_size, n_embd]`.
+    pub pos_emb: Param<Tensor<3>>,
+    /// The blocks.
+    pub blocks: Vec<Block>,
+    /// Final LayerNorm.
+    pub ln_f: LayerNorm,
+    /// Bias-free head to the vocabulary.
+    pub head: Linear,
+    drop: Dropout,
+    block_size: usize,
+}
+
+impl Gpt {
+    /// A freshly initialized GPT (call `device.seed(..)` first for reproducible weights).
+    pub fn new(c: &GptConfig, device: &Device) -> Self {
+        Self {
+            tok_emb: EmbeddingConfig::new(c.vocab_size, c.n_embd)
+                .with_initializer(init())
+                .init(device),
+            pos_emb: Param::from_tensor(Tensor::zeros([1, c.block_size, c.n_embd], device)),
+            blocks: (0..c.n_layer).map(|_| Block::new(c, device)).collect(),
+            ln_f: LayerNormConfig::new(c.n_embd).init(device),
+            head: linear(c.n_embd, c.vocab_size, false, device),
+            drop: DropoutConfig::new(c.embd_pdrop).init(),
+            block_size: c.block_size,
+        }
+    }
+
+    /// Longest sequence.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Logits `[b, t, vocab]` of a whole sequence `[b, t]`.
+    pub fn forward(&self, idx: Tensor<2, Int>) -> Tensor<3> {
+        let x = self.embed(idx, 0);
+        let x = self
+            .blocks
+            .iter()
+            .fold(x, |x, block| block.forward(x, None).0);
+        self.head.forward(self.ln_f.forward(x))
+    }
+
+    /// Logits `[b, t, vocab]` of tokens `[b, t]` that continue the positions in `cache`,
+    /// which then holds them too.
+    pub fn forward_cached(&self, idx: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
+        let past = cache.len();
+        let mut x = self.embed(idx, past);
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (y, kv) = block.forward(x, cache.layers.get_mut(i));
+            x = y;
+            layers.push(kv);
+        }
+        cache.layers = layers;
+        self.head.forward(self.ln_f.forward(x))
+    }
+
+    fn embed(&self, idx: Tensor<2, Int>, past: usize) -> Tensor<3> {
+        let [_, t] = idx.dims();
+        assert!(
+            past + t <= self.block_size,
+            "sequence of {} tokens is longer than the block size {}",
+            past + t,
+            self.block_size
+        );
+        let pos = self.pos_emb.val().narrow(1, past, t);
+        self.drop.forward(self.tok_emb.forward(idx) + pos)
+    }
+}
