@@ -46,7 +46,7 @@ pub struct JobRecord {
     /// Id.
     pub id: String,
     /// What it runs (the proto message, as JSON-able fields).
-    pub spec: SpecRecord,
+    pub spec: JobSpec,
     /// pending, running, succeeded, failed, cancelled.
     pub state: String,
     /// Attempts started.
@@ -63,79 +63,6 @@ pub struct JobRecord {
     pub images_per_s: f64,
     /// Why it failed or what it is waiting for.
     pub message: String,
-}
-
-/// [`JobSpec`] in a serializable form.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct SpecRecord {
-    /// vqgan or transformer.
-    pub stage: String,
-    /// Config YAML text.
-    pub config_yaml: String,
-    /// Data directory or prefix.
-    pub data: String,
-    /// Run folder.
-    pub out: String,
-    /// Steps.
-    pub steps: u64,
-    /// Ranks wanted.
-    pub nodes: u32,
-    /// Fewest ranks to restart with.
-    pub min_nodes: u32,
-    /// Dataloader service addresses.
-    pub dataloaders: Vec<String>,
-    /// ring or nccl.
-    pub collective: String,
-    /// Evaluation interval.
-    pub eval_every: u64,
-    /// Checkpoint interval.
-    pub checkpoint_every: u64,
-    /// Continue an existing run.
-    #[serde(default)]
-    pub resume: bool,
-    /// Device kind.
-    #[serde(default)]
-    pub device: String,
-}
-
-impl From<JobSpec> for SpecRecord {
-    fn from(s: JobSpec) -> Self {
-        Self {
-            stage: s.stage,
-            config_yaml: s.config_yaml,
-            data: s.data,
-            out: s.out,
-            steps: s.steps,
-            nodes: s.nodes,
-            min_nodes: s.min_nodes,
-            dataloaders: s.dataloaders,
-            collective: s.collective,
-            eval_every: s.eval_every,
-            checkpoint_every: s.checkpoint_every,
-            resume: s.resume,
-            device: s.device,
-        }
-    }
-}
-
-impl From<SpecRecord> for JobSpec {
-    fn from(s: SpecRecord) -> Self {
-        Self {
-            stage: s.stage,
-            config_yaml: s.config_yaml,
-            data: s.data,
-            out: s.out,
-            steps: s.steps,
-            nodes: s.nodes,
-            min_nodes: s.min_nodes,
-            dataloaders: s.dataloaders,
-            collective: s.collective,
-            eval_every: s.eval_every,
-            checkpoint_every: s.checkpoint_every,
-            resume: s.resume,
-            device: s.device,
-        }
-    }
 }
 
 /// Refusals of requests, naming the field.
@@ -255,6 +182,12 @@ impl Cluster {
                 format!("`{}` (vqgan or transformer)", spec.stage),
             ));
         }
+        if spec.stage == "transformer" && spec.vqgan.is_empty() {
+            return Err(invalid(
+                "spec.vqgan",
+                "stage-2 jobs name their first-stage VQGAN",
+            ));
+        }
         if spec.nodes == 0 || spec.nodes > MAX_NODES {
             return Err(invalid(
                 "spec.nodes",
@@ -285,7 +218,7 @@ impl Cluster {
         }
         self.next_job += 1;
         let id = format!("job-{:04}", self.next_job);
-        let mut spec = SpecRecord::from(spec);
+        let mut spec = spec;
         spec.min_nodes = spec.min_nodes.max(1);
         self.jobs.insert(
             id.clone(),
@@ -355,7 +288,7 @@ impl Cluster {
                         rank: rank as u32,
                         world_size: chosen.len() as u32,
                         peers: peers.clone(),
-                        spec: Some(job.spec.clone().into()),
+                        spec: Some(job.spec.clone()),
                         resume,
                     },
                 ));
@@ -479,7 +412,7 @@ impl Cluster {
         Ok(Job {
             job_id: j.id.clone(),
             state: j.state.clone(),
-            spec: Some(j.spec.clone().into()),
+            spec: Some(j.spec.clone()),
             attempt: j.attempt,
             workers: j.workers.clone(),
             step: j.step,

@@ -68,12 +68,28 @@ enum Cmd {
         /// Shards: a directory or object-store prefix with train-*.tar and val-*.tar.
         #[arg(long)]
         data: Option<String>,
-        /// Run folder.
-        #[arg(long, default_value = "runs/vqgan")]
-        out: PathBuf,
+        /// Run folder (default: runs/vqgan or runs/transformer).
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// Total optimizer steps.
         #[arg(long, default_value_t = 1000)]
         steps: u64,
+        /// Stage 2: the first-stage VQGAN (model directory).
+        #[arg(long)]
+        vqgan: Option<PathBuf>,
+        /// Stage 2: conditioning: none, class or segmentation.
+        #[arg(long, value_parser = ["none", "class", "segmentation"])]
+        cond: Option<String>,
+        /// Stage 2: code Parquet from `dataloader precompute-codes` (file or directory);
+        /// without it the workers encode --data on the fly.
+        #[arg(long)]
+        codes: Option<String>,
+        /// Stage 2: validation code Parquet.
+        #[arg(long)]
+        val_codes: Option<String>,
+        /// Stage 2: the cond-stage VQGAN (with --cond segmentation).
+        #[arg(long)]
+        cond_vqgan: Option<PathBuf>,
         /// Continue the run in --out from its latest checkpoint.
         #[arg(long)]
         resume: bool,
@@ -186,18 +202,39 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             checkpoint_every,
             quiet,
             dataloaders,
+            vqgan,
+            cond,
+            codes,
+            val_codes,
+            cond_vqgan,
         } => {
-            if stage == Stage::Transformer {
-                bail!("--stage transformer: stage-2 training is not available yet");
+            let transformer = stage == Stage::Transformer;
+            if transformer && vqgan.is_none() {
+                bail!(
+                    "--stage transformer needs --vqgan MODEL (a stage-1 model directory, e.g. runs/vqgan/model)"
+                );
             }
-            check_config(config.as_deref())?;
+            check_config(stage, config.as_deref())?;
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from(if transformer {
+                    "runs/transformer"
+                } else {
+                    "runs/vqgan"
+                })
+            });
+            let path_text = |p: Option<PathBuf>| -> Result<String> {
+                Ok(match p {
+                    Some(p) => std::path::absolute(&p)?.to_string_lossy().into_owned(),
+                    None => String::new(),
+                })
+            };
             let config_yaml = match &config {
                 Some(p) => std::fs::read_to_string(p)
                     .with_context(|| format!("reading {}", p.display()))?,
                 None => String::new(),
             };
             let spec = JobSpec {
-                stage: "vqgan".into(),
+                stage: if transformer { "transformer" } else { "vqgan" }.into(),
                 config_yaml,
                 data: data.map(absolute_if_local).unwrap_or_default(),
                 out: std::path::absolute(&out)?.to_string_lossy().into_owned(),
@@ -210,6 +247,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 checkpoint_every,
                 resume,
                 device,
+                vqgan: path_text(vqgan)?,
+                cond: cond.unwrap_or_default(),
+                codes: codes.map(absolute_if_local).unwrap_or_default(),
+                val_codes: val_codes.map(absolute_if_local).unwrap_or_default(),
+                cond_vqgan: path_text(cond_vqgan)?,
             };
             match coordinator {
                 Some(addr) => launch_remote(&addr, token.as_deref(), spec, !quiet).await,
@@ -344,12 +386,15 @@ fn start_dataloader(logs: &Path, i: usize) -> Result<(Child, String)> {
 
 /// Refuses a config the worker would refuse, before anything starts (needs the `worker`
 /// binary beside this one; skipped when it is not there, e.g. on a submit-only machine).
-fn check_config(config: Option<&Path>) -> Result<()> {
+fn check_config(stage: Stage, config: Option<&Path>) -> Result<()> {
     let Ok(worker) = sibling("worker") else {
         return Ok(());
     };
     let mut cmd = Command::new(worker);
     cmd.arg("check-config");
+    if stage == Stage::Transformer {
+        cmd.args(["--stage", "transformer"]);
+    }
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }

@@ -94,3 +94,58 @@ pub fn write_png(img: &RgbImage, path: &Path) -> Result<(), ModelError> {
         .map_err(|e| ModelError::file(&tmp, e.to_string()))?;
     crate::atomic::commit(&tmp, path)
 }
+
+/// Images of one size tiled `per_row` to a row with 2-pixel white gaps.
+pub fn tile(images: &[RgbImage], per_row: usize) -> RgbImage {
+    let Some(first) = images.first() else {
+        return RgbImage::new(1, 1);
+    };
+    let (w, h) = first.dimensions();
+    let per_row = per_row.clamp(1, images.len()) as u32;
+    let rows = (images.len() as u32).div_ceil(per_row);
+    let gap = 2;
+    let mut grid = RgbImage::from_pixel(
+        per_row * (w + gap) - gap,
+        rows * (h + gap) - gap,
+        image::Rgb([255, 255, 255]),
+    );
+    for (i, img) in images.iter().enumerate() {
+        let (col, row) = (i as u32 % per_row, i as u32 / per_row);
+        image::imageops::replace(
+            &mut grid,
+            img,
+            (col * (w + gap)) as i64,
+            (row * (h + gap)) as i64,
+        );
+    }
+    grid
+}
+
+/// `[1, classes, h, w]` one-hot encoding of a label map of `h * w` labels; errors name
+/// `source` and the first label outside `0..classes`.
+pub fn one_hot(
+    labels: &[u8],
+    classes: usize,
+    [h, w]: [usize; 2],
+    source: &str,
+    device: &Device,
+) -> Result<Tensor<4>, ModelError> {
+    let mut out = vec![0f32; classes * h * w];
+    for (p, &label) in labels.iter().enumerate().take(h * w) {
+        if label as usize >= classes {
+            return Err(ModelError::file(
+                source,
+                format!(
+                    "label {label} at pixel ({}, {}) but the cond stage knows {classes} classes",
+                    p % w,
+                    p / w
+                ),
+            ));
+        }
+        out[label as usize * h * w + p] = 1.0;
+    }
+    Ok(Tensor::from_data(
+        TensorData::new(out, [1, classes, h, w]),
+        device,
+    ))
+}

@@ -12,6 +12,7 @@ pub mod image_io;
 pub mod loss;
 pub mod metrics;
 pub mod quantize;
+pub mod synthesis;
 pub mod transformer;
 pub mod vqgan;
 

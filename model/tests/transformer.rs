@@ -331,3 +331,53 @@ fn native_transformer_dirs_round_trip() {
         .to_string();
     assert!(err.contains("config.json"), "{err}");
 }
+
+#[test]
+fn every_gpt_parameter_trains_and_decay_scales_linear_weights_only() {
+    use burn::optim::GradientsParams;
+    use burn::store::ModuleSnapshot;
+    use taming_model::transformer::{Gpt, GptConfig};
+    let device = Device::flex().autodiff();
+    device.seed(1);
+    let cfg = GptConfig {
+        vocab_size: 16,
+        block_size: 8,
+        n_layer: 1,
+        n_head: 2,
+        n_embd: 8,
+        embd_pdrop: 0.0,
+        resid_pdrop: 0.0,
+        attn_pdrop: 0.0,
+    };
+    let gpt = Gpt::new(&cfg, &device);
+    let idx: Tensor<2, Int> =
+        Tensor::from_data(TensorData::new(vec![1i64, 5, 7, 2], [1, 4]), &device);
+    let loss = gpt.forward(idx).powi_scalar(2).mean();
+    let grads = GradientsParams::from_grads(loss.backward(), &gpt);
+    let params = gpt.collect(None, None, false);
+    assert_eq!(grads.len(), params.len(), "every parameter gets a gradient");
+    let floats = |g: &Gpt| -> Vec<(String, Vec<f32>)> {
+        g.collect(None, None, false)
+            .into_iter()
+            .map(|t| {
+                let name = t.name.clone();
+                let bytes = t.into_bytes().unwrap();
+                let v = bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                (name, v)
+            })
+            .collect()
+    };
+    let before = floats(&gpt);
+    let after = floats(&gpt.clone().scale_linear_weights(0.5));
+    for ((name, a), (_, b)) in before.iter().zip(&after) {
+        let linear = name.ends_with(".weight") && !name.starts_with("tok_emb");
+        let factor = if linear { 0.5 } else { 1.0 };
+        assert!(
+            a.iter().zip(b).all(|(x, y)| (x * factor - y).abs() <= 1e-7),
+            "{name}: scaled by {factor}?"
+        );
+    }
+}

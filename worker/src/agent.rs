@@ -15,9 +15,10 @@ use taming_collective::{AllReduce, RingConfig, TcpRing, nccl};
 use taming_model::device::DeviceSpec;
 use taming_proto::coordinator::*;
 
-use crate::defaults::{default_data, parse_config};
-use crate::stage1::checkpoint::LATEST;
+use crate::checkpoint::LATEST;
+use crate::defaults::{default_data, parse_config, parse_stage2_config};
 use crate::stage1::{RunError, RunOptions, run_stage1};
+use crate::stage2::{CondKind, Stage2Options, run_stage2};
 use taming_dataloader::DataError;
 
 type Client = taming_proto::CoordinatorClient;
@@ -169,10 +170,9 @@ fn run_assignment(
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
     let spec = a.spec.clone().context("assignment without a spec")?;
-    if spec.stage != "vqgan" {
+    if spec.stage != "vqgan" && spec.stage != "transformer" {
         bail!("stage `{}` is not available in this worker", spec.stage);
     }
-    let config = parse_config(&spec.config_yaml, "the job's config")?;
     let data = if spec.data.is_empty() {
         default_data()?.to_string_lossy().into_owned()
     } else {
@@ -192,6 +192,10 @@ fn run_assignment(
         a: a.clone(),
         stop,
     };
+    if spec.stage == "transformer" {
+        return run_transformer(spec, data, out, resume, device, group, a, reporter);
+    }
+    let config = parse_config(&spec.config_yaml, "the job's config")?;
     let mut run = RunOptions::single(config, data, out, spec.steps, device);
     run.dataloaders = spec.dataloaders.clone();
     run.resume = resume;
@@ -203,6 +207,50 @@ fn run_assignment(
     run.checkpoint_every = spec.checkpoint_every.max(1);
     run.on_step = Some(Box::new(move |row| reporter.report(row)));
     run_stage1(run)?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_transformer(
+    spec: JobSpec,
+    data: String,
+    out: std::path::PathBuf,
+    resume: bool,
+    device: burn::tensor::Device,
+    group: Option<Box<dyn AllReduce>>,
+    a: &Assignment,
+    reporter: Reporter,
+) -> Result<()> {
+    let config = parse_stage2_config(&spec.config_yaml, "the job's config")?;
+    let cond: CondKind = spec.cond.parse().map_err(anyhow::Error::msg)?;
+    let mut run = Stage2Options::single(
+        config,
+        spec.vqgan.into(),
+        cond,
+        data,
+        out,
+        spec.steps,
+        device,
+    );
+    let nonempty = |s: String| (!s.is_empty()).then_some(s);
+    run.codes = nonempty(spec.codes);
+    run.val_codes = nonempty(spec.val_codes);
+    run.cond_vqgan = nonempty(spec.cond_vqgan).map(Into::into);
+    run.resume = resume;
+    run.nodes = a.world_size as usize;
+    run.rank = a.rank as usize;
+    run.world = a.world_size as usize;
+    run.group = group;
+    run.eval_every = spec.eval_every.max(1);
+    run.checkpoint_every = spec.checkpoint_every.max(1);
+    run.on_step = Some(Box::new(move |row| {
+        let mut losses = vec![("loss", row.loss), ("lr", row.lr)];
+        if let Some(v) = row.val_loss {
+            losses.push(("val_loss", v));
+        }
+        reporter.send(row.step, &losses, row.tokens_per_s)
+    }));
+    run_stage2(run)?;
     Ok(())
 }
 
@@ -308,18 +356,21 @@ impl Reporter {
             ("g", row.g_loss),
             ("d", row.d_loss),
             ("usage", row.usage),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        ];
+        self.send(row.step, &losses, row.images_per_s)
+    }
+
+    /// Reports a step's losses and throughput; says whether to go on.
+    fn send(&self, step: u64, losses: &[(&str, f64)], rate: f64) -> bool {
+        let losses = losses.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let report = ProgressReport {
             worker_id: self.worker_id.clone(),
             job_id: self.a.job_id.clone(),
             attempt: self.a.attempt,
             rank: self.a.rank,
-            step: row.step,
+            step,
             losses,
-            images_per_s: row.images_per_s,
+            images_per_s: rate,
             state: "running".into(),
             message: String::new(),
             retryable: false,

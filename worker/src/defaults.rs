@@ -1,13 +1,16 @@
-//! The embedded defaults: the small stage-1 config and the Fashion-MNIST shards.
+//! The embedded defaults: the small stage-1 and stage-2 configs and the Fashion-MNIST shards.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
 use crate::stage1::Stage1Config;
+use crate::stage2::Stage2Config;
 
 /// The embedded default config (configs/stage1/fashion_mnist.yaml).
 pub const DEFAULT_CONFIG: &str = include_str!("../../configs/stage1/fashion_mnist.yaml");
+/// The embedded default stage-2 config (configs/stage2/fashion_mnist.yaml).
+pub const DEFAULT_STAGE2_CONFIG: &str = include_str!("../../configs/stage2/fashion_mnist.yaml");
 /// Where the embedded default data lives in a checkout.
 pub const DEFAULT_DATA: &str = "data/fashion-mnist";
 
@@ -21,6 +24,22 @@ pub fn parse_config(text: &str, name: &str) -> Result<Stage1Config> {
     };
     let config: Stage1Config = serde_yaml::from_str(text)
         .with_context(|| format!("{name}: not a valid stage-1 config"))?;
+    config
+        .validate()
+        .with_context(|| format!("{name}: refused"))?;
+    Ok(config)
+}
+
+/// Parses and checks a stage-2 config; `text` empty means the embedded default. Errors name
+/// `name` (the file).
+pub fn parse_stage2_config(text: &str, name: &str) -> Result<Stage2Config> {
+    let (text, name) = if text.is_empty() {
+        (DEFAULT_STAGE2_CONFIG, "the embedded default stage-2 config")
+    } else {
+        (text, name)
+    };
+    let config: Stage2Config = serde_yaml::from_str(text)
+        .with_context(|| format!("{name}: not a valid stage-2 config"))?;
     config
         .validate()
         .with_context(|| format!("{name}: refused"))?;

@@ -1,6 +1,9 @@
-//! taming-rs trainers. `stage1` trains a VQGAN with the reference's objective.
+//! taming-rs trainers: `stage1` trains a VQGAN with the reference's objective, `stage2` the
+//! latent transformer over its codes.
 
 pub mod agent;
+pub mod checkpoint;
 pub mod defaults;
 pub mod distributed;
 pub mod stage1;
+pub mod stage2;

@@ -11,7 +11,7 @@ use taming_model::config::{
     DdConfig, QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig,
 };
 use taming_model::loss::{DiscriminatorConfig, LossConfig};
-use taming_worker::stage1::checkpoint::{self, CheckpointError};
+use taming_worker::checkpoint::{self, CheckpointError, TrainState};
 use taming_worker::stage1::{Stage1Config, Stage1Trainer};
 
 /// burn seeds one process-wide generator: tests that train must not interleave their draws.
@@ -174,7 +174,8 @@ fn an_interrupted_checkpoint_write_leaves_the_previous_one_loadable() {
     let saved = params(trainer.model());
 
     // A write that fails half-way (as a full disk would) ...
-    let (cfg, mut state) = checkpoint::read_meta(&checkpoint::latest(tmp.path()).unwrap()).unwrap();
+    let (cfg, mut state): (Stage1Config, TrainState) =
+        checkpoint::read_meta(&checkpoint::latest(tmp.path()).unwrap()).unwrap();
     state.step = 3;
     let err = checkpoint::write(tmp.path(), &cfg, &state, 2, |dir| {
         std::fs::write(dir.join("model.bpk"), b"half a model").unwrap();

@@ -24,12 +24,11 @@ fn init() -> Initializer {
 
 fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
     let mut layer = LinearConfig::new(d_in, d_out)
-        .with_bias(bias)
+        .with_bias(false)
         .with_initializer(init())
         .init(device);
-    if let Some(b) = layer.bias.take() {
-        layer.bias = Some(b.map(|t| t.zeros_like()));
-    }
+    // Biases start at zero (a fresh trainable parameter, not a mapped one).
+    layer.bias = bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device)));
     layer
 }
 
@@ -244,6 +243,32 @@ impl Gpt {
         }
         cache.layers = layers;
         self.head.forward(self.ln_f.forward(x))
+    }
+
+    /// Multiplies every Linear weight (not biases, LayerNorms, embeddings or positions) by
+    /// `factor`: the decoupled weight decay of AdamW as the reference configures it.
+    pub fn scale_linear_weights(mut self, factor: f64) -> Self {
+        let scale = |l: &mut Linear| {
+            l.weight = l.weight.clone().map(|w| {
+                let grad = w.is_require_grad();
+                let scaled = Tensor::from_inner(w.inner().mul_scalar(factor));
+                if grad { scaled.require_grad() } else { scaled }
+            });
+        };
+        for b in &mut self.blocks {
+            for l in [
+                &mut b.attn.key,
+                &mut b.attn.query,
+                &mut b.attn.value,
+                &mut b.attn.proj,
+                &mut b.mlp_fc,
+                &mut b.mlp_proj,
+            ] {
+                scale(l);
+            }
+        }
+        scale(&mut self.head);
+        self
     }
 
     fn embed(&self, idx: Tensor<2, Int>, past: usize) -> Tensor<3> {

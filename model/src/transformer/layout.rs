@@ -57,6 +57,11 @@ impl TokenLayout {
         &self.config
     }
 
+    /// Turns token dropout off (evaluation).
+    pub fn disable_token_dropout(&mut self) {
+        self.config.pkeep = 1.0;
+    }
+
     /// The window's token order.
     pub fn permutation(&self) -> &Permutation {
         &self.perm

@@ -1,6 +1,7 @@
 //! `worker`: runs trainers. `worker --coordinator ADDR` joins a cluster and runs the jobs
 //! the coordinator assigns; `worker train --stage vqgan` trains on its own (with no other
-//! arguments: the small default on the embedded Fashion-MNIST shards).
+//! arguments: the small default on the embedded Fashion-MNIST shards); `worker train --stage
+//! transformer --vqgan MODEL` trains stage 2 over that VQGAN's codes.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,8 +11,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use taming_model::device::DeviceSpec;
 use taming_proto::auth::TOKEN_ENV;
 use taming_worker::agent::{AgentOptions, run_agent};
-use taming_worker::defaults::{default_data, parse_config};
+use taming_worker::defaults::{default_data, parse_config, parse_stage2_config};
 use taming_worker::stage1::{RunOptions, Stage1Config, run_stage1};
+use taming_worker::stage2::{CondKind, Stage2Config, Stage2Options, run_stage2};
 
 #[derive(Parser)]
 #[command(
@@ -49,12 +51,17 @@ struct Cli {
 enum Stage {
     /// Stage 1: the VQGAN.
     Vqgan,
+    /// Stage 2: the transformer over a trained VQGAN's codes.
+    Transformer,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Parse and check a training config (the embedded default when none is given), then exit.
     CheckConfig {
+        /// Which stage's config.
+        #[arg(long, value_enum, default_value = "vqgan")]
+        stage: Stage,
         /// Training config (YAML).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -75,9 +82,11 @@ enum Command {
         /// host:port; a dead one is replaced by the next).
         #[arg(long, value_delimiter = ',')]
         dataloader: Vec<String>,
-        /// Run folder.
-        #[arg(long, default_value = "runs/vqgan")]
-        out: PathBuf,
+        /// Run folder (default: runs/vqgan or runs/transformer).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        stage2: Stage2Args,
         /// Total optimizer steps.
         #[arg(long, default_value_t = 1000)]
         steps: u64,
@@ -100,6 +109,27 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+}
+
+/// Stage-2 inputs.
+#[derive(clap::Args)]
+struct Stage2Args {
+    /// The first-stage VQGAN (model directory) whose codes the transformer learns.
+    #[arg(long)]
+    vqgan: Option<PathBuf>,
+    /// Conditioning: none, class or segmentation.
+    #[arg(long, default_value = "none")]
+    cond: CondKind,
+    /// Code Parquet from `dataloader precompute-codes` (file or directory with
+    /// _manifest.json); without it the images of --data are encoded on the fly.
+    #[arg(long)]
+    codes: Option<String>,
+    /// Validation code Parquet (default: the first 64 training rows).
+    #[arg(long)]
+    val_codes: Option<String>,
+    /// The cond-stage VQGAN (with --cond segmentation).
+    #[arg(long)]
+    cond_vqgan: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -139,12 +169,15 @@ fn run(cli: Cli) -> Result<()> {
         }
         (None, None) => bail!("give --coordinator ADDR (join a cluster) or a subcommand (train)"),
     };
-    if let Command::CheckConfig { config } = &command {
-        read_config(config.as_deref())?;
+    if let Command::CheckConfig { stage, config } = &command {
+        match stage {
+            Stage::Vqgan => drop(read_config(config.as_deref())?),
+            Stage::Transformer => drop(read_stage2_config(config.as_deref())?),
+        }
         return Ok(());
     }
     let Command::Train {
-        stage: Stage::Vqgan,
+        stage,
         config,
         data,
         dataloader,
@@ -156,16 +189,57 @@ fn run(cli: Cli) -> Result<()> {
         eval_every,
         checkpoint_every,
         quiet,
+        stage2,
     } = command
     else {
         unreachable!("check-config returned above");
     };
-    let config = read_config(config.as_deref())?;
     let data = match data {
         Some(dir) => dir,
         None => default_data()?.to_string_lossy().into_owned(),
     };
     let device = device.device().map_err(anyhow::Error::msg)?.autodiff();
+    if let Stage::Transformer = stage {
+        let out = out.unwrap_or_else(|| PathBuf::from("runs/transformer"));
+        let config = read_stage2_config(config.as_deref())?;
+        let vqgan = stage2
+            .vqgan
+            .context("--stage transformer needs --vqgan MODEL (a stage-1 model directory)")?;
+        let mut opts =
+            Stage2Options::single(config, vqgan, stage2.cond, data, out.clone(), steps, device);
+        opts.cond_vqgan = stage2.cond_vqgan;
+        opts.codes = stage2.codes;
+        opts.val_codes = stage2.val_codes;
+        opts.resume = resume;
+        opts.eval_every = eval_every;
+        opts.checkpoint_every = checkpoint_every;
+        opts.nodes = nodes;
+        if !quiet {
+            opts.on_step = Some(Box::new(|row| {
+                let val = row
+                    .val_loss
+                    .map(|v| format!(" val {v:.4}"))
+                    .unwrap_or_default();
+                eprintln!(
+                    "step {} loss {:.4}{val} lr {:.2e} {:.0} tok/s",
+                    row.step, row.loss, row.lr, row.tokens_per_s
+                );
+                true
+            }));
+        }
+        let summary = run_stage2(opts)?;
+        println!(
+            "trained {} steps: validation loss {:.4} -> {:.4}; model in {}; metrics.csv and samples.png in {}",
+            summary.steps,
+            summary.first_val_loss,
+            summary.last_val_loss,
+            summary.model_dir.display(),
+            out.display()
+        );
+        return Ok(());
+    }
+    let out = out.unwrap_or_else(|| PathBuf::from("runs/vqgan"));
+    let config = read_config(config.as_deref())?;
     let mut opts = RunOptions::single(config, data, out.clone(), steps, device);
     opts.dataloaders = dataloader;
     opts.resume = resume;
@@ -194,6 +268,17 @@ fn read_config(path: Option<&Path>) -> Result<Stage1Config> {
             parse_config(&text, &p.display().to_string())
         }
         None => parse_config("", ""),
+    }
+}
+
+fn read_stage2_config(path: Option<&Path>) -> Result<Stage2Config> {
+    match path {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            parse_stage2_config(&text, &p.display().to_string())
+        }
+        None => parse_stage2_config("", ""),
     }
 }
 

@@ -1,6 +1,5 @@
 //! Stage-1 (VQGAN) training: configuration and the training step.
 
-pub mod checkpoint;
 pub mod config;
 pub mod report;
 pub mod run;

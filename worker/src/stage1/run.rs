@@ -1,7 +1,7 @@
 //! A whole stage-1 run on local shards: the training loop with evaluation, checkpoints,
 //! `metrics.csv`, the loss curve, the validation grid and the exported model.
 //!
-//! Run folder: `checkpoints/` (see [`super::checkpoint`]), `metrics.csv`, `loss.png`,
+//! Run folder: `checkpoints/` (see [`crate::checkpoint`]), `metrics.csv`, `loss.png`,
 //! `val_grid.png` (inputs beside reconstructions) and `model/` (the project's model format,
 //! for `vqgan encode|decode|reconstruct|eval`).
 
@@ -24,10 +24,10 @@ use taming_model::quantize::QuantizeMode;
 
 use taming_collective::AllReduce;
 
-use super::checkpoint::{self, CheckpointError};
 use super::config::Stage1Config;
 use super::report::{self, MetricsRow};
 use super::trainer::{Stage1Trainer, StepReport, TrainError};
+use crate::checkpoint::{self, CheckpointError};
 
 /// Called after every step with its metrics row; returning false stops the run.
 pub type StepHook = Box<dyn FnMut(&MetricsRow) -> bool + Send>;

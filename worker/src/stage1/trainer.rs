@@ -18,11 +18,10 @@ use taming_model::quantize::{CodebookMaintainer, QuantizeMode, Quantizer, perple
 
 use std::path::{Path, PathBuf};
 
-use burn::store::{BurnpackStore, ModuleSnapshot};
 use taming_dataloader::LoaderState;
 
-use super::checkpoint::{self, CheckpointError, TrainState};
 use super::config::Stage1Config;
+use crate::checkpoint::{self, CheckpointError, TrainState, load_module, save_module};
 
 /// Why training could not start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +32,9 @@ pub enum TrainError {
     /// A checkpoint could not be written or read.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// The data-parallel group failed.
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
 }
 
 /// What one optimizer step did.
@@ -372,7 +374,7 @@ impl Stage1Trainer {
         device: &Device,
     ) -> Result<(Self, LoaderState), TrainError> {
         let dir = checkpoint::latest(run)?;
-        let (config, state) = checkpoint::read_meta(&dir)?;
+        let (config, state): (Stage1Config, TrainState) = checkpoint::read_meta(&dir)?;
         let mut trainer = Self::new(config, nodes, device)?;
         load_module(
             trainer.model.as_mut().expect("model"),
@@ -406,35 +408,8 @@ impl Stage1Trainer {
     }
 }
 
-fn save_module<M: ModuleSnapshot>(module: &M, path: &Path) -> Result<(), CheckpointError> {
-    let mut store = BurnpackStore::from_file(path)
-        .auto_extension(false)
-        .overwrite(true);
-    module
-        .save_into(&mut store)
-        .map_err(|e| CheckpointError::new(path, e))
-}
-
-fn load_module<M: ModuleSnapshot>(module: &mut M, path: &Path) -> Result<(), CheckpointError> {
-    let mut store = BurnpackStore::from_file(path).auto_extension(false);
-    let result = module
-        .load_from(&mut store)
-        .map_err(|e| CheckpointError::new(path, e))?;
-    if let Some(err) = result.errors.first() {
-        return Err(CheckpointError::new(path, err));
-    }
-    if let Some((name, why)) = result.missing.first() {
-        return Err(CheckpointError::new(
-            path,
-            format!("tensor `{name}` missing ({why})"),
-        ));
-    }
-    Ok(())
-}
-
-/// The seed of step `step` of a run seeded with `seed` (a splitmix64 step).
 /// Initializes every lazily initialized parameter of `module`.
-fn materialize<M: Module>(module: &M) {
+pub(crate) fn materialize<M: Module>(module: &M) {
     struct Touch;
     impl burn::module::ModuleVisitor for Touch {
         fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
@@ -444,7 +419,8 @@ fn materialize<M: Module>(module: &M) {
     module.visit(&mut Touch);
 }
 
-fn step_seed(seed: u64, step: u64) -> u64 {
+/// The seed of step `step` of a run seeded with `seed` (a splitmix64 step).
+pub(crate) fn step_seed(seed: u64, step: u64) -> u64 {
     let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

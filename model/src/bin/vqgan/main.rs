@@ -16,12 +16,13 @@ use taming_model::quantize::QuantizeMode;
 use taming_model::{Vqgan, VqganConfig};
 
 mod eval;
+mod sample;
 
 #[derive(Parser)]
 #[command(
     name = "vqgan",
     version,
-    about = "VQGAN tools: import, encode, decode, reconstruct"
+    about = "VQGAN tools: import, encode, decode, reconstruct, evaluate; sample from a transformer"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -92,6 +93,11 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Sample images from a trained transformer (class, segmentation map or unconditional;
+    /// the sliding window for sizes above the training window).
+    Sample(sample::SampleArgs),
+    /// Import a reference Net2NetTransformer (YAML config and Lightning checkpoint).
+    ImportTransformer(sample::ImportArgs),
     /// Decode a grid of code indices (JSON) to an image.
     Decode {
         #[command(flatten)]
@@ -186,6 +192,8 @@ fn run(cli: Cli) -> Result<()> {
                 &out,
             )
         }
+        Command::Sample(args) => sample::sample(args),
+        Command::ImportTransformer(args) => sample::import(args),
         Command::Decode { model, codes, out } => {
             let (config, vqgan, device) = load(&model)?;
             let grid = CodeGrid::read(&codes)?;

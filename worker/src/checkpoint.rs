@@ -1,18 +1,19 @@
-//! Training checkpoints. Each is a directory `ckpt-NNNNNNNN` beside a `latest` file naming
-//! the newest: `config.json`, `state.json` (step, data position, codebook-maintenance
-//! state), `model.bpk` and `disc.bpk` (burnpack, parameter ids kept so that optimizer states
-//! still match), `opt_ae.bpk` and `opt_d.bpk`. A checkpoint is written under a temporary
-//! name and renamed when complete, then `latest` is replaced atomically: a process killed at
-//! any point leaves the previous checkpoint intact and loadable.
+//! Training checkpoints (both stages). Each is a directory `ckpt-NNNNNNNN` beside a `latest`
+//! file naming the newest: `config.json`, `state.json` (step, data position, and for stage 1
+//! the codebook-maintenance state), the modules as burnpack with parameter ids kept so that
+//! optimizer states still match (stage 1: `model.bpk`, `disc.bpk`, `opt_ae.bpk`, `opt_d.bpk`;
+//! stage 2: `gpt.bpk`, `opt.bpk`). A checkpoint is written under a temporary name and renamed
+//! when complete, then `latest` is replaced atomically: a process killed at any point leaves
+//! the previous checkpoint intact and loadable.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use burn::store::{BurnpackStore, ModuleSnapshot};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use taming_dataloader::LoaderState;
 use taming_model::quantize::MaintainerState;
-
-use super::config::Stage1Config;
 
 /// File naming the newest checkpoint directory inside a run folder.
 pub const LATEST: &str = "latest";
@@ -48,18 +49,58 @@ pub struct TrainState {
     pub maintainer: Option<MaintainerState>,
 }
 
+/// A training state that knows its step.
+pub trait HasStep {
+    /// Optimizer steps taken.
+    fn step(&self) -> u64;
+}
+
+impl HasStep for TrainState {
+    fn step(&self) -> u64 {
+        self.step
+    }
+}
+
+/// Saves a module's parameters (ids kept) as burnpack.
+pub fn save_module<M: ModuleSnapshot>(module: &M, path: &Path) -> Result<(), CheckpointError> {
+    let mut store = BurnpackStore::from_file(path)
+        .auto_extension(false)
+        .overwrite(true);
+    module
+        .save_into(&mut store)
+        .map_err(|e| CheckpointError::new(path, e))
+}
+
+/// Loads every parameter of `module` from a burnpack file; errors name the file.
+pub fn load_module<M: ModuleSnapshot>(module: &mut M, path: &Path) -> Result<(), CheckpointError> {
+    let mut store = BurnpackStore::from_file(path).auto_extension(false);
+    let result = module
+        .load_from(&mut store)
+        .map_err(|e| CheckpointError::new(path, e))?;
+    if let Some(err) = result.errors.first() {
+        return Err(CheckpointError::new(path, err));
+    }
+    if let Some((name, why)) = result.missing.first() {
+        return Err(CheckpointError::new(
+            path,
+            format!("tensor `{name}` missing ({why})"),
+        ));
+    }
+    Ok(())
+}
+
 /// Writes a checkpoint for `step` into `run`: `write_payload` fills the staging directory
 /// with the binary files; this adds `config.json` and `state.json`, renames the directory
 /// into place, points `latest` at it and keeps the newest `keep` checkpoints.
-pub fn write(
+pub fn write<C: Serialize, S: Serialize + HasStep>(
     run: &Path,
-    config: &Stage1Config,
-    state: &TrainState,
+    config: &C,
+    state: &S,
     keep: usize,
     write_payload: impl FnOnce(&Path) -> Result<(), CheckpointError>,
 ) -> Result<PathBuf, CheckpointError> {
     fs::create_dir_all(run).map_err(|e| CheckpointError::new(run, e))?;
-    let name = format!("ckpt-{:08}", state.step);
+    let name = format!("ckpt-{:08}", state.step());
     let final_dir = run.join(&name);
     let staging = run.join(format!(".{name}.partial-{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
@@ -93,7 +134,9 @@ pub fn latest(run: &Path) -> Result<PathBuf, CheckpointError> {
 }
 
 /// Reads `config.json` and `state.json` of a checkpoint directory.
-pub fn read_meta(dir: &Path) -> Result<(Stage1Config, TrainState), CheckpointError> {
+pub fn read_meta<C: DeserializeOwned, S: DeserializeOwned>(
+    dir: &Path,
+) -> Result<(C, S), CheckpointError> {
     Ok((
         read_json(&dir.join("config.json"))?,
         read_json(&dir.join("state.json"))?,
@@ -105,7 +148,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), CheckpointErro
     fs::write(path, text).map_err(|e| CheckpointError::new(path, e))
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, CheckpointError> {
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, CheckpointError> {
     let text = fs::read_to_string(path).map_err(|e| CheckpointError::new(path, e))?;
     serde_json::from_str(&text).map_err(|e| CheckpointError::new(path, e))
 }

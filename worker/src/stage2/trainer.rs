@@ -1,0 +1,264 @@
+//! The stage-2 training step: cross-entropy of the image tokens, gradients averaged over the
+//! data-parallel group, AdamW (betas 0.9, 0.95; decoupled weight decay on Linear weights
+//! only) at the scheduled learning rate.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::Device;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use taming_collective::{AllReduce, CollectiveError};
+use taming_model::transformer::{Gpt, TokenLayout, TransformerConfig};
+
+use super::config::Stage2Config;
+use super::data::{CodePosition, CodeSample, windows};
+use crate::checkpoint::{self, CheckpointError, HasStep, load_module, save_module};
+use crate::distributed::{broadcast_params, mean_gradients};
+use crate::stage1::trainer::{TrainError, materialize, step_seed};
+use taming_dataloader::LoaderState;
+
+/// Where the training data stands: a position in the code rows, or in the image shards.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataPosition {
+    /// Code Parquet position.
+    pub codes: Option<CodePosition>,
+    /// Image-shard position (codes encoded on the fly).
+    pub images: Option<LoaderState>,
+}
+
+/// The small part of a stage-2 checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stage2State {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Total steps of the run (the schedule's length).
+    pub total_steps: u64,
+    /// Where the data stands.
+    pub data: DataPosition,
+}
+
+impl HasStep for Stage2State {
+    fn step(&self) -> u64 {
+        self.step
+    }
+}
+
+/// A checkpoint's config: the recipe and the model it built.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stage2CheckpointConfig {
+    /// The training recipe.
+    pub train: Stage2Config,
+    /// The transformer.
+    pub model: TransformerConfig,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage2Report {
+    /// Step number after this step.
+    pub step: u64,
+    /// Mean cross-entropy of the image tokens (last micro-batch).
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+}
+
+/// Stage-2 trainer state.
+pub struct Stage2Trainer {
+    gpt: Option<Gpt>,
+    opt: ModuleOptimizer,
+    acc: GradientsAccumulator<Gpt>,
+    micro: usize,
+    layout: TokenLayout,
+    config: Stage2Config,
+    nodes: usize,
+    total_steps: u64,
+    step: u64,
+    device: Device,
+    group: Option<Box<dyn AllReduce>>,
+    comm: std::time::Duration,
+}
+
+impl Stage2Trainer {
+    /// A fresh run of `total_steps` on `device` (an autodiff device).
+    pub fn new(
+        config: Stage2Config,
+        model: TransformerConfig,
+        nodes: usize,
+        total_steps: u64,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        config.validate()?;
+        let layout = TokenLayout::new(model)?;
+        device.seed(config.seed);
+        let gpt = Gpt::new(&layout.config().gpt, device);
+        materialize(&gpt);
+        let mut adam = AdamConfig::new()
+            .with_beta_1(0.9)
+            .with_beta_2(0.95)
+            .with_epsilon(1e-8);
+        if let Some(norm) = config.grad_clip {
+            adam = adam.with_grad_clipping(Some(GradientClippingConfig::Norm(norm)));
+        }
+        Ok(Self {
+            gpt: Some(gpt),
+            opt: adam.init(),
+            acc: GradientsAccumulator::new(),
+            micro: 0,
+            layout,
+            config,
+            nodes,
+            total_steps,
+            step: 0,
+            device: device.clone(),
+            group: None,
+            comm: std::time::Duration::ZERO,
+        })
+    }
+
+    /// Joins a data-parallel group: the GPT is replaced by rank 0's and gradients are
+    /// averaged before every optimizer step.
+    pub fn join_group(&mut self, mut group: Box<dyn AllReduce>) -> Result<(), CollectiveError> {
+        let gpt = self.gpt.take().expect("gpt");
+        self.gpt = Some(broadcast_params(group.as_mut(), gpt, 0)?);
+        self.group = Some(group);
+        Ok(())
+    }
+
+    /// Optimizer steps taken.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Time spent averaging gradients.
+    pub fn comm_time(&self) -> std::time::Duration {
+        self.comm
+    }
+
+    /// The GPT being trained.
+    pub fn gpt(&self) -> &Gpt {
+        self.gpt.as_ref().expect("gpt present between steps")
+    }
+
+    /// The token layout (model config and order).
+    pub fn layout(&self) -> &TokenLayout {
+        &self.layout
+    }
+
+    /// The learning rate of the next step.
+    pub fn learning_rate(&self) -> f64 {
+        self.config
+            .learning_rate(self.nodes, self.step, self.total_steps)
+    }
+
+    /// One micro-batch; every `grad_accum` micro-batches the optimizer steps and a report is
+    /// returned.
+    pub fn train_batch(
+        &mut self,
+        batch: &[CodeSample],
+    ) -> Result<Option<Stage2Report>, TrainError> {
+        let seed = step_seed(self.config.seed, self.step) ^ self.micro as u64;
+        self.device.seed(seed);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (images, conds) = windows(&self.layout, batch, &mut rng)?;
+        let inputs = self
+            .layout
+            .train_batch(&images, &conds, &mut rng, &self.device);
+        let gpt = self.gpt.take().expect("gpt");
+        let loss = self.layout.loss(&gpt, inputs);
+        let value = loss.clone().into_scalar::<f32>() as f64;
+        let grads = GradientsParams::from_grads(loss.backward(), &gpt);
+        self.acc.accumulate(&gpt, grads);
+        self.micro += 1;
+        if self.micro < self.config.grad_accum {
+            self.gpt = Some(gpt);
+            return Ok(None);
+        }
+        self.micro = 0;
+        let grads = self.acc.grads();
+        let started = std::time::Instant::now();
+        let grads = match self.group.as_mut() {
+            Some(g) => mean_gradients(g.as_mut(), &gpt, grads),
+            None => Ok(grads),
+        };
+        self.comm += started.elapsed();
+        let grads = match grads {
+            Ok(g) => g,
+            Err(e) => {
+                self.gpt = Some(gpt);
+                return Err(TrainError::Collective(e));
+            }
+        };
+        let lr = self.learning_rate();
+        let gpt = gpt.scale_linear_weights(1.0 - lr * self.config.weight_decay);
+        self.gpt = Some(self.opt.step(lr, gpt, grads));
+        self.step += 1;
+        Ok(Some(Stage2Report {
+            step: self.step,
+            loss: value,
+            lr,
+        }))
+    }
+
+    /// Mean cross-entropy of `batch` (first window of each grid, no dropout, no gradients).
+    pub fn eval_loss(&self, batch: &[CodeSample]) -> Result<f64, TrainError> {
+        let gpt = self.gpt().valid();
+        let inner = self.device.clone().inner();
+        let mut rng = StdRng::seed_from_u64(self.config.seed);
+        let (images, conds) = windows(&self.layout, batch, &mut rng)?;
+        let mut exact = self.layout.clone();
+        exact.disable_token_dropout();
+        let inputs = exact.train_batch(&images, &conds, &mut rng, &inner);
+        Ok(exact.loss(&gpt, inputs).into_scalar::<f32>() as f64)
+    }
+
+    /// Writes a checkpoint of this step (keeping the newest `keep`).
+    pub fn save_checkpoint(
+        &self,
+        run: &Path,
+        data: DataPosition,
+        keep: usize,
+    ) -> Result<PathBuf, CheckpointError> {
+        let config = Stage2CheckpointConfig {
+            train: self.config.clone(),
+            model: self.layout.config().clone(),
+        };
+        let state = Stage2State {
+            step: self.step,
+            total_steps: self.total_steps,
+            data,
+        };
+        checkpoint::write(run, &config, &state, keep, |dir| {
+            save_module(self.gpt(), &dir.join("gpt.bpk"))?;
+            let path = dir.join("opt.bpk");
+            self.opt
+                .save(&path)
+                .map_err(|e| CheckpointError::new(&path, format!("{e:?}")))
+        })
+    }
+
+    /// Continues the run in `run` from its latest checkpoint towards `total_steps` (the
+    /// schedule's length); returns the trainer and the data position.
+    pub fn resume(
+        run: &Path,
+        nodes: usize,
+        total_steps: u64,
+        device: &Device,
+    ) -> Result<(Self, DataPosition), TrainError> {
+        let dir = checkpoint::latest(run)?;
+        let (config, state): (Stage2CheckpointConfig, Stage2State) = checkpoint::read_meta(&dir)?;
+        let mut trainer = Self::new(config.train, config.model, nodes, total_steps, device)?;
+        load_module(trainer.gpt.as_mut().expect("gpt"), &dir.join("gpt.bpk"))?;
+        let path = dir.join("opt.bpk");
+        trainer.opt = trainer
+            .opt
+            .load(&path)
+            .map_err(|e| CheckpointError::new(&path, format!("{e:?}")))?;
+        trainer.step = state.step;
+        Ok((trainer, state.data))
+    }
+}

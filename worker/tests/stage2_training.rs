@@ -1,0 +1,340 @@
+//! Stage-2 training through `run_stage2`: from code Parquet (as `dataloader
+//! precompute-codes` writes it) and on the fly from the embedded image shards, class- and
+//! segmentation-conditioned, resumed from a checkpoint, and refusing bad data with nothing
+//! written.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use taming_dataloader::codes::{CodeRow, write_codes};
+use taming_dataloader::shards::list_split;
+use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
+use taming_model::Vqgan;
+use taming_model::checkpoint::native;
+use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
+use taming_worker::stage2::data::encode_batch;
+use taming_worker::stage2::{
+    CondKind, GptShape, Schedule, Stage2Config, Stage2Options, run_stage2,
+};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn data() -> String {
+    root()
+        .join("data/fashion-mnist")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A random f4 VQGAN for 32x32 images (8x8 tokens, 64 codes), saved as a model directory.
+fn vqgan(dir: &Path, in_channels: usize, seed: u64) -> PathBuf {
+    let config = VqganConfig {
+        ddconfig: DdConfig {
+            ch: 32,
+            out_ch: in_channels,
+            ch_mult: vec![1, 1, 1],
+            num_res_blocks: 1,
+            attn_resolutions: vec![8],
+            dropout: 0.0,
+            resamp_with_conv: true,
+            in_channels,
+            resolution: 32,
+            z_channels: 8,
+            double_z: false,
+        },
+        n_embed: 64,
+        embed_dim: 8,
+        quantizer: QuantizerConfig::default(),
+    };
+    let device = Device::flex();
+    device.seed(seed);
+    let model = Vqgan::new(&config, &device).unwrap();
+    let out = dir.join(format!("vqgan-{in_channels}"));
+    native::save_model(&out, &config, &model, &Default::default(), true).unwrap();
+    out
+}
+
+fn config(batch_size: usize) -> Stage2Config {
+    Stage2Config {
+        gpt: GptShape {
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 32,
+            embd_pdrop: 0.0,
+            resid_pdrop: 0.0,
+            attn_pdrop: 0.0,
+        },
+        window: None,
+        pkeep: 1.0,
+        permuter: Default::default(),
+        n_classes: Some(10),
+        base_learning_rate: 1e-4,
+        batch_size,
+        grad_accum: 1,
+        weight_decay: 0.01,
+        warmup_steps: 2,
+        schedule: Schedule::Cosine,
+        min_lr_ratio: 0.1,
+        grad_clip: None,
+        seed: 5,
+    }
+}
+
+/// Code rows of the first `n` training images, encoded by `vq` (and, for segmentation, the
+/// silhouette maps encoded by `cond_vq`), as precompute-codes writes them.
+fn code_rows(vq: &Path, n: usize) -> Vec<CodeRow> {
+    let device = Device::flex();
+    let (_, model) = native::load_model(vq, &device).unwrap();
+    let shards = list_split(data(), "train").unwrap();
+    let cfg = LoaderConfig {
+        batch_size: 32,
+        preprocess: Preprocess {
+            size: 32,
+            random_crop: false,
+            flip: false,
+        },
+        reader: ReaderConfig::default(),
+    };
+    let mut loader = ShardLoader::open(&shards, cfg, &LoaderState::default()).unwrap();
+    let mut rows = Vec::new();
+    while rows.len() < n {
+        let batch = loader.next_batch().unwrap();
+        for (i, s) in encode_batch(&model, &batch, &device)
+            .into_iter()
+            .enumerate()
+        {
+            rows.push(CodeRow {
+                key: batch.keys[i].clone(),
+                codes: s.codes.iter().map(|&c| c as i32).collect(),
+                height: s.grid[0] as i32,
+                width: s.grid[1] as i32,
+                label: s.label,
+                cond_codes: None,
+                shard: batch.sources[i].clone(),
+            });
+        }
+    }
+    rows.truncate(n);
+    rows
+}
+
+fn options(cfg: Stage2Config, vq: &Path, cond: CondKind, out: &Path, steps: u64) -> Stage2Options {
+    let mut o = Stage2Options::single(
+        cfg,
+        vq.to_path_buf(),
+        cond,
+        data(),
+        out.to_path_buf(),
+        steps,
+        Device::flex().autodiff(),
+    );
+    o.eval_every = 5;
+    o.checkpoint_every = 5;
+    o
+}
+
+#[test]
+fn class_conditional_training_from_parquet_learns_and_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vq = vqgan(tmp.path(), 3, 1);
+    let rows = code_rows(&vq, 256);
+    let codes = tmp.path().join("codes.parquet");
+    write_codes(codes.to_str().unwrap(), &rows).unwrap();
+    let out = tmp.path().join("run");
+    let mut o = options(config(16), &vq, CondKind::Class, &out, 30);
+    o.codes = Some(codes.to_string_lossy().into_owned());
+    let s = run_stage2(o).unwrap();
+    assert_eq!(s.steps, 30);
+    assert!(
+        s.last_val_loss < 0.8 * s.first_val_loss,
+        "validation cross-entropy {} -> {}",
+        s.first_val_loss,
+        s.last_val_loss
+    );
+    for f in [
+        "metrics.csv",
+        "samples.png",
+        "model/config.json",
+        "model/model.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let samples = image::open(out.join("samples.png")).unwrap();
+    assert!(
+        samples.width() >= 8 * 32 && samples.height() >= 10 * 32,
+        "one row per class"
+    );
+    let (cfg, _) = native::load_transformer(&out.join("model"), &Device::flex()).unwrap();
+    assert_eq!(cfg.n_embed, 64);
+    assert_eq!(cfg.window, [8, 8]);
+    assert_eq!(
+        cfg.gpt.vocab_size,
+        64 + 10,
+        "class tokens get their own range"
+    );
+}
+
+/// The exported GPT's parameters by name.
+fn gpt_params(run: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(run.join("model/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name, v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Parameters equal up to float summation order (1e-5 of each tensor's scale).
+fn assert_same(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) {
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(b) {
+        let scale = x.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        let worst = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-5 * scale,
+            "{name}: differs by {worst} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vq = vqgan(tmp.path(), 3, 2);
+    let codes = tmp.path().join("codes.parquet");
+    write_codes(codes.to_str().unwrap(), &code_rows(&vq, 64)).unwrap();
+    let opts = |out: &Path, resume: bool| {
+        let mut o = options(config(8), &vq, CondKind::None, out, 10);
+        o.codes = Some(codes.to_string_lossy().into_owned());
+        o.resume = resume;
+        o
+    };
+    let straight = tmp.path().join("straight");
+    run_stage2(opts(&straight, false)).unwrap();
+    // Stopped after step 7: the checkpoint of step 5 is the latest.
+    let split = tmp.path().join("split");
+    let mut first = opts(&split, false);
+    first.on_step = Some(Box::new(|row| row.step < 7));
+    let err = run_stage2(first).unwrap_err().to_string();
+    assert!(err.contains("step 7"), "{err}");
+    let s = run_stage2(opts(&split, true)).unwrap();
+    assert_eq!(s.steps, 10);
+    assert_same(&gpt_params(&split), &gpt_params(&straight));
+    let metrics = std::fs::read_to_string(split.join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().count(), 11, "{metrics}");
+}
+
+#[test]
+fn on_the_fly_encoding_trains_from_the_image_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vq = vqgan(tmp.path(), 3, 3);
+    let out = tmp.path().join("run");
+    let s = run_stage2(options(config(16), &vq, CondKind::Class, &out, 12)).unwrap();
+    assert!(s.last_val_loss < s.first_val_loss, "{s:?}");
+    assert!(out.join("model/model.safetensors").is_file());
+}
+
+#[test]
+fn segmentation_conditioning_trains_on_cond_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vq = vqgan(tmp.path(), 3, 4);
+    let cond_vq = vqgan(tmp.path(), 11, 5);
+    let mut rows = code_rows(&vq, 64);
+    // Cond codes as precompute-codes --cond-vqgan writes them: a code per image token.
+    for r in &mut rows {
+        r.cond_codes = Some(r.codes.iter().map(|c| (c * 7 + 3) % 64).collect());
+    }
+    let codes = tmp.path().join("codes.parquet");
+    write_codes(codes.to_str().unwrap(), &rows).unwrap();
+    let out = tmp.path().join("run");
+    let mut o = options(config(8), &vq, CondKind::Segmentation, &out, 10);
+    o.codes = Some(codes.to_string_lossy().into_owned());
+    o.cond_vqgan = Some(cond_vq);
+    let s = run_stage2(o).unwrap();
+    assert!(s.last_val_loss < s.first_val_loss, "{s:?}");
+    let (cfg, _) = native::load_transformer(&out.join("model"), &Device::flex()).unwrap();
+    assert_eq!(cfg.cond_len(), 64);
+    assert_eq!(cfg.gpt.block_size, 64 + 64 - 1);
+    assert!(out.join("samples.png").is_file());
+}
+
+fn refused(o: Stage2Options, out: &Path) -> String {
+    let err = run_stage2(o).unwrap_err().to_string();
+    assert!(!out.join("model").exists(), "nothing exported");
+    assert!(!out.join("checkpoints").exists(), "no checkpoint");
+    err
+}
+
+#[test]
+fn bad_code_files_are_refused_naming_file_and_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vq = vqgan(tmp.path(), 3, 6);
+    let mut rows = code_rows(&vq, 8);
+    rows[3].codes[5] = 64;
+    let codes = tmp.path().join("outside.parquet");
+    write_codes(codes.to_str().unwrap(), &rows).unwrap();
+    let out = tmp.path().join("run");
+    let mut o = options(config(4), &vq, CondKind::None, &out, 2);
+    o.codes = Some(codes.to_string_lossy().into_owned());
+    let err = refused(o, &out);
+    assert!(
+        err.contains("outside.parquet") && err.contains("row 3") && err.contains("64"),
+        "{err}"
+    );
+
+    // Another schema: a Parquet file without the code columns.
+    let schema = tmp.path().join("schema.parquet");
+    {
+        use std::sync::Arc;
+        let batch = arrow_array::RecordBatch::try_from_iter([(
+            "pixels",
+            Arc::new(arrow_array::Int32Array::from(vec![1, 2, 3])) as arrow_array::ArrayRef,
+        )])
+        .unwrap();
+        let file = std::fs::File::create(&schema).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+    let mut o = options(config(4), &vq, CondKind::None, &out, 2);
+    o.codes = Some(schema.to_string_lossy().into_owned());
+    let err = refused(o, &out);
+    assert!(
+        err.contains("schema.parquet") && err.contains("`key`"),
+        "{err}"
+    );
+
+    // Class conditioning on rows without labels.
+    let mut rows = code_rows(&vq, 8);
+    rows[0].label = None;
+    let unlabeled = tmp.path().join("unlabeled.parquet");
+    write_codes(unlabeled.to_str().unwrap(), &rows).unwrap();
+    let mut o = options(config(4), &vq, CondKind::Class, &out, 2);
+    o.codes = Some(unlabeled.to_string_lossy().into_owned());
+    let err = refused(o, &out);
+    assert!(
+        err.contains("unlabeled.parquet") && err.contains("`label`"),
+        "{err}"
+    );
+
+    // Segmentation without codes.
+    let o = options(config(4), &vq, CondKind::Segmentation, &out, 2);
+    let err = refused(o, &out);
+    assert!(err.contains("--cond-vqgan"), "{err}");
+}
