@@ -124,21 +124,37 @@ fn a_config_with_an_unknown_key_is_refused_before_any_work() {
 }
 
 #[test]
-fn stage_two_is_refused_clearly() {
+fn stage_two_without_a_vqgan_is_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
     let run = coordinator()
         .args(["launch", "--stage", "transformer", "--nodes", "1"])
+        .arg("--out")
+        .arg(&out)
         .output()
         .unwrap();
     assert!(!run.status.success());
     let err = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        err.contains("--stage transformer") && err.contains("not"),
-        "{err}"
-    );
+    assert!(err.contains("--stage transformer needs --vqgan"), "{err}");
+    assert!(!out.exists(), "nothing written");
 }
 
+/// A small stage-2 config so that the job takes seconds.
+fn tiny_stage2_config(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("configs/stage2/fashion_mnist.yaml")).unwrap();
+    let text = text
+        .replace("n_layer: 4", "n_layer: 1")
+        .replace("n_embd: 128", "n_embd: 32")
+        .replace("batch_size: 32", "batch_size: 8");
+    let path = dir.join("tiny2.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Stage 1 on two nodes through the dataloader service, then stage 2 (class-conditional, on
+/// codes the workers encode with the new VQGAN) on two nodes over the same mini-cluster.
 #[test]
-fn two_nodes_on_the_local_mini_cluster_train_through_the_dataloader_service() {
+fn two_nodes_on_the_local_mini_cluster_train_both_stages() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let run = coordinator()
@@ -177,6 +193,57 @@ fn two_nodes_on_the_local_mini_cluster_train_through_the_dataloader_service() {
         out.join("loader").read_dir().unwrap().next().is_some(),
         "rank 1 saved its data position at the checkpoint"
     );
+
+    let out2 = tmp.path().join("transformer");
+    let run = coordinator()
+        .args([
+            "launch",
+            "--stage",
+            "transformer",
+            "--nodes",
+            "2",
+            "--steps",
+            "4",
+            "--quiet",
+        ])
+        .args([
+            "--cond",
+            "class",
+            "--eval-every",
+            "2",
+            "--checkpoint-every",
+            "2",
+        ])
+        .arg("--vqgan")
+        .arg(out.join("model"))
+        .arg("--config")
+        .arg(tiny_stage2_config(tmp.path()))
+        .arg("--out")
+        .arg(&out2)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains("succeeded")
+            && stdout.contains("on 2 worker(s)")
+            && stdout.contains("loss"),
+        "{stdout}"
+    );
+    for file in [
+        "metrics.csv",
+        "samples.png",
+        "model/model.safetensors",
+        "checkpoints/latest",
+    ] {
+        assert!(out2.join(file).is_file(), "{file} missing");
+    }
+    let metrics = std::fs::read_to_string(out2.join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().count(), 5, "{metrics}");
 }
 
 #[test]

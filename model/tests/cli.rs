@@ -343,3 +343,150 @@ fn eval_reports_reconstruction_metrics_over_a_shard_set() {
     assert!(f("lpips") >= 0.0);
     assert!(f("codebook_usage") > 0.0 && f("codebook_usage") <= 1.0);
 }
+
+fn import_transformer(name: &str, tmp: &Path, window: Option<&str>) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/transformer")
+        .join(name);
+    let out = tmp.join(name);
+    let mut args = vec![
+        "import-transformer".to_string(),
+        "--config".into(),
+        dir.join("model.yaml").display().to_string(),
+        "--ckpt".into(),
+        dir.join("model.ckpt").display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    if let Some(w) = window {
+        args.extend(["--window".into(), w.into()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let stdout = ok(vqgan(&args)).stdout;
+    assert!(String::from_utf8_lossy(&stdout).contains("conditioning"));
+    out
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    image::image_dimensions(path).unwrap()
+}
+
+#[test]
+fn sample_draws_class_conditional_grids_and_slides_past_the_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = import_transformer("class", tmp.path(), Some("8x4"));
+    let (t, v) = (m.join("transformer"), m.join("vqgan"));
+    let out = tmp.path().join("grid.png");
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "sample",
+            "--transformer",
+            s(&t),
+            "--vqgan",
+            s(&v),
+            "--out",
+            s(&out),
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let run = |extra: &[&str]| vqgan(&base(extra).iter().map(String::as_str).collect::<Vec<_>>());
+    // The window itself: 4x8 tokens at factor 1 -> 8x4 pixels, two side by side.
+    let text =
+        String::from_utf8_lossy(&ok(run(&["--class", "3", "--n", "2", "--top-k", "10"])).stdout)
+            .into_owned();
+    assert!(text.contains("2 samples of 8x4"), "{text}");
+    assert_eq!(png_size(&out), (2 * 8 + 2, 4));
+    let first = std::fs::read(&out).unwrap();
+    ok(run(&["--class", "3", "--n", "2", "--top-k", "10"]));
+    assert_eq!(std::fs::read(&out).unwrap(), first, "same seed, same grid");
+    ok(run(&[
+        "--class", "3", "--n", "2", "--top-k", "10", "--seed", "1",
+    ]));
+    assert_ne!(std::fs::read(&out).unwrap(), first, "another seed");
+    // Larger than the window: the sliding window.
+    let text = String::from_utf8_lossy(
+        &ok(run(&[
+            "--class",
+            "1",
+            "--n",
+            "1",
+            "--size",
+            "13x7",
+            "--temperature",
+            "0",
+        ]))
+        .stdout,
+    )
+    .into_owned();
+    assert!(text.contains("sliding window"), "{text}");
+    assert_eq!(png_size(&out), (13, 7));
+    // Bad requests.
+    let e = fails(run(&["--class", "1", "--size", "6x3"]));
+    assert!(e.contains("grid") && e.contains("smaller"), "{e}");
+    let e = fails(run(&["--class", "1", "--top-k", "65"]));
+    assert!(e.contains("top_k") && e.contains("64"), "{e}");
+    let e = fails(run(&["--class", "12"]));
+    assert!(e.contains("class 12"), "{e}");
+}
+
+#[test]
+fn sample_follows_a_segmentation_map_through_the_cond_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = import_transformer("segmentation", tmp.path(), None);
+    let map = tmp.path().join("map.png");
+    image::GrayImage::from_fn(4, 4, |x, y| image::Luma([((x + y) % 5) as u8]))
+        .save(&map)
+        .unwrap();
+    let out = tmp.path().join("seg.png");
+    let (t, v, c) = (m.join("transformer"), m.join("vqgan"), m.join("cond_vqgan"));
+    let args = [
+        "sample",
+        "--transformer",
+        s(&t),
+        "--vqgan",
+        s(&v),
+        "--cond-vqgan",
+        s(&c),
+        "--segmentation",
+        s(&map),
+        "--n",
+        "3",
+        "--out",
+        s(&out),
+    ];
+    ok(vqgan(&args));
+    assert_eq!(png_size(&out), (3 * 4 + 4, 4));
+    // A label the cond stage does not know.
+    let bad = tmp.path().join("bad.png");
+    image::GrayImage::from_fn(4, 4, |x, _| image::Luma([if x == 2 { 7 } else { 0 }]))
+        .save(&bad)
+        .unwrap();
+    let mut args = args;
+    args[8] = s(&bad);
+    let e = fails(vqgan(&args));
+    assert!(
+        e.contains("bad.png") && e.contains("label 7") && e.contains("5 classes"),
+        "{e}"
+    );
+    assert_eq!(
+        png_size(&out),
+        (3 * 4 + 4, 4),
+        "the earlier grid is untouched"
+    );
+    // Without the cond stage.
+    let e = fails(vqgan(&[
+        "sample",
+        "--transformer",
+        s(&m.join("transformer")),
+        "--vqgan",
+        s(&m.join("vqgan")),
+        "--segmentation",
+        s(&map),
+        "--out",
+        s(&out),
+    ]));
+    assert!(e.contains("cond-stage VQGAN"), "{e}");
+}

@@ -60,13 +60,14 @@ pub struct SampleArgs {
     device: DeviceSpec,
 }
 
+/// `WIDTHxHEIGHT` as `[height, width]`.
 fn parse_size(text: &str) -> Result<[usize; 2]> {
     let (w, h) = text
         .split_once('x')
-        .with_context(|| format!("--size `{text}`: expected WIDTHxHEIGHT"))?;
+        .with_context(|| format!("`{text}`: expected WIDTHxHEIGHT"))?;
     let num = |v: &str| {
         v.parse::<usize>()
-            .with_context(|| format!("--size `{text}`: `{v}` is not a number"))
+            .with_context(|| format!("`{text}`: `{v}` is not a number"))
     };
     Ok([num(h)?, num(w)?])
 }
@@ -175,7 +176,7 @@ pub struct ImportArgs {
     /// Directory to write `transformer/`, `vqgan/` and (segmentation) `cond_vqgan/` into.
     #[arg(long)]
     out: PathBuf,
-    /// Training window in tokens, HEIGHTxWIDTH (default: the permuter's grid, the first
+    /// Training window in tokens, WIDTHxHEIGHT (default: the permuter's grid, the first
     /// stage's grid, or 16x16, whichever the block size holds).
     #[arg(long)]
     window: Option<String>,
@@ -186,13 +187,7 @@ pub struct ImportArgs {
 
 /// Runs `vqgan import-transformer`.
 pub fn import(args: ImportArgs) -> Result<()> {
-    let window = match &args.window {
-        Some(w) => {
-            let [a, b] = parse_size(w)?;
-            Some([b, a])
-        }
-        None => None,
-    };
+    let window = args.window.as_deref().map(parse_size).transpose()?;
     let device = burn::tensor::Device::flex();
     let m = net2net::import_net2net(&args.config, &args.ckpt, window, &device)
         .with_context(|| format!("importing {}", args.ckpt.display()))?;
