@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Turns Debian's dataset-fashion-mnist (MIT; /usr/share/datasets/fashion-mnist) into the
-embedded default data set: WebDataset tar shards of 32x32 RGB PNGs with `.cls` labels.
+embedded default data set: WebDataset tar shards of 32x32 RGB PNGs with `.cls` labels and
+`.seg.png` label maps (the item's silhouette: pixels brighter than SILHOUETTE get class + 1,
+the background 0; 11 labels), the segmentation data of the stage-2 default.
 
 The 28x28 grey images are padded by 2 pixels (background is 0) and replicated to RGB.
 Writes data/fashion-mnist/{train,val}-NNNNNN.tar, each shard written under a temporary name
@@ -30,8 +32,11 @@ def read_idx(path):
     return list(data[8:8 + count]), None
 
 
-def png_rgb(grey, side, pad):
-    """A minimal RGB PNG of a padded grey image."""
+SILHOUETTE = 25
+
+
+def png(grey, side, pad, rgb=True):
+    """A minimal PNG of a padded grey image: RGB (replicated) or 8-bit grey."""
     full = side + 2 * pad
     rows = []
     for y in range(full):
@@ -39,14 +44,14 @@ def png_rgb(grey, side, pad):
         for x in range(full):
             inside = pad <= y < pad + side and pad <= x < pad + side
             v = grey[(y - pad) * side + (x - pad)] if inside else 0
-            row += bytes((v, v, v))
+            row += bytes((v, v, v)) if rgb else bytes((v,))
         rows.append(bytes(row))
     raw = b"".join(rows)
 
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    header = struct.pack(">IIBBBBB", full, full, 8, 2, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", full, full, 8, 2 if rgb else 0, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
             + chunk(b"IEND", b""))
 
@@ -65,8 +70,10 @@ def write_split(out, split, images, labels, side, start, count, per_shard):
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(first, min(first + per_shard, start + count)):
                 key = f"{split}{i:06d}"
-                add(tar, f"{key}.png", png_rgb(images[i], side, 2))
+                add(tar, f"{key}.png", png(images[i], side, 2))
                 add(tar, f"{key}.cls", str(labels[i]).encode())
+                mask = bytes(labels[i] + 1 if v > SILHOUETTE else 0 for v in images[i])
+                add(tar, f"{key}.seg.png", png(mask, side, 2, rgb=False))
         os.replace(tmp, final)
 
 

@@ -15,6 +15,7 @@ use taming_worker::stage1::{Stage1Config, Stage1Trainer};
 
 fn config() -> Stage1Config {
     Stage1Config {
+        objective: Default::default(),
         model: VqganConfig {
             ddconfig: DdConfig {
                 ch: 64,

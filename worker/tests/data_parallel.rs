@@ -26,6 +26,7 @@ fn root() -> PathBuf {
 
 fn config(batch_size: usize) -> Stage1Config {
     Stage1Config {
+        objective: Default::default(),
         model: VqganConfig {
             ddconfig: DdConfig {
                 ch: 32,

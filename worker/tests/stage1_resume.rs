@@ -23,6 +23,7 @@ fn root() -> PathBuf {
 
 fn config() -> Stage1Config {
     Stage1Config {
+        objective: Default::default(),
         model: VqganConfig {
             ddconfig: DdConfig {
                 ch: 32,

@@ -17,6 +17,7 @@ fn root() -> PathBuf {
 fn small_config(disc_start: u64) -> Stage1Config {
     let fixtures = root().join("model/tests/fixtures/loss");
     Stage1Config {
+        objective: Default::default(),
         model: VqganConfig {
             ddconfig: DdConfig {
                 ch: 32,
@@ -120,6 +121,57 @@ fn perceptual_weight_without_lpips_weights_is_refused_before_any_work() {
         .to_string();
     assert!(
         err.contains("loss.lpips") && err.contains("perceptual_weight"),
+        "{err}"
+    );
+}
+
+/// The cond stage of segmentation conditioning: `configs/stage1/fashion_mnist_seg.yaml`
+/// (made smaller) learns the embedded silhouette maps with BCE + the quantizer loss.
+#[test]
+fn segmentation_objective_learns_the_silhouette_maps() {
+    use taming_worker::stage1::{Objective, RunOptions, run_stage1};
+    let text =
+        std::fs::read_to_string(root().join("configs/stage1/fashion_mnist_seg.yaml")).unwrap();
+    let mut cfg = taming_worker::defaults::parse_config(&text, "seg.yaml").unwrap();
+    assert_eq!(cfg.objective, Objective::Segmentation);
+    cfg.model.ddconfig.ch_mult = vec![1, 2];
+    cfg.model.ddconfig.attn_resolutions = vec![16];
+    cfg.batch_size = 8;
+    cfg.base_learning_rate = 1.25e-4;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("seg");
+    let data = root()
+        .join("data/fashion-mnist")
+        .to_string_lossy()
+        .into_owned();
+    let mut opts = RunOptions::single(
+        cfg.clone(),
+        data,
+        out.clone(),
+        30,
+        Device::flex().autodiff(),
+    );
+    opts.eval_every = 10;
+    let s = run_stage1(opts).unwrap();
+    assert!(
+        s.last_val_l1 < 0.6 * s.first_val_l1,
+        "map L1 {} -> {}",
+        s.first_val_l1,
+        s.last_val_l1
+    );
+    assert!(out.join("val_grid.png").is_file());
+    let (model_cfg, _) =
+        taming_model::checkpoint::native::load_model(&out.join("model"), &Device::flex()).unwrap();
+    assert_eq!(model_cfg.ddconfig.in_channels, 11);
+
+    // A batch without label maps is refused, naming the sample.
+    let trainer = Stage1Trainer::with_lpips(cfg, 1, &Device::flex().autodiff(), None).unwrap();
+    let mut batch = loader("val", 2, false).next_batch().unwrap();
+    assert!(trainer.input(&batch).is_ok());
+    batch.masks = None;
+    let err = trainer.input(&batch).unwrap_err().to_string();
+    assert!(
+        err.contains("val000000") && err.contains(".seg.png"),
         "{err}"
     );
 }

@@ -5,10 +5,26 @@ use taming_model::VqganConfig;
 use taming_model::error::ModelError;
 use taming_model::loss::LossConfig;
 
+/// What the autoencoder learns to reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Images, with the reference's VQGAN objective (L1 + LPIPS + PatchGAN + quantizer).
+    #[default]
+    Vqgan,
+    /// One-hot segmentation maps (the samples' `.seg.png`), with the reference's
+    /// `BCELossWithQuant`: binary cross-entropy on the logits plus the quantizer loss, no
+    /// discriminator. This trains the cond stage of segmentation-conditioned transformers.
+    Segmentation,
+}
+
 /// Everything a stage-1 run needs besides its data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stage1Config {
+    /// What is learned: images (default) or segmentation maps.
+    #[serde(default)]
+    pub objective: Objective,
     /// The VQGAN.
     pub model: VqganConfig,
     /// The objective.
@@ -70,6 +86,15 @@ impl Stage1Config {
                  vgg16 .pth) and loss.lpips.heads (lpips' weights/v0.1/vgg.pth), or set \
                  loss.perceptual_weight to 0",
             ));
+        }
+        if self.objective == Objective::Segmentation {
+            let dd = &self.model.ddconfig;
+            if dd.in_channels < 2 || dd.out_ch != dd.in_channels {
+                return Err(bad(
+                    "model.ddconfig.in_channels",
+                    "a segmentation objective needs in_channels = out_ch = the number of labels (>= 2)",
+                ));
+            }
         }
         if self.loss.disc_conditional {
             return Err(bad(

@@ -5,6 +5,6 @@ pub mod report;
 pub mod run;
 pub mod trainer;
 
-pub use config::Stage1Config;
+pub use config::{Objective, Stage1Config};
 pub use run::{RunError, RunOptions, RunSummary, run_stage1};
 pub use trainer::{Stage1Trainer, StepReport};

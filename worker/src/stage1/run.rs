@@ -24,7 +24,7 @@ use taming_model::quantize::QuantizeMode;
 
 use taming_collective::AllReduce;
 
-use super::config::Stage1Config;
+use super::config::{Objective, Stage1Config};
 use super::report::{self, MetricsRow};
 use super::trainer::{Stage1Trainer, StepReport, TrainError};
 use crate::checkpoint::{self, CheckpointError};
@@ -192,7 +192,7 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
                 "the validation shards hold no usable sample",
             )
         })?;
-    let val_x = trainer.to_tensor(&val);
+    let val_x = trainer.input(&val).map_err(TrainError::from)?;
     let first_val_l1 = trainer.eval_l1(val_x.clone());
     let bar = progress_bar(&opts, trainer.step());
     let mut last_val_l1 = first_val_l1;
@@ -319,7 +319,7 @@ fn train_step(
 ) -> Result<StepReport, RunError> {
     loop {
         let batch: ImageBatch = loader.next_batch()?;
-        let x = trainer.to_tensor(&batch);
+        let x = trainer.input(&batch).map_err(TrainError::from)?;
         if let Some(report) = trainer.try_train_batch(x)? {
             return Ok(report);
         }
@@ -371,6 +371,30 @@ fn message(r: &StepReport, ips: f64, val_l1: f64) -> String {
     )
 }
 
+/// The first map of `[b, labels, h, w]` scores as colors (label of the highest score; label 0
+/// black).
+fn label_image(t: Tensor<4>) -> image::RgbImage {
+    let [_, c, h, w] = t.dims();
+    let labels: Vec<i64> = t
+        .narrow(0, 0, 1)
+        .argmax(1)
+        .try_into_vec_as::<i64>()
+        .expect("int labels");
+    let _ = c;
+    image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let l = labels[y as usize * w + x as usize] as u32;
+        if l == 0 {
+            return image::Rgb([0, 0, 0]);
+        }
+        let hue = l.wrapping_mul(0x9E37_79B9);
+        image::Rgb([
+            (hue >> 24) as u8 | 64,
+            (hue >> 16) as u8 | 64,
+            (hue >> 8) as u8 | 64,
+        ])
+    })
+}
+
 /// Loss curve, validation grid and exported model.
 fn finish(
     opts: &RunOptions,
@@ -387,11 +411,13 @@ fn finish(
     let x = val_x.inner();
     let rec = model.forward(x.clone(), QuantizeMode::EVAL).reconstruction;
     let n = val.shape[0];
-    let inputs: Vec<_> = (0..n)
-        .map(|i| to_image(x.clone().narrow(0, i, 1)))
-        .collect();
+    let picture = |t: Tensor<4>| match trainer.objective() {
+        Objective::Vqgan => to_image(t),
+        Objective::Segmentation => label_image(t),
+    };
+    let inputs: Vec<_> = (0..n).map(|i| picture(x.clone().narrow(0, i, 1))).collect();
     let recs: Vec<_> = (0..n)
-        .map(|i| to_image(rec.clone().narrow(0, i, 1)))
+        .map(|i| picture(rec.clone().narrow(0, i, 1)))
         .collect();
     let grid = opts.out.join("val_grid.png");
     report::write_grid(&grid, &inputs, &recs).map_err(|e| output(&grid, e))?;

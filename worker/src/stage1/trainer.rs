@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use taming_dataloader::LoaderState;
 
-use super::config::Stage1Config;
+use super::config::{Objective, Stage1Config};
 use crate::checkpoint::{self, CheckpointError, TrainState, load_module, save_module};
 
 /// Why training could not start or go on.
@@ -182,6 +182,31 @@ impl Stage1Trainer {
         )
     }
 
+    /// The network input of a batch: the images, or for the segmentation objective the
+    /// one-hot `[b, labels, h, w]` of its label maps (errors name the sample).
+    pub fn input(&self, batch: &ImageBatch) -> Result<Tensor<4>, ModelError> {
+        if self.config.objective == Objective::Vqgan {
+            return Ok(self.to_tensor(batch));
+        }
+        let [b, _, h, w] = batch.shape;
+        let classes = self.config.model.ddconfig.in_channels;
+        let masks = batch.masks.as_ref().ok_or_else(|| {
+            let key = batch.keys.first().cloned().unwrap_or_default();
+            ModelError::file(
+                batch.sources.first().cloned().unwrap_or_default(),
+                format!("sample `{key}` has no label map (.seg.png): the segmentation objective needs one per sample"),
+            )
+        })?;
+        let maps: Result<Vec<Tensor<4>>, ModelError> = (0..b)
+            .map(|i| {
+                let source = format!("{} sample `{}`", batch.sources[i], batch.keys[i]);
+                let labels = &masks[i * h * w..(i + 1) * h * w];
+                taming_model::image_io::one_hot(labels, classes, [h, w], &source, &self.device)
+            })
+            .collect();
+        Ok(Tensor::cat(maps?, 0))
+    }
+
     /// One micro-batch; every `grad_accum` micro-batches the optimizers step and a report is
     /// returned. Panics if a collective fails: group members use [`Self::try_train_batch`].
     pub fn train_batch(&mut self, x: Tensor<4>) -> Option<StepReport> {
@@ -190,6 +215,9 @@ impl Stage1Trainer {
 
     /// [`Self::train_batch`], with the errors of the data-parallel group returned.
     pub fn try_train_batch(&mut self, x: Tensor<4>) -> Result<Option<StepReport>, CollectiveError> {
+        if self.config.objective == Objective::Segmentation {
+            return self.train_segmentation(x);
+        }
         if self.micro == 0 {
             // Random draws depend on (seed, step) only, so a resumed run repeats them.
             let seed = step_seed(self.config.seed, self.step);
@@ -258,6 +286,65 @@ impl Stage1Trainer {
             step: self.step,
             generator: generator.log,
             d_loss,
+            usage,
+            perplexity: perplexity(&host, self.config.model.n_embed),
+        }))
+    }
+
+    /// The segmentation objective: BCE on the logits plus the quantizer loss; the
+    /// discriminator is not used.
+    fn train_segmentation(&mut self, x: Tensor<4>) -> Result<Option<StepReport>, CollectiveError> {
+        if self.micro == 0 {
+            let seed = step_seed(self.config.seed, self.step);
+            self.device.seed(seed);
+            if let Some(m) = self.maintainer.as_mut() {
+                m.reseed(seed ^ 0x5EED);
+            }
+        }
+        let model = self.model.take().expect("model");
+        let out = model.forward(
+            x.clone(),
+            QuantizeMode {
+                training: true,
+                temperature: self.temperature(),
+            },
+        );
+        let bce = bce_with_logits(out.reconstruction, x);
+        let quant = out.quantized.loss.clone();
+        let total = bce.clone() + quant.clone().mul_scalar(self.config.loss.codebook_weight);
+        let scalar = |t: Tensor<1>| t.into_scalar::<f32>() as f64;
+        let log = GeneratorLog {
+            total: scalar(total.clone()),
+            nll: scalar(bce.clone()),
+            l1: scalar(bce),
+            p_loss: 0.0,
+            g_loss: 0.0,
+            d_weight: 0.0,
+            disc_factor: 0.0,
+            quant: scalar(quant),
+        };
+        let grads = GradientsParams::from_grads(total.backward(), &model);
+        self.acc_ae.accumulate(&model, grads);
+        let indices = out.quantized.indices.clone();
+        let [b, h, w] = indices.dims();
+        let flat = indices.reshape([b * h * w]);
+        let host: Vec<i64> = flat.clone().try_into_vec_as::<i64>().expect("indices");
+        self.micro += 1;
+        if self.micro < self.config.grad_accum {
+            self.model = Some(model);
+            return Ok(None);
+        }
+        self.micro = 0;
+        let grads = self.acc_ae.grads();
+        let grads = self.synced(&model, grads)?;
+        let model = self.opt_ae.step(self.lr, model, grads);
+        let (model, usage) = self.maintain(model, out.quantized.lookup_latents, flat);
+        self.model = Some(self.sync_codebook(model)?);
+        self.step += 1;
+        Ok(Some(StepReport {
+            step: self.step,
+            generator: log,
+            d_loss: None,
             usage,
             perplexity: perplexity(&host, self.config.model.n_embed),
         }))
@@ -399,13 +486,29 @@ impl Stage1Trainer {
         Ok((trainer, state.loader))
     }
 
-    /// Mean L1 reconstruction error of `x` in evaluation mode (no gradients).
+    /// Mean L1 reconstruction error of `x` in evaluation mode (no gradients); for the
+    /// segmentation objective, of the label probabilities (sigmoid of the logits).
     pub fn eval_l1(&self, x: Tensor<4>) -> f64 {
         let model = self.model().valid();
         let x = x.inner();
-        let rec = model.forward(x.clone(), QuantizeMode::EVAL).reconstruction;
+        let mut rec = model.forward(x.clone(), QuantizeMode::EVAL).reconstruction;
+        if self.config.objective == Objective::Segmentation {
+            rec = burn::tensor::activation::sigmoid(rec);
+        }
         (x - rec).abs().mean().into_scalar::<f32>() as f64
     }
+
+    /// What is learned.
+    pub fn objective(&self) -> Objective {
+        self.config.objective
+    }
+}
+
+/// Mean binary cross-entropy of logits `z` against targets `y` in [0, 1], computed stably as
+/// `max(z, 0) - z y + log(1 + exp(-|z|))`.
+pub fn bce_with_logits(z: Tensor<4>, y: Tensor<4>) -> Tensor<1> {
+    let softplus = z.clone().abs().neg().exp().add_scalar(1.0).log();
+    (z.clone().clamp_min(0.0) - z * y + softplus).mean()
 }
 
 /// Initializes every lazily initialized parameter of `module`.
