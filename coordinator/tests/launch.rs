@@ -266,3 +266,109 @@ fn an_output_folder_that_cannot_be_created_fails_clearly() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(err.contains("not-a-dir"), "{err}");
 }
+
+fn sibling_bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_coordinator")).with_file_name(name)
+}
+
+fn launch_ok(args: &mut Command) -> String {
+    let run = args.output().unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    String::from_utf8_lossy(&run.stdout).into_owned()
+}
+
+/// The segmentation-conditioned default end to end: the image VQGAN and the cond stage (the
+/// segmentation objective on the embedded silhouette maps), codes of both through
+/// `dataloader precompute-codes`, then the transformer on two nodes with `--cond
+/// segmentation`.
+#[test]
+fn segmentation_conditioning_runs_through_the_whole_pipeline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root().join("data/fashion-mnist");
+    let small = |name: &str, from: &str| {
+        let text = std::fs::read_to_string(root().join(from)).unwrap();
+        let text = text.replace("batch_size: 16", "batch_size: 4").replace(
+            "kmeans_init: {iters: 10, batches: 2}",
+            "kmeans_init: {iters: 3, batches: 1}",
+        );
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let stage1 = |config: PathBuf, out: &Path| {
+        launch_ok(
+            coordinator()
+                .args([
+                    "launch", "--stage", "vqgan", "--nodes", "1", "--steps", "2", "--quiet",
+                ])
+                .arg("--config")
+                .arg(config)
+                .arg("--data")
+                .arg(&data)
+                .arg("--out")
+                .arg(out),
+        );
+    };
+    let (image, seg) = (tmp.path().join("image"), tmp.path().join("seg"));
+    stage1(
+        small("image.yaml", "configs/stage1/fashion_mnist.yaml"),
+        &image,
+    );
+    stage1(
+        small("seg.yaml", "configs/stage1/fashion_mnist_seg.yaml"),
+        &seg,
+    );
+    let codes = tmp.path().join("codes");
+    launch_ok(
+        Command::new(sibling_bin("dataloader"))
+            .args(["precompute-codes", "--batch", "32"])
+            .arg("--vqgan")
+            .arg(image.join("model"))
+            .arg("--cond-vqgan")
+            .arg(seg.join("model"))
+            .arg("--data")
+            .arg(data.join("train-000000.tar"))
+            .arg("--out")
+            .arg(&codes),
+    );
+    assert!(codes.join("_manifest.json").is_file());
+    let out = tmp.path().join("transformer");
+    let stdout = launch_ok(
+        coordinator()
+            .args([
+                "launch",
+                "--stage",
+                "transformer",
+                "--nodes",
+                "2",
+                "--steps",
+                "3",
+                "--quiet",
+            ])
+            .args(["--cond", "segmentation", "--eval-every", "3"])
+            .arg("--vqgan")
+            .arg(image.join("model"))
+            .arg("--cond-vqgan")
+            .arg(seg.join("model"))
+            .arg("--codes")
+            .arg(&codes)
+            .arg("--config")
+            .arg(tiny_stage2_config(tmp.path()))
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(
+        stdout.contains("succeeded") && stdout.contains("on 2 worker(s)"),
+        "{stdout}"
+    );
+    let config = std::fs::read_to_string(out.join("model/config.json")).unwrap();
+    assert!(
+        config.contains("\"segmentation\"") && config.contains("\"classes\": 11"),
+        "{config}"
+    );
+    assert!(out.join("samples.png").is_file());
+}

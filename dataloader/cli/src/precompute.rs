@@ -15,6 +15,7 @@ use taming_dataloader::{ImageBatch, LoaderConfig, Preprocess, ReaderConfig, Shar
 use taming_model::Vqgan;
 use taming_model::checkpoint::native;
 use taming_model::device::DeviceSpec;
+use taming_model::image_io;
 use taming_model::quantize::QuantizeMode;
 
 /// Arguments of `precompute-codes`.
@@ -194,21 +195,14 @@ fn one_hot(batch: &ImageBatch, classes: usize, device: &Device) -> Result<Tensor
         .masks
         .as_ref()
         .context("--cond-vqgan needs a label map (.seg.png) in every sample")?;
-    let mut out = vec![0f32; b * classes * h * w];
-    for (i, &label) in masks.iter().enumerate() {
-        let (n, p) = (i / (h * w), i % (h * w));
-        if label as usize >= classes {
-            bail!(
-                "sample {}: label {label} but the cond VQGAN has {classes} input classes",
-                batch.keys[n]
-            );
-        }
-        out[(n * classes + label as usize) * h * w + p] = 1.0;
-    }
-    Ok(Tensor::from_data(
-        TensorData::new(out, [b, classes, h, w]),
-        device,
-    ))
+    let maps = (0..b)
+        .map(|n| {
+            let source = format!("{} sample `{}`", batch.sources[n], batch.keys[n]);
+            let labels = &masks[n * h * w..(n + 1) * h * w];
+            image_io::one_hot(labels, classes, [h, w], &source, device)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Tensor::cat(maps, 0))
 }
 
 /// Collects rows and writes a Parquet file every `rows_per_file`.
