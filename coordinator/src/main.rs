@@ -37,6 +37,8 @@ enum Stage {
     Transformer,
 }
 
+// Parsed once per process: the size of `launch`'s many options does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve the cluster until interrupted.

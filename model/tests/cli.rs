@@ -490,3 +490,71 @@ fn sample_follows_a_segmentation_map_through_the_cond_stage() {
     ]));
     assert!(e.contains("cond-stage VQGAN"), "{e}");
 }
+
+/// The size the paper's high-resolution samples start at: 1024x576 pixels from a
+/// transformer whose window is 16x16 tokens of an f16 VQGAN (256x256 training images), by the
+/// sliding window (tiny random models: the shapes are what is checked).
+#[test]
+fn sample_makes_1024x576_images_from_a_256_pixel_window() {
+    use burn::tensor::Device;
+    use taming_model::checkpoint::native;
+    use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
+    use taming_model::transformer::{Conditioning, Gpt, GptConfig, TransformerConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    device.seed(3);
+    let vq_cfg = VqganConfig {
+        ddconfig: DdConfig {
+            ch: 32,
+            out_ch: 3,
+            ch_mult: vec![1, 1, 1, 1, 1],
+            num_res_blocks: 1,
+            attn_resolutions: vec![16],
+            dropout: 0.0,
+            resamp_with_conv: true,
+            in_channels: 3,
+            resolution: 256,
+            z_channels: 8,
+            double_z: false,
+        },
+        n_embed: 32,
+        embed_dim: 8,
+        quantizer: QuantizerConfig::default(),
+    };
+    let vq = tmp.path().join("vq");
+    let model = taming_model::Vqgan::new(&vq_cfg, &device).unwrap();
+    native::save_model(&vq, &vq_cfg, &model, &Default::default(), false).unwrap();
+    let gpt = GptConfig {
+        vocab_size: 0,
+        block_size: 0,
+        n_layer: 1,
+        n_head: 2,
+        n_embd: 16,
+        embd_pdrop: 0.0,
+        resid_pdrop: 0.0,
+        attn_pdrop: 0.0,
+    };
+    let t_cfg = TransformerConfig::sized(gpt, 32, [16, 16], Conditioning::None { sos_token: 0 });
+    let t = tmp.path().join("t");
+    native::save_transformer(&t, &t_cfg, &Gpt::new(&t_cfg.gpt, &device), false).unwrap();
+    let out = tmp.path().join("wide.png");
+    let text = ok(vqgan(&[
+        "sample",
+        "--transformer",
+        s(&t),
+        "--vqgan",
+        s(&vq),
+        "--size",
+        "1024x576",
+        "--n",
+        "1",
+        "--top-k",
+        "8",
+        "--out",
+        s(&out),
+    ]))
+    .stdout;
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("64x36 tokens, sliding window"), "{text}");
+    assert_eq!(png_size(&out), (1024, 576));
+}

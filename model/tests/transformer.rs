@@ -220,8 +220,15 @@ fn sliding_window_reuse_gives_the_plain_rule_tokens() {
     let GridCond::Fixed(rows) = &cond else {
         unreachable!()
     };
-    let window =
-        sample_window(&m.gpt, &layout, &[rows.clone()], Sampling::GREEDY, 1, true).unwrap();
+    let window = sample_window(
+        &m.gpt,
+        &layout,
+        std::slice::from_ref(rows),
+        Sampling::GREEDY,
+        1,
+        true,
+    )
+    .unwrap();
     assert_eq!(small, window[0]);
 }
 
@@ -232,7 +239,7 @@ fn sliding_window_follows_spatial_conditioning() {
     let layout = TokenLayout::new(m.config.clone()).unwrap();
     let (h, w) = (6, 7);
     let cond_codes: Vec<i64> = (0..h * w).map(|i| (i * 7 % 32) as i64).collect();
-    let cond = GridCond::Spatial(cond_codes.iter().map(|c| c + 0).collect());
+    let cond = GridCond::Spatial(cond_codes.clone());
     let sampling = Sampling {
         temperature: 0.7,
         top_k: Some(16),

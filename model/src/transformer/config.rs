@@ -68,7 +68,7 @@ impl GptConfig {
                 return Err(bad(key, "must be positive".into()));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(bad(
                 "n_embd",
                 format!("{} is not divisible by n_head {}", self.n_embd, self.n_head),

@@ -156,3 +156,46 @@ impl TokenLayout {
         picked.mean().neg()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transformer::config::GptConfig;
+    use rand::SeedableRng;
+
+    #[test]
+    fn pkeep_replaces_input_tokens_but_never_targets() {
+        let gpt = GptConfig {
+            vocab_size: 0,
+            block_size: 0,
+            n_layer: 1,
+            n_head: 1,
+            n_embd: 8,
+            embd_pdrop: 0.0,
+            resid_pdrop: 0.0,
+            attn_pdrop: 0.0,
+        };
+        let mut config =
+            TransformerConfig::sized(gpt, 512, [16, 16], Conditioning::Class { n_classes: 3 });
+        config.pkeep = 0.7;
+        let layout = TokenLayout::new(config).unwrap();
+        let images: Vec<Vec<i64>> = (0..20)
+            .map(|i| (0..256).map(|t| (i + t) % 512).collect())
+            .collect();
+        let conds = vec![vec![512 + 1]; 20];
+        let mut rng = StdRng::seed_from_u64(0);
+        let device = Device::flex();
+        let batch = layout.train_batch(&images, &conds, &mut rng, &device);
+        let inputs: Vec<i64> = batch.inputs.try_into_vec_as::<i64>().unwrap();
+        let targets: Vec<i64> = batch.targets.try_into_vec_as::<i64>().unwrap();
+        assert_eq!(targets, images.concat(), "targets are the true codes");
+        let mut changed = 0;
+        for (row, image) in inputs.chunks(256).zip(&images) {
+            assert_eq!(row[0], 513, "the cond token is never dropped");
+            changed += row[1..].iter().zip(image).filter(|(a, b)| a != b).count();
+            assert!(row[1..].iter().all(|&c| (0..512).contains(&c)));
+        }
+        let share = changed as f64 / (20.0 * 255.0);
+        assert!((0.25..0.35).contains(&share), "{share}");
+    }
+}

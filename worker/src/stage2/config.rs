@@ -133,7 +133,7 @@ impl Stage2Config {
         if self.grad_accum == 0 {
             return Err(bad("grad_accum", "must be positive"));
         }
-        if !(self.base_learning_rate > 0.0) {
+        if self.base_learning_rate.is_nan() || self.base_learning_rate <= 0.0 {
             return Err(bad("base_learning_rate", "must be positive"));
         }
         if !(0.0..1.0).contains(&self.weight_decay) {
@@ -172,5 +172,32 @@ impl Stage2Config {
         config.pkeep = self.pkeep;
         config.permuter = self.permuter;
         config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(schedule: Schedule) -> Stage2Config {
+        serde_yaml::from_str::<Stage2Config>(
+            "gpt: {n_layer: 1, n_head: 1, n_embd: 8}\nbatch_size: 4\nbase_learning_rate: 1.0e-3\nwarmup_steps: 10\nmin_lr_ratio: 0.1\n",
+        )
+        .map(|c| Stage2Config { schedule, ..c })
+        .unwrap()
+    }
+
+    #[test]
+    fn rate_scales_warms_up_then_follows_the_schedule() {
+        let c = config(Schedule::Cosine);
+        let peak = 1e-3 * 4.0 * 2.0;
+        assert!((c.peak_learning_rate(2) - peak).abs() < 1e-12);
+        assert!((c.learning_rate(2, 0, 110) - peak / 10.0).abs() < 1e-12);
+        assert!((c.learning_rate(2, 9, 110) - peak).abs() < 1e-12);
+        assert!((c.learning_rate(2, 10, 110) - peak).abs() < 1e-12);
+        assert!((c.learning_rate(2, 60, 110) - peak * 0.55).abs() < 1e-9);
+        assert!((c.learning_rate(2, 110, 110) - peak * 0.1).abs() < 1e-12);
+        let flat = config(Schedule::Constant);
+        assert!((flat.learning_rate(2, 100, 110) - peak).abs() < 1e-12);
     }
 }

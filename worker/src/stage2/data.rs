@@ -221,13 +221,16 @@ impl CodeSampler {
     }
 }
 
+/// Image windows (raster codes) and the cond rows of each.
+pub type Windows = (Vec<Vec<i64>>, Vec<Vec<i64>>);
+
 /// Image windows and cond rows of a batch: a random window placement per sample (the whole
 /// grid when it is the window's size).
 pub fn windows(
     layout: &TokenLayout,
     batch: &[CodeSample],
     rng: &mut StdRng,
-) -> Result<(Vec<Vec<i64>>, Vec<Vec<i64>>), taming_model::ModelError> {
+) -> Result<Windows, taming_model::ModelError> {
     let [wh, ww] = layout.config().window;
     let mut images = Vec::with_capacity(batch.len());
     let mut conds = Vec::with_capacity(batch.len());

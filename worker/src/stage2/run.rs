@@ -172,14 +172,17 @@ fn train_error(e: TrainError) -> RunError {
 /// Training batches: code rows, or image shards through the frozen VQGAN.
 enum Batches {
     Codes(CodeSampler),
-    Images(Box<ShardLoader>, Vqgan, Device),
+    Images(Box<(ShardLoader, Vqgan, Device)>),
 }
 
 impl Batches {
     fn next(&mut self, n: usize) -> Result<Vec<CodeSample>, RunError> {
         match self {
             Self::Codes(s) => Ok(s.next_batch(n)),
-            Self::Images(loader, vq, device) => Ok(encode_batch(vq, &loader.next_batch()?, device)),
+            Self::Images(parts) => {
+                let (loader, vq, device) = parts.as_mut();
+                Ok(encode_batch(vq, &loader.next_batch()?, device))
+            }
         }
     }
 
@@ -189,9 +192,9 @@ impl Batches {
                 codes: Some(s.position()),
                 images: None,
             },
-            Self::Images(l, ..) => DataPosition {
+            Self::Images(parts) => DataPosition {
                 codes: None,
-                images: Some(l.state()),
+                images: Some(parts.0.state()),
             },
         }
     }
@@ -369,11 +372,11 @@ fn open_batches(
         &state,
         true,
     )?;
-    Ok(Batches::Images(
-        Box::new(loader),
+    Ok(Batches::Images(Box::new((
+        loader,
         models.vqgan.1.clone(),
         inner.clone(),
-    ))
+    ))))
 }
 
 /// Runs (or resumes) stage-2 training.
