@@ -63,7 +63,24 @@ pub struct JobRecord {
     pub images_per_s: f64,
     /// Why it failed or what it is waiting for.
     pub message: String,
+    /// Losses reported so far, by step (thinned to at most [`HISTORY_POINTS`]).
+    #[serde(default)]
+    pub history: Vec<HistoryPoint>,
 }
+
+/// One reported step of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryPoint {
+    /// The step.
+    pub step: u64,
+    /// When it was reported, in seconds since the Unix epoch.
+    pub at: f64,
+    /// Its losses.
+    pub losses: BTreeMap<String, f64>,
+}
+
+/// Most loss points a job keeps for its curves; beyond, every other point is dropped.
+pub const HISTORY_POINTS: usize = 2048;
 
 /// Refusals of requests, naming the field.
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +250,7 @@ impl Cluster {
                 losses: BTreeMap::new(),
                 images_per_s: 0.0,
                 message: String::new(),
+                history: Vec::new(),
             },
         );
         Ok(id)
@@ -319,6 +337,18 @@ impl Cluster {
             job.step = r.step;
             job.losses = r.losses.iter().map(|(k, v)| (k.clone(), *v)).collect();
             job.images_per_s = r.images_per_s;
+            job.history.retain(|p| p.step < r.step);
+            if job.history.len() >= HISTORY_POINTS {
+                job.history = job.history.iter().step_by(2).cloned().collect();
+            }
+            let at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            job.history.push(HistoryPoint {
+                step: r.step,
+                at,
+                losses: job.losses.clone(),
+            });
         }
         match r.state.as_str() {
             "succeeded" => {

@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use taming_coordinator::client;
 use taming_coordinator::cluster::SUCCEEDED;
+use taming_coordinator::http::serve_http;
 use taming_coordinator::service::{CoordinatorService, ServeOptions, serve};
 use taming_proto::auth::TOKEN_ENV;
 use taming_proto::coordinator::JobSpec;
@@ -52,6 +53,9 @@ enum Cmd {
         /// Seconds without a heartbeat before a worker is dropped.
         #[arg(long, default_value_t = 10)]
         heartbeat_timeout: u64,
+        /// Also serve the status page and /metrics (Prometheus) over HTTP on this address.
+        #[arg(long)]
+        http: Option<SocketAddr>,
     },
     /// Run a training job and follow it.
     Launch {
@@ -154,6 +158,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             bind,
             state,
             heartbeat_timeout,
+            http,
         } => {
             let service = CoordinatorService::new(ServeOptions {
                 state_dir: state,
@@ -166,6 +171,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("binding {bind}"))?;
             // The line launchers and tests wait for.
             println!("coordinator listening on {}", listener.local_addr()?);
+            if let Some(addr) = http {
+                let http_listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding --http {addr}"))?;
+                println!("status page on http://{}", http_listener.local_addr()?);
+                tokio::spawn(serve_http(service.clone(), http_listener, async {
+                    let _ = tokio::signal::ctrl_c().await;
+                }));
+            }
             serve(service, listener, async {
                 let _ = tokio::signal::ctrl_c().await;
             })

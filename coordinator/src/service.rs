@@ -30,6 +30,17 @@ pub struct ServeOptions {
     pub token: Option<String>,
 }
 
+/// What the coordinator knows at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Registered workers.
+    pub workers: Vec<crate::cluster::Worker>,
+    /// Every job, oldest first.
+    pub jobs: Vec<crate::cluster::JobRecord>,
+    /// Silence after which a worker is dropped.
+    pub heartbeat_timeout: Duration,
+}
+
 type AssignmentTx = mpsc::Sender<Result<Assignment, Status>>;
 
 struct Shared {
@@ -68,6 +79,16 @@ impl CoordinatorService {
                 opts,
             }),
         })
+    }
+
+    /// A copy of the registry and the jobs, for the status page and the metrics.
+    pub fn snapshot(&self) -> Snapshot {
+        let cluster = self.shared.cluster.lock().expect("cluster lock");
+        Snapshot {
+            workers: cluster.workers.values().cloned().collect(),
+            jobs: cluster.jobs.values().cloned().collect(),
+            heartbeat_timeout: self.shared.opts.heartbeat_timeout,
+        }
     }
 
     /// The tonic server with the token check.

@@ -174,3 +174,97 @@ fn two_ranks_with_batch_4_match_one_rank_with_batch_8() {
     assert!(moved > 1e-4, "training moved the parameters ({moved})");
     assert!(diff < 1e-4, "2 x 4 vs 1 x 8: relative difference {diff}");
 }
+
+/// Stage 2 the same way: two ranks with 4 code grids each against one rank with all 8
+/// (cross-entropy means, AdamW with weight decay, the learning rate scaled by nodes).
+#[test]
+fn stage2_two_ranks_with_batch_4_match_one_rank_with_batch_8() {
+    use taming_model::transformer::Conditioning;
+    use taming_worker::stage2::data::CodeSample;
+    use taming_worker::stage2::{GptShape, Schedule, Stage2Config, Stage2Trainer};
+    let cfg = |batch_size| Stage2Config {
+        gpt: GptShape {
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 32,
+            embd_pdrop: 0.0,
+            resid_pdrop: 0.0,
+            attn_pdrop: 0.0,
+        },
+        window: None,
+        pkeep: 1.0,
+        permuter: Default::default(),
+        n_classes: Some(10),
+        base_learning_rate: 1e-4,
+        batch_size,
+        grad_accum: 1,
+        weight_decay: 0.01,
+        warmup_steps: 0,
+        schedule: Schedule::Constant,
+        min_lr_ratio: 0.0,
+        grad_clip: None,
+        seed: 4,
+    };
+    let model = cfg(8).model(64, [8, 8], Conditioning::Class { n_classes: 10 });
+    let steps: Vec<Vec<CodeSample>> = (0..3)
+        .map(|s| {
+            (0..8)
+                .map(|i| CodeSample {
+                    codes: (0..64)
+                        .map(|t| ((s * 13 + i * 7 + t * t) % 64) as i64)
+                        .collect(),
+                    grid: [8, 8],
+                    label: Some(((s + i) % 10) as i64),
+                    cond: None,
+                })
+                .collect()
+        })
+        .collect();
+    let device = Device::flex().autodiff();
+    let mut single = Stage2Trainer::new(cfg(8), model.clone(), 1, 10, &device).unwrap();
+    let ranks: Vec<Stage2Trainer> = (0..2)
+        .map(|_| Stage2Trainer::new(cfg(4), model.clone(), 2, 10, &device).unwrap())
+        .collect();
+    assert!((single.learning_rate() - ranks[0].learning_rate()).abs() < 1e-12);
+    let before = flat(single.gpt());
+    for batch in &steps {
+        single.train_batch(batch).unwrap().expect("a step");
+    }
+    let listeners: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let handles: Vec<_> = ranks
+        .into_iter()
+        .zip(listeners)
+        .enumerate()
+        .map(|(rank, (mut trainer, listener))| {
+            let cfg = RingConfig {
+                rank,
+                peers: peers.clone(),
+                job: 2,
+                timeout: Duration::from_secs(60),
+            };
+            let steps = steps.clone();
+            std::thread::spawn(move || {
+                let ring = TcpRing::connect(listener, &cfg).unwrap();
+                trainer.join_group(Box::new(ring)).unwrap();
+                for batch in &steps {
+                    let half = &batch[rank * 4..rank * 4 + 4];
+                    trainer.train_batch(half).unwrap().expect("a step");
+                }
+                flat(trainer.gpt())
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        results[0], results[1],
+        "both ranks hold identical parameters"
+    );
+    let after = flat(single.gpt());
+    let moved = relative_difference(&before, &after);
+    let diff = relative_difference(&after, &results[0]);
+    assert!(moved > 1e-4, "training moved the parameters ({moved})");
+    assert!(diff < 1e-4, "2 x 4 vs 1 x 8: relative difference {diff}");
+}

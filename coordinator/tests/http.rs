@@ -1,0 +1,218 @@
+//! The coordinator's HTTP side as an operator meets it: `coordinator serve --http` with a real
+//! worker running a job; the status page and `/metrics` while it runs and after, the run's
+//! images, and malformed requests answered with 4xx while the server keeps serving.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "http-test-token";
+
+fn bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_coordinator")).with_file_name(name)
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Status code and body of a raw HTTP/1.1 request.
+fn request(addr: &str, raw: &str) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(Vec::new(), |i| out[i + 4..].to_vec());
+    (code, body)
+}
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let (code, body) = request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),
+    );
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn serve(state: &Path) -> (Proc, String, String) {
+    let mut child = Command::new(bin("coordinator"))
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--state",
+        ])
+        .arg(state)
+        .env("TAMING_CLUSTER_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let grpc = lines.next().unwrap().unwrap();
+    let http = lines.next().unwrap().unwrap();
+    let grpc = grpc
+        .strip_prefix("coordinator listening on ")
+        .unwrap()
+        .to_string();
+    let http = http
+        .strip_prefix("status page on http://")
+        .unwrap()
+        .to_string();
+    (Proc(child), grpc, http)
+}
+
+fn tiny_config(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("configs/stage1/fashion_mnist.yaml")).unwrap();
+    let text = text
+        .replace("ch_mult: [1, 2, 2]", "ch_mult: [1, 2]")
+        .replace("attn_resolutions: [8]", "attn_resolutions: [16]")
+        .replace("batch_size: 16", "batch_size: 4")
+        .replace(
+            "kmeans_init: {iters: 10, batches: 2}",
+            "kmeans_init: {iters: 3, batches: 1}",
+        );
+    let path = dir.join("tiny.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn status_page_and_metrics_follow_a_running_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_coord, grpc, http) = serve(&tmp.path().join("state"));
+    let log = std::fs::File::create(tmp.path().join("worker.log")).unwrap();
+    let _worker = Proc(
+        Command::new(bin("worker"))
+            .args(["--coordinator", &grpc, "--name", "page-worker"])
+            .env("TAMING_CLUSTER_TOKEN", TOKEN)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let out = tmp.path().join("run");
+    let mut launch = Proc(
+        Command::new(bin("coordinator"))
+            .args(["launch", "--stage", "vqgan", "--steps", "40", "--quiet"])
+            .args([
+                "--eval-every",
+                "10",
+                "--checkpoint-every",
+                "10",
+                "--coordinator",
+                &grpc,
+            ])
+            .arg("--config")
+            .arg(tiny_config(tmp.path()))
+            .arg("--data")
+            .arg(root().join("data/fashion-mnist"))
+            .arg("--out")
+            .arg(&out)
+            .env("TAMING_CLUSTER_TOKEN", TOKEN)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // While it runs: the metrics name the job, its step and losses.
+    wait_for("a running job with a few steps in /metrics", || {
+        let (code, m) = get(&http, "/metrics");
+        code == 200
+            && m.contains("taming_jobs{state=\"running\"} 1")
+            && m.lines().any(|l| {
+                l.starts_with("taming_job_step{job=\"job-0001\",stage=\"vqgan\"}")
+                    && l.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()) >= Some(3)
+            })
+    });
+    let (_, m) = get(&http, "/metrics");
+    for series in [
+        "# TYPE taming_jobs gauge",
+        "taming_workers{state=\"busy\"} 1",
+        "taming_job_steps_per_second{job=\"job-0001\"}",
+        "taming_job_samples_per_second{job=\"job-0001\"}",
+        "taming_job_loss{job=\"job-0001\",name=\"l1\"}",
+        "taming_job_loss{job=\"job-0001\",name=\"usage\"}",
+    ] {
+        assert!(m.contains(series), "{series} missing from\n{m}");
+    }
+    let (code, index) = get(&http, "/");
+    assert_eq!(code, 200);
+    assert!(
+        index.contains("href=\"/jobs/job-0001\"") && index.contains(">running<"),
+        "{index}"
+    );
+    assert!(
+        index.contains("page-worker") && index.contains("(ok)"),
+        "{index}"
+    );
+    let (code, page) = get(&http, "/jobs/job-0001");
+    assert_eq!(code, 200);
+    assert!(
+        page.contains("<svg") && page.contains("<polyline") && page.contains("usage"),
+        "{page}"
+    );
+
+    // Malformed or unknown requests get a 4xx and the server goes on.
+    assert_eq!(get(&http, "/jobs/job-0099").0, 404);
+    assert_eq!(
+        get(&http, "/jobs/job-0001/..%2f..%2fstate%2fjobs.json").0,
+        404
+    );
+    assert_eq!(get(&http, "/jobs/job-0001/checkpoints").0, 404);
+    let (code, _) = request(
+        &http,
+        "BREW / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert!((400..500).contains(&code), "method: {code}");
+    let (code, _) = request(&http, "GET /\x01\x02 nonsense\r\n\r\n");
+    assert!((400..500).contains(&code), "garbage request line: {code}");
+    assert_eq!(get(&http, "/").0, 200, "still serving");
+
+    // Done: the page shows the run's images, served as PNG.
+    assert!(launch.0.wait().unwrap().success());
+    let (_, page) = get(&http, "/jobs/job-0001");
+    assert!(
+        page.contains("succeeded") && page.contains("/jobs/job-0001/val_grid.png"),
+        "{page}"
+    );
+    let (code, png) = request(
+        &http,
+        "GET /jobs/job-0001/val_grid.png HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(code, 200);
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    let (_, m) = get(&http, "/metrics");
+    assert!(m.contains("taming_jobs{state=\"succeeded\"} 1"), "{m}");
+}
