@@ -2,7 +2,8 @@
 # Everything CI checks, from a fresh clone: formatting, clippy with warnings as errors (with
 # the Vulkan backend compiled in, which is also CI's `cargo check` of that feature), and the
 # whole test suite. Needs the Rust toolchain and python3; installs rustfmt and clippy if
-# missing, and moto (the S3 server the data tests start) into a cached virtualenv.
+# missing, moto (the S3 server the data tests start) into a cached virtualenv, and Debian's
+# chromium (the status-page test drives it headless) with apt when it can.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,16 @@ if [ ! -f "$pyenv/pyvenv.cfg" ]; then
     export PYTHONPATH
 fi
 export MOTO_SERVER="$pyenv/bin/moto_server"
+
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing chromium (apt)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+            || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+    else
+        echo "warning: chromium is missing and cannot be installed here; the status-page test will fail" >&2
+    fi
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

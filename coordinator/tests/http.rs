@@ -1,6 +1,8 @@
 //! The coordinator's HTTP side as an operator meets it: `coordinator serve --http` with a real
-//! worker running a job; the status page and `/metrics` while it runs and after, the run's
-//! images, and malformed requests answered with 4xx while the server keeps serving.
+//! worker running a job; the status page and `/metrics` while it runs and after, the page in
+//! headless Chromium (Debian's `chromium`; the screenshot is kept under
+//! `<target>/debug/test-artifacts/`), the run's images, and malformed requests answered with
+//! 4xx while the server keeps serving.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -100,12 +102,62 @@ fn tiny_config(dir: &Path) -> PathBuf {
     path
 }
 
+/// Headless Chromium on `url`: the rendered DOM, and a screenshot written to `shot`.
+fn chromium(url: &str, profile: &Path, shot: &Path) -> String {
+    let exe = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("Debian's chromium is needed for the page test (scripts/test.sh installs it)");
+    let run = |extra: &[&str]| {
+        let out = Command::new(exe)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
+            .arg(url)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "chromium: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&[
+        "--window-size=1000,900",
+        &format!("--screenshot={}", shot.display()),
+    ]);
+    run(&["--dump-dom"])
+}
+
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(180);
     while !ok() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// Width and height of a PNG, from its IHDR chunk.
+fn image_size(path: &Path) -> (u32, u32) {
+    let bytes = std::fs::read(path).unwrap();
+    assert!(
+        bytes.starts_with(b"\x89PNG"),
+        "{} is not a PNG",
+        path.display()
+    );
+    let be = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
+    (be(16), be(20))
 }
 
 #[test]
@@ -125,7 +177,7 @@ fn status_page_and_metrics_follow_a_running_job() {
     let out = tmp.path().join("run");
     let mut launch = Proc(
         Command::new(bin("coordinator"))
-            .args(["launch", "--stage", "vqgan", "--steps", "40", "--quiet"])
+            .args(["launch", "--stage", "vqgan", "--steps", "60", "--quiet"])
             .args([
                 "--eval-every",
                 "10",
@@ -183,6 +235,28 @@ fn status_page_and_metrics_follow_a_running_job() {
         page.contains("<svg") && page.contains("<polyline") && page.contains("usage"),
         "{page}"
     );
+
+    // The page in a real browser, while the job runs.
+    let artifacts = bin("coordinator").with_file_name("test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let dom = chromium(
+        &format!("http://{http}/jobs/job-0001"),
+        &tmp.path().join("chromium"),
+        &shot,
+    );
+    assert!(
+        dom.contains("job-0001 (vqgan)") && dom.contains("running at step"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("<polyline"),
+        "the curves are in the rendered page"
+    );
+    let (w, h) = image_size(&shot);
+    assert!(w >= 800 && h >= 600, "screenshot {w}x{h}");
+    eprintln!("status page screenshot: {}", shot.display());
 
     // Malformed or unknown requests get a 4xx and the server goes on.
     assert_eq!(get(&http, "/jobs/job-0099").0, 404);
