@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use taming_proto::metrics::{CONTENT_TYPE, Exposition};
+
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -49,12 +51,6 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-fn label(text: &str) -> String {
-    text.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 /// Steps per second over the last points of a history.
 fn step_rate(history: &[HistoryPoint]) -> f64 {
     let recent = &history[history.len().saturating_sub(10)..];
@@ -67,7 +63,7 @@ fn step_rate(history: &[HistoryPoint]) -> f64 {
 async fn metrics(State(service): State<CoordinatorService>) -> Response {
     let snap = service.snapshot();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
         render_metrics(&snap),
     )
         .into_response()
@@ -75,79 +71,68 @@ async fn metrics(State(service): State<CoordinatorService>) -> Response {
 
 /// The Prometheus text exposition of a snapshot.
 pub fn render_metrics(snap: &Snapshot) -> String {
-    let mut out = String::new();
-    let gauge = |out: &mut String, name: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-    };
-    gauge(&mut out, "taming_jobs", "Jobs by state.");
+    let mut e = Exposition::default();
+    e.family("taming_jobs", "gauge", "Jobs by state.");
     for state in STATES {
         let n = snap.jobs.iter().filter(|j| j.state == state).count();
-        let _ = writeln!(out, "taming_jobs{{state=\"{state}\"}} {n}");
+        e.sample("taming_jobs", &[("state", state)], n as f64);
     }
-    gauge(
-        &mut out,
-        "taming_workers",
-        "Registered workers, busy or idle.",
-    );
     let busy = snap.workers.iter().filter(|w| w.job.is_some()).count();
-    let _ = writeln!(out, "taming_workers{{state=\"busy\"}} {busy}");
-    let _ = writeln!(
-        out,
-        "taming_workers{{state=\"idle\"}} {}",
-        snap.workers.len() - busy
+    e.family(
+        "taming_workers",
+        "gauge",
+        "Registered workers, busy or idle.",
+    )
+    .sample("taming_workers", &[("state", "busy")], busy as f64)
+    .sample(
+        "taming_workers",
+        &[("state", "idle")],
+        (snap.workers.len() - busy) as f64,
     );
     let running: Vec<&JobRecord> = snap.jobs.iter().filter(|j| j.state == "running").collect();
-    gauge(&mut out, "taming_job_step", "Latest step of a running job.");
+    e.family("taming_job_step", "gauge", "Latest step of a running job.");
     for j in &running {
-        let (id, stage) = (label(&j.id), label(&j.spec.stage));
-        let _ = writeln!(
-            out,
-            "taming_job_step{{job=\"{id}\",stage=\"{stage}\"}} {}",
-            j.step
+        e.sample(
+            "taming_job_step",
+            &[("job", &j.id), ("stage", &j.spec.stage)],
+            j.step as f64,
         );
     }
-    gauge(
-        &mut out,
+    e.family(
         "taming_job_steps_per_second",
+        "gauge",
         "Step rate of a running job.",
     );
     for j in &running {
-        let rate = step_rate(&j.history);
-        let _ = writeln!(
-            out,
-            "taming_job_steps_per_second{{job=\"{}\"}} {rate}",
-            label(&j.id)
+        e.sample(
+            "taming_job_steps_per_second",
+            &[("job", &j.id)],
+            step_rate(&j.history),
         );
     }
-    gauge(
-        &mut out,
+    e.family(
         "taming_job_samples_per_second",
+        "gauge",
         "Images (stage 1) or tokens (stage 2) per second of rank 0.",
     );
     for j in &running {
-        let _ = writeln!(
-            out,
-            "taming_job_samples_per_second{{job=\"{}\"}} {}",
-            label(&j.id),
-            j.images_per_s
+        e.sample(
+            "taming_job_samples_per_second",
+            &[("job", &j.id)],
+            j.images_per_s,
         );
     }
-    gauge(
-        &mut out,
+    e.family(
         "taming_job_loss",
+        "gauge",
         "Latest losses of a running job.",
     );
     for j in &running {
         for (name, v) in &j.losses {
-            let _ = writeln!(
-                out,
-                "taming_job_loss{{job=\"{}\",name=\"{}\"}} {v}",
-                label(&j.id),
-                label(name)
-            );
+            e.sample("taming_job_loss", &[("job", &j.id), ("name", name)], *v);
         }
     }
-    out
+    e.finish()
 }
 
 const STYLE: &str = "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}\

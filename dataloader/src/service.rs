@@ -31,12 +31,92 @@ const MAX_URL: usize = 4096;
 const MAX_STATE: usize = 64 << 20;
 
 /// Counters of one service instance.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ServiceStats {
     /// Streams open now.
     pub active: AtomicU32,
     /// Batches sent since start.
     pub served: AtomicU64,
+    /// Samples sent since start.
+    pub samples: AtomicU64,
+    /// Samples skipped as unusable (undecodable, no image, bad map) since start.
+    pub skipped: AtomicU64,
+    /// Batches decoded and waiting to be sent, over all open streams.
+    pub queued: AtomicU64,
+    /// When the instance started.
+    pub started: std::time::Instant,
+}
+
+impl Default for ServiceStats {
+    fn default() -> Self {
+        Self {
+            active: AtomicU32::new(0),
+            served: AtomicU64::new(0),
+            samples: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl ServiceStats {
+    /// The counters in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        let samples = load(&self.samples);
+        let uptime = self.started.elapsed().as_secs_f64().max(1e-9);
+        let mut e = taming_proto::metrics::Exposition::default();
+        e.family(
+            "taming_dataloader_clients",
+            "gauge",
+            "Batch streams open now.",
+        )
+        .sample(
+            "taming_dataloader_clients",
+            &[],
+            self.active.load(Ordering::Relaxed) as f64,
+        )
+        .family(
+            "taming_dataloader_batches_total",
+            "counter",
+            "Batches sent.",
+        )
+        .sample("taming_dataloader_batches_total", &[], load(&self.served))
+        .family(
+            "taming_dataloader_samples_total",
+            "counter",
+            "Samples sent.",
+        )
+        .sample("taming_dataloader_samples_total", &[], samples)
+        .family(
+            "taming_dataloader_samples_per_second",
+            "gauge",
+            "Samples sent per second since start (rate() of the total for recent rates).",
+        )
+        .sample(
+            "taming_dataloader_samples_per_second",
+            &[],
+            samples / uptime,
+        )
+        .family(
+            "taming_dataloader_decode_errors_total",
+            "counter",
+            "Samples skipped as unusable.",
+        )
+        .sample(
+            "taming_dataloader_decode_errors_total",
+            &[],
+            load(&self.skipped),
+        )
+        .family(
+            "taming_dataloader_queue_depth",
+            "gauge",
+            "Decoded batches waiting to be sent.",
+        )
+        .sample("taming_dataloader_queue_depth", &[], load(&self.queued));
+        e.finish()
+    }
 }
 
 /// The service implementation.
@@ -76,6 +156,31 @@ pub async fn serve_listener(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     serve_service(DataloaderService::default(), listener, shutdown).await
+}
+
+/// Serves `GET /metrics` (the Prometheus text of `stats`) on a bound listener; other paths
+/// get 404.
+pub async fn serve_metrics(
+    stats: Arc<ServiceStats>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::header;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = stats.render();
+            async move {
+                (
+                    [(header::CONTENT_TYPE, taming_proto::metrics::CONTENT_TYPE)],
+                    text,
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Serves `service` on a bound listener.
@@ -224,24 +329,65 @@ impl Job {
             }
         };
         let mut sent = 0u64;
+        let mut skipped = 0u64;
+        let mut depth = QueueDepth { stats, mine: 0 };
         while self.max_batches == 0 || sent < self.max_batches {
             let next = if self.single_epoch {
                 loader.next_pixels_in_epoch()
             } else {
                 loader.next_pixels().map(Some)
             };
+            let now_skipped = loader.skipped();
+            stats
+                .skipped
+                .fetch_add(now_skipped - skipped, Ordering::Relaxed);
+            skipped = now_skipped;
+            let n = match &next {
+                Ok(Some(b)) => b.shape[0] as u64,
+                _ => 0,
+            };
             let item = match next {
-                Ok(Some(b)) => Ok(to_proto(b, self.dtype, loader.skipped())),
+                Ok(Some(b)) => Ok(to_proto(b, self.dtype, now_skipped)),
                 Ok(None) => return,
                 Err(e) => Err(Status::failed_precondition(e.to_string())),
             };
             let failed = item.is_err();
-            if tx.blocking_send(item).is_err() || failed {
+            let sent_ok = tx.blocking_send(item).is_ok();
+            depth.set((tx.max_capacity() - tx.capacity()) as u64);
+            if !sent_ok || failed {
                 return;
             }
             sent += 1;
             stats.served.fetch_add(1, Ordering::Relaxed);
+            stats.samples.fetch_add(n, Ordering::Relaxed);
         }
+    }
+}
+
+/// This stream's share of [`ServiceStats::queued`], withdrawn when the stream ends.
+struct QueueDepth<'a> {
+    stats: &'a ServiceStats,
+    mine: u64,
+}
+
+impl QueueDepth<'_> {
+    fn set(&mut self, depth: u64) {
+        if depth >= self.mine {
+            self.stats
+                .queued
+                .fetch_add(depth - self.mine, Ordering::Relaxed);
+        } else {
+            self.stats
+                .queued
+                .fetch_sub(self.mine - depth, Ordering::Relaxed);
+        }
+        self.mine = depth;
+    }
+}
+
+impl Drop for QueueDepth<'_> {
+    fn drop(&mut self) {
+        self.set(0);
     }
 }
 

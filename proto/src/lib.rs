@@ -4,6 +4,7 @@
 //! interceptors every service shares.
 
 pub mod auth;
+pub mod metrics;
 
 /// The dataloader service: ready batches streamed to trainers.
 pub mod dataloader {

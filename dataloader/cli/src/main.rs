@@ -40,6 +40,10 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:50061")]
         bind: SocketAddr,
+        /// Also serve Prometheus metrics at http://ADDR/metrics (samples/s, decode errors,
+        /// queue depth, clients).
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
     },
     /// Pack an image folder into WebDataset shards at any object-store URL.
     Pack {
@@ -85,7 +89,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve { bind } => serve(bind),
+        Command::Serve { bind, metrics } => serve(bind, metrics),
         Command::Pack {
             input,
             layout,
@@ -122,7 +126,8 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn serve(bind: SocketAddr) -> Result<()> {
+fn serve(bind: SocketAddr, metrics: Option<SocketAddr>) -> Result<()> {
+    use taming_dataloader::service::{DataloaderService, serve_metrics, serve_service};
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(bind)
@@ -131,11 +136,21 @@ fn serve(bind: SocketAddr) -> Result<()> {
         let addr = listener.local_addr()?;
         // The line tests and launchers wait for.
         println!("listening on {addr}");
+        let service = DataloaderService::default();
+        if let Some(m) = metrics {
+            let http = tokio::net::TcpListener::bind(m)
+                .await
+                .with_context(|| format!("binding --metrics {m}"))?;
+            println!("metrics on http://{}/metrics", http.local_addr()?);
+            tokio::spawn(serve_metrics(service.stats(), http, async {
+                let _ = tokio::signal::ctrl_c().await;
+            }));
+        }
         tracing::info!(%addr, "dataloader service ready");
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        taming_dataloader::service::serve_listener(listener, shutdown)
+        serve_service(service, listener, shutdown)
             .await
             .context("serving")
     })

@@ -1,0 +1,140 @@
+//! `dataloader serve --metrics`: the Prometheus endpoint counts what a real client streamed,
+//! the samples it had to skip, its open streams, and answers other paths with 404.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use taming_dataloader::client::RemoteLoader;
+use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
+    (code, body)
+}
+
+fn value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{series} missing from\n{metrics}"))
+}
+
+/// A shard of 6 good samples and 2 whose image does not decode.
+fn shard_with_bad_samples(dir: &std::path::Path) -> String {
+    let path = dir.join("mixed-000000.tar");
+    let mut tar = tar::Builder::new(std::fs::File::create(&path).unwrap());
+    let mut add = |name: String, bytes: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, bytes).unwrap();
+    };
+    for i in 0..8 {
+        let png = if i % 4 == 3 {
+            b"not a png at all".to_vec()
+        } else {
+            let img = image::RgbImage::from_pixel(32, 32, image::Rgb([i as u8 * 20, 0, 0]));
+            let mut buf = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut buf, image::ImageFormat::Png).unwrap();
+            buf.into_inner()
+        };
+        add(format!("s{i:03}.png"), &png);
+    }
+    tar.finish().unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn metrics_count_samples_errors_and_clients() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dataloader"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let grpc = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let http = lines.next().unwrap().unwrap();
+    let http = http
+        .strip_prefix("metrics on http://")
+        .and_then(|a| a.strip_suffix("/metrics"))
+        .unwrap()
+        .to_string();
+    let _service = Proc(child);
+
+    let (code, before) = get(&http, "/metrics");
+    assert_eq!(code, 200);
+    assert_eq!(value(&before, "taming_dataloader_samples_total"), 0.0);
+    assert_eq!(value(&before, "taming_dataloader_clients"), 0.0);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let shards = vec![
+        shard_with_bad_samples(tmp.path()),
+        root.join("data/fashion-mnist/val-000000.tar")
+            .to_string_lossy()
+            .into_owned(),
+    ];
+    let cfg = LoaderConfig {
+        batch_size: 10,
+        preprocess: Preprocess {
+            size: 32,
+            random_crop: false,
+            flip: false,
+        },
+        reader: ReaderConfig::default(),
+    };
+    let mut client =
+        RemoteLoader::new(vec![grpc], shards, cfg, LoaderState::default()).single_epoch();
+    let mut got = 0;
+    for _ in 0..5 {
+        got += client.next_in_epoch().unwrap().unwrap().keys.len();
+    }
+    let (_, during) = get(&http, "/metrics");
+    assert_eq!(
+        value(&during, "taming_dataloader_clients"),
+        1.0,
+        "one open stream"
+    );
+    assert!(value(&during, "taming_dataloader_samples_total") >= got as f64);
+    assert_eq!(value(&during, "taming_dataloader_decode_errors_total"), 2.0);
+    assert!(value(&during, "taming_dataloader_batches_total") >= 5.0);
+    assert!(value(&during, "taming_dataloader_samples_per_second") > 0.0);
+    value(&during, "taming_dataloader_queue_depth");
+    assert!(during.contains("# TYPE taming_dataloader_samples_total counter"));
+    assert_eq!(get(&http, "/").0, 404);
+    assert_eq!(get(&http, "/metrics/../x").0, 404);
+}
