@@ -165,15 +165,31 @@ fn status_page_and_metrics_follow_a_running_job() {
     let tmp = tempfile::tempdir().unwrap();
     let (_coord, grpc, http) = serve(&tmp.path().join("state"));
     let log = std::fs::File::create(tmp.path().join("worker.log")).unwrap();
-    let _worker = Proc(
-        Command::new(bin("worker"))
-            .args(["--coordinator", &grpc, "--name", "page-worker"])
-            .env("TAMING_CLUSTER_TOKEN", TOKEN)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let mut worker = Command::new(bin("worker"))
+        .args([
+            "--coordinator",
+            &grpc,
+            "--name",
+            "page-worker",
+            "--metrics",
+            "127.0.0.1:0",
+        ])
+        .env("TAMING_CLUSTER_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(worker.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let worker_http = line
+        .strip_prefix("metrics on http://")
+        .and_then(|a| a.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("worker said {line}"))
+        .to_string();
+    let _worker = Proc(worker);
     let out = tmp.path().join("run");
     let mut launch = Proc(
         Command::new(bin("coordinator"))
@@ -219,6 +235,24 @@ fn status_page_and_metrics_follow_a_running_job() {
     ] {
         assert!(m.contains(series), "{series} missing from\n{m}");
     }
+    // The worker's own endpoint: throughput and the step time split.
+    let (code, wm) = get(&worker_http, "/metrics");
+    assert_eq!(code, 200);
+    for series in [
+        "taming_worker_samples_per_second{job=\"job-0001\",stage=\"vqgan\"}",
+        "taming_worker_step_seconds{phase=\"data_wait\"}",
+        "taming_worker_step_seconds{phase=\"compute\"}",
+        "taming_worker_step_seconds{phase=\"allreduce\"}",
+        "taming_worker_step_seconds_total{phase=\"compute\"}",
+    ] {
+        assert!(wm.contains(series), "{series} missing from\n{wm}");
+    }
+    let steps: f64 = wm
+        .lines()
+        .find_map(|l| l.strip_prefix("taming_worker_steps_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(steps >= 1.0, "{wm}");
     let (code, index) = get(&http, "/");
     assert_eq!(code, 200);
     assert!(

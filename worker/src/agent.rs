@@ -17,6 +17,7 @@ use taming_proto::coordinator::*;
 
 use crate::checkpoint::LATEST;
 use crate::defaults::{default_data, parse_config, parse_stage2_config};
+use crate::metrics::{StepTiming, WorkerMetrics, serve_metrics};
 use crate::stage1::{RunError, RunOptions, run_stage1};
 use crate::stage2::{CondKind, Stage2Options, run_stage2};
 use taming_dataloader::DataError;
@@ -40,6 +41,8 @@ pub struct AgentOptions {
     pub collective_timeout: Duration,
     /// This worker's device (default: what the job asks for: cpu, or cuda/vulkan by rank).
     pub device: Option<DeviceSpec>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 /// Runs the agent until the coordinator goes away.
@@ -51,6 +54,14 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
         Some(a) => a.clone(),
         None => listener.local_addr()?.to_string(),
     };
+    let metrics = Arc::new(WorkerMetrics::default());
+    if let Some(addr) = opts.metrics_bind {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .with_context(|| format!("binding --metrics {addr}"))?;
+        println!("metrics on http://{}/metrics", listener.local_addr()?);
+        rt.spawn(serve_metrics(metrics.clone(), listener));
+    }
     let mut client = rt.block_on(connect(&opts.coordinator, opts.token.as_deref()))?;
     let reply = rt
         .block_on(client.register_worker(RegisterRequest {
@@ -87,7 +98,16 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
             "assignment"
         );
         let started = Instant::now();
-        let result = run_assignment(&rt, &client, &id, &a, &listener, &opts, stop.clone());
+        let result = run_assignment(
+            &rt,
+            &client,
+            &id,
+            &a,
+            &listener,
+            &opts,
+            stop.clone(),
+            metrics.clone(),
+        );
         let (state, message) = match &result {
             Ok(()) => (
                 "succeeded",
@@ -160,6 +180,7 @@ async fn heartbeat(mut client: Client, id: String, every: Duration, stop: Arc<At
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_assignment(
     rt: &tokio::runtime::Runtime,
     client: &Client,
@@ -168,6 +189,7 @@ fn run_assignment(
     listener: &TcpListener,
     opts: &AgentOptions,
     stop: Arc<AtomicBool>,
+    metrics: Arc<WorkerMetrics>,
 ) -> Result<()> {
     let spec = a.spec.clone().context("assignment without a spec")?;
     if spec.stage != "vqgan" && spec.stage != "transformer" {
@@ -191,6 +213,8 @@ fn run_assignment(
         worker_id: worker_id.into(),
         a: a.clone(),
         stop,
+        metrics,
+        stage: spec.stage.clone(),
     };
     if spec.stage == "transformer" {
         return run_transformer(spec, data, out, resume, device, group, a, reporter);
@@ -248,7 +272,7 @@ fn run_transformer(
         if let Some(v) = row.val_loss {
             losses.push(("val_loss", v));
         }
-        reporter.send(row.step, &losses, row.tokens_per_s)
+        reporter.send(row.step, &losses, row.tokens_per_s, row.timing)
     }));
     run_stage2(run)?;
     Ok(())
@@ -344,6 +368,8 @@ struct Reporter {
     worker_id: String,
     a: Assignment,
     stop: Arc<AtomicBool>,
+    metrics: Arc<WorkerMetrics>,
+    stage: String,
 }
 
 impl Reporter {
@@ -357,11 +383,14 @@ impl Reporter {
             ("d", row.d_loss),
             ("usage", row.usage),
         ];
-        self.send(row.step, &losses, row.images_per_s)
+        self.send(row.step, &losses, row.images_per_s, row.timing)
     }
 
-    /// Reports a step's losses and throughput; says whether to go on.
-    fn send(&self, step: u64, losses: &[(&str, f64)], rate: f64) -> bool {
+    /// Reports a step's losses and throughput (to the coordinator and the metrics); says
+    /// whether to go on.
+    fn send(&self, step: u64, losses: &[(&str, f64)], rate: f64, timing: StepTiming) -> bool {
+        self.metrics
+            .record(&self.a.job_id, &self.stage, step, rate, timing);
         let losses = losses.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let report = ProgressReport {
             worker_id: self.worker_id.clone(),

@@ -5,5 +5,6 @@ pub mod agent;
 pub mod checkpoint;
 pub mod defaults;
 pub mod distributed;
+pub mod metrics;
 pub mod stage1;
 pub mod stage2;

@@ -43,6 +43,10 @@ struct Cli {
     /// Device for the jobs this worker runs (with --coordinator): cpu, cuda:N or vulkan:N.
     #[arg(long)]
     device: Option<DeviceSpec>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (with --coordinator): throughput and
+    /// step time split into data wait, compute and all-reduce.
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -164,6 +168,7 @@ fn run(cli: Cli) -> Result<()> {
                 advertise: cli.advertise,
                 collective_timeout: std::time::Duration::from_secs(300),
                 device: cli.device,
+                metrics_bind: cli.metrics,
             });
         }
         (Some(_), Some(_)) => {

@@ -34,6 +34,9 @@ pub struct MetricsRow {
     pub images_per_s: f64,
     /// Validation L1 when evaluated at this step, else empty.
     pub val_l1: Option<f64>,
+    /// Where the step's time went (not in the CSV).
+    #[serde(skip)]
+    pub timing: crate::metrics::StepTiming,
 }
 
 const HEADER: &str =
@@ -86,6 +89,7 @@ pub fn read_csv(path: &Path) -> std::io::Result<Vec<MetricsRow>> {
             usage: n(9),
             images_per_s: n(10),
             val_l1: f[11].parse().ok(),
+            timing: Default::default(),
         });
     }
     Ok(rows)

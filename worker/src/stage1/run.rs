@@ -28,6 +28,7 @@ use super::config::{Objective, Stage1Config};
 use super::report::{self, MetricsRow};
 use super::trainer::{Stage1Trainer, StepReport, TrainError};
 use crate::checkpoint::{self, CheckpointError};
+use crate::metrics::StepTiming;
 
 /// Called after every step with its metrics row; returning false stops the run.
 pub type StepHook = Box<dyn FnMut(&MetricsRow) -> bool + Send>;
@@ -198,14 +199,22 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
     let mut last_val_l1 = first_val_l1;
     while trainer.step() < opts.steps {
         let started = Instant::now();
-        let report = train_step(&mut trainer, loader.as_mut())?;
-        let ips = (opts.config.batch_size * opts.config.grad_accum) as f64
-            / started.elapsed().as_secs_f64();
+        let comm_before = trainer.comm_time();
+        let (report, data_wait) = train_step(&mut trainer, loader.as_mut())?;
+        let timing = StepTiming {
+            data_wait_s: data_wait.as_secs_f64(),
+            allreduce_s: (trainer.comm_time() - comm_before).as_secs_f64(),
+            step_s: started.elapsed().as_secs_f64(),
+        };
+        let ips = (opts.config.batch_size * opts.config.grad_accum) as f64 / timing.step_s;
         let step = report.step;
         let evaluate = step % opts.eval_every.max(1) == 0 || step == opts.steps;
         let val_l1 = evaluate.then(|| trainer.eval_l1(val_x.clone()));
         last_val_l1 = val_l1.unwrap_or(last_val_l1);
-        rows.push(row(&report, ips, val_l1));
+        rows.push(MetricsRow {
+            timing,
+            ..row(&report, ips, val_l1)
+        });
         bar.set_position(step);
         bar.set_message(message(&report, ips, last_val_l1));
         if step % opts.checkpoint_every.max(1) == 0 || step == opts.steps {
@@ -313,15 +322,19 @@ fn load_rank_state(opts: &RunOptions, step: u64, epoch: u64) -> LoaderState {
     }
 }
 
+/// One optimizer step; returns its report and the time spent waiting for batches.
 fn train_step(
     trainer: &mut Stage1Trainer,
     loader: &mut dyn BatchSource,
-) -> Result<StepReport, RunError> {
+) -> Result<(StepReport, std::time::Duration), RunError> {
+    let mut waited = std::time::Duration::ZERO;
     loop {
+        let asked = Instant::now();
         let batch: ImageBatch = loader.next_batch()?;
+        waited += asked.elapsed();
         let x = trainer.input(&batch).map_err(TrainError::from)?;
         if let Some(report) = trainer.try_train_batch(x)? {
-            return Ok(report);
+            return Ok((report, waited));
         }
     }
 }
@@ -341,6 +354,7 @@ fn row(r: &StepReport, ips: f64, val_l1: Option<f64>) -> MetricsRow {
         usage: r.usage.unwrap_or(0.0),
         images_per_s: ips,
         val_l1,
+        timing: StepTiming::default(),
     }
 }
 

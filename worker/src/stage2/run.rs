@@ -20,6 +20,7 @@ use super::config::Stage2Config;
 use super::data::{CodeSample, CodeSampler, check_samples, encode_batch, read_code_set};
 use super::trainer::{DataPosition, Stage2Report, Stage2Trainer};
 use crate::checkpoint::{self, CheckpointError};
+use crate::metrics::StepTiming;
 use crate::stage1::RunError;
 use crate::stage1::trainer::TrainError;
 
@@ -59,6 +60,8 @@ pub struct Stage2Row {
     pub lr: f64,
     /// Training tokens per second.
     pub tokens_per_s: f64,
+    /// Where the step's time went (not in the CSV).
+    pub timing: StepTiming,
 }
 
 /// Called after every step; returning false stops the run.
@@ -404,13 +407,19 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
         (opts.config.batch_size * opts.config.grad_accum * model.window_tokens()) as f64;
     while trainer.step() < opts.steps {
         let started = Instant::now();
-        let report = train_step(
+        let comm_before = trainer.comm_time();
+        let (report, data_wait) = train_step(
             &mut trainer,
             &mut batches,
             &model,
             &data.source,
             opts.config.batch_size,
         )?;
+        let timing = StepTiming {
+            data_wait_s: data_wait.as_secs_f64(),
+            allreduce_s: (trainer.comm_time() - comm_before).as_secs_f64(),
+            step_s: started.elapsed().as_secs_f64(),
+        };
         let step = report.step;
         let evaluate = step % opts.eval_every.max(1) == 0 || step == opts.steps;
         let val_loss = if evaluate {
@@ -424,7 +433,8 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
             loss: report.loss,
             val_loss,
             lr: report.lr,
-            tokens_per_s: tokens_per_step / started.elapsed().as_secs_f64(),
+            tokens_per_s: tokens_per_step / timing.step_s,
+            timing,
         });
         if lead && (step % opts.checkpoint_every.max(1) == 0 || step == opts.steps) {
             trainer
@@ -493,14 +503,17 @@ fn train_step(
     model: &taming_model::transformer::TransformerConfig,
     source: &str,
     batch_size: usize,
-) -> Result<Stage2Report, RunError> {
+) -> Result<(Stage2Report, std::time::Duration), RunError> {
+    let mut waited = std::time::Duration::ZERO;
     loop {
+        let asked = Instant::now();
         let batch = batches.next(batch_size)?;
+        waited += asked.elapsed();
         if let Batches::Images(..) = batches {
             check_samples(&batch, model, source)?;
         }
         if let Some(report) = trainer.train_batch(&batch).map_err(train_error)? {
-            return Ok(report);
+            return Ok((report, waited));
         }
     }
 }
@@ -533,6 +546,7 @@ fn read_metrics(path: &Path) -> Vec<Stage2Row> {
                 val_loss: f.get(2)?.parse().ok(),
                 lr: f.get(3)?.parse().ok()?,
                 tokens_per_s: f.get(4)?.parse().ok()?,
+                timing: StepTiming::default(),
             })
         })
         .collect()
