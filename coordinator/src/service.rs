@@ -157,7 +157,13 @@ pub async fn serve(
             monitor.monitor_tick();
         }
     });
+    // The standard gRPC health service (Kubernetes probes), outside the token check.
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<CoordinatorServer<CoordinatorService>>()
+        .await;
     let result = tonic::transport::Server::builder()
+        .add_service(health)
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -324,3 +324,47 @@ fn status_page_and_metrics_follow_a_running_job() {
     let (_, m) = get(&http, "/metrics");
     assert!(m.contains("taming_jobs{state=\"succeeded\"} 1"), "{m}");
 }
+
+/// Kubernetes probes use the standard gRPC health service: it answers SERVING without the
+/// cluster token, while the coordinator's own calls still need it.
+#[test]
+fn the_grpc_health_service_answers_without_the_token() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let tmp = tempfile::tempdir().unwrap();
+    let (_coord, grpc, _) = serve(&tmp.path().join("state"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel);
+        let reply = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.status, 1, "SERVING");
+        let named = health
+            .check(HealthCheckRequest {
+                service: "taming.coordinator.v1.Coordinator".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(named.status, 1, "the coordinator service is SERVING");
+    });
+    let status = Command::new(bin("coordinator"))
+        .args(["status", "--coordinator", &grpc])
+        .env_remove("TAMING_CLUSTER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        !status.status.success(),
+        "calls without the token are refused"
+    );
+}

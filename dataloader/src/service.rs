@@ -189,7 +189,13 @@ pub async fn serve_service(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    // The standard gRPC health service (Kubernetes probes).
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<DataloaderServer<DataloaderService>>()
+        .await;
     tonic::transport::Server::builder()
+        .add_service(health)
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
