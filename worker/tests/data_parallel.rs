@@ -20,6 +20,10 @@ use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
 use taming_model::loss::{DiscriminatorConfig, LossConfig};
 use taming_worker::stage1::{Stage1Config, Stage1Trainer};
 
+/// burn's random generator is process-global: the two tests (threads of one binary) must not
+/// seed and draw at the same time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -120,6 +124,7 @@ fn relative_difference(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn two_ranks_with_batch_4_match_one_rank_with_batch_8() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let device = Device::flex().autodiff();
     let data = batches();
     // Trainers are built one after another: burn's random generator is process-global.
@@ -179,6 +184,7 @@ fn two_ranks_with_batch_4_match_one_rank_with_batch_8() {
 /// (cross-entropy means, AdamW with weight decay, the learning rate scaled by nodes).
 #[test]
 fn stage2_two_ranks_with_batch_4_match_one_rank_with_batch_8() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     use taming_model::transformer::Conditioning;
     use taming_worker::stage2::data::CodeSample;
     use taming_worker::stage2::{GptShape, Schedule, Stage2Config, Stage2Trainer};

@@ -17,6 +17,10 @@ use taming_worker::stage2::{
     CondKind, GptShape, Schedule, Stage2Config, Stage2Options, run_stage2,
 };
 
+/// burn's random generator is process-global: tests (threads of one binary) that seed it and
+/// compare exact results must not run at the same time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -137,6 +141,7 @@ fn options(cfg: Stage2Config, vq: &Path, cond: CondKind, out: &Path, steps: u64)
 
 #[test]
 fn class_conditional_training_from_parquet_learns_and_exports() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let vq = vqgan(tmp.path(), 3, 1);
     let rows = code_rows(&vq, 256);
@@ -215,6 +220,7 @@ fn assert_same(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) {
 
 #[test]
 fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let vq = vqgan(tmp.path(), 3, 2);
     let codes = tmp.path().join("codes.parquet");
@@ -242,6 +248,7 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
 
 #[test]
 fn on_the_fly_encoding_trains_from_the_image_shards() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let vq = vqgan(tmp.path(), 3, 3);
     let out = tmp.path().join("run");
@@ -252,6 +259,7 @@ fn on_the_fly_encoding_trains_from_the_image_shards() {
 
 #[test]
 fn segmentation_conditioning_trains_on_cond_codes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let vq = vqgan(tmp.path(), 3, 4);
     let cond_vq = vqgan(tmp.path(), 11, 5);
@@ -283,6 +291,7 @@ fn refused(o: Stage2Options, out: &Path) -> String {
 
 #[test]
 fn bad_code_files_are_refused_naming_file_and_field() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let vq = vqgan(tmp.path(), 3, 6);
     let mut rows = code_rows(&vq, 8);
