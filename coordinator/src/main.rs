@@ -28,6 +28,8 @@ struct Cli {
     /// Cluster token (also read from TAMING_CLUSTER_TOKEN).
     #[arg(long, global = true, env = TOKEN_ENV, hide_env_values = true)]
     token: Option<String>,
+    #[command(flatten)]
+    telemetry: taming_telemetry::TelemetryArgs,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -133,14 +135,14 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let _telemetry = match cli.telemetry.init("taming-coordinator", "warn") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: telemetry: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(code) => code,

@@ -180,6 +180,9 @@ impl Coordinator for CoordinatorService {
         &self,
         r: Request<RegisterRequest>,
     ) -> Result<Response<RegisterReply>, Status> {
+        let span = tracing::info_span!("RegisterWorker", name = %r.get_ref().name);
+        taming_telemetry::adopt(&span, r.metadata());
+        let _in_rpc = span.enter();
         let r = r.into_inner();
         let devices = r
             .devices
@@ -246,6 +249,9 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn submit(&self, r: Request<SubmitRequest>) -> Result<Response<SubmitReply>, Status> {
+        let span = tracing::info_span!("Submit");
+        taming_telemetry::adopt(&span, r.metadata());
+        let _in_rpc = span.enter();
         let spec = r
             .into_inner()
             .spec
@@ -280,8 +286,15 @@ impl Coordinator for CoordinatorService {
         &self,
         r: Request<ProgressReport>,
     ) -> Result<Response<ProgressReply>, Status> {
+        let span = tracing::info_span!(
+            "ReportProgress",
+            job = %r.get_ref().job_id,
+            rank = r.get_ref().rank,
+            step = r.get_ref().step
+        );
+        taming_telemetry::adopt(&span, r.metadata());
         let r = r.into_inner();
-        let stop = self.change(|c| c.progress(&r))?;
+        let stop = span.in_scope(|| self.change(|c| c.progress(&r)))?;
         Ok(Response::new(ProgressReply { stop }))
     }
 

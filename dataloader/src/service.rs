@@ -212,6 +212,12 @@ impl Dataloader for DataloaderService {
         &self,
         request: Request<StreamRequest>,
     ) -> Result<Response<Self::StreamBatchesStream>, Status> {
+        let span = tracing::info_span!(
+            "StreamBatches",
+            shards = request.get_ref().shards.len(),
+            rank = request.get_ref().rank
+        );
+        taming_telemetry::adopt(&span, request.metadata());
         let job = Job::check(request.into_inner())?;
         let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
         let stats = self.stats.clone();
@@ -219,6 +225,7 @@ impl Dataloader for DataloaderService {
         std::thread::Builder::new()
             .name("taming-batches".into())
             .spawn(move || {
+                let _in_stream = span.enter();
                 job.produce(&tx, &stats);
                 stats.active.fetch_sub(1, Ordering::Relaxed);
             })
@@ -338,11 +345,13 @@ impl Job {
         let mut skipped = 0u64;
         let mut depth = QueueDepth { stats, mine: 0 };
         while self.max_batches == 0 || sent < self.max_batches {
+            let read = tracing::info_span!("shard_read", batch = sent).entered();
             let next = if self.single_epoch {
                 loader.next_pixels_in_epoch()
             } else {
                 loader.next_pixels().map(Some)
             };
+            drop(read);
             let now_skipped = loader.skipped();
             stats
                 .skipped

@@ -191,6 +191,8 @@ fn run_assignment(
     stop: Arc<AtomicBool>,
     metrics: Arc<WorkerMetrics>,
 ) -> Result<()> {
+    let job_span = tracing::info_span!("job", job = %a.job_id, rank = a.rank, attempt = a.attempt);
+    let _in_job = job_span.enter();
     let spec = a.spec.clone().context("assignment without a spec")?;
     if spec.stage != "vqgan" && spec.stage != "transformer" {
         bail!("stage `{}` is not available in this worker", spec.stage);
@@ -405,7 +407,10 @@ impl Reporter {
             retryable: false,
         };
         let mut client = self.client.clone();
-        let stop = match self.rt.block_on(client.report_progress(report)) {
+        let stop = match self
+            .rt
+            .block_on(client.report_progress(taming_telemetry::traced(report)))
+        {
             Ok(r) => r.into_inner().stop,
             Err(e) => {
                 tracing::warn!("progress report failed: {e}");

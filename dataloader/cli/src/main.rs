@@ -19,6 +19,8 @@ use taming_model::device::DeviceSpec;
     about = "taming-rs data: serve, pack, precompute-codes"
 )]
 struct Cli {
+    #[command(flatten)]
+    telemetry: taming_telemetry::TelemetryArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -71,14 +73,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let _telemetry = match cli.telemetry.init("taming-dataloader", "info") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: telemetry: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -22,6 +22,8 @@ use taming_worker::stage2::{CondKind, Stage2Config, Stage2Options, run_stage2};
     about = "taming-rs worker: runs training jobs"
 )]
 struct Cli {
+    #[command(flatten)]
+    telemetry: taming_telemetry::TelemetryArgs,
     /// Join the cluster of this coordinator and run its assignments.
     #[arg(long)]
     coordinator: Option<String>,
@@ -139,12 +141,15 @@ struct Stage2Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let _telemetry = match cli.telemetry.init("taming-worker", "info") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: telemetry: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

@@ -198,6 +198,8 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
     let bar = progress_bar(&opts, trainer.step());
     let mut last_val_l1 = first_val_l1;
     while trainer.step() < opts.steps {
+        let step_span = tracing::info_span!("step", step = trainer.step() + 1);
+        let _in_step = step_span.enter();
         let started = Instant::now();
         let comm_before = trainer.comm_time();
         let (report, data_wait) = train_step(&mut trainer, loader.as_mut())?;
@@ -330,7 +332,8 @@ fn train_step(
     let mut waited = std::time::Duration::ZERO;
     loop {
         let asked = Instant::now();
-        let batch: ImageBatch = loader.next_batch()?;
+        let batch: ImageBatch =
+            tracing::info_span!("data_wait").in_scope(|| loader.next_batch())?;
         waited += asked.elapsed();
         let x = trainer.input(&batch).map_err(TrainError::from)?;
         if let Some(report) = trainer.try_train_batch(x)? {

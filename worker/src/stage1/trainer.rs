@@ -356,6 +356,7 @@ impl Stage1Trainer {
         grads: GradientsParams,
     ) -> Result<GradientsParams, CollectiveError> {
         let started = std::time::Instant::now();
+        let _span = tracing::info_span!("allreduce").entered();
         let out = match self.group.as_mut() {
             Some(group) => mean_gradients(group.as_mut(), module, grads),
             None => Ok(grads),

@@ -406,6 +406,8 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
     let tokens_per_step =
         (opts.config.batch_size * opts.config.grad_accum * model.window_tokens()) as f64;
     while trainer.step() < opts.steps {
+        let step_span = tracing::info_span!("step", step = trainer.step() + 1);
+        let _in_step = step_span.enter();
         let started = Instant::now();
         let comm_before = trainer.comm_time();
         let (report, data_wait) = train_step(
@@ -507,7 +509,7 @@ fn train_step(
     let mut waited = std::time::Duration::ZERO;
     loop {
         let asked = Instant::now();
-        let batch = batches.next(batch_size)?;
+        let batch = tracing::info_span!("data_wait").in_scope(|| batches.next(batch_size))?;
         waited += asked.elapsed();
         if let Batches::Images(..) = batches {
             check_samples(&batch, model, source)?;

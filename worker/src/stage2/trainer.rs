@@ -181,6 +181,7 @@ impl Stage2Trainer {
         self.micro = 0;
         let grads = self.acc.grads();
         let started = std::time::Instant::now();
+        let _span = tracing::info_span!("allreduce").entered();
         let grads = match self.group.as_mut() {
             Some(g) => mean_gradients(g.as_mut(), &gpt, grads),
             None => Ok(grads),
