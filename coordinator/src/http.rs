@@ -123,6 +123,16 @@ pub fn render_metrics(snap: &Snapshot) -> String {
         );
     }
     e.family(
+        "taming_spans_dropped_total",
+        "counter",
+        "Spans dropped because the OTLP export queue was full.",
+    )
+    .sample(
+        "taming_spans_dropped_total",
+        &[],
+        taming_telemetry::dropped_spans() as f64,
+    );
+    e.family(
         "taming_job_loss",
         "gauge",
         "Latest losses of a running job.",

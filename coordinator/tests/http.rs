@@ -232,6 +232,7 @@ fn status_page_and_metrics_follow_a_running_job() {
         "taming_job_samples_per_second{job=\"job-0001\"}",
         "taming_job_loss{job=\"job-0001\",name=\"l1\"}",
         "taming_job_loss{job=\"job-0001\",name=\"usage\"}",
+        "taming_spans_dropped_total 0",
     ] {
         assert!(m.contains(series), "{series} missing from\n{m}");
     }

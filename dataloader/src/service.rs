@@ -114,7 +114,17 @@ impl ServiceStats {
             "gauge",
             "Decoded batches waiting to be sent.",
         )
-        .sample("taming_dataloader_queue_depth", &[], load(&self.queued));
+        .sample("taming_dataloader_queue_depth", &[], load(&self.queued))
+        .family(
+            "taming_spans_dropped_total",
+            "counter",
+            "Spans dropped because the OTLP export queue was full.",
+        )
+        .sample(
+            "taming_spans_dropped_total",
+            &[],
+            taming_telemetry::dropped_spans() as f64,
+        );
         e.finish()
     }
 }

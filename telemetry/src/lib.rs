@@ -1,16 +1,19 @@
 //! Logs and traces of the taming-rs services. [`init`] installs human-readable logs (or JSON
 //! lines) on stderr and, when an OTLP endpoint is given (`--otlp-endpoint` or
 //! `OTEL_EXPORTER_OTLP_ENDPOINT`; OTLP over HTTP/protobuf), an OpenTelemetry layer whose
-//! spans go out through a batch
-//! processor with a bounded queue: an unreachable collector costs dropped spans, never a
-//! blocked caller. [`inject`] and [`extract`] carry the W3C trace context in gRPC metadata, so
-//! that a worker's step and the coordinator's handling of its report are one trace.
+//! spans go out through a bounded queue ([`queue`]): an unreachable collector costs dropped
+//! spans, counted by [`dropped_spans`], never a blocked caller. [`traced`] and [`adopt`] carry
+//! the W3C trace context in gRPC metadata, so that a worker's step and the coordinator's
+//! handling of its report are one trace.
+
+pub mod queue;
+pub use queue::dropped_spans;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -83,16 +86,10 @@ pub fn init(opts: &Options) -> anyhow::Result<Telemetry> {
         .with_endpoint(url)
         .with_timeout(std::time::Duration::from_secs(3))
         .build()?;
-    let batch = BatchSpanProcessor::builder(exporter)
-        .with_batch_config(
-            BatchConfigBuilder::default()
-                .with_max_queue_size(QUEUE_SPANS)
-                .with_scheduled_delay(std::time::Duration::from_millis(500))
-                .build(),
-        )
-        .build();
+    let queue =
+        queue::BoundedProcessor::new(exporter, QUEUE_SPANS, std::time::Duration::from_millis(500));
     let provider = SdkTracerProvider::builder()
-        .with_span_processor(batch)
+        .with_span_processor(queue)
         .with_resource(
             opentelemetry_sdk::Resource::builder()
                 .with_service_name(opts.service)

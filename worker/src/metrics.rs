@@ -83,6 +83,16 @@ impl WorkerMetrics {
         )
         .sample("taming_worker_samples_per_second", &job, s.rate);
         e.family(
+            "taming_spans_dropped_total",
+            "counter",
+            "Spans dropped because the OTLP export queue was full.",
+        )
+        .sample(
+            "taming_spans_dropped_total",
+            &[],
+            taming_telemetry::dropped_spans() as f64,
+        );
+        e.family(
             "taming_worker_step_seconds",
             "gauge",
             "The last step's time by phase.",

@@ -134,6 +134,7 @@ fn metrics_count_samples_errors_and_clients() {
     assert!(value(&during, "taming_dataloader_batches_total") >= 5.0);
     assert!(value(&during, "taming_dataloader_samples_per_second") > 0.0);
     value(&during, "taming_dataloader_queue_depth");
+    assert_eq!(value(&during, "taming_spans_dropped_total"), 0.0);
     assert!(during.contains("# TYPE taming_dataloader_samples_total counter"));
     assert_eq!(get(&http, "/").0, 404);
     assert_eq!(get(&http, "/metrics/../x").0, 404);
