@@ -82,6 +82,11 @@ enum Cmd {
         /// Total optimizer steps.
         #[arg(long, default_value_t = 1000)]
         steps: u64,
+        /// Dataloader services the ranks stream batches from (comma-separated host:port; a
+        /// dead one is replaced by the next). With --coordinator; the local mini-cluster
+        /// starts its own (--dataloaders N).
+        #[arg(long, value_delimiter = ',')]
+        dataloader_addrs: Vec<String>,
         /// Stage 2: the first-stage VQGAN (model directory).
         #[arg(long)]
         vqgan: Option<PathBuf>,
@@ -225,6 +230,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             codes,
             val_codes,
             cond_vqgan,
+            dataloader_addrs,
         } => {
             let transformer = stage == Stage::Transformer;
             if transformer && vqgan.is_none() {
@@ -259,7 +265,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 steps,
                 nodes,
                 min_nodes: min_nodes.unwrap_or(nodes),
-                dataloaders: Vec::new(),
+                dataloaders: dataloader_addrs,
                 collective: "ring".into(),
                 eval_every,
                 checkpoint_every,

@@ -160,6 +160,118 @@ fn a_job_survives_a_killed_worker_and_finishes_with_one_continuous_step_count() 
     assert!(out.join("model/model.safetensors").is_file());
 }
 
+/// A `dataloader serve` process, its address and its metrics address.
+fn dataloader(log: &Path) -> (Proc, String, String) {
+    let log = std::fs::File::create(log).unwrap();
+    let mut child = Command::new(bin("dataloader"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = lines.next().unwrap().unwrap();
+    let addr = addr.strip_prefix("listening on ").unwrap().to_string();
+    let metrics = lines.next().unwrap().unwrap();
+    let metrics = metrics
+        .strip_prefix("metrics on http://")
+        .unwrap()
+        .to_string();
+    (Proc(child), addr, metrics)
+}
+
+/// Batches a dataloader has sent, from its /metrics.
+fn batches_sent(metrics_url: &str) -> f64 {
+    use std::io::{Read, Write};
+    let (host, path) = metrics_url.split_once('/').unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("taming_dataloader_batches_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// A dataloader service killed in the middle of a job: the worker's client moves to the other
+/// one and resumes from the last batch it got, so the job goes on in the same attempt.
+#[test]
+fn a_job_survives_a_killed_dataloader_service() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_coord, addr) = serve(&tmp.path().join("state"));
+    let (mut first, first_addr, first_metrics) = dataloader(&tmp.path().join("dl-a.log"));
+    let (_second, second_addr, second_metrics) = dataloader(&tmp.path().join("dl-b.log"));
+    let _w = worker(&addr, "w", TOKEN, &tmp.path().join("w.log"));
+    let out = tmp.path().join("run");
+    let launch = coordinator(&addr)
+        .args(["launch", "--stage", "vqgan", "--steps", "150", "--quiet"])
+        .args([
+            "--checkpoint-every",
+            "50",
+            "--eval-every",
+            "50",
+            "--coordinator",
+            &addr,
+        ])
+        .arg("--dataloader-addrs")
+        .arg(format!("{first_addr},{second_addr}"))
+        .arg("--config")
+        .arg(tiny_config(tmp.path()))
+        .arg("--data")
+        .arg(root().join("data/fashion-mnist"))
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = || {
+        let out = coordinator(&addr)
+            .args(["status", "--coordinator", &addr])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_for("a few steps", Duration::from_secs(240), || {
+        status()
+            .split_whitespace()
+            .skip_while(|w| *w != "step")
+            .nth(1)
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_some_and(|s| s >= 3)
+    });
+    assert!(
+        batches_sent(&first_metrics) > 0.0,
+        "the first service was in use"
+    );
+    assert_eq!(batches_sent(&second_metrics), 0.0);
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let result = launch.wait_with_output_timeout();
+    assert!(result.0, "launch failed:\n{}\n{}", result.1, result.2);
+    assert!(
+        result.1.contains("succeeded") && result.1.contains("attempt 1"),
+        "{}",
+        result.1
+    );
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let steps: Vec<u64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=150).collect::<Vec<u64>>());
+    assert!(
+        batches_sent(&second_metrics) > 0.0,
+        "the second service took over"
+    );
+}
+
 trait WaitTimeout {
     fn wait_with_output_timeout(self) -> (bool, String, String);
 }
