@@ -1,30 +1,16 @@
 //! The cluster as operators run it: `coordinator serve`, `worker --coordinator` processes,
 //! `coordinator launch|status|cancel --coordinator`; a worker killed mid-job; the token.
 
+mod common;
+
+use common::{Proc, bin, root, tiny_config, wait_for};
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const TOKEN: &str = "test-token";
-
-fn bin(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_coordinator")).with_file_name(name)
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Kills its process when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn serve(state: &Path) -> (Proc, String) {
     let mut child = Command::new(bin("coordinator"))
@@ -67,35 +53,12 @@ fn worker(addr: &str, name: &str, token: &str, log: &Path) -> Proc {
     )
 }
 
-fn tiny_config(dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(root().join("configs/stage1/fashion_mnist.yaml")).unwrap();
-    let text = text
-        .replace("ch_mult: [1, 2, 2]", "ch_mult: [1, 2]")
-        .replace("attn_resolutions: [8]", "attn_resolutions: [16]")
-        .replace("batch_size: 16", "batch_size: 4")
-        .replace(
-            "kmeans_init: {iters: 10, batches: 2}",
-            "kmeans_init: {iters: 3, batches: 1}",
-        );
-    let path = dir.join("tiny.yaml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 fn coordinator(addr: &str) -> Command {
     let mut c = Command::new(bin("coordinator"));
     c.env("TAMING_CLUSTER_TOKEN", TOKEN);
     c.arg("--token").arg(TOKEN);
     let _ = addr;
     c
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

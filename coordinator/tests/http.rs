@@ -4,30 +4,17 @@
 //! `<target>/debug/test-artifacts/`), the run's images, and malformed requests answered with
 //! 4xx while the server keeps serving.
 
+mod common;
+
+use common::{Proc, bin, root, tiny_config, wait_for};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 const TOKEN: &str = "http-test-token";
-
-fn bin(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_coordinator")).with_file_name(name)
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Status code and body of a raw HTTP/1.1 request.
 fn request(addr: &str, raw: &str) -> (u16, Vec<u8>) {
@@ -87,21 +74,6 @@ fn serve(state: &Path) -> (Proc, String, String) {
     (Proc(child), grpc, http)
 }
 
-fn tiny_config(dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(root().join("configs/stage1/fashion_mnist.yaml")).unwrap();
-    let text = text
-        .replace("ch_mult: [1, 2, 2]", "ch_mult: [1, 2]")
-        .replace("attn_resolutions: [8]", "attn_resolutions: [16]")
-        .replace("batch_size: 16", "batch_size: 4")
-        .replace(
-            "kmeans_init: {iters: 10, batches: 2}",
-            "kmeans_init: {iters: 3, batches: 1}",
-        );
-    let path = dir.join("tiny.yaml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 /// Headless Chromium on `url`: the rendered DOM, and a screenshot written to `shot`.
 fn chromium(url: &str, profile: &Path, shot: &Path) -> String {
     let exe = ["chromium", "chromium-browser"]
@@ -138,14 +110,6 @@ fn chromium(url: &str, profile: &Path, shot: &Path) -> String {
         &format!("--screenshot={}", shot.display()),
     ]);
     run(&["--dump-dom"])
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
 }
 
 /// Width and height of a PNG, from its IHDR chunk.
@@ -215,15 +179,19 @@ fn status_page_and_metrics_follow_a_running_job() {
             .unwrap(),
     );
     // While it runs: the metrics name the job, its step and losses.
-    wait_for("a running job with a few steps in /metrics", || {
-        let (code, m) = get(&http, "/metrics");
-        code == 200
-            && m.contains("taming_jobs{state=\"running\"} 1")
-            && m.lines().any(|l| {
-                l.starts_with("taming_job_step{job=\"job-0001\",stage=\"vqgan\"}")
-                    && l.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()) >= Some(3)
-            })
-    });
+    wait_for(
+        "a running job with a few steps in /metrics",
+        Duration::from_secs(180),
+        || {
+            let (code, m) = get(&http, "/metrics");
+            code == 200
+                && m.contains("taming_jobs{state=\"running\"} 1")
+                && m.lines().any(|l| {
+                    l.starts_with("taming_job_step{job=\"job-0001\",stage=\"vqgan\"}")
+                        && l.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()) >= Some(3)
+                })
+        },
+    );
     let (_, m) = get(&http, "/metrics");
     for series in [
         "# TYPE taming_jobs gauge",

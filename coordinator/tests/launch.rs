@@ -1,6 +1,10 @@
 //! `coordinator launch` as a user runs it: a short stage-1 job on the embedded data through a
 //! real worker process, and the refusals.
 
+mod common;
+
+use common::{bin, root};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -8,24 +12,11 @@ fn coordinator() -> Command {
     Command::new(env!("CARGO_BIN_EXE_coordinator"))
 }
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A tiny config so that the job takes seconds.
+/// The shared tiny config with the discriminator on from step 2, so that short jobs train it.
 fn tiny_config(dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(root().join("configs/stage1/fashion_mnist.yaml")).unwrap();
-    let text = text
-        .replace("ch_mult: [1, 2, 2]", "ch_mult: [1, 2]")
-        .replace("attn_resolutions: [8]", "attn_resolutions: [16]")
-        .replace("disc_start: 400", "disc_start: 2")
-        .replace("batch_size: 16", "batch_size: 4")
-        .replace(
-            "kmeans_init: {iters: 10, batches: 2}",
-            "kmeans_init: {iters: 3, batches: 1}",
-        );
-    let path = dir.join("tiny.yaml");
-    std::fs::write(&path, text).unwrap();
+    let path = common::tiny_config(dir);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("disc_start: 400", "disc_start: 2")).unwrap();
     path
 }
 
@@ -267,10 +258,6 @@ fn an_output_folder_that_cannot_be_created_fails_clearly() {
     assert!(err.contains("not-a-dir"), "{err}");
 }
 
-fn sibling_bin(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_coordinator")).with_file_name(name)
-}
-
 fn launch_ok(args: &mut Command) -> String {
     let run = args.output().unwrap();
     assert!(
@@ -324,7 +311,7 @@ fn segmentation_conditioning_runs_through_the_whole_pipeline() {
     );
     let codes = tmp.path().join("codes");
     launch_ok(
-        Command::new(sibling_bin("dataloader"))
+        Command::new(bin("dataloader"))
             .args(["precompute-codes", "--batch", "32"])
             .arg("--vqgan")
             .arg(image.join("model"))

@@ -3,9 +3,12 @@
 //! coordinator's handling of that step's progress report are one trace, parent and child. A
 //! collector that cannot be reached does not stop training.
 
+mod common;
+
+use common::{Proc, bin, root, tiny_config};
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,23 +18,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use prost::Message;
 
 const TOKEN: &str = "trace-test-token";
-
-fn bin(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_coordinator")).with_file_name(name)
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// One received span.
 #[derive(Debug, Clone)]
@@ -91,21 +77,6 @@ fn receiver(rt: &tokio::runtime::Runtime, store: Store) -> String {
     );
     rt.spawn(async move { axum::serve(listener, app).await });
     format!("http://{addr}")
-}
-
-fn tiny_config(dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(root().join("configs/stage1/fashion_mnist.yaml")).unwrap();
-    let text = text
-        .replace("ch_mult: [1, 2, 2]", "ch_mult: [1, 2]")
-        .replace("attn_resolutions: [8]", "attn_resolutions: [16]")
-        .replace("batch_size: 16", "batch_size: 4")
-        .replace(
-            "kmeans_init: {iters: 10, batches: 2}",
-            "kmeans_init: {iters: 3, batches: 1}",
-        );
-    let path = dir.join("tiny.yaml");
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 #[test]

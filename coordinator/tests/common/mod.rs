@@ -1,0 +1,52 @@
+//! Helpers the coordinator's process-level tests share: the workspace's binaries, the
+//! checkout, killed-on-drop child processes, a tiny stage-1 config and polling with a deadline.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+/// A binary of the workspace, beside the coordinator's.
+pub fn bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_coordinator")).with_file_name(name)
+}
+
+/// The checkout.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A child process killed and reaped when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The default stage-1 config made small enough for a job of seconds, written into `dir`.
+pub fn tiny_config(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("configs/stage1/fashion_mnist.yaml")).unwrap();
+    let text = text
+        .replace("ch_mult: [1, 2, 2]", "ch_mult: [1, 2]")
+        .replace("attn_resolutions: [8]", "attn_resolutions: [16]")
+        .replace("batch_size: 16", "batch_size: 4")
+        .replace(
+            "kmeans_init: {iters: 10, batches: 2}",
+            "kmeans_init: {iters: 3, batches: 1}",
+        );
+    let path = dir.join("tiny.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Polls `ok` until it holds; fails the test naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
