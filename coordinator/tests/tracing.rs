@@ -165,12 +165,16 @@ fn a_step_and_its_report_are_one_trace_across_worker_and_coordinator() {
                     })
                     .map(|step| (step.clone(), report.clone()))
             });
-        if let Some(pair) = pair {
+        // The job span closes, and is exported, after the last step: wait for it too.
+        let job_done = spans
+            .iter()
+            .any(|s| s.service == "taming-worker" && s.name == "job");
+        if let (Some(pair), true) = (pair, job_done) {
             break (pair, spans);
         }
         assert!(
             Instant::now() < deadline,
-            "no coordinator span with a worker step as parent among {spans:#?}"
+            "no coordinator span with a worker step as parent, or no job span, among {spans:#?}"
         );
         std::thread::sleep(Duration::from_millis(300));
     };
