@@ -106,6 +106,11 @@ enum Cmd {
         /// Continue the run in --out from its latest checkpoint.
         #[arg(long)]
         resume: bool,
+        /// Also keep the checkpoints in object storage (s3://bucket/run, gs://, az://,
+        /// file://): rank 0 uploads each one, and a rank restarted on a machine without the
+        /// run folder pulls the latest from there.
+        #[arg(long)]
+        checkpoint_url: Option<String>,
         /// Device of every rank: cpu, cuda or vulkan.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -219,6 +224,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             out,
             steps,
             resume,
+            checkpoint_url,
             device,
             coordinator,
             eval_every,
@@ -276,6 +282,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 codes: codes.map(absolute_if_local).unwrap_or_default(),
                 val_codes: val_codes.map(absolute_if_local).unwrap_or_default(),
                 cond_vqgan: path_text(cond_vqgan)?,
+                checkpoint_url: checkpoint_url.map(absolute_if_local).unwrap_or_default(),
             };
             match coordinator {
                 Some(addr) => launch_remote(&addr, token.as_deref(), spec, !quiet).await,

@@ -4,9 +4,7 @@
 //! `<target>/debug/test-artifacts/`), the run's images, and malformed requests answered with
 //! 4xx while the server keeps serving.
 
-mod common;
-
-use common::{Proc, bin, root, tiny_config, wait_for};
+use taming_tests::process::{Proc, bin, root, tiny_config, wait_for};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

@@ -1,9 +1,7 @@
 //! `coordinator launch` as a user runs it: a short stage-1 job on the embedded data through a
 //! real worker process, and the refusals.
 
-mod common;
-
-use common::{bin, root};
+use taming_tests::process::{bin, root};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,7 +12,7 @@ fn coordinator() -> Command {
 
 /// The shared tiny config with the discriminator on from step 2, so that short jobs train it.
 fn tiny_config(dir: &Path) -> PathBuf {
-    let path = common::tiny_config(dir);
+    let path = taming_tests::process::tiny_config(dir);
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replace("disc_start: 400", "disc_start: 2")).unwrap();
     path

@@ -3,9 +3,7 @@
 //! coordinator's handling of that step's progress report are one trace, parent and child. A
 //! collector that cannot be reached does not stop training.
 
-mod common;
-
-use common::{Proc, bin, root, tiny_config};
+use taming_tests::process::{Proc, bin, root, tiny_config};
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

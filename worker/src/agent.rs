@@ -18,6 +18,7 @@ use taming_proto::coordinator::*;
 use crate::checkpoint::LATEST;
 use crate::defaults::{default_data, parse_config, parse_stage2_config};
 use crate::metrics::{StepTiming, WorkerMetrics, serve_metrics};
+use crate::mirror::RunMirror;
 use crate::stage1::{RunError, RunOptions, run_stage1};
 use crate::stage2::{CondKind, Stage2Options, run_stage2};
 use taming_dataloader::DataError;
@@ -203,7 +204,8 @@ fn run_assignment(
         spec.data.clone()
     };
     let out = std::path::PathBuf::from(&spec.out);
-    let resume = a.resume && out.join("checkpoints").join(LATEST).exists();
+    let checkpoint_url = (!spec.checkpoint_url.is_empty()).then(|| spec.checkpoint_url.clone());
+    let resume = a.resume && has_checkpoint(&out, checkpoint_url.as_deref())?;
     let device = device_for(&spec.device, a.rank)?
         .device()
         .map_err(anyhow::Error::msg)?
@@ -225,6 +227,7 @@ fn run_assignment(
     let mut run = RunOptions::single(config, data, out, spec.steps, device);
     run.dataloaders = spec.dataloaders.clone();
     run.resume = resume;
+    run.checkpoint_url = checkpoint_url;
     run.nodes = a.world_size as usize;
     run.rank = a.rank as usize;
     run.world = a.world_size as usize;
@@ -262,6 +265,7 @@ fn run_transformer(
     run.codes = nonempty(spec.codes);
     run.val_codes = nonempty(spec.val_codes);
     run.cond_vqgan = nonempty(spec.cond_vqgan).map(Into::into);
+    run.checkpoint_url = nonempty(spec.checkpoint_url);
     run.resume = resume;
     run.nodes = a.world_size as usize;
     run.rank = a.rank as usize;
@@ -278,6 +282,17 @@ fn run_transformer(
     }));
     run_stage2(run)?;
     Ok(())
+}
+
+/// Whether the run has a checkpoint to resume from, in `out` or in its object-store copy.
+fn has_checkpoint(out: &std::path::Path, url: Option<&str>) -> Result<bool> {
+    if out.join("checkpoints").join(LATEST).exists() {
+        return Ok(true);
+    }
+    Ok(match url {
+        Some(url) => RunMirror::open(url)?.latest()?.is_some(),
+        None => false,
+    })
 }
 
 fn device_for(kind: &str, rank: u32) -> Result<DeviceSpec> {

@@ -6,5 +6,6 @@ pub mod checkpoint;
 pub mod defaults;
 pub mod distributed;
 pub mod metrics;
+pub mod mirror;
 pub mod stage1;
 pub mod stage2;

@@ -101,6 +101,10 @@ enum Command {
         /// Continue the run in --out from its latest checkpoint.
         #[arg(long)]
         resume: bool,
+        /// Also keep the checkpoints in object storage (s3://bucket/run, gs://, az://,
+        /// file://); --resume pulls the latest from there when --out lacks it.
+        #[arg(long)]
+        checkpoint_url: Option<String>,
         /// Nodes the learning rate is scaled for.
         #[arg(long, default_value_t = 1)]
         nodes: usize,
@@ -200,6 +204,7 @@ fn run(cli: Cli) -> Result<()> {
         out,
         steps,
         resume,
+        checkpoint_url,
         nodes,
         device,
         eval_every,
@@ -227,6 +232,7 @@ fn run(cli: Cli) -> Result<()> {
         opts.codes = stage2.codes;
         opts.val_codes = stage2.val_codes;
         opts.resume = resume;
+        opts.checkpoint_url = checkpoint_url;
         opts.eval_every = eval_every;
         opts.checkpoint_every = checkpoint_every;
         opts.nodes = nodes;
@@ -259,6 +265,7 @@ fn run(cli: Cli) -> Result<()> {
     let mut opts = RunOptions::single(config, data, out.clone(), steps, device);
     opts.dataloaders = dataloader;
     opts.resume = resume;
+    opts.checkpoint_url = checkpoint_url;
     opts.eval_every = eval_every;
     opts.checkpoint_every = checkpoint_every;
     opts.nodes = nodes;

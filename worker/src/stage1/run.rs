@@ -29,6 +29,7 @@ use super::report::{self, MetricsRow};
 use super::trainer::{Stage1Trainer, StepReport, TrainError};
 use crate::checkpoint::{self, CheckpointError};
 use crate::metrics::StepTiming;
+use crate::mirror::{self, RunMirror};
 
 /// Called after every step with its metrics row; returning false stops the run.
 pub type StepHook = Box<dyn FnMut(&MetricsRow) -> bool + Send>;
@@ -47,6 +48,9 @@ pub struct RunOptions {
     pub steps: u64,
     /// Continue from the run folder's latest checkpoint.
     pub resume: bool,
+    /// Object-store copy of the run's checkpoints (see [`crate::mirror`]); resuming pulls
+    /// from it when the run folder lacks its latest checkpoint.
+    pub checkpoint_url: Option<String>,
     /// Evaluate every this many steps (and at the end).
     pub eval_every: u64,
     /// Checkpoint every this many steps (and at the end).
@@ -85,6 +89,7 @@ impl RunOptions {
             out,
             steps,
             resume: false,
+            checkpoint_url: None,
             eval_every: 100,
             checkpoint_every: 200,
             keep: 2,
@@ -153,6 +158,8 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
     let val_shards = list_split(&opts.data, "val")?;
     std::fs::create_dir_all(&opts.out).map_err(|e| output(&opts.out, e))?;
     let ckpt_dir = opts.out.join("checkpoints");
+    let mirror = mirror::prepare(opts.checkpoint_url.as_deref(), &opts.out, opts.resume)
+        .map_err(TrainError::from)?;
     let (mut trainer, state, mut rows) = start(&opts, &ckpt_dir)?;
     if let Some(group) = opts.group.take() {
         trainer.join_group(group)?;
@@ -221,13 +228,17 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
         bar.set_message(message(&report, ips, last_val_l1));
         if step % opts.checkpoint_every.max(1) == 0 || step == opts.steps {
             if lead {
-                trainer
+                let dir = trainer
                     .save_checkpoint(&ckpt_dir, loader.state(), opts.keep)
                     .map_err(TrainError::from)?;
                 report::write_csv(&opts.out.join("metrics.csv"), &rows)
                     .map_err(|e| output(&opts.out.join("metrics.csv"), e))?;
+                if let Some(m) = &mirror {
+                    m.push_checkpoint(&opts.out, &dir)
+                        .map_err(TrainError::from)?;
+                }
             } else {
-                save_rank_state(&opts, step, &loader.state())?;
+                save_rank_state(&opts, step, &loader.state(), mirror.as_ref())?;
             }
         }
         if let Some(on_step) = opts.on_step.as_mut()
@@ -288,17 +299,33 @@ fn start(
 
 /// The data position of rank r > 0 at a checkpoint step (rank 0's is in the checkpoint).
 fn rank_state_path(opts: &RunOptions, step: u64) -> PathBuf {
-    opts.out.join("loader").join(format!(
-        "rank-{:04}-of-{:04}-step-{step:08}.json",
-        opts.rank, opts.world
-    ))
+    opts.out.join(rank_state_file(opts, step))
 }
 
-fn save_rank_state(opts: &RunOptions, step: u64, state: &LoaderState) -> Result<(), RunError> {
+/// The run-relative name of a rank's data position.
+fn rank_state_file(opts: &RunOptions, step: u64) -> String {
+    format!(
+        "loader/rank-{:04}-of-{:04}-step-{step:08}.json",
+        opts.rank, opts.world
+    )
+}
+
+/// Writes rank r's data position, and copies it to the run's object-store copy.
+fn save_rank_state(
+    opts: &RunOptions,
+    step: u64,
+    state: &LoaderState,
+    mirror: Option<&RunMirror>,
+) -> Result<(), RunError> {
     let path = rank_state_path(opts, step);
     let json = serde_json::to_vec(state).expect("state serializes");
     std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(|e| output(&path, e))?;
-    taming_model::atomic::write(&path, &json).map_err(|e| output(&path, e))
+    taming_model::atomic::write(&path, &json).map_err(|e| output(&path, e))?;
+    if let Some(m) = mirror {
+        m.push_file(&opts.out, &rank_state_file(opts, step))
+            .map_err(TrainError::from)?;
+    }
+    Ok(())
 }
 
 /// Rank r's saved position, or the start of rank 0's epoch when there is none (the world

@@ -21,6 +21,7 @@ use super::data::{CodeSample, CodeSampler, check_samples, encode_batch, read_cod
 use super::trainer::{DataPosition, Stage2Report, Stage2Trainer};
 use crate::checkpoint::{self, CheckpointError};
 use crate::metrics::StepTiming;
+use crate::mirror;
 use crate::stage1::RunError;
 use crate::stage1::trainer::TrainError;
 
@@ -90,6 +91,9 @@ pub struct Stage2Options {
     pub steps: u64,
     /// Continue from the run folder's latest checkpoint.
     pub resume: bool,
+    /// Object-store copy of the run's checkpoints (see [`crate::mirror`]); resuming pulls
+    /// from it when the run folder lacks its latest checkpoint.
+    pub checkpoint_url: Option<String>,
     /// Evaluate every this many steps.
     pub eval_every: u64,
     /// Checkpoint every this many steps.
@@ -132,6 +136,7 @@ impl Stage2Options {
             out,
             steps,
             resume: false,
+            checkpoint_url: None,
             eval_every: 100,
             checkpoint_every: 200,
             keep: 2,
@@ -390,6 +395,8 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
     let models = load_models(&opts, &inner)?;
     let mut data = read_data(&opts, &models, &inner)?;
     let ckpt_dir = opts.out.join("checkpoints");
+    let mirror = mirror::prepare(opts.checkpoint_url.as_deref(), &opts.out, opts.resume)
+        .map_err(|e| train_error(e.into()))?;
     let (mut trainer, position, mut rows) = start(&opts, &models, &data, &ckpt_dir)?;
     let model = trainer.layout().config().clone();
     if let Some(rows) = &data.rows {
@@ -439,10 +446,14 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
             timing,
         });
         if lead && (step % opts.checkpoint_every.max(1) == 0 || step == opts.steps) {
-            trainer
+            let dir = trainer
                 .save_checkpoint(&ckpt_dir, batches.position(), opts.keep)
                 .map_err(|e| train_error(e.into()))?;
             write_metrics(&opts.out.join("metrics.csv"), &rows)?;
+            if let Some(m) = &mirror {
+                m.push_checkpoint(&opts.out, &dir)
+                    .map_err(|e| train_error(e.into()))?;
+            }
         }
         if let Some(hook) = opts.on_step.as_mut()
             && !hook(rows.last().expect("pushed"))

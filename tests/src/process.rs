@@ -1,14 +1,26 @@
-//! Helpers the coordinator's process-level tests share: the workspace's binaries, the
-//! checkout, killed-on-drop child processes, a tiny stage-1 config and polling with a deadline.
-#![allow(dead_code)]
+//! The workspace's binaries and checkout, killed-on-drop child processes, a tiny stage-1
+//! config and polling with a deadline.
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-/// A binary of the workspace, beside the coordinator's.
+/// A binary of the workspace (`coordinator`, `worker`, `dataloader`), from the target
+/// directory the running test was built in.
 pub fn bin(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_coordinator")).with_file_name(name)
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("inside a target directory")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace's binaries first (`cargo test --workspace` does)",
+        path.display()
+    );
+    path
 }
 
 /// The checkout.
@@ -28,7 +40,8 @@ impl Drop for Proc {
 
 /// The default stage-1 config made small enough for a job of seconds, written into `dir`.
 pub fn tiny_config(dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(root().join("configs/stage1/fashion_mnist.yaml")).unwrap();
+    let text = std::fs::read_to_string(root().join("configs/stage1/fashion_mnist.yaml"))
+        .expect("the default stage-1 config");
     let text = text
         .replace("ch_mult: [1, 2, 2]", "ch_mult: [1, 2]")
         .replace("attn_resolutions: [8]", "attn_resolutions: [16]")
@@ -38,7 +51,7 @@ pub fn tiny_config(dir: &Path) -> PathBuf {
             "kmeans_init: {iters: 3, batches: 1}",
         );
     let path = dir.join("tiny.yaml");
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, text).expect("writing the tiny config");
     path
 }
 

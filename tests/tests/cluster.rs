@@ -1,9 +1,7 @@
 //! The cluster as operators run it: `coordinator serve`, `worker --coordinator` processes,
 //! `coordinator launch|status|cancel --coordinator`; a worker killed mid-job; the token.
 
-mod common;
-
-use common::{Proc, bin, root, tiny_config, wait_for};
+use taming_tests::process::{Proc, bin, root, tiny_config, wait_for};
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -1,0 +1,286 @@
+//! A run folder's copy in object storage (`--checkpoint-url s3://bucket/run`, or gs://, az://,
+//! file://, memory://): what a restart on other machines needs to continue the run. The
+//! remote copy mirrors the run folder's layout: `checkpoints/ckpt-NNNNNNNN/*`,
+//! `checkpoints/latest`, `loader/*.json` (data positions of ranks > 0) and `metrics.csv`.
+//!
+//! A checkpoint's files are uploaded first (large ones in parts, streamed from disk), then
+//! `metrics.csv`, and `checkpoints/latest` last: a process killed during an upload leaves the
+//! previous checkpoint named and whole. Pulling downloads into a staging folder renamed into
+//! place, so a local checkpoint is never half-present either.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use taming_dataloader::runtime;
+use taming_dataloader::source::{Location, locate};
+
+use crate::checkpoint::{CheckpointError, LATEST};
+
+/// Objects above this size are uploaded in parts of this size.
+const PART_BYTES: usize = 16 << 20;
+
+/// The object-store copy of one run folder.
+#[derive(Debug, Clone)]
+pub struct RunMirror {
+    root: Location,
+}
+
+impl RunMirror {
+    /// The copy at `url` (a prefix; nothing is written until the first push).
+    pub fn open(url: &str) -> Result<Self, CheckpointError> {
+        let url = url.trim_end_matches('/');
+        let root = locate(url).map_err(|e| CheckpointError::new(url, e))?;
+        Ok(Self { root })
+    }
+
+    /// The URL as the user gave it.
+    pub fn url(&self) -> &str {
+        &self.root.url
+    }
+
+    fn path(&self, rel: &str) -> StorePath {
+        rel.split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.root.path.clone(), |p, part| p.join(part))
+    }
+
+    fn error(&self, rel: &str, reason: impl ToString) -> CheckpointError {
+        CheckpointError::new(format!("{}/{rel}", self.root.url), reason)
+    }
+
+    /// The checkpoint `checkpoints/latest` names in the copy, if any.
+    pub fn latest(&self) -> Result<Option<String>, CheckpointError> {
+        let rel = format!("checkpoints/{LATEST}");
+        let path = self.path(&rel);
+        let store = self.root.store.clone();
+        let got = runtime::block_on(async move { store.get(&path).await?.bytes().await });
+        match got {
+            Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).trim().to_string())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error(&rel, e)),
+        }
+    }
+
+    /// Uploads the run-relative file `rel` of the run folder `out`.
+    pub fn push_file(&self, out: &Path, rel: &str) -> Result<(), CheckpointError> {
+        let file = out.join(rel);
+        let path = self.path(rel);
+        let store = self.root.store.clone();
+        runtime::block_on(put_file(store.as_ref(), &path, &file)).map_err(|e| self.error(rel, e))
+    }
+
+    /// Uploads the checkpoint directory `dir` (inside `out/checkpoints`) and `metrics.csv`,
+    /// then names the checkpoint in `checkpoints/latest`, then removes remote checkpoints
+    /// that the local folder has pruned.
+    pub fn push_checkpoint(&self, out: &Path, dir: &Path) -> Result<(), CheckpointError> {
+        let name = dir
+            .file_name()
+            .ok_or_else(|| CheckpointError::new(dir, "not a checkpoint directory"))?
+            .to_string_lossy()
+            .into_owned();
+        let mut files: Vec<PathBuf> = fs::read_dir(dir)
+            .map_err(|e| CheckpointError::new(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        for file in files {
+            let file_name = file.file_name().expect("a file").to_string_lossy();
+            self.push_file(out, &format!("checkpoints/{name}/{file_name}"))?;
+        }
+        if out.join("metrics.csv").exists() {
+            self.push_file(out, "metrics.csv")?;
+        }
+        self.push_file(out, &format!("checkpoints/{LATEST}"))?;
+        self.prune(out, &name)
+    }
+
+    /// Deletes remote checkpoints that are gone from `out/checkpoints` (never `keep`).
+    fn prune(&self, out: &Path, keep: &str) -> Result<(), CheckpointError> {
+        let prefix = self.path("checkpoints");
+        let store = self.root.store.clone();
+        let listed =
+            runtime::block_on(async move { store.list_with_delimiter(Some(&prefix)).await })
+                .map_err(|e| self.error("checkpoints", e))?;
+        for dir in listed.common_prefixes {
+            let name = dir.filename().unwrap_or_default().to_string();
+            if name.starts_with("ckpt-")
+                && name != keep
+                && !out.join("checkpoints").join(&name).exists()
+            {
+                self.delete_prefix(&format!("checkpoints/{name}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_prefix(&self, rel: &str) -> Result<(), CheckpointError> {
+        let prefix = self.path(rel);
+        let store = self.root.store.clone();
+        runtime::block_on(async move {
+            let objects: Vec<_> = store.list(Some(&prefix)).collect().await;
+            for meta in objects {
+                store.delete(&meta?.location).await?;
+            }
+            Ok::<_, object_store::Error>(())
+        })
+        .map_err(|e| self.error(rel, e))
+    }
+
+    /// Brings the copy's newest checkpoint into `out` when `out` lacks it, with the data
+    /// positions of the other ranks and `metrics.csv`. Returns whether the copy had one.
+    pub fn pull(&self, out: &Path) -> Result<bool, CheckpointError> {
+        let Some(name) = self.latest()? else {
+            return Ok(false);
+        };
+        let ckpts = out.join("checkpoints");
+        let local = fs::read_to_string(ckpts.join(LATEST)).unwrap_or_default();
+        if local.trim() == name && ckpts.join(&name).is_dir() {
+            return Ok(true);
+        }
+        tracing::info!(checkpoint = %name, from = %self.root.url, "pulling the latest checkpoint");
+        self.pull_dir(&format!("checkpoints/{name}"), &ckpts.join(&name))?;
+        self.pull_prefix("loader", &out.join("loader"))?;
+        self.pull_file("metrics.csv", &out.join("metrics.csv"))?;
+        taming_model::atomic::write(&ckpts.join(LATEST), name.as_bytes())
+            .map_err(|e| CheckpointError::new(ckpts.join(LATEST), e))?;
+        Ok(true)
+    }
+
+    /// Downloads every object under `rel` into a staging folder renamed to `dest`.
+    fn pull_dir(&self, rel: &str, dest: &Path) -> Result<(), CheckpointError> {
+        if dest.is_dir() {
+            return Ok(());
+        }
+        let parent = dest.parent().expect("inside the run folder");
+        let staging = parent.join(format!(
+            ".{}.pulling-{}",
+            dest.file_name().expect("named").to_string_lossy(),
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&staging);
+        let result = self.pull_prefix(rel, &staging).and_then(|()| {
+            match fs::rename(&staging, dest) {
+                // Another process on this machine pulled it first; its rename was atomic.
+                Err(_) if dest.is_dir() => Ok(()),
+                other => other.map_err(|e| CheckpointError::new(dest, e)),
+            }
+        });
+        let _ = fs::remove_dir_all(&staging);
+        result
+    }
+
+    /// Downloads the objects directly under `rel` into the folder `dest`.
+    fn pull_prefix(&self, rel: &str, dest: &Path) -> Result<(), CheckpointError> {
+        let prefix = self.path(rel);
+        let store = self.root.store.clone();
+        let listed =
+            runtime::block_on(async move { store.list_with_delimiter(Some(&prefix)).await })
+                .map_err(|e| self.error(rel, e))?;
+        fs::create_dir_all(dest).map_err(|e| CheckpointError::new(dest, e))?;
+        for meta in listed.objects {
+            let name = meta.location.filename().unwrap_or_default().to_string();
+            self.pull_file(&format!("{rel}/{name}"), &dest.join(&name))?;
+        }
+        Ok(())
+    }
+
+    /// Downloads one object to `dest` through a temporary file; a missing object is skipped.
+    fn pull_file(&self, rel: &str, dest: &Path) -> Result<(), CheckpointError> {
+        let path = self.path(rel);
+        let store = self.root.store.clone();
+        let tmp = dest.with_extension(format!("partial-{}", std::process::id()));
+        let got = runtime::block_on(get_file(store.as_ref(), &path, &tmp));
+        match got {
+            Ok(true) => fs::rename(&tmp, dest).map_err(|e| CheckpointError::new(dest, e)),
+            Ok(false) => Ok(()),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(self.error(rel, e))
+            }
+        }
+    }
+}
+
+/// Uploads `file` to `path`: whole when small, in parts read one at a time when large.
+async fn put_file(store: &dyn ObjectStore, path: &StorePath, file: &Path) -> Result<(), String> {
+    let io = |e: std::io::Error| format!("{}: {e}", file.display());
+    let len = fs::metadata(file).map_err(io)?.len() as usize;
+    if len <= PART_BYTES {
+        let data = fs::read(file).map_err(io)?;
+        store
+            .put(path, PutPayload::from(data))
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok(());
+    }
+    let mut upload = store.put_multipart(path).await.map_err(|e| e.to_string())?;
+    let sent = async {
+        let mut f = fs::File::open(file).map_err(io)?;
+        loop {
+            let mut part = Vec::with_capacity(PART_BYTES);
+            (&mut f)
+                .take(PART_BYTES as u64)
+                .read_to_end(&mut part)
+                .map_err(io)?;
+            if part.is_empty() {
+                break;
+            }
+            upload
+                .put_part(PutPayload::from(part))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        upload.complete().await.map(drop).map_err(|e| e.to_string())
+    }
+    .await;
+    if sent.is_err() && upload.abort().await.is_err() {
+        tracing::warn!(path = %path, "could not abort a failed multipart upload");
+    }
+    sent
+}
+
+/// Streams the object at `path` into `file`; `Ok(false)` when there is no such object.
+async fn get_file(store: &dyn ObjectStore, path: &StorePath, file: &Path) -> Result<bool, String> {
+    let got = match store.get(path).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Ok(false),
+        Err(e) => return Err(e.to_string()),
+    };
+    let io = |e: std::io::Error| format!("{}: {e}", file.display());
+    let mut f = fs::File::create(file).map_err(io)?;
+    let mut chunks = got.into_stream();
+    while let Some(chunk) = chunks.next().await {
+        f.write_all(&chunk.map_err(|e| e.to_string())?)
+            .map_err(io)?;
+    }
+    f.sync_all().map_err(io)?;
+    Ok(true)
+}
+
+/// Opens the copy at `url` (if any) for a run in `out`: when resuming, pulls its latest
+/// checkpoint into `out`; otherwise refuses a copy that holds a run already, as a run folder
+/// with checkpoints is refused.
+pub fn prepare(
+    url: Option<&str>,
+    out: &Path,
+    resume: bool,
+) -> Result<Option<RunMirror>, CheckpointError> {
+    let Some(url) = url else {
+        return Ok(None);
+    };
+    let mirror = RunMirror::open(url)?;
+    if resume {
+        mirror.pull(out)?;
+    } else if mirror.latest()?.is_some() {
+        return Err(CheckpointError::new(
+            url,
+            "holds a run already: pass --resume to continue it, or choose another --checkpoint-url",
+        ));
+    }
+    Ok(Some(mirror))
+}
