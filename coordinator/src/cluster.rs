@@ -40,6 +40,21 @@ pub struct Worker {
     pub job: Option<String>,
 }
 
+impl Worker {
+    /// Whether it offers a device of `kind` (`cpu`, `cuda`, `vulkan`); every worker has a CPU.
+    pub fn offers(&self, kind: &str) -> bool {
+        kind == "cpu" || self.devices.iter().any(|(d, _)| device_kind(d) == kind)
+    }
+}
+
+/// The kind of a device or of a job's device field (`cuda:1` -> `cuda`, empty -> `cpu`).
+pub fn device_kind(device: &str) -> &str {
+    match device.split(':').next().unwrap_or_default() {
+        "" => "cpu",
+        kind => kind,
+    }
+}
+
 /// A job as the coordinator keeps it (persisted).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -268,10 +283,11 @@ impl Cluster {
             .map(|j| j.id.clone())
             .collect();
         for id in pending {
+            let kind = device_kind(&self.jobs[&id].spec.device).to_string();
             let idle: Vec<String> = self
                 .workers
                 .values()
-                .filter(|w| w.job.is_none())
+                .filter(|w| w.job.is_none() && w.offers(&kind))
                 .map(|w| w.id.clone())
                 .collect();
             let job = self.jobs.get_mut(&id).expect("listed");
@@ -281,7 +297,10 @@ impl Cluster {
                 job.spec.min_nodes
             } as usize;
             if idle.len() < need {
-                job.message = format!("waiting for {need} idle worker(s); {} idle", idle.len());
+                job.message = format!(
+                    "waiting for {need} idle worker(s) with a {kind} device; {} idle",
+                    idle.len()
+                );
                 continue;
             }
             let take = idle.len().min(job.spec.nodes as usize);
@@ -548,6 +567,38 @@ mod tests {
             a.iter()
                 .all(|(_, a)| a.world_size == 3 && a.peers.len() == 3 && !a.resume)
         );
+    }
+
+    #[test]
+    fn a_gpu_job_is_placed_only_on_workers_offering_that_device_kind() {
+        let now = Instant::now();
+        let (mut c, _) = cluster_with(2, now);
+        let id = c
+            .submit(JobSpec {
+                device: "cuda".into(),
+                ..spec(1, 1)
+            })
+            .unwrap();
+        assert!(c.schedule(now).is_empty());
+        assert!(
+            c.jobs[&id].message.contains("with a cuda device"),
+            "{}",
+            c.jobs[&id].message
+        );
+        let gpu = c
+            .register(
+                "gpu",
+                vec![("cpu".into(), 1 << 30), ("cuda:0".into(), 1 << 37)],
+                "127.0.0.1:7009",
+                now,
+            )
+            .unwrap();
+        let a = c.schedule(now);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].0, gpu);
+        let cpu_job = c.submit(spec(2, 2)).unwrap();
+        assert_eq!(c.schedule(now).len(), 2, "cpu jobs run on any worker");
+        assert_eq!(c.jobs[&cpu_job].state, RUNNING);
     }
 
     #[test]

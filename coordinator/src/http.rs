@@ -195,7 +195,14 @@ async fn index(State(service): State<CoordinatorService>) -> Html<String> {
         } else {
             "ok"
         };
-        let devices: Vec<String> = w.devices.iter().map(|(d, _)| escape(d)).collect();
+        let devices: Vec<String> = w
+            .devices
+            .iter()
+            .map(|(d, bytes)| match bytes {
+                0 => escape(d),
+                b => format!("{} ({:.1} GiB)", escape(d), *b as f64 / (1u64 << 30) as f64),
+            })
+            .collect();
         let _ = write!(
             body,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{health}\">{:.1} s ago ({health})</td></tr>",

@@ -227,7 +227,10 @@ fn status_page_and_metrics_follow_a_running_job() {
         "{index}"
     );
     assert!(
-        index.contains("page-worker") && index.contains("(ok)"),
+        index.contains("page-worker")
+            && index.contains("(ok)")
+            && index.contains("cpu (")
+            && index.contains(" GiB)"),
         "{index}"
     );
     let (code, page) = get(&http, "/jobs/job-0001");

@@ -128,10 +128,7 @@ fn build_store(url: &Url, id: &str) -> Result<Arc<dyn ObjectStore>, String> {
             if endpoint.starts_with("http://") {
                 builder = builder.with_allow_http(true);
             }
-            if std::env::var("AWS_ACCESS_KEY_ID").is_err() && std::env::var("AWS_PROFILE").is_err()
-            {
-                tracing::debug!("{id}: no AWS_ACCESS_KEY_ID; relying on instance credentials");
-            }
+            check_aws_credentials()?;
             Arc::new(builder.build().map_err(err)?)
         }
         "gs" => Arc::new(
@@ -152,6 +149,75 @@ fn build_store(url: &Url, id: &str) -> Result<Arc<dyn ObjectStore>, String> {
             ));
         }
     })
+}
+
+/// Environment variables through which S3 credentials (or their absence, for public buckets)
+/// are given; without any of them only the instance metadata service is left.
+const AWS_CREDENTIAL_VARS: [&str; 5] = [
+    "AWS_ACCESS_KEY_ID",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_SKIP_SIGNATURE",
+];
+
+/// Refuses S3 at once, with what to set, when no credentials are configured and no instance
+/// metadata service answers (instead of a retried request to 169.254.169.254 failing later).
+fn check_aws_credentials() -> Result<(), String> {
+    if AWS_CREDENTIAL_VARS
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+    {
+        return Ok(());
+    }
+    let endpoint = std::env::var("AWS_METADATA_ENDPOINT")
+        .unwrap_or_else(|_| "http://169.254.169.254".to_string());
+    match probe_metadata(&endpoint) {
+        Ok(()) => Ok(()),
+        Err(why) => Err(format!(
+            "no S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set (nor \
+             AWS_WEB_IDENTITY_TOKEN_FILE, container credentials, or AWS_SKIP_SIGNATURE=true for \
+             a public bucket), and no instance metadata service answers at {endpoint} ({why})"
+        )),
+    }
+}
+
+/// Asks the instance metadata service for a session token (IMDSv2), waiting at most a second.
+fn probe_metadata(endpoint: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::{TcpStream, ToSocketAddrs};
+    use std::time::Duration;
+    let host = endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let addr_text = if host.contains(':') {
+        host.clone()
+    } else {
+        format!("{host}:80")
+    };
+    let addr = addr_text
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no address")?;
+    let wait = Duration::from_secs(1);
+    let mut s = TcpStream::connect_timeout(&addr, wait).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "PUT /latest/api/token HTTP/1.1\r\nHost: {host}\r\n\
+         X-aws-ec2-metadata-token-ttl-seconds: 60\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).map_err(|e| e.to_string())?;
+    let status = String::from_utf8_lossy(&head[9..12]).into_owned();
+    if status == "200" {
+        Ok(())
+    } else {
+        Err(format!("it answered HTTP {status}"))
+    }
 }
 
 /// Expands `{a..b}` numeric ranges (zero padding kept from `a`) and `{x,y,z}` alternatives,

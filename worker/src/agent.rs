@@ -17,6 +17,7 @@ use taming_proto::coordinator::*;
 
 use crate::checkpoint::LATEST;
 use crate::defaults::{default_data, parse_config, parse_stage2_config};
+use crate::devices;
 use crate::metrics::{StepTiming, WorkerMetrics, serve_metrics};
 use crate::mirror::RunMirror;
 use crate::stage1::{RunError, RunOptions, run_stage1};
@@ -64,15 +65,22 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
         rt.spawn(serve_metrics(metrics.clone(), listener));
     }
     let mut client = rt.block_on(connect(&opts.coordinator, opts.token.as_deref()))?;
+    let offered = devices::detect(opts.device.as_ref());
+    tracing::info!(?offered, "devices");
     let reply = rt
-        .block_on(client.register_worker(RegisterRequest {
-            name: opts.name.clone(),
-            devices: vec![Device {
-                spec: "cpu".into(),
-                memory_bytes: 0,
-            }],
-            ring_addr,
-        }))
+        .block_on(
+            client.register_worker(RegisterRequest {
+                name: opts.name.clone(),
+                devices: offered
+                    .iter()
+                    .map(|(spec, memory_bytes)| Device {
+                        spec: spec.clone(),
+                        memory_bytes: *memory_bytes,
+                    })
+                    .collect(),
+                ring_addr,
+            }),
+        )
         .context("registering with the coordinator")?
         .into_inner();
     let id = reply.worker_id;
@@ -206,7 +214,8 @@ fn run_assignment(
     let out = std::path::PathBuf::from(&spec.out);
     let checkpoint_url = (!spec.checkpoint_url.is_empty()).then(|| spec.checkpoint_url.clone());
     let resume = a.resume && has_checkpoint(&out, checkpoint_url.as_deref())?;
-    let device = device_for(&spec.device, a.rank)?
+    let offered = devices::detect(opts.device.as_ref());
+    let device = devices::choose(&spec.device, a.rank, opts.device.as_ref(), &offered)?
         .device()
         .map_err(anyhow::Error::msg)?
         .autodiff();
@@ -293,16 +302,6 @@ fn has_checkpoint(out: &std::path::Path, url: Option<&str>) -> Result<bool> {
         Some(url) => RunMirror::open(url)?.latest()?.is_some(),
         None => false,
     })
-}
-
-fn device_for(kind: &str, rank: u32) -> Result<DeviceSpec> {
-    let spec = match kind {
-        "" | "cpu" => "cpu".to_string(),
-        "cuda" | "vulkan" => format!("{kind}:{rank}"),
-        other => other.to_string(),
-    };
-    spec.parse()
-        .map_err(|e: String| anyhow::anyhow!("device `{kind}`: {e}"))
 }
 
 fn make_group(

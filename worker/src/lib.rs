@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod checkpoint;
 pub mod defaults;
+pub mod devices;
 pub mod distributed;
 pub mod metrics;
 pub mod mirror;

@@ -127,6 +127,47 @@ fn pack_writes_complete_shards_to_s3() {
     );
 }
 
+/// Without credentials (and no instance metadata service) S3 is refused at once with one
+/// error saying what to set, and nothing is written.
+#[test]
+fn missing_credentials_get_one_clear_error_and_nothing_is_written() {
+    s3();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image::RgbImage::from_pixel(16, 16, image::Rgb([9, 9, 9]));
+    img.save(tmp.path().join("a.png")).unwrap();
+    // A metadata endpoint where nothing listens.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metadata = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = dataloader()
+        .args(["pack", "--out", &url("nocreds"), "--input"])
+        .arg(tmp.path())
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("AWS_METADATA_ENDPOINT", &metadata)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("no S3 credentials")
+            && err.contains("AWS_ACCESS_KEY_ID")
+            && err.contains(&metadata)
+            && err.contains("s3://taming"),
+        "{err}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error")).count(),
+        1,
+        "one error: {err}"
+    );
+    assert!(
+        list_split(url("nocreds"), "train")
+            .unwrap_or_default()
+            .is_empty()
+    );
+}
+
 #[test]
 fn large_code_parquet_goes_up_as_a_multipart_upload_and_reads_back() {
     s3();

@@ -1,0 +1,147 @@
+//! What this machine offers the coordinator, and which device a rank uses: the host (`cpu`
+//! with its memory), every CUDA device with its memory when the CUDA driver library loads
+//! (cudarc loads it at run time, so this builds and runs without CUDA), and the device given
+//! with `--device` (how a Vulkan GPU is offered).
+
+use anyhow::{Result, bail};
+use taming_model::device::DeviceSpec;
+
+/// A device and its memory in bytes (0: unknown).
+pub type Offered = (String, u64);
+
+/// The devices to register: `cpu`, the CUDA devices, and `configured` when not among them.
+pub fn detect(configured: Option<&DeviceSpec>) -> Vec<Offered> {
+    let mut devices = vec![("cpu".to_string(), host_memory())];
+    devices.extend(cuda_devices());
+    if let Some(d) = configured {
+        let spec = d.to_string();
+        if !devices.iter().any(|(s, _)| *s == spec) {
+            devices.push((spec, 0));
+        }
+    }
+    devices
+}
+
+/// Total host memory (`MemTotal` of /proc/meminfo), 0 where unknown.
+pub fn host_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| parse_mem_total(&text))
+        .unwrap_or(0)
+}
+
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// `cuda:N` with its total memory for every CUDA device; none when the driver is absent.
+pub fn cuda_devices() -> Vec<Offered> {
+    use cudarc::driver::result;
+    // SAFETY: only checks whether the library can be loaded.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Vec::new();
+    }
+    let listed = (|| -> Result<Vec<Offered>, result::DriverError> {
+        result::init()?;
+        (0..result::device::get_count()?)
+            .map(|i| {
+                let dev = result::device::get(i)?;
+                // SAFETY: `dev` is a valid device handle from the driver.
+                let bytes = unsafe { result::device::total_mem(dev)? };
+                Ok((format!("cuda:{i}"), bytes as u64))
+            })
+            .collect()
+    })();
+    listed.unwrap_or_else(|e| {
+        tracing::warn!("the CUDA driver loads but lists no device: {e:?}");
+        Vec::new()
+    })
+}
+
+/// The kind (`cpu`, `cuda`, `vulkan`) a job's device field asks for.
+pub fn kind_of(job_device: &str) -> &str {
+    match job_device.split(':').next().unwrap_or_default() {
+        "" => "cpu",
+        kind => kind,
+    }
+}
+
+/// The device rank `rank` uses for a job asking for `job_device`: `configured` when it is of
+/// that kind, else the offered devices of that kind in turn (rank mod their count).
+pub fn choose(
+    job_device: &str,
+    rank: u32,
+    configured: Option<&DeviceSpec>,
+    offered: &[Offered],
+) -> Result<DeviceSpec> {
+    let kind = kind_of(job_device);
+    if let Some(d) = configured
+        && kind_of(&d.to_string()) == kind
+    {
+        return Ok(*d);
+    }
+    if job_device.contains(':') || kind == "cpu" {
+        return job_device_spec(job_device);
+    }
+    let of_kind: Vec<&str> = offered
+        .iter()
+        .map(|(s, _)| s.as_str())
+        .filter(|s| kind_of(s) == kind)
+        .collect();
+    if of_kind.is_empty() {
+        bail!("the job asks for a {kind} device and this worker has none (it offers {offered:?})");
+    }
+    job_device_spec(of_kind[rank as usize % of_kind.len()])
+}
+
+fn job_device_spec(text: &str) -> Result<DeviceSpec> {
+    let text = if text.is_empty() { "cpu" } else { text };
+    text.parse()
+        .map_err(|e: String| anyhow::anyhow!("device `{text}`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_memory_is_read_from_meminfo() {
+        let text = "MemTotal:       24567890 kB\nMemFree:  100 kB\n";
+        assert_eq!(parse_mem_total(text), Some(24567890 * 1024));
+        assert_eq!(parse_mem_total("nothing"), None);
+        if std::path::Path::new("/proc/meminfo").exists() {
+            assert!(host_memory() > 0);
+        }
+        assert!(detect(None)[0].1 > 0 || !std::path::Path::new("/proc/meminfo").exists());
+    }
+
+    #[test]
+    fn ranks_take_the_offered_devices_of_the_job_kind_in_turn() {
+        let offered = vec![
+            ("cpu".to_string(), 1),
+            ("cuda:0".to_string(), 1),
+            ("cuda:1".to_string(), 1),
+        ];
+        let pick = |dev: &str, rank| choose(dev, rank, None, &offered).unwrap().to_string();
+        assert_eq!(pick("cuda", 0), "cuda:0");
+        assert_eq!(pick("cuda", 3), "cuda:1");
+        assert_eq!(pick("", 5), "cpu");
+        assert_eq!(pick("cuda:1", 0), "cuda:1");
+        let err = choose("vulkan", 0, None, &offered).unwrap_err().to_string();
+        assert!(err.contains("vulkan device"), "{err}");
+        let configured: DeviceSpec = "vulkan:2".parse().unwrap();
+        assert_eq!(
+            choose("vulkan", 0, Some(&configured), &offered)
+                .unwrap()
+                .to_string(),
+            "vulkan:2"
+        );
+        assert!(
+            detect(Some(&configured))
+                .iter()
+                .any(|(s, _)| s == "vulkan:2")
+        );
+    }
+}
