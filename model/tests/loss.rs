@@ -33,14 +33,17 @@ fn lpips_config() -> LpipsConfig {
 }
 
 fn discriminator(device: &Device) -> NLayerDiscriminator {
+    discriminator_from(device, "discriminator.pth", 3)
+}
+
+fn discriminator_from(device: &Device, file: &str, in_channels: usize) -> NLayerDiscriminator {
     let cfg = DiscriminatorConfig {
-        in_channels: 3,
+        in_channels,
         ndf: 8,
         n_layers: 3,
     };
     let mut disc = NLayerDiscriminator::new(&cfg, device);
-    let left =
-        fill_from_torch(&mut disc, &dir().join("discriminator.pth"), reference_name).unwrap();
+    let left = fill_from_torch(&mut disc, &dir().join(file), reference_name).unwrap();
     assert!(
         left.keys().all(|k| k.ends_with("num_batches_tracked")),
         "unused: {:?}",
@@ -125,21 +128,34 @@ fn discriminator_matches_reference_in_training_and_eval_mode() {
 }
 
 fn loss_case(tag: &str, kind: DiscLoss, step: u64) {
+    loss_case_with(tag, kind, step, false)
+}
+
+/// One generator and one discriminator step against the reference's; `conditional`: the
+/// discriminator sees the fixture's two-channel condition too.
+fn loss_case_with(tag: &str, kind: DiscLoss, step: u64, conditional: bool) {
     let device = Device::flex().autodiff();
     let fx = fixture();
+    let in_channels = if conditional { 5 } else { 3 };
     let config = LossConfig {
         disc_start: 10,
         disc_loss: kind,
+        disc_conditional: conditional,
         lpips: Some(lpips_config()),
         discriminator: DiscriminatorConfig {
-            in_channels: 3,
+            in_channels,
             ndf: 8,
             n_layers: 3,
         },
         ..LossConfig::default()
     };
     let loss = VqLoss::new(config, Some(Lpips::load(&lpips_config(), &device).unwrap()));
-    let disc = discriminator(&device);
+    let (disc, cond) = if conditional {
+        let disc = discriminator_from(&device, "discriminator_cond.pth", in_channels);
+        (disc, Some(fx.tensor::<4>("cond", &device)))
+    } else {
+        (discriminator(&device), None)
+    };
     let h: Tensor<4> = fx.tensor::<4>("rec_in", &device).require_grad();
     let w: Tensor<4> = fx.tensor::<4>("last_w", &device).require_grad();
     let b: Tensor<1> = fx.tensor("last_b", &device);
@@ -155,7 +171,15 @@ fn loss_case(tag: &str, kind: DiscLoss, step: u64) {
         input: h.clone(),
         weight: w.clone(),
     };
-    let step_out = loss.generator(&disc, x.clone(), rec.clone(), quant, &last, step);
+    let step_out = loss.generator(
+        &disc,
+        x.clone(),
+        rec.clone(),
+        quant,
+        &last,
+        step,
+        cond.as_ref(),
+    );
     let log = step_out.log;
     let check = |name: &str, ours: f64, tol: f32| {
         let want = fx.scalar(&format!("{tag}/{name}"));
@@ -185,7 +209,7 @@ fn loss_case(tag: &str, kind: DiscLoss, step: u64) {
         &fx.f32s(&format!("{tag}/grad_rec_in")).1,
         1e-3,
     );
-    match loss.discriminator(&disc, x, rec, step) {
+    match loss.discriminator(&disc, x, rec, step, cond.as_ref()) {
         Some((d_loss, real, fake)) => {
             check("d_loss", values(d_loss)[0] as f64, 1e-4);
             check("logits_real", real, 1e-4);
@@ -207,6 +231,11 @@ fn hinge_loss_with_adaptive_weight_matches_reference() {
 #[test]
 fn vanilla_loss_with_adaptive_weight_matches_reference() {
     loss_case("vanilla_on", DiscLoss::Vanilla, 20);
+}
+
+#[test]
+fn conditional_discriminator_sees_the_condition_as_in_the_reference() {
+    loss_case_with("hinge_cond", DiscLoss::Hinge, 20, true);
 }
 
 #[test]

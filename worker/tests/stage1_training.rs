@@ -175,3 +175,57 @@ fn segmentation_objective_learns_the_silhouette_maps() {
         "{err}"
     );
 }
+
+/// `loss.disc_conditional`: the discriminator sees each image with its one-hot label map
+/// (11 silhouette labels, so 3 + 11 input channels) from the first step on.
+#[test]
+fn conditional_discriminator_trains_on_images_with_their_label_maps() {
+    use taming_worker::stage1::{RunOptions, run_stage1};
+    let mut cfg = small_config(0);
+    cfg.loss.disc_conditional = true;
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("loss.discriminator.in_channels"), "{err}");
+    cfg.loss.discriminator.in_channels = 3 + 11;
+    cfg.validate().unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cond");
+    let data = root()
+        .join("data/fashion-mnist")
+        .to_string_lossy()
+        .into_owned();
+    let mut opts = RunOptions::single(cfg.clone(), data, out.clone(), 3, Device::flex().autodiff());
+    opts.eval_every = 3;
+    opts.checkpoint_every = 3;
+    run_stage1(opts).unwrap();
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let d_losses: Vec<f64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(7).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(d_losses.len(), 3);
+    assert!(
+        d_losses.iter().all(|d| d.is_finite() && *d > 0.0),
+        "{d_losses:?}"
+    );
+
+    // Labels beyond the condition's channels, and batches without maps, are refused by name.
+    let trainer = Stage1Trainer::with_lpips(cfg.clone(), 1, &Device::flex().autodiff(), None);
+    let trainer = trainer.unwrap();
+    let mut batch = loader("val", 2, false).next_batch().unwrap();
+    assert_eq!(trainer.condition(&batch).unwrap().unwrap().dims()[1], 11);
+    batch.masks = None;
+    let err = trainer.condition(&batch).unwrap_err().to_string();
+    assert!(
+        err.contains("conditional discriminator") && err.contains("val000000"),
+        "{err}"
+    );
+    cfg.loss.discriminator.in_channels = 3 + 4;
+    let small = Stage1Trainer::with_lpips(cfg, 1, &Device::flex().autodiff(), None).unwrap();
+    let batch = loader("val", 16, false).next_batch().unwrap();
+    assert!(
+        small.condition(&batch).is_err(),
+        "labels up to 10 need 11 channels"
+    );
+}

@@ -48,7 +48,9 @@ pub struct LossConfig {
     pub disc_weight: f64,
     /// Discriminator loss.
     pub disc_loss: DiscLoss,
-    /// Whether the discriminator also sees a condition (channels appended to its input).
+    /// Whether the discriminator also sees a condition: channels appended to its input
+    /// (`discriminator.in_channels` = image channels + condition channels). Stage-1 training
+    /// conditions on the sample's one-hot label map (`.seg.png`).
     pub disc_conditional: bool,
     /// Discriminator shape.
     pub discriminator: DiscriminatorConfig,
@@ -159,8 +161,25 @@ impl VqLoss {
         }
     }
 
+    /// The discriminator's input: `images`, with the condition's channels appended when the
+    /// discriminator is conditional (as the reference, which asserts that a condition is given
+    /// exactly when `disc_conditional` is set).
+    fn disc_input(&self, images: Tensor<4>, cond: Option<&Tensor<4>>) -> Tensor<4> {
+        assert_eq!(
+            cond.is_some(),
+            self.config.disc_conditional,
+            "a condition must be given exactly when loss.disc_conditional is set"
+        );
+        match cond {
+            Some(c) => Tensor::cat(vec![images, c.clone().detach()], 1),
+            None => images,
+        }
+    }
+
     /// The generator (autoencoder) step at training step `step`. `rec` is the
-    /// reconstruction on the autoencoder's graph, `quant` the quantizer loss.
+    /// reconstruction on the autoencoder's graph, `quant` the quantizer loss, `cond` the
+    /// discriminator's condition (with `disc_conditional`).
+    #[allow(clippy::too_many_arguments)]
     pub fn generator(
         &self,
         disc: &NLayerDiscriminator,
@@ -169,6 +188,7 @@ impl VqLoss {
         quant: Tensor<1>,
         last: &LastLayer,
         step: u64,
+        cond: Option<&Tensor<4>>,
     ) -> GeneratorStep {
         let cfg = &self.config;
         let leaf = rec.clone().detach().require_grad();
@@ -188,7 +208,10 @@ impl VqLoss {
         let mut grad_rec = grad_nll.clone();
         if disc_factor > 0.0 {
             let leaf = rec.clone().detach().require_grad();
-            let g_loss = disc.forward(leaf.clone()).mean().neg();
+            let g_loss = disc
+                .forward(self.disc_input(leaf.clone(), cond))
+                .mean()
+                .neg();
             log.g_loss = scalar(g_loss.clone().detach());
             let grad_g = leaf.grad(&g_loss.backward()).expect("generator gradient");
             log.d_weight = adaptive_weight(last, grad_nll, grad_g.clone()) * cfg.disc_weight;
@@ -200,21 +223,23 @@ impl VqLoss {
         GeneratorStep { surrogate, log }
     }
 
-    /// The discriminator loss at `step` on real images and detached reconstructions, with the
-    /// mean logits on each; `None` before `disc_start`.
+    /// The discriminator loss at `step` on real images and detached reconstructions (each
+    /// with `cond` appended when conditional), with the mean logits on each; `None` before
+    /// `disc_start`.
     pub fn discriminator(
         &self,
         disc: &NLayerDiscriminator,
         x: Tensor<4>,
         rec: Tensor<4>,
         step: u64,
+        cond: Option<&Tensor<4>>,
     ) -> Option<(Tensor<1>, f64, f64)> {
         let factor = self.config.disc_factor_at(step);
         if factor == 0.0 {
             return None;
         }
-        let real = disc.forward(x.detach());
-        let fake = disc.forward(rec.detach());
+        let real = disc.forward(self.disc_input(x.detach(), cond));
+        let fake = disc.forward(self.disc_input(rec.detach(), cond));
         let (real_mean, fake_mean) = (
             scalar(real.clone().mean().detach()),
             scalar(fake.clone().mean().detach()),

@@ -97,10 +97,26 @@ impl Stage1Config {
             }
         }
         if self.loss.disc_conditional {
+            if self.objective != Objective::Vqgan {
+                return Err(bad(
+                    "loss.disc_conditional",
+                    "only the vqgan objective has a discriminator",
+                ));
+            }
+            if self.loss.discriminator.in_channels <= self.model.ddconfig.out_ch {
+                return Err(bad(
+                    "loss.discriminator.in_channels",
+                    "with disc_conditional it is the image channels (model.ddconfig.out_ch) plus \
+                     the condition's label count (the label maps' labels), so above out_ch",
+                ));
+            }
+        } else if self.loss.discriminator.in_channels != self.model.ddconfig.out_ch
+            && self.objective == Objective::Vqgan
+        {
             return Err(bad(
-                "loss.disc_conditional",
-                "the conditional discriminator needs conditioning data, which stage-1 training \
-                 does not read yet",
+                "loss.discriminator.in_channels",
+                "must equal model.ddconfig.out_ch (the discriminator sees images) unless \
+                 loss.disc_conditional is set",
             ));
         }
         if let Some(lpips) = &self.loss.lpips {

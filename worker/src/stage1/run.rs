@@ -363,7 +363,8 @@ fn train_step(
             tracing::info_span!("data_wait").in_scope(|| loader.next_batch())?;
         waited += asked.elapsed();
         let x = trainer.input(&batch).map_err(TrainError::from)?;
-        if let Some(report) = trainer.try_train_batch(x)? {
+        let cond = trainer.condition(&batch).map_err(TrainError::from)?;
+        if let Some(report) = trainer.try_train_batch_with(x, cond)? {
             return Ok((report, waited));
         }
     }

@@ -188,13 +188,38 @@ impl Stage1Trainer {
         if self.config.objective == Objective::Vqgan {
             return Ok(self.to_tensor(batch));
         }
+        self.one_hot_maps(
+            batch,
+            self.config.model.ddconfig.in_channels,
+            "the segmentation objective",
+        )
+    }
+
+    /// The discriminator's condition for a batch with `loss.disc_conditional`: the one-hot
+    /// label maps with `discriminator.in_channels - out_ch` labels; `None` otherwise.
+    pub fn condition(&self, batch: &ImageBatch) -> Result<Option<Tensor<4>>, ModelError> {
+        if !self.config.loss.disc_conditional {
+            return Ok(None);
+        }
+        let labels = self.config.loss.discriminator.in_channels - self.config.model.ddconfig.out_ch;
+        self.one_hot_maps(batch, labels, "the conditional discriminator")
+            .map(Some)
+    }
+
+    fn one_hot_maps(
+        &self,
+        batch: &ImageBatch,
+        classes: usize,
+        needed_by: &str,
+    ) -> Result<Tensor<4>, ModelError> {
         let [b, _, h, w] = batch.shape;
-        let classes = self.config.model.ddconfig.in_channels;
         let masks = batch.masks.as_ref().ok_or_else(|| {
             let key = batch.keys.first().cloned().unwrap_or_default();
             ModelError::file(
                 batch.sources.first().cloned().unwrap_or_default(),
-                format!("sample `{key}` has no label map (.seg.png): the segmentation objective needs one per sample"),
+                format!(
+                    "sample `{key}` has no label map (.seg.png): {needed_by} needs one per sample"
+                ),
             )
         })?;
         let maps: Result<Vec<Tensor<4>>, ModelError> = (0..b)
@@ -215,6 +240,16 @@ impl Stage1Trainer {
 
     /// [`Self::train_batch`], with the errors of the data-parallel group returned.
     pub fn try_train_batch(&mut self, x: Tensor<4>) -> Result<Option<StepReport>, CollectiveError> {
+        self.try_train_batch_with(x, None)
+    }
+
+    /// [`Self::try_train_batch`] with the discriminator's condition ([`Self::condition`]),
+    /// which a `disc_conditional` config needs.
+    pub fn try_train_batch_with(
+        &mut self,
+        x: Tensor<4>,
+        cond: Option<Tensor<4>>,
+    ) -> Result<Option<StepReport>, CollectiveError> {
         if self.config.objective == Objective::Segmentation {
             return self.train_segmentation(x);
         }
@@ -244,12 +279,17 @@ impl Stage1Trainer {
             out.quantized.loss.clone(),
             &last,
             self.step,
+            cond.as_ref(),
         );
         let grads = GradientsParams::from_grads(generator.surrogate.backward(), &model);
         self.acc_ae.accumulate(&model, grads);
-        let d = self
-            .loss
-            .discriminator(&disc, x, out.reconstruction.detach(), self.step);
+        let d = self.loss.discriminator(
+            &disc,
+            x,
+            out.reconstruction.detach(),
+            self.step,
+            cond.as_ref(),
+        );
         let d_loss = d.map(|(loss, _, _)| {
             let value = loss.clone().into_scalar::<f32>() as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &disc);
