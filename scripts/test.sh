@@ -39,6 +39,21 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
     fi
 fi
 
+# Test binaries embed their checkout's path (env!("CARGO_MANIFEST_DIR")), and cargo does not
+# rebuild them when the same sources sit at another path: when the target directory was last
+# used by another checkout (or it is not known by which), rebuild this workspace's own crates
+# (not the dependencies).
+target=${CARGO_TARGET_DIR:-target}
+mkdir -p "$target"
+if [ "$(cat "$target/.checkout" 2>/dev/null)" != "$PWD" ]; then
+    echo "== target directory last used by another checkout; rebuilding this workspace's crates"
+    packages=$(cargo metadata --no-deps --format-version 1 \
+        | python3 -c 'import json,sys; print(" ".join("-p " + p["name"] for p in json.load(sys.stdin)["packages"]))')
+    # shellcheck disable=SC2086
+    cargo clean $packages
+fi
+echo "$PWD" > "$target/.checkout"
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy (with --features vulkan)"
