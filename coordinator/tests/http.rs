@@ -4,72 +4,32 @@
 //! `<target>/debug/test-artifacts/`), the run's images, and malformed requests answered with
 //! 4xx while the server keeps serving.
 
-use taming_tests::process::{Proc, bin, root, tiny_config, wait_for};
+use taming_tests::http::{get, request};
+use taming_tests::process::{Proc, bin, root, spawn_announcing, tiny_config, wait_for};
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const TOKEN: &str = "http-test-token";
 
-/// Status code and body of a raw HTTP/1.1 request.
-fn request(addr: &str, raw: &str) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(raw.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out);
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(Vec::new(), |i| out[i + 4..].to_vec());
-    (code, body)
-}
-
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let (code, body) = request(
-        addr,
-        &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),
-    );
-    (code, String::from_utf8_lossy(&body).into_owned())
-}
-
 fn serve(state: &Path) -> (Proc, String, String) {
-    let mut child = Command::new(bin("coordinator"))
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--state",
-        ])
-        .arg(state)
-        .env("TAMING_CLUSTER_TOKEN", TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let grpc = lines.next().unwrap().unwrap();
-    let http = lines.next().unwrap().unwrap();
-    let grpc = grpc
-        .strip_prefix("coordinator listening on ")
-        .unwrap()
-        .to_string();
-    let http = http
-        .strip_prefix("status page on http://")
-        .unwrap()
-        .to_string();
-    (Proc(child), grpc, http)
+    let (proc, said) = spawn_announcing(
+        Command::new(bin("coordinator"))
+            .args([
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--state",
+            ])
+            .arg(state)
+            .env("TAMING_CLUSTER_TOKEN", TOKEN)
+            .stderr(Stdio::null()),
+        &["coordinator listening on ", "status page on http://"],
+    );
+    (proc, said[0].clone(), said[1].clone())
 }
 
 /// Headless Chromium on `url`: the rendered DOM, and a screenshot written to `shot`.
@@ -127,31 +87,21 @@ fn status_page_and_metrics_follow_a_running_job() {
     let tmp = tempfile::tempdir().unwrap();
     let (_coord, grpc, http) = serve(&tmp.path().join("state"));
     let log = std::fs::File::create(tmp.path().join("worker.log")).unwrap();
-    let mut worker = Command::new(bin("worker"))
-        .args([
-            "--coordinator",
-            &grpc,
-            "--name",
-            "page-worker",
-            "--metrics",
-            "127.0.0.1:0",
-        ])
-        .env("TAMING_CLUSTER_TOKEN", TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let line = BufReader::new(worker.stdout.take().unwrap())
-        .lines()
-        .next()
-        .unwrap()
-        .unwrap();
-    let worker_http = line
-        .strip_prefix("metrics on http://")
-        .and_then(|a| a.strip_suffix("/metrics"))
-        .unwrap_or_else(|| panic!("worker said {line}"))
-        .to_string();
-    let _worker = Proc(worker);
+    let (_worker, said) = spawn_announcing(
+        Command::new(bin("worker"))
+            .args([
+                "--coordinator",
+                &grpc,
+                "--name",
+                "page-worker",
+                "--metrics",
+                "127.0.0.1:0",
+            ])
+            .env("TAMING_CLUSTER_TOKEN", TOKEN)
+            .stderr(log),
+        &["metrics on http://"],
+    );
+    let worker_http = said[0].trim_end_matches("/metrics").to_string();
     let out = tmp.path().join("run");
     let mut launch = Proc(
         Command::new(bin("coordinator"))

@@ -1,7 +1,7 @@
 //! `coordinator launch` as a user runs it: a short stage-1 job on the embedded data through a
 //! real worker process, and the refusals.
 
-use taming_tests::process::{bin, root};
+use taming_tests::process::{bin, csv_steps, root};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -71,14 +71,8 @@ fn launch_runs_a_vqgan_job_and_leaves_a_complete_run_folder() {
         "{}",
         String::from_utf8_lossy(&resumed.stderr)
     );
-    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
-    let steps: Vec<u64> = csv
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').next().unwrap().parse().unwrap())
-        .collect();
     assert_eq!(
-        steps,
+        csv_steps(&out.join("metrics.csv")),
         vec![1, 2, 3, 4, 5],
         "one continuous step count and loss curve"
     );

@@ -3,9 +3,8 @@
 //! coordinator's handling of that step's progress report are one trace, parent and child. A
 //! collector that cannot be reached does not stop training.
 
-use taming_tests::process::{Proc, bin, root, tiny_config};
+use taming_tests::process::{Proc, bin, root, spawn_announcing, tiny_config};
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -83,25 +82,16 @@ fn a_step_and_its_report_are_one_trace_across_worker_and_coordinator() {
     let store: Store = Arc::default();
     let otlp = receiver(&rt, store.clone());
     let tmp = tempfile::tempdir().unwrap();
-    let mut coord = Command::new(bin("coordinator"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--state"])
-        .arg(tmp.path().join("state"))
-        .env("TAMING_CLUSTER_TOKEN", TOKEN)
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(coord.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let grpc = line
-        .trim()
-        .strip_prefix("coordinator listening on ")
-        .unwrap()
-        .to_string();
-    let _coord = Proc(coord);
+    let (_coord, said) = spawn_announcing(
+        Command::new(bin("coordinator"))
+            .args(["serve", "--bind", "127.0.0.1:0", "--state"])
+            .arg(tmp.path().join("state"))
+            .env("TAMING_CLUSTER_TOKEN", TOKEN)
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
+            .stderr(Stdio::null()),
+        &["coordinator listening on "],
+    );
+    let grpc = said[0].clone();
     let _worker = Proc(
         Command::new(bin("worker"))
             .args([

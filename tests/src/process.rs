@@ -1,8 +1,9 @@
 //! The workspace's binaries and checkout, killed-on-drop child processes, a tiny stage-1
 //! config and polling with a deadline.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A binary of the workspace (`coordinator`, `worker`, `dataloader`), from the target
@@ -36,6 +37,51 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Starts `cmd` with its stdout piped and waits for the lines it announces itself with, one
+/// per prefix (`coordinator listening on `, `metrics on http://`, ...); returns the process
+/// and what follows each prefix (addresses).
+pub fn spawn_announcing(cmd: &mut Command, prefixes: &[&str]) -> (Proc, Vec<String>) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the process");
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let said = prefixes
+        .iter()
+        .map(|prefix| {
+            let line = lines
+                .next()
+                .unwrap_or_else(|| panic!("the process ended before saying `{prefix}`"))
+                .expect("reading its output");
+            line.trim()
+                .strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("expected `{prefix}...`, got `{line}`"))
+                .to_string()
+        })
+        .collect();
+    (Proc(child), said)
+}
+
+/// The `step` column of a run's `metrics.csv`.
+pub fn csv_steps(path: &Path) -> Vec<u64> {
+    let csv =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    csv_text_steps(&csv)
+}
+
+/// The first column of a metrics CSV text, below its header.
+pub fn csv_text_steps(csv: &str) -> Vec<u64> {
+    csv.lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("bad metrics row `{l}`"))
+        })
+        .collect()
 }
 
 /// The default stage-1 config made small enough for a job of seconds, written into `dir`.

@@ -1,9 +1,9 @@
 //! The cluster as operators run it: `coordinator serve`, `worker --coordinator` processes,
 //! `coordinator launch|status|cancel --coordinator`; a worker killed mid-job; the token.
 
-use taming_tests::process::{Proc, bin, root, tiny_config, wait_for};
+use taming_tests::http::metric;
+use taming_tests::process::{Proc, bin, csv_steps, root, spawn_announcing, tiny_config, wait_for};
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -11,31 +11,22 @@ use std::time::Duration;
 const TOKEN: &str = "test-token";
 
 fn serve(state: &Path) -> (Proc, String) {
-    let mut child = Command::new(bin("coordinator"))
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--heartbeat-timeout",
-            "3",
-            "--state",
-        ])
-        .arg(state)
-        .env("TAMING_CLUSTER_TOKEN", TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("coordinator listening on ")
-        .unwrap()
-        .to_string();
-    (Proc(child), addr)
+    let (proc, said) = spawn_announcing(
+        Command::new(bin("coordinator"))
+            .args([
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                "--heartbeat-timeout",
+                "3",
+                "--state",
+            ])
+            .arg(state)
+            .env("TAMING_CLUSTER_TOKEN", TOKEN)
+            .stderr(Stdio::null()),
+        &["coordinator listening on "],
+    );
+    (proc, said[0].clone())
 }
 
 fn worker(addr: &str, name: &str, token: &str, log: &Path) -> Proc {
@@ -107,12 +98,7 @@ fn a_job_survives_a_killed_worker_and_finishes_with_one_continuous_step_count() 
         "{}",
         result.1
     );
-    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
-    let steps: Vec<u64> = csv
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').next().unwrap().parse().unwrap())
-        .collect();
+    let steps = csv_steps(&out.join("metrics.csv"));
     assert_eq!(
         steps,
         (1..=24).collect::<Vec<u64>>(),
@@ -124,39 +110,19 @@ fn a_job_survives_a_killed_worker_and_finishes_with_one_continuous_step_count() 
 /// A `dataloader serve` process, its address and its metrics address.
 fn dataloader(log: &Path) -> (Proc, String, String) {
     let log = std::fs::File::create(log).unwrap();
-    let mut child = Command::new(bin("dataloader"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = lines.next().unwrap().unwrap();
-    let addr = addr.strip_prefix("listening on ").unwrap().to_string();
-    let metrics = lines.next().unwrap().unwrap();
-    let metrics = metrics
-        .strip_prefix("metrics on http://")
-        .unwrap()
-        .to_string();
-    (Proc(child), addr, metrics)
+    let (proc, said) = spawn_announcing(
+        Command::new(bin("dataloader"))
+            .args(["serve", "--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+            .stderr(log),
+        &["listening on ", "metrics on http://"],
+    );
+    let metrics = said[1].trim_end_matches("/metrics").to_string();
+    (proc, said[0].clone(), metrics)
 }
 
 /// Batches a dataloader has sent, from its /metrics.
-fn batches_sent(metrics_url: &str) -> f64 {
-    use std::io::{Read, Write};
-    let (host, path) = metrics_url.split_once('/').unwrap();
-    let mut s = std::net::TcpStream::connect(host).unwrap();
-    write!(
-        s,
-        "GET /{path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("taming_dataloader_batches_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap()
+fn batches_sent(metrics_addr: &str) -> f64 {
+    metric(metrics_addr, "taming_dataloader_batches_total").expect("the batch counter")
 }
 
 /// A dataloader service killed in the middle of a job: the worker's client moves to the other
@@ -220,12 +186,7 @@ fn a_job_survives_a_killed_dataloader_service() {
         "{}",
         result.1
     );
-    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
-    let steps: Vec<u64> = csv
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').next().unwrap().parse().unwrap())
-        .collect();
+    let steps = csv_steps(&out.join("metrics.csv"));
     assert_eq!(steps, (1..=150).collect::<Vec<u64>>());
     assert!(
         batches_sent(&second_metrics) > 0.0,

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use taming_dataloader::codes;
-use taming_tests::process::{bin, root, tiny_config};
+use taming_tests::process::{bin, csv_text_steps, root, tiny_config};
 use taming_tests::s3::{aws_env, s3, upload_dir, url};
 
 fn launch(out: &Path, config: &Path, steps: u64, checkpoints: &str, resume: bool) -> Output {
@@ -49,13 +49,6 @@ fn remote(key: &str) -> Option<String> {
     codes::download(&url(key)).ok().map(|b| text(&b))
 }
 
-fn steps_in(csv: &str) -> Vec<u64> {
-    csv.lines()
-        .skip(1)
-        .map(|l| l.split(',').next().unwrap().parse().unwrap())
-        .collect()
-}
-
 #[test]
 fn a_mini_cluster_trains_from_s3_resumes_from_checkpoints_in_s3_and_precomputes_codes() {
     s3();
@@ -84,7 +77,7 @@ fn a_mini_cluster_trains_from_s3_resumes_from_checkpoints_in_s3_and_precomputes_
     assert_eq!(state["step"], 4);
     assert!(remote("cluster-run/checkpoints/ckpt-00000004/model.bpk").is_some());
     assert_eq!(
-        steps_in(&remote("cluster-run/metrics.csv").unwrap()),
+        csv_text_steps(&remote("cluster-run/metrics.csv").unwrap()),
         [1, 2, 3, 4]
     );
 
@@ -103,7 +96,7 @@ fn a_mini_cluster_trains_from_s3_resumes_from_checkpoints_in_s3_and_precomputes_
     assert!(resumed.status.success(), "{}", text(&resumed.stderr));
     let csv = std::fs::read_to_string(elsewhere.join("metrics.csv")).unwrap();
     assert_eq!(
-        steps_in(&csv),
+        csv_text_steps(&csv),
         [1, 2, 3, 4, 5, 6],
         "one continuous step count"
     );

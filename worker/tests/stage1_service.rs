@@ -1,15 +1,11 @@
 //! `worker train --dataloader ADDR`: stage-1 training fed by a dataloader service instance.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 
 use taming_dataloader::runtime;
 use taming_dataloader::service::{DataloaderService, serve_service};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use taming_tests::process::{root, tiny_config};
 
 #[test]
 fn training_streams_its_batches_from_the_dataloader_service() {
@@ -20,20 +16,11 @@ fn training_streams_its_batches_from_the_dataloader_service() {
     runtime::io().spawn(serve_service(service, listener, std::future::pending()));
 
     let tmp = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(root().join("configs/stage1/fashion_mnist.yaml")).unwrap();
-    let text = text
-        .replace("ch_mult: [1, 2, 2]", "ch_mult: [1, 2]")
-        .replace("attn_resolutions: [8]", "attn_resolutions: [16]")
-        .replace("batch_size: 16", "batch_size: 4")
-        .replace(
-            "kmeans_init: {iters: 10, batches: 2}",
-            "kmeans_init: {iters: 3, batches: 1}",
-        );
-    std::fs::write(tmp.path().join("tiny.yaml"), text).unwrap();
+    let config = tiny_config(tmp.path());
     let out = Command::new(env!("CARGO_BIN_EXE_worker"))
         .args(["train", "--stage", "vqgan", "--steps", "3", "--quiet"])
         .arg("--config")
-        .arg(tmp.path().join("tiny.yaml"))
+        .arg(&config)
         .arg("--data")
         .arg(root().join("data/fashion-mnist"))
         .arg("--out")

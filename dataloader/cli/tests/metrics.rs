@@ -1,42 +1,13 @@
 //! `dataloader serve --metrics`: the Prometheus endpoint counts what a real client streamed,
 //! the samples it had to skip, its open streams, and answers other paths with 404.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 use taming_dataloader::client::RemoteLoader;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
-    (code, body)
-}
+use taming_tests::http::get;
+use taming_tests::process::spawn_announcing;
 
 fn value(metrics: &str, series: &str) -> f64 {
     metrics
@@ -73,27 +44,14 @@ fn shard_with_bad_samples(dir: &std::path::Path) -> String {
 
 #[test]
 fn metrics_count_samples_errors_and_clients() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dataloader"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let grpc = lines
-        .next()
-        .unwrap()
-        .unwrap()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
-    let http = lines.next().unwrap().unwrap();
-    let http = http
-        .strip_prefix("metrics on http://")
-        .and_then(|a| a.strip_suffix("/metrics"))
-        .unwrap()
-        .to_string();
-    let _service = Proc(child);
+    let (_service, said) = spawn_announcing(
+        Command::new(env!("CARGO_BIN_EXE_dataloader"))
+            .args(["serve", "--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+            .stderr(Stdio::null()),
+        &["listening on ", "metrics on http://"],
+    );
+    let grpc = said[0].clone();
+    let http = said[1].trim_end_matches("/metrics").to_string();
 
     let (code, before) = get(&http, "/metrics");
     assert_eq!(code, 200);

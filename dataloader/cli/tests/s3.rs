@@ -5,8 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use common::{dataloader, s3, upload_fashion_mnist, url};
@@ -17,6 +16,7 @@ use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, Sha
 use taming_model::checkpoint::native;
 use taming_model::quantize::QuantizeMode;
 use taming_model::{DdConfig, QuantizerConfig, Vqgan, VqganConfig};
+use taming_tests::process::{Proc, spawn_announcing};
 
 fn cfg(batch: usize, reader: ReaderConfig) -> LoaderConfig {
     LoaderConfig {
@@ -318,23 +318,14 @@ fn precompute_over_two_ranks_writes_code_parquet_and_the_manifest_last() {
     }
 }
 
-fn serve() -> (Child, String) {
-    let mut child = dataloader()
-        .args(["serve", "--bind", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("address line")
-        .to_string();
-    (child, addr)
+fn serve() -> (Proc, String) {
+    let (proc, said) = spawn_announcing(
+        dataloader()
+            .args(["serve", "--bind", "127.0.0.1:0"])
+            .stderr(Stdio::null()),
+        &["listening on "],
+    );
+    (proc, said[0].clone())
 }
 
 #[test]
@@ -360,13 +351,13 @@ fn a_killed_service_instance_is_replaced_with_nothing_duplicated_or_lost() {
     for _ in 0..3 {
         keys.extend(client.next_in_epoch().unwrap().unwrap().keys);
     }
-    a.kill().unwrap();
-    a.wait().unwrap();
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
     while let Some(batch) = client.next_in_epoch().unwrap() {
         keys.extend(batch.keys);
     }
-    b.kill().unwrap();
-    b.wait().unwrap();
+    b.0.kill().unwrap();
+    b.0.wait().unwrap();
     assert!(client.failovers() >= 1);
     let distinct: HashSet<_> = keys.iter().collect();
     assert_eq!((keys.len(), distinct.len()), (1000, 1000));
