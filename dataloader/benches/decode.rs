@@ -1,7 +1,9 @@
 //! Decode-and-crop throughput of the shard loader: `cargo bench -p taming-dataloader --bench
 //! decode -- SHARD_DIR [--size 256] [--threads 1] [--passes 2]`. Shards come from
 //! tools/bench/make_jpeg_shards.py; tools/bench/compare_dataloader.sh runs this beside the
-//! Python WebDataset + PIL peer (tools/bench/python_decode.py) on the same shards.
+//! Python WebDataset + PIL peer (tools/bench/python_decode.py) on the same shards. With
+//! `--decode-only` it times JPEG decoding alone (the `image` crate, as the loader uses it) over
+//! the shards' images held in memory: the floor under the loader's time per sample.
 
 use std::time::Instant;
 
@@ -30,6 +32,10 @@ fn main() {
         arg(&args, "--passes", 2),
     );
     let shards = list_split(dir, "train").expect("benchmark shards");
+    if args.iter().any(|a| a == "--decode-only") {
+        decode_only(&shards, arg(&args, "--passes", 2));
+        return;
+    }
     let pre = Preprocess {
         size,
         random_crop: true,
@@ -56,5 +62,37 @@ fn main() {
     println!(
         "taming-rs size {size}: {best:.1} img/s on {threads} decode thread(s), {:.1} per thread ({n} images)",
         best / threads as f64
+    );
+}
+
+/// JPEG decoding alone, one thread, over every `.jpg` of the shards read into memory first.
+fn decode_only(shards: &[String], passes: usize) {
+    let mut images = Vec::new();
+    for shard in shards {
+        let mut archive = tar::Archive::new(std::fs::File::open(shard).expect("a local shard"));
+        for entry in archive.entries().expect("a tar") {
+            let mut entry = entry.expect("an entry");
+            if entry
+                .path()
+                .is_ok_and(|p| p.extension().is_some_and(|e| e == "jpg"))
+            {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut entry, &mut bytes).expect("reading");
+                images.push(bytes);
+            }
+        }
+    }
+    let mut best = 0.0f64;
+    for _ in 0..passes {
+        let start = Instant::now();
+        for bytes in &images {
+            let img = image::load_from_memory(bytes).expect("a JPEG").to_rgb8();
+            std::hint::black_box(img);
+        }
+        best = best.max(images.len() as f64 / start.elapsed().as_secs_f64());
+    }
+    println!(
+        "taming-rs decode only: {best:.1} img/s on 1 thread ({} images)",
+        images.len()
     );
 }

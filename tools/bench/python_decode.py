@@ -2,12 +2,16 @@
 the same work in one process (one core): read the shards, decode each JPEG, resize the shorter
 side to SIZE (bilinear), random crop SIZE, random flip, to CHW float32 in [-1, 1].
 
-usage: python python_decode.py SHARD_DIR [--size 256] [--passes 2]
+With --decode-only it times PIL's JPEG decoding alone over the images read into memory.
+
+usage: python python_decode.py SHARD_DIR [--size 256] [--passes 2] [--decode-only]
 """
 
 import argparse
 import glob
+import io
 import random
+import tarfile
 import time
 
 import numpy as np
@@ -34,8 +38,12 @@ def main():
     p.add_argument("shards")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--decode-only", action="store_true")
     a = p.parse_args()
     urls = sorted(glob.glob(f"{a.shards}/train-*.tar"))
+    if a.decode_only:
+        decode_only(urls, a.passes)
+        return
     rng = random.Random(0)
     best = 0.0
     for _ in range(a.passes):
@@ -46,6 +54,20 @@ def main():
             n += 1
         best = max(best, n / (time.perf_counter() - start))
     print(f"python webdataset+PIL size {a.size}: {best:.1f} img/s on 1 core ({n} images)")
+
+
+def decode_only(urls, passes):
+    images = []
+    for url in urls:
+        with tarfile.open(url) as tar:
+            images += [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+    best = 0.0
+    for _ in range(passes):
+        start = time.perf_counter()
+        for data in images:
+            Image.open(io.BytesIO(data)).convert("RGB")
+        best = max(best, len(images) / (time.perf_counter() - start))
+    print(f"python PIL decode only: {best:.1f} img/s on 1 core ({len(images)} images)")
 
 
 if __name__ == "__main__":
