@@ -66,8 +66,8 @@ fn dockerfile() -> (String, String) {
     let text = std::fs::read_to_string(root().join("infra/docker/Dockerfile")).unwrap();
     let workdir = text
         .lines()
-        .filter_map(|l| l.strip_prefix("WORKDIR "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("WORKDIR "))
         .unwrap()
         .trim()
         .to_string();
