@@ -179,7 +179,14 @@ fn the_compose_mini_cluster_runs_a_launched_job_on_both_workers() {
     let services = services();
     let net = Network::new(&services, &workdir, tmp.path());
     let mut running = Vec::new();
-    for s in services.iter().filter(|s| s.profiles.is_empty()) {
+    // Compose starts a service without waiting for the ones it depends on to be ready; here
+    // the coordinator comes last, seconds after the workers, who must wait for it.
+    let mut order: Vec<&Service> = services.iter().filter(|s| s.profiles.is_empty()).collect();
+    order.sort_by_key(|s| s.name == "coordinator");
+    for s in order {
+        if s.name == "coordinator" {
+            std::thread::sleep(Duration::from_secs(2));
+        }
         let log = std::fs::File::create(tmp.path().join(format!("{}.log", s.name))).unwrap();
         let child = net
             .command(s)

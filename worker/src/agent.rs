@@ -64,25 +64,20 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
         println!("metrics on http://{}/metrics", listener.local_addr()?);
         rt.spawn(serve_metrics(metrics.clone(), listener));
     }
-    let mut client = rt.block_on(connect(&opts.coordinator, opts.token.as_deref()))?;
     let offered = devices::detect(opts.device.as_ref());
     tracing::info!(?offered, "devices");
-    let reply = rt
-        .block_on(
-            client.register_worker(RegisterRequest {
-                name: opts.name.clone(),
-                devices: offered
-                    .iter()
-                    .map(|(spec, memory_bytes)| Device {
-                        spec: spec.clone(),
-                        memory_bytes: *memory_bytes,
-                    })
-                    .collect(),
-                ring_addr,
-            }),
-        )
-        .context("registering with the coordinator")?
-        .into_inner();
+    let request = RegisterRequest {
+        name: opts.name.clone(),
+        devices: offered
+            .iter()
+            .map(|(spec, memory_bytes)| Device {
+                spec: spec.clone(),
+                memory_bytes: *memory_bytes,
+            })
+            .collect(),
+        ring_addr,
+    };
+    let (mut client, reply) = register(&rt, &opts, request)?;
     let id = reply.worker_id;
     tracing::info!(worker = id, "registered");
     let stop = Arc::new(AtomicBool::new(false));
@@ -141,6 +136,46 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
         let _ = rt.block_on(client.report_progress(report));
     }
     Ok(())
+}
+
+/// How long a worker waits for a coordinator that is not up yet (started at the same time,
+/// or restarting).
+const COORDINATOR_WAIT: Duration = Duration::from_secs(120);
+
+/// Connects and registers, retrying while the coordinator cannot be reached; a refusal (a
+/// wrong token, a bad request) fails at once.
+fn register(
+    rt: &tokio::runtime::Runtime,
+    opts: &AgentOptions,
+    request: RegisterRequest,
+) -> Result<(Client, RegisterReply)> {
+    let deadline = Instant::now() + COORDINATOR_WAIT;
+    loop {
+        let attempt = rt.block_on(async {
+            let mut client = connect(&opts.coordinator, opts.token.as_deref()).await?;
+            let reply = client
+                .register_worker(request.clone())
+                .await
+                .context("registering with the coordinator")?;
+            Ok::<_, anyhow::Error>((client, reply.into_inner()))
+        });
+        match attempt {
+            Err(e) if unreachable(&e) && Instant::now() < deadline => {
+                tracing::warn!("{e:#}; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether an error says the coordinator could not be reached (as opposed to a refusal).
+fn unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<tonic::transport::Error>().is_some()
+            || c.downcast_ref::<tonic::Status>()
+                .is_some_and(|s| s.code() == tonic::Code::Unavailable)
+    })
 }
 
 /// Failures a restart from the last checkpoint can cure: a peer or a data service went away.
