@@ -81,7 +81,7 @@ def main():
     here = pathlib.Path(__file__).resolve().parent
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=pathlib.Path, default=here.parent.parent / "data/fashion-mnist")
-    p.add_argument("--train", type=int, default=3000)
+    p.add_argument("--train", type=int, default=2000)
     p.add_argument("--val", type=int, default=500)
     p.add_argument("--per-shard", type=int, default=500)
     a = p.parse_args()

@@ -229,3 +229,25 @@ fn conditional_discriminator_trains_on_images_with_their_label_maps() {
         "labels up to 10 need 11 channels"
     );
 }
+
+/// `configs/stage1/photo_crops.yaml` trains on the embedded photo crops (64x64 JPEG) through
+/// the whole run: a few steps, a checkpoint and the model export.
+#[test]
+fn the_photo_crop_default_trains_end_to_end() {
+    use taming_worker::stage1::{RunOptions, run_stage1};
+    let text = std::fs::read_to_string(root().join("configs/stage1/photo_crops.yaml")).unwrap();
+    let cfg = taming_worker::defaults::parse_config(&text, "photo_crops.yaml").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("photos");
+    let data = root()
+        .join("data/photo-crops")
+        .to_string_lossy()
+        .into_owned();
+    let mut opts = RunOptions::single(cfg, data, out.clone(), 2, Device::flex().autodiff());
+    opts.eval_every = 2;
+    let s = run_stage1(opts).unwrap();
+    assert_eq!(s.steps, 2);
+    assert!(s.first_val_l1.is_finite() && s.last_val_l1.is_finite());
+    assert!(out.join("model/model.safetensors").is_file());
+    assert!(out.join("val_grid.png").is_file());
+}
