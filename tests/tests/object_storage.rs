@@ -108,6 +108,11 @@ fn a_mini_cluster_trains_from_s3_resumes_from_checkpoints_in_s3_and_precomputes_
         remote("cluster-run/checkpoints/ckpt-00000002/state.json").is_none(),
         "pruned like the run folder (two kept)"
     );
+    let exported = codes::download(&url("cluster-run/model/model.safetensors")).unwrap();
+    let local = std::fs::read(elsewhere.join("model/model.safetensors")).unwrap();
+    assert!(exported == local, "the final model is in S3 too");
+    assert!(remote("cluster-run/model/config.json").is_some());
+    assert!(codes::download(&url("cluster-run/val_grid.png")).is_ok());
 
     let codes_url = url("cluster-codes");
     let pre = Command::new(bin("dataloader"))

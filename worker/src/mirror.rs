@@ -73,6 +73,26 @@ impl RunMirror {
         runtime::block_on(put_file(store.as_ref(), &path, &file)).map_err(|e| self.error(rel, e))
     }
 
+    /// Uploads the finished run's outputs that exist in `out`: the files of `model/`, then
+    /// `metrics.csv` and the report images (`loss.png`, `val_grid.png`, `samples.png`).
+    pub fn push_outputs(&self, out: &Path) -> Result<(), CheckpointError> {
+        let model = out.join("model");
+        let mut files: Vec<String> = fs::read_dir(&model)
+            .map_err(|e| CheckpointError::new(&model, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .map(|p| format!("model/{}", p.file_name().expect("a file").to_string_lossy()))
+            .collect();
+        files.sort();
+        files.extend(
+            ["metrics.csv", "loss.png", "val_grid.png", "samples.png"]
+                .into_iter()
+                .filter(|f| out.join(f).is_file())
+                .map(String::from),
+        );
+        files.iter().try_for_each(|rel| self.push_file(out, rel))
+    }
+
     /// Uploads the checkpoint directory `dir` (inside `out/checkpoints`) and `metrics.csv`,
     /// then names the checkpoint in `checkpoints/latest`, then removes remote checkpoints
     /// that the local folder has pruned.

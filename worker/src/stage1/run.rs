@@ -250,6 +250,9 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
     bar.finish();
     if lead {
         finish(&opts, &trainer, &val, val_x, &rows)?;
+        if let Some(m) = &mirror {
+            m.push_outputs(&opts.out).map_err(TrainError::from)?;
+        }
     }
     Ok(RunSummary {
         steps: trainer.step(),

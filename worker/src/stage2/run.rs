@@ -463,6 +463,10 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
     }
     if lead {
         finish(&opts, &trainer, &models, &data.val, &inner)?;
+        if let Some(m) = &mirror {
+            m.push_outputs(&opts.out)
+                .map_err(|e| train_error(e.into()))?;
+        }
     }
     Ok(Stage2Summary {
         steps: trainer.step(),
