@@ -5,7 +5,8 @@
 //!
 //! A checkpoint's files are uploaded first (large ones in parts, streamed from disk), then
 //! `metrics.csv`, and `checkpoints/latest` last: a process killed during an upload leaves the
-//! previous checkpoint named and whole. Pulling downloads into a staging folder renamed into
+//! previous checkpoint named and whole. [`Uploader`] does this on a thread of its own, one
+//! checkpoint at a time, while training goes on. Pulling downloads into a staging folder renamed into
 //! place, so a local checkpoint is never half-present either.
 
 use std::fs;
@@ -282,6 +283,55 @@ async fn get_file(store: &dyn ObjectStore, path: &StorePath, file: &Path) -> Res
     Ok(true)
 }
 
+/// Uploads checkpoints in the background, one at a time: training goes on while a checkpoint
+/// travels. Call [`Uploader::wait`] before the run folder changes again (the next checkpoint,
+/// `metrics.csv`) and before the run ends; it returns the upload's error, if any.
+#[derive(Debug)]
+pub struct Uploader {
+    mirror: RunMirror,
+    pending: Option<std::thread::JoinHandle<Result<(), CheckpointError>>>,
+}
+
+impl Uploader {
+    /// An uploader to `mirror`.
+    pub fn new(mirror: RunMirror) -> Self {
+        Self {
+            mirror,
+            pending: None,
+        }
+    }
+
+    /// The copy it uploads to.
+    pub fn mirror(&self) -> &RunMirror {
+        &self.mirror
+    }
+
+    /// Waits for the upload in flight, if any.
+    pub fn wait(&mut self) -> Result<(), CheckpointError> {
+        match self.pending.take() {
+            Some(handle) => handle.join().unwrap_or_else(|_| {
+                Err(CheckpointError::new(
+                    self.mirror.url(),
+                    "upload thread panicked",
+                ))
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts uploading checkpoint `dir` of the run folder `out` (after the previous upload).
+    pub fn push_checkpoint(&mut self, out: &Path, dir: &Path) -> Result<(), CheckpointError> {
+        self.wait()?;
+        let (mirror, out, dir) = (self.mirror.clone(), out.to_path_buf(), dir.to_path_buf());
+        let handle = std::thread::Builder::new()
+            .name("checkpoint-upload".into())
+            .spawn(move || mirror.push_checkpoint(&out, &dir))
+            .map_err(|e| CheckpointError::new(self.mirror.url(), e))?;
+        self.pending = Some(handle);
+        Ok(())
+    }
+}
+
 /// Opens the copy at `url` (if any) for a run in `out`: when resuming, pulls its latest
 /// checkpoint into `out`; otherwise refuses a copy that holds a run already, as a run folder
 /// with checkpoints is refused.
@@ -303,4 +353,65 @@ pub fn prepare(
         ));
     }
     Ok(Some(mirror))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run folder holding checkpoint `name` with one payload file.
+    fn run_with_checkpoint(out: &Path, name: &str, payload: &[u8]) -> PathBuf {
+        let dir = out.join("checkpoints").join(name);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("model.bpk"), payload).unwrap();
+        fs::write(out.join("checkpoints").join(LATEST), name).unwrap();
+        fs::write(out.join("metrics.csv"), "step\n1\n").unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_background_upload_is_pulled_back_whole_into_an_empty_run_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("run");
+        let dir = run_with_checkpoint(&out, "ckpt-00000001", &[7u8; 100_000]);
+        let remote = tmp.path().join("remote");
+        let mut uploader = Uploader::new(RunMirror::open(&remote.to_string_lossy()).unwrap());
+        uploader.push_checkpoint(&out, &dir).unwrap();
+        uploader.wait().unwrap();
+        assert_eq!(
+            uploader.mirror().latest().unwrap().as_deref(),
+            Some("ckpt-00000001")
+        );
+
+        let elsewhere = tmp.path().join("elsewhere");
+        assert!(uploader.mirror().pull(&elsewhere).unwrap());
+        let pulled = elsewhere.join("checkpoints/ckpt-00000001/model.bpk");
+        assert_eq!(fs::read(pulled).unwrap(), vec![7u8; 100_000]);
+        assert_eq!(
+            fs::read_to_string(elsewhere.join("metrics.csv")).unwrap(),
+            "step\n1\n"
+        );
+        let leftovers: Vec<_> = fs::read_dir(elsewhere.join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("pulling") || n.contains("partial"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_failed_background_upload_is_reported_by_wait_naming_the_copy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("run");
+        let dir = run_with_checkpoint(&out, "ckpt-00000002", b"x");
+        // A copy below a regular file cannot be written.
+        let blocker = tmp.path().join("not-a-folder");
+        fs::write(&blocker, b"").unwrap();
+        let url = blocker.join("copy").to_string_lossy().into_owned();
+        let mut uploader = Uploader::new(RunMirror::open(&url).unwrap());
+        uploader.push_checkpoint(&out, &dir).unwrap();
+        let err = uploader.wait().unwrap_err().to_string();
+        assert!(err.contains("not-a-folder/copy"), "{err}");
+        assert!(uploader.wait().is_ok(), "reported once");
+    }
 }

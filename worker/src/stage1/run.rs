@@ -29,7 +29,7 @@ use super::report::{self, MetricsRow};
 use super::trainer::{Stage1Trainer, StepReport, TrainError};
 use crate::checkpoint::{self, CheckpointError};
 use crate::metrics::StepTiming;
-use crate::mirror::{self, RunMirror};
+use crate::mirror::{self, RunMirror, Uploader};
 
 /// Called after every step with its metrics row; returning false stops the run.
 pub type StepHook = Box<dyn FnMut(&MetricsRow) -> bool + Send>;
@@ -160,6 +160,7 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
     let ckpt_dir = opts.out.join("checkpoints");
     let mirror = mirror::prepare(opts.checkpoint_url.as_deref(), &opts.out, opts.resume)
         .map_err(TrainError::from)?;
+    let mut uploader = mirror.clone().map(Uploader::new);
     let (mut trainer, state, mut rows) = start(&opts, &ckpt_dir)?;
     if let Some(group) = opts.group.take() {
         trainer.join_group(group)?;
@@ -228,13 +229,18 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
         bar.set_message(message(&report, ips, last_val_l1));
         if step % opts.checkpoint_every.max(1) == 0 || step == opts.steps {
             if lead {
+                // The previous upload reads the files this step rewrites or prunes.
+                uploader
+                    .as_mut()
+                    .map_or(Ok(()), Uploader::wait)
+                    .map_err(TrainError::from)?;
                 let dir = trainer
                     .save_checkpoint(&ckpt_dir, loader.state(), opts.keep)
                     .map_err(TrainError::from)?;
                 report::write_csv(&opts.out.join("metrics.csv"), &rows)
                     .map_err(|e| output(&opts.out.join("metrics.csv"), e))?;
-                if let Some(m) = &mirror {
-                    m.push_checkpoint(&opts.out, &dir)
+                if let Some(u) = uploader.as_mut() {
+                    u.push_checkpoint(&opts.out, &dir)
                         .map_err(TrainError::from)?;
                 }
             } else {
@@ -249,6 +255,10 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
     }
     bar.finish();
     if lead {
+        uploader
+            .as_mut()
+            .map_or(Ok(()), Uploader::wait)
+            .map_err(TrainError::from)?;
         finish(&opts, &trainer, &val, val_x, &rows)?;
         if let Some(m) = &mirror {
             m.push_outputs(&opts.out).map_err(TrainError::from)?;
