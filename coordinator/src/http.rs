@@ -122,16 +122,7 @@ pub fn render_metrics(snap: &Snapshot) -> String {
             j.images_per_s,
         );
     }
-    e.family(
-        "taming_spans_dropped_total",
-        "counter",
-        "Spans dropped because the OTLP export queue was full.",
-    )
-    .sample(
-        "taming_spans_dropped_total",
-        &[],
-        taming_telemetry::dropped_spans() as f64,
-    );
+    e.spans_dropped(taming_telemetry::dropped_spans());
     e.family(
         "taming_job_loss",
         "gauge",

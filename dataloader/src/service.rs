@@ -115,16 +115,7 @@ impl ServiceStats {
             "Decoded batches waiting to be sent.",
         )
         .sample("taming_dataloader_queue_depth", &[], load(&self.queued))
-        .family(
-            "taming_spans_dropped_total",
-            "counter",
-            "Spans dropped because the OTLP export queue was full.",
-        )
-        .sample(
-            "taming_spans_dropped_total",
-            &[],
-            taming_telemetry::dropped_spans() as f64,
-        );
+        .spans_dropped(taming_telemetry::dropped_spans());
         e.finish()
     }
 }

@@ -41,6 +41,18 @@ impl Exposition {
         self
     }
 
+    /// The `taming_spans_dropped_total` counter every service exposes: spans its telemetry
+    /// dropped because the OTLP export queue was full (`dropped`, since start).
+    pub fn spans_dropped(&mut self, dropped: u64) -> &mut Self {
+        const NAME: &str = "taming_spans_dropped_total";
+        self.family(
+            NAME,
+            "counter",
+            "Spans dropped because the OTLP export queue was full.",
+        )
+        .sample(NAME, &[], dropped as f64)
+    }
+
     /// The text.
     pub fn finish(self) -> String {
         self.text

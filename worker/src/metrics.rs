@@ -82,16 +82,7 @@ impl WorkerMetrics {
             "Images (stage 1) or tokens (stage 2) per second in the last step.",
         )
         .sample("taming_worker_samples_per_second", &job, s.rate);
-        e.family(
-            "taming_spans_dropped_total",
-            "counter",
-            "Spans dropped because the OTLP export queue was full.",
-        )
-        .sample(
-            "taming_spans_dropped_total",
-            &[],
-            taming_telemetry::dropped_spans() as f64,
-        );
+        e.spans_dropped(taming_telemetry::dropped_spans());
         e.family(
             "taming_worker_step_seconds",
             "gauge",
