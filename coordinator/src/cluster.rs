@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use taming_proto::coordinator::{Assignment, Job, JobSpec, ProgressReport};
+use taming_proto::device_kind;
 
 /// Job states.
 pub const PENDING: &str = "pending";
@@ -44,14 +45,6 @@ impl Worker {
     /// Whether it offers a device of `kind` (`cpu`, `cuda`, `vulkan`); every worker has a CPU.
     pub fn offers(&self, kind: &str) -> bool {
         kind == "cpu" || self.devices.iter().any(|(d, _)| device_kind(d) == kind)
-    }
-}
-
-/// The kind of a device or of a job's device field (`cuda:1` -> `cuda`, empty -> `cpu`).
-pub fn device_kind(device: &str) -> &str {
-    match device.split(':').next().unwrap_or_default() {
-        "" => "cpu",
-        kind => kind,
     }
 }
 

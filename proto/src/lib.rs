@@ -16,6 +16,15 @@ pub mod coordinator {
     tonic::include_proto!("taming.coordinator.v1");
 }
 
+/// The kind of a device (`cuda:1` -> `cuda`) or of a job's device field (`cuda`; empty ->
+/// `cpu`), as workers offer and jobs ask for them in `Device.spec` and `JobSpec.device`.
+pub fn device_kind(device: &str) -> &str {
+    match device.split(':').next().unwrap_or_default() {
+        "" => "cpu",
+        kind => kind,
+    }
+}
+
 /// `http://` put before a bare `host:port`; URLs pass unchanged.
 pub fn endpoint_url(addr: &str) -> String {
     if addr.contains("://") {

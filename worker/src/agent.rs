@@ -109,6 +109,7 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
             &a,
             &listener,
             &opts,
+            &offered,
             stop.clone(),
             metrics.clone(),
         );
@@ -232,6 +233,7 @@ fn run_assignment(
     a: &Assignment,
     listener: &TcpListener,
     opts: &AgentOptions,
+    offered: &[devices::Offered],
     stop: Arc<AtomicBool>,
     metrics: Arc<WorkerMetrics>,
 ) -> Result<()> {
@@ -249,8 +251,7 @@ fn run_assignment(
     let out = std::path::PathBuf::from(&spec.out);
     let checkpoint_url = (!spec.checkpoint_url.is_empty()).then(|| spec.checkpoint_url.clone());
     let resume = a.resume && has_checkpoint(&out, checkpoint_url.as_deref())?;
-    let offered = devices::detect(opts.device.as_ref());
-    let device = devices::choose(&spec.device, a.rank, opts.device.as_ref(), &offered)?
+    let device = devices::choose(&spec.device, a.rank, opts.device.as_ref(), offered)?
         .device()
         .map_err(anyhow::Error::msg)?
         .autodiff();

@@ -5,6 +5,7 @@
 
 use anyhow::{Result, bail};
 use taming_model::device::DeviceSpec;
+use taming_proto::device_kind;
 
 /// A device and its memory in bytes (0: unknown).
 pub type Offered = (String, u64);
@@ -60,14 +61,6 @@ pub fn cuda_devices() -> Vec<Offered> {
     })
 }
 
-/// The kind (`cpu`, `cuda`, `vulkan`) a job's device field asks for.
-pub fn kind_of(job_device: &str) -> &str {
-    match job_device.split(':').next().unwrap_or_default() {
-        "" => "cpu",
-        kind => kind,
-    }
-}
-
 /// The device rank `rank` uses for a job asking for `job_device`: `configured` when it is of
 /// that kind, else the offered devices of that kind in turn (rank mod their count).
 pub fn choose(
@@ -76,9 +69,9 @@ pub fn choose(
     configured: Option<&DeviceSpec>,
     offered: &[Offered],
 ) -> Result<DeviceSpec> {
-    let kind = kind_of(job_device);
+    let kind = device_kind(job_device);
     if let Some(d) = configured
-        && kind_of(&d.to_string()) == kind
+        && device_kind(&d.to_string()) == kind
     {
         return Ok(*d);
     }
@@ -88,7 +81,7 @@ pub fn choose(
     let of_kind: Vec<&str> = offered
         .iter()
         .map(|(s, _)| s.as_str())
-        .filter(|s| kind_of(s) == kind)
+        .filter(|s| device_kind(s) == kind)
         .collect();
     if of_kind.is_empty() {
         bail!("the job asks for a {kind} device and this worker has none (it offers {offered:?})");
