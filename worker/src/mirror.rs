@@ -77,14 +77,10 @@ impl RunMirror {
     /// Uploads the finished run's outputs that exist in `out`: the files of `model/`, then
     /// `metrics.csv` and the report images (`loss.png`, `val_grid.png`, `samples.png`).
     pub fn push_outputs(&self, out: &Path) -> Result<(), CheckpointError> {
-        let model = out.join("model");
-        let mut files: Vec<String> = fs::read_dir(&model)
-            .map_err(|e| CheckpointError::new(&model, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .map(|p| format!("model/{}", p.file_name().expect("a file").to_string_lossy()))
+        let mut files: Vec<String> = files_in(&out.join("model"))?
+            .iter()
+            .map(|p| format!("model/{}", file_name(p)))
             .collect();
-        files.sort();
         files.extend(
             ["metrics.csv", "loss.png", "val_grid.png", "samples.png"]
                 .into_iter()
@@ -103,15 +99,8 @@ impl RunMirror {
             .ok_or_else(|| CheckpointError::new(dir, "not a checkpoint directory"))?
             .to_string_lossy()
             .into_owned();
-        let mut files: Vec<PathBuf> = fs::read_dir(dir)
-            .map_err(|e| CheckpointError::new(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
-        files.sort();
-        for file in files {
-            let file_name = file.file_name().expect("a file").to_string_lossy();
-            self.push_file(out, &format!("checkpoints/{name}/{file_name}"))?;
+        for file in files_in(dir)? {
+            self.push_file(out, &format!("checkpoints/{name}/{}", file_name(&file)))?;
         }
         if out.join("metrics.csv").exists() {
             self.push_file(out, "metrics.csv")?;
@@ -283,18 +272,37 @@ async fn get_file(store: &dyn ObjectStore, path: &StorePath, file: &Path) -> Res
     Ok(true)
 }
 
-/// Uploads checkpoints in the background, one at a time: training goes on while a checkpoint
-/// travels. Call [`Uploader::wait`] before the run folder changes again (the next checkpoint,
-/// `metrics.csv`) and before the run ends; it returns the upload's error, if any.
+/// The files directly in `dir`, sorted.
+fn files_in(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| CheckpointError::new(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .expect("a file")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A run's side of its object-store copy, if it has one (without, every call does nothing).
+/// Checkpoints go up in the background, one at a time, while training goes on: call
+/// [`Uploader::wait`] before the run folder changes again (the next checkpoint,
+/// `metrics.csv`); it returns the upload's error, if any.
 #[derive(Debug)]
 pub struct Uploader {
-    mirror: RunMirror,
+    mirror: Option<RunMirror>,
     pending: Option<std::thread::JoinHandle<Result<(), CheckpointError>>>,
 }
 
 impl Uploader {
-    /// An uploader to `mirror`.
-    pub fn new(mirror: RunMirror) -> Self {
+    /// An uploader to `mirror` (none: nothing is uploaded).
+    pub fn new(mirror: Option<RunMirror>) -> Self {
         Self {
             mirror,
             pending: None,
@@ -302,46 +310,57 @@ impl Uploader {
     }
 
     /// The copy it uploads to.
-    pub fn mirror(&self) -> &RunMirror {
-        &self.mirror
+    pub fn mirror(&self) -> Option<&RunMirror> {
+        self.mirror.as_ref()
     }
 
     /// Waits for the upload in flight, if any.
     pub fn wait(&mut self) -> Result<(), CheckpointError> {
-        match self.pending.take() {
-            Some(handle) => handle.join().unwrap_or_else(|_| {
-                Err(CheckpointError::new(
-                    self.mirror.url(),
-                    "upload thread panicked",
-                ))
-            }),
-            None => Ok(()),
-        }
+        let Some(handle) = self.pending.take() else {
+            return Ok(());
+        };
+        handle.join().unwrap_or_else(|_| {
+            let url = self.mirror.as_ref().map_or("", RunMirror::url);
+            Err(CheckpointError::new(url, "upload thread panicked"))
+        })
     }
 
     /// Starts uploading checkpoint `dir` of the run folder `out` (after the previous upload).
     pub fn push_checkpoint(&mut self, out: &Path, dir: &Path) -> Result<(), CheckpointError> {
         self.wait()?;
-        let (mirror, out, dir) = (self.mirror.clone(), out.to_path_buf(), dir.to_path_buf());
+        let Some(mirror) = self.mirror.clone() else {
+            return Ok(());
+        };
+        let url = mirror.url().to_string();
+        let (out, dir) = (out.to_path_buf(), dir.to_path_buf());
         let handle = std::thread::Builder::new()
             .name("checkpoint-upload".into())
             .spawn(move || mirror.push_checkpoint(&out, &dir))
-            .map_err(|e| CheckpointError::new(self.mirror.url(), e))?;
+            .map_err(|e| CheckpointError::new(url, e))?;
         self.pending = Some(handle);
         Ok(())
+    }
+
+    /// Uploads the run-relative file `rel` at once (a rank's data position).
+    pub fn push_file(&self, out: &Path, rel: &str) -> Result<(), CheckpointError> {
+        self.mirror
+            .as_ref()
+            .map_or(Ok(()), |m| m.push_file(out, rel))
+    }
+
+    /// After the upload in flight, the finished run's outputs ([`RunMirror::push_outputs`]).
+    pub fn push_outputs(&mut self, out: &Path) -> Result<(), CheckpointError> {
+        self.wait()?;
+        self.mirror.as_ref().map_or(Ok(()), |m| m.push_outputs(out))
     }
 }
 
 /// Opens the copy at `url` (if any) for a run in `out`: when resuming, pulls its latest
 /// checkpoint into `out`; otherwise refuses a copy that holds a run already, as a run folder
 /// with checkpoints is refused.
-pub fn prepare(
-    url: Option<&str>,
-    out: &Path,
-    resume: bool,
-) -> Result<Option<RunMirror>, CheckpointError> {
+pub fn prepare(url: Option<&str>, out: &Path, resume: bool) -> Result<Uploader, CheckpointError> {
     let Some(url) = url else {
-        return Ok(None);
+        return Ok(Uploader::new(None));
     };
     let mirror = RunMirror::open(url)?;
     if resume {
@@ -352,7 +371,7 @@ pub fn prepare(
             "holds a run already: pass --resume to continue it, or choose another --checkpoint-url",
         ));
     }
-    Ok(Some(mirror))
+    Ok(Uploader::new(Some(mirror)))
 }
 
 #[cfg(test)]
@@ -375,16 +394,16 @@ mod tests {
         let out = tmp.path().join("run");
         let dir = run_with_checkpoint(&out, "ckpt-00000001", &[7u8; 100_000]);
         let remote = tmp.path().join("remote");
-        let mut uploader = Uploader::new(RunMirror::open(&remote.to_string_lossy()).unwrap());
+        let mut uploader = Uploader::new(Some(RunMirror::open(&remote.to_string_lossy()).unwrap()));
         uploader.push_checkpoint(&out, &dir).unwrap();
         uploader.wait().unwrap();
         assert_eq!(
-            uploader.mirror().latest().unwrap().as_deref(),
+            uploader.mirror().unwrap().latest().unwrap().as_deref(),
             Some("ckpt-00000001")
         );
 
         let elsewhere = tmp.path().join("elsewhere");
-        assert!(uploader.mirror().pull(&elsewhere).unwrap());
+        assert!(uploader.mirror().unwrap().pull(&elsewhere).unwrap());
         let pulled = elsewhere.join("checkpoints/ckpt-00000001/model.bpk");
         assert_eq!(fs::read(pulled).unwrap(), vec![7u8; 100_000]);
         assert_eq!(
@@ -408,7 +427,7 @@ mod tests {
         let blocker = tmp.path().join("not-a-folder");
         fs::write(&blocker, b"").unwrap();
         let url = blocker.join("copy").to_string_lossy().into_owned();
-        let mut uploader = Uploader::new(RunMirror::open(&url).unwrap());
+        let mut uploader = Uploader::new(Some(RunMirror::open(&url).unwrap()));
         uploader.push_checkpoint(&out, &dir).unwrap();
         let err = uploader.wait().unwrap_err().to_string();
         assert!(err.contains("not-a-folder/copy"), "{err}");

@@ -29,7 +29,7 @@ use super::report::{self, MetricsRow};
 use super::trainer::{Stage1Trainer, StepReport, TrainError};
 use crate::checkpoint::{self, CheckpointError};
 use crate::metrics::StepTiming;
-use crate::mirror::{self, RunMirror, Uploader};
+use crate::mirror::{self, Uploader};
 
 /// Called after every step with its metrics row; returning false stops the run.
 pub type StepHook = Box<dyn FnMut(&MetricsRow) -> bool + Send>;
@@ -158,9 +158,8 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
     let val_shards = list_split(&opts.data, "val")?;
     std::fs::create_dir_all(&opts.out).map_err(|e| output(&opts.out, e))?;
     let ckpt_dir = opts.out.join("checkpoints");
-    let mirror = mirror::prepare(opts.checkpoint_url.as_deref(), &opts.out, opts.resume)
+    let mut uploader = mirror::prepare(opts.checkpoint_url.as_deref(), &opts.out, opts.resume)
         .map_err(TrainError::from)?;
-    let mut uploader = mirror.clone().map(Uploader::new);
     let (mut trainer, state, mut rows) = start(&opts, &ckpt_dir)?;
     if let Some(group) = opts.group.take() {
         trainer.join_group(group)?;
@@ -230,21 +229,17 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
         if step % opts.checkpoint_every.max(1) == 0 || step == opts.steps {
             if lead {
                 // The previous upload reads the files this step rewrites or prunes.
-                uploader
-                    .as_mut()
-                    .map_or(Ok(()), Uploader::wait)
-                    .map_err(TrainError::from)?;
+                uploader.wait().map_err(TrainError::from)?;
                 let dir = trainer
                     .save_checkpoint(&ckpt_dir, loader.state(), opts.keep)
                     .map_err(TrainError::from)?;
                 report::write_csv(&opts.out.join("metrics.csv"), &rows)
                     .map_err(|e| output(&opts.out.join("metrics.csv"), e))?;
-                if let Some(u) = uploader.as_mut() {
-                    u.push_checkpoint(&opts.out, &dir)
-                        .map_err(TrainError::from)?;
-                }
+                uploader
+                    .push_checkpoint(&opts.out, &dir)
+                    .map_err(TrainError::from)?;
             } else {
-                save_rank_state(&opts, step, &loader.state(), mirror.as_ref())?;
+                save_rank_state(&opts, step, &loader.state(), &uploader)?;
             }
         }
         if let Some(on_step) = opts.on_step.as_mut()
@@ -255,14 +250,10 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
     }
     bar.finish();
     if lead {
-        uploader
-            .as_mut()
-            .map_or(Ok(()), Uploader::wait)
-            .map_err(TrainError::from)?;
+        // The upload in flight reads files that `finish` rewrites.
+        uploader.wait().map_err(TrainError::from)?;
         finish(&opts, &trainer, &val, val_x, &rows)?;
-        if let Some(m) = &mirror {
-            m.push_outputs(&opts.out).map_err(TrainError::from)?;
-        }
+        uploader.push_outputs(&opts.out).map_err(TrainError::from)?;
     }
     Ok(RunSummary {
         steps: trainer.step(),
@@ -328,17 +319,15 @@ fn save_rank_state(
     opts: &RunOptions,
     step: u64,
     state: &LoaderState,
-    mirror: Option<&RunMirror>,
+    uploader: &Uploader,
 ) -> Result<(), RunError> {
     let path = rank_state_path(opts, step);
     let json = serde_json::to_vec(state).expect("state serializes");
     std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(|e| output(&path, e))?;
     taming_model::atomic::write(&path, &json).map_err(|e| output(&path, e))?;
-    if let Some(m) = mirror {
-        m.push_file(&opts.out, &rank_state_file(opts, step))
-            .map_err(TrainError::from)?;
-    }
-    Ok(())
+    uploader
+        .push_file(&opts.out, &rank_state_file(opts, step))
+        .map_err(|e| TrainError::from(e).into())
 }
 
 /// Rank r's saved position, or the start of rank 0's epoch when there is none (the world

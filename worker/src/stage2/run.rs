@@ -21,7 +21,7 @@ use super::data::{CodeSample, CodeSampler, check_samples, encode_batch, read_cod
 use super::trainer::{DataPosition, Stage2Report, Stage2Trainer};
 use crate::checkpoint::{self, CheckpointError};
 use crate::metrics::StepTiming;
-use crate::mirror::{self, Uploader};
+use crate::mirror;
 use crate::stage1::RunError;
 use crate::stage1::trainer::TrainError;
 
@@ -395,9 +395,8 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
     let models = load_models(&opts, &inner)?;
     let mut data = read_data(&opts, &models, &inner)?;
     let ckpt_dir = opts.out.join("checkpoints");
-    let mirror = mirror::prepare(opts.checkpoint_url.as_deref(), &opts.out, opts.resume)
+    let mut uploader = mirror::prepare(opts.checkpoint_url.as_deref(), &opts.out, opts.resume)
         .map_err(|e| train_error(e.into()))?;
-    let mut uploader = mirror.clone().map(Uploader::new);
     let (mut trainer, position, mut rows) = start(&opts, &models, &data, &ckpt_dir)?;
     let model = trainer.layout().config().clone();
     if let Some(rows) = &data.rows {
@@ -448,15 +447,14 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
         });
         if lead && (step % opts.checkpoint_every.max(1) == 0 || step == opts.steps) {
             // The previous upload reads the files this step rewrites or prunes.
-            wait_upload(&mut uploader)?;
+            uploader.wait().map_err(|e| train_error(e.into()))?;
             let dir = trainer
                 .save_checkpoint(&ckpt_dir, batches.position(), opts.keep)
                 .map_err(|e| train_error(e.into()))?;
             write_metrics(&opts.out.join("metrics.csv"), &rows)?;
-            if let Some(u) = uploader.as_mut() {
-                u.push_checkpoint(&opts.out, &dir)
-                    .map_err(|e| train_error(e.into()))?;
-            }
+            uploader
+                .push_checkpoint(&opts.out, &dir)
+                .map_err(|e| train_error(e.into()))?;
         }
         if let Some(hook) = opts.on_step.as_mut()
             && !hook(rows.last().expect("pushed"))
@@ -465,12 +463,12 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
         }
     }
     if lead {
-        wait_upload(&mut uploader)?;
+        // The upload in flight reads files that `finish` rewrites.
+        uploader.wait().map_err(|e| train_error(e.into()))?;
         finish(&opts, &trainer, &models, &data.val, &inner)?;
-        if let Some(m) = &mirror {
-            m.push_outputs(&opts.out)
-                .map_err(|e| train_error(e.into()))?;
-        }
+        uploader
+            .push_outputs(&opts.out)
+            .map_err(|e| train_error(e.into()))?;
     }
     Ok(Stage2Summary {
         steps: trainer.step(),
@@ -478,13 +476,6 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
         last_val_loss,
         model_dir: opts.out.join("model"),
     })
-}
-
-fn wait_upload(uploader: &mut Option<Uploader>) -> Result<(), RunError> {
-    uploader
-        .as_mut()
-        .map_or(Ok(()), Uploader::wait)
-        .map_err(|e| train_error(e.into()))
 }
 
 fn start(
