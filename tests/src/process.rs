@@ -39,6 +39,14 @@ impl Drop for Proc {
     }
 }
 
+/// A loopback port nothing listens on at the moment of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
 /// Starts `cmd` with its stdout piped and waits for the lines it announces itself with, one
 /// per prefix (`coordinator listening on `, `metrics on http://`, ...); returns the process
 /// and what follows each prefix (addresses).

@@ -3,12 +3,14 @@
 //! environment variables pointing at it.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use crate::process::free_port;
 
 /// The bucket every test uses.
 pub const BUCKET: &str = "taming";
@@ -34,14 +36,6 @@ fn moto_binary() -> PathBuf {
         return cached;
     }
     PathBuf::from("moto_server")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn start_moto() -> String {

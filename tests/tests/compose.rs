@@ -5,14 +5,14 @@
 //! the `launch` service's job must succeed on the two workers through the two dataloaders.
 
 use std::collections::HashMap;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_yaml::Value;
 use taming_tests::http::metric;
-use taming_tests::process::{Proc, bin, csv_steps, root, tiny_config, wait_for};
+use taming_tests::process::{Proc, bin, csv_steps, free_port, root, tiny_config, wait_for};
 
 /// One compose service.
 struct Service {
@@ -72,14 +72,6 @@ fn dockerfile() -> (String, String) {
         .trim()
         .to_string();
     (workdir, text)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Where each service's container ports are reachable here.
