@@ -3,7 +3,9 @@
 //! at 8, z 64, 512 codes of dimension 64, 64x64 images, batch 4, LPIPS (full VGG16, random
 //! weights) and the discriminator on.
 //!
-//! `cargo bench -p taming-worker --bench train_step -- [--iters N] [--json]`
+//! `cargo bench -p taming-worker --bench train_step -- [--iters N] [--json] [--burn-ops]`
+//!
+//! `--burn-ops` times burn's own convolution and GroupNorm instead of taming-rs's CPU kernels.
 
 use std::time::Instant;
 
@@ -56,6 +58,13 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map_or(5, |s| s.parse().expect("iterations"));
     let json = args.iter().any(|a| a == "--json");
+    let burn_ops = args.iter().any(|a| a == "--burn-ops");
+    taming_model::cpu::set_kernels(!burn_ops);
+    let name = if burn_ops {
+        "taming-rs (burn ops)"
+    } else {
+        "taming-rs"
+    };
     let device = Device::flex().autodiff();
     let lpips = Lpips::new(5, &device).no_grad();
     let mut trainer =
@@ -73,9 +82,9 @@ fn main() {
     let secs = start.elapsed().as_secs_f64() / iters as f64;
     if json {
         println!(
-            "{{\"impl\": \"taming-rs\", \"seconds_per_iteration\": {secs:.4}, \"iters\": {iters}}}"
+            "{{\"impl\": \"{name}\", \"seconds_per_iteration\": {secs:.4}, \"iters\": {iters}}}"
         );
     } else {
-        println!("taming-rs: {secs:.3} s per training iteration (G + D), {iters} iterations");
+        println!("{name}: {secs:.3} s per training iteration (G + D), {iters} iterations");
     }
 }

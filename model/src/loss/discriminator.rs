@@ -3,6 +3,7 @@
 //! LeakyReLU(0.2) between; conv weights N(0, 0.02), BatchNorm weights N(1, 0.02).
 //! Checkpoint names follow the reference's `main.N` sequence.
 
+use crate::conv;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
@@ -84,11 +85,11 @@ impl NLayerDiscriminator {
     /// Logits `[b, 1, h', w']` for images `[b, in_channels, h, w]`. BatchNorm uses batch
     /// statistics (and updates its running averages) on an autodiff device in training mode.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let mut h = leaky_relu(self.convs[0].forward(x), 0.2);
-        for (conv, norm) in self.convs[1..].iter().zip(&self.norms) {
-            h = leaky_relu(norm.forward(conv.forward(h)), 0.2);
+        let mut h = leaky_relu(conv::forward(&self.convs[0], x), 0.2);
+        for (c, norm) in self.convs[1..].iter().zip(&self.norms) {
+            h = leaky_relu(norm.forward(conv::forward(c, h)), 0.2);
         }
-        self.convs[self.convs.len() - 1].forward(h)
+        conv::forward(&self.convs[self.convs.len() - 1], h)
     }
 
     /// Folds pending running-statistics updates in, so that saving or evaluating sees the

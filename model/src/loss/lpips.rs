@@ -7,6 +7,7 @@
 //! the heads file `weights/v0.1/vgg.pth` of the `lpips` package (the reference's `vgg.pth`,
 //! `linK.model.1.weight`). Fewer than five stages can be used (for small test fixtures).
 
+use crate::conv;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
@@ -114,16 +115,16 @@ impl Lpips {
 
     /// Perceptual distance between image batches in [-1, 1], `[b, 1, 1, 1]`.
     pub fn forward(&self, x0: Tensor<4>, x1: Tensor<4>) -> Tensor<4> {
-        let b = x0.dims()[0];
-        // One trunk pass over both batches.
-        let taps = self.features(scale(Tensor::cat(vec![x0, x1], 0)));
+        // One trunk pass per batch: a batch that needs no gradient (the real images in
+        // training) then records nothing for the backward pass.
+        let taps = self.features(scale(x0)).into_iter();
+        let taps = taps.zip(self.features(scale(x1)));
         let mut total: Option<Tensor<4>> = None;
-        for (tap, lin) in taps.into_iter().zip(&self.lins) {
-            let [_, c, h, w] = tap.dims();
-            let tap = unit_normalize(tap);
-            let a = tap.clone().slice([0..b, 0..c, 0..h, 0..w]);
-            let z = tap.slice([b..2 * b, 0..c, 0..h, 0..w]);
-            let d = lin.forward((a - z).powi_scalar(2)).mean_dim(2).mean_dim(3);
+        for ((a, z), lin) in taps.zip(&self.lins) {
+            let (a, z) = (unit_normalize(a), unit_normalize(z));
+            let d = conv::forward(lin, (a - z).powi_scalar(2))
+                .mean_dim(2)
+                .mean_dim(3);
             total = Some(match total {
                 Some(t) => t + d,
                 None => d,
@@ -139,8 +140,8 @@ impl Lpips {
             if i > 0 {
                 h = max_pool2d(h, MaxPoolOptions::new([2, 2]));
             }
-            for conv in &stage.conv {
-                h = relu(conv.forward(h));
+            for c in &stage.conv {
+                h = relu(conv::forward(c, h));
             }
             taps.push(h.clone());
         }

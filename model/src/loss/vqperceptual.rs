@@ -13,7 +13,6 @@
 
 use burn::tensor::Tensor;
 use burn::tensor::activation::{relu, softplus};
-use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use serde::{Deserialize, Serialize};
 
@@ -259,7 +258,7 @@ impl VqLoss {
 fn adaptive_weight(last: &LastLayer, grad_nll: Tensor<4>, grad_g: Tensor<4>) -> f64 {
     let norm = |g: Tensor<4>| {
         let w = last.weight.clone().detach().require_grad();
-        let out = conv2d(
+        let out = crate::conv::conv2d(
             last.input.clone().detach(),
             w.clone(),
             None,

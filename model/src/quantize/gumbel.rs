@@ -2,6 +2,7 @@
 //! logits, gumbel-softmax with a temperature (hard one-hot with straight-through gradients),
 //! and a KL-to-uniform prior term.
 
+use crate::conv;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Embedding, EmbeddingConfig};
@@ -45,7 +46,7 @@ impl GumbelQuantizer {
     pub fn forward(&self, z: Tensor<4>, mode: QuantizeMode) -> Quantized {
         let [b, _, h, w] = z.dims();
         let n = self.n_embed();
-        let logits = to_rows(self.proj.forward(z));
+        let logits = to_rows(conv::forward(&self.proj, z));
         let loss = self.kl(logits.clone());
         let (weights, indices) = if mode.training {
             self.sample(logits.clone(), mode.temperature)

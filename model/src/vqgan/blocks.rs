@@ -1,6 +1,8 @@
 //! The autoencoder's building blocks, named as in the reference so that checkpoint keys map
 //! one to one (`norm1`, `conv1`, `nin_shortcut`, `q`, `k`, `v`, `proj_out`, ...).
 
+use crate::conv;
+use crate::norm::group_norm;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Dropout, DropoutConfig, GroupNorm, GroupNormConfig, PaddingConfig2d};
@@ -64,11 +66,11 @@ impl ResnetBlock {
 
     /// Applies the block.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let h = self.conv1.forward(swish(self.norm1.forward(x.clone())));
-        let h = swish(self.norm2.forward(h));
-        let h = self.conv2.forward(self.dropout.forward(h));
+        let h = conv::forward(&self.conv1, group_norm(&self.norm1, x.clone(), true));
+        let h = group_norm(&self.norm2, h, true);
+        let h = conv::forward(&self.conv2, self.dropout.forward(h));
         let skip = match &self.nin_shortcut {
-            Some(conv) => conv.forward(x),
+            Some(c) => conv::forward(c, x),
             None => x,
         };
         skip + h
@@ -100,18 +102,16 @@ impl AttnBlock {
     /// Applies the block.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let hn = self.norm.forward(x.clone());
-        let q = self
-            .q
-            .forward(hn.clone())
+        let hn = group_norm(&self.norm, x.clone(), false);
+        let q = conv::forward(&self.q, hn.clone())
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
-        let k = self.k.forward(hn.clone()).reshape([b, c, h * w]);
-        let v = self.v.forward(hn).reshape([b, c, h * w]);
+        let k = conv::forward(&self.k, hn.clone()).reshape([b, c, h * w]);
+        let v = conv::forward(&self.v, hn).reshape([b, c, h * w]);
         // weights[b, i, j] = <q_i, k_j> / sqrt(c), softmax over j.
         let weights = softmax(q.matmul(k).mul_scalar((c as f64).powf(-0.5)), 2);
         let out = v.matmul(weights.swap_dims(1, 2)).reshape([b, c, h, w]);
-        x + self.proj_out.forward(out)
+        x + conv::forward(&self.proj_out, out)
     }
 }
 
@@ -137,7 +137,7 @@ impl Downsample {
     /// Applies the block.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match &self.conv {
-            Some(conv) => conv.forward(x),
+            Some(c) => conv::forward(c, x),
             None => avg_pool2d(x, AvgPoolOptions::new([2, 2])),
         }
     }
@@ -164,7 +164,7 @@ impl Upsample {
             InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]);
         let up = interpolate(x, options);
         match &self.conv {
-            Some(conv) => conv.forward(up),
+            Some(c) => conv::forward(c, up),
             None => up,
         }
     }

@@ -2,12 +2,14 @@
 //! resolution up) `num_res_blocks + 1` residual blocks with attention at the listed
 //! resolutions and an upsampler except at level 0, then norm, swish and conv_out (no tanh).
 
+use crate::conv;
+use crate::norm::group_norm;
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Tensor};
 
-use super::blocks::{AttnBlock, ResnetBlock, Upsample, conv3x3, norm, swish};
+use super::blocks::{AttnBlock, ResnetBlock, Upsample, conv3x3, norm};
 use super::encoder::Mid;
 use crate::config::DdConfig;
 
@@ -73,7 +75,7 @@ impl Decoder {
 
     /// Decodes and also returns the input of the last convolution (for the adaptive weight).
     pub fn forward_with_last_input(&self, z: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let mut h = self.mid.forward(self.conv_in.forward(z));
+        let mut h = self.mid.forward(conv::forward(&self.conv_in, z));
         for level in self.up.iter().rev() {
             for (i, block) in level.block.iter().enumerate() {
                 h = block.forward(h);
@@ -85,8 +87,11 @@ impl Decoder {
                 h = up.forward(h);
             }
         }
-        let last_input = swish(self.norm_out.forward(h));
-        (self.conv_out.forward(last_input.clone()), last_input)
+        let last_input = group_norm(&self.norm_out, h, true);
+        (
+            conv::forward(&self.conv_out, last_input.clone()),
+            last_input,
+        )
     }
 
     /// The last convolution's weight, where the adaptive GAN weight takes its gradients.

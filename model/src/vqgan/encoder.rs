@@ -2,12 +2,14 @@
 //! at the listed resolutions) and a downsampler except at the last level, a middle
 //! Res-Attn-Res, then norm, swish and conv_out.
 
+use crate::conv;
+use crate::norm::group_norm;
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Tensor};
 
-use super::blocks::{AttnBlock, Downsample, ResnetBlock, conv3x3, norm, swish};
+use super::blocks::{AttnBlock, Downsample, ResnetBlock, conv3x3, norm};
 use crate::config::DdConfig;
 
 /// One resolution level of the encoder.
@@ -90,7 +92,7 @@ impl Encoder {
 
     /// Encodes images `[b, in_channels, h, w]` to `[b, z, h/f, w/f]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let mut h = self.conv_in.forward(x);
+        let mut h = conv::forward(&self.conv_in, x);
         for level in &self.down {
             for (i, block) in level.block.iter().enumerate() {
                 h = block.forward(h);
@@ -103,6 +105,6 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(h);
-        self.conv_out.forward(swish(self.norm_out.forward(h)))
+        conv::forward(&self.conv_out, group_norm(&self.norm_out, h, true))
     }
 }

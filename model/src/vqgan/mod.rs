@@ -4,6 +4,7 @@ pub mod blocks;
 pub mod decoder;
 pub mod encoder;
 
+use crate::conv;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Int, Tensor};
@@ -72,7 +73,7 @@ impl Vqgan {
     /// Encoder output and pre-quantization latents (after `quant_conv`).
     pub fn encode_pre_quant(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let h = self.encoder.forward(x);
-        let pre = self.quant_conv.forward(h.clone());
+        let pre = conv::forward(&self.quant_conv, h.clone());
         (h, pre)
     }
 
@@ -84,7 +85,8 @@ impl Vqgan {
 
     /// Decodes quantized latents `[b, embed_dim, h, w]` to images.
     pub fn decode(&self, z_q: Tensor<4>) -> Tensor<4> {
-        self.decoder.forward(self.post_quant_conv.forward(z_q))
+        self.decoder
+            .forward(conv::forward(&self.post_quant_conv, z_q))
     }
 
     /// Decodes code indices `[b, h, w]` to images.
@@ -95,7 +97,7 @@ impl Vqgan {
     /// Encode, quantize and decode.
     pub fn forward(&self, x: Tensor<4>, mode: QuantizeMode) -> VqganOutput {
         let quantized = self.encode(x, mode);
-        let h = self.post_quant_conv.forward(quantized.z_q.clone());
+        let h = conv::forward(&self.post_quant_conv, quantized.z_q.clone());
         let (reconstruction, last_input) = self.decoder.forward_with_last_input(h);
         VqganOutput {
             reconstruction,

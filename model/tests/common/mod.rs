@@ -112,6 +112,20 @@ pub fn assert_close_to_max(what: &str, ours: &[f32], reference: &[f32], tol: f32
 }
 
 /// Relative difference `|a - b| / |b|`.
+/// Asserts `|ours - ref|_2 <= tol * |ref|_2`: for gradients that pass through ReLUs and max
+/// pools, where a pre-activation within rounding of zero (or a near tie) may go either way
+/// under a different summation order and move a single pixel's value.
+pub fn assert_close_l2(what: &str, ours: &[f32], reference: &[f32], tol: f32) {
+    assert_eq!(ours.len(), reference.len(), "{what}: lengths differ");
+    let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x * x).sum::<f32>().sqrt();
+    let diff = norm(&mut ours.iter().zip(reference).map(|(a, b)| a - b));
+    let scale = norm(&mut reference.iter().copied());
+    assert!(
+        diff <= tol * scale,
+        "{what}: |diff|_2 {diff} exceeds {tol} x |ref|_2 {scale}"
+    );
+}
+
 pub fn rel(a: f32, b: f32) -> f32 {
     (a - b).abs() / b.abs().max(f32::MIN_POSITIVE)
 }
