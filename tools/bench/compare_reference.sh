@@ -13,3 +13,4 @@ cargo bench -p taming-model --bench encode_decode -- --iters "$iters" --json
 "$python" tools/bench/reference_encode_decode.py --iters "$iters" --json
 cargo bench -p taming-worker --bench train_step -- --iters "$iters" --json
 "$python" tools/bench/reference_train_step.py --iters "$iters" --json
+cargo bench -p taming-worker --bench train_step -- --iters "$iters" --json --burn-ops
