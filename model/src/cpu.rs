@@ -33,3 +33,21 @@ pub(crate) fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
         DType::F32,
     )
 }
+
+/// Asserts that each of `ours` is within `tol` x (the largest magnitude in `theirs`, or 1)
+/// of the same-named vector of `theirs`.
+#[cfg(test)]
+pub(crate) fn assert_all_close(what: &[&str], ours: &[Vec<f32>], theirs: &[Vec<f32>], tol: f32) {
+    assert_eq!(ours.len(), theirs.len());
+    for ((name, a), b) in what.iter().zip(ours).zip(theirs) {
+        let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let worst = a
+            .iter()
+            .zip(b)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst <= tol * scale,
+            "{name}: off by {worst} (scale {scale})"
+        );
+    }
+}

@@ -29,18 +29,7 @@ pub fn try_conv2d(
     bias: Option<&Tensor<1>>,
     options: &ConvOptions<2>,
 ) -> Option<Tensor<4>> {
-    let [batch, cin, h, w] = x.dims();
-    let [cout, _, kh, kw] = weight.dims();
-    let g = Geometry {
-        batch,
-        cin,
-        input: [h, w],
-        cout,
-        kernel: [kh, kw],
-        stride: options.stride,
-        padding: options.padding,
-        dilation: options.dilation,
-    };
+    let g = geometry(x.dims(), weight.dims(), options);
     let f32s = x.dtype() == DType::F32 && weight.dtype() == DType::F32;
     if options.groups != 1 || !f32s || !g.fits() {
         return None;
@@ -130,7 +119,7 @@ pub fn forward_flex(
 ) -> FlexTensor {
     let (x, w) = (x.to_contiguous(), w.to_contiguous());
     let bias = bias.map(|b| b.to_contiguous());
-    let g = geometry(&x, &w, options);
+    let g = geometry(x.shape().dims(), w.shape().dims(), options);
     let [ho, wo] = g.output();
     let out = kernels::forward(&g, f32s(&x), f32s(&w), bias.as_ref().map(f32s));
     tensor(out, Shape::new([g.batch, g.cout, ho, wo]))
@@ -149,7 +138,7 @@ impl<const N: usize> Backward<Flex, N> for GemmConv2d<N> {
         let x: FlexTensor = cp.retrieve_node_output(x_id);
         let w: FlexTensor = cp.retrieve_node_output(w_id);
         let (x, w) = (x.to_contiguous(), w.to_contiguous());
-        let g = geometry(&x, &w, &options);
+        let g = geometry(x.shape().dims(), w.shape().dims(), &options);
         let go = f32s(&grad);
         let mut parents = ops.parents.into_iter();
         let (node_x, node_w, node_b) = (parents.next(), parents.next(), parents.next());
@@ -168,9 +157,10 @@ impl<const N: usize> Backward<Flex, N> for GemmConv2d<N> {
     }
 }
 
-fn geometry(x: &FlexTensor, w: &FlexTensor, options: &ConvOptions<2>) -> Geometry {
-    let [batch, cin, h, wi] = x.shape().dims();
-    let [cout, _, kh, kw] = w.shape().dims();
+/// The geometry of convolving an input of shape `x` with a weight of shape `w`.
+fn geometry(x: [usize; 4], w: [usize; 4], options: &ConvOptions<2>) -> Geometry {
+    let [batch, cin, h, wi] = x;
+    let [cout, _, kh, kw] = w;
     Geometry {
         batch,
         cin,

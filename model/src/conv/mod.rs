@@ -100,18 +100,10 @@ mod tests {
         let tensors = (&x, &w, b.as_ref(), &r);
         let ours = grads(conv2d, tensors, &options);
         let theirs = grads(burn_conv2d, tensors, &options);
-        assert_eq!(ours.len(), theirs.len());
-        for (a, b) in ours.iter().zip(&theirs) {
-            let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-            let worst = a
-                .iter()
-                .zip(b)
-                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(
-                worst <= 1e-5 * scale,
-                "{options:?}: off by {worst} (scale {scale})"
-            );
-        }
+        let what = format!("{options:?}");
+        let names = ["output", "dx", "dw", "dbias"].map(|n| format!("{what} {n}"));
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        crate::cpu::assert_all_close(&names, &ours, &theirs, 1e-5);
     }
 
     #[test]

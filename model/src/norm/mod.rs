@@ -99,20 +99,9 @@ mod tests {
         for swish in [true, false] {
             let ours = run(&norm, &x, &r, swish, true);
             let theirs = run(&norm, &x, &r, swish, false);
-            for (what, (a, b)) in ["output", "dx", "dgamma", "dbeta"]
-                .iter()
-                .zip(ours.iter().zip(&theirs))
-            {
-                let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-                let worst = a
-                    .iter()
-                    .zip(b)
-                    .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(
-                    worst <= 2e-5 * scale,
-                    "{what} (swish {swish}): off by {worst}"
-                );
-            }
+            let names = ["output", "dx", "dgamma", "dbeta"].map(|n| format!("{n} (swish {swish})"));
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            crate::cpu::assert_all_close(&names, &ours, &theirs, 2e-5);
         }
     }
 
