@@ -10,6 +10,7 @@ pub mod conv;
 pub mod cpu;
 pub mod device;
 pub mod error;
+mod fastmath;
 pub mod image_io;
 pub mod loss;
 pub mod metrics;

@@ -178,7 +178,7 @@ fn bias_grad(g: &Geometry, go: &[f32]) -> Vec<f32> {
     let [ho, wo] = g.output();
     let mut db = vec![0.0f32; g.cout];
     for (i, plane) in go.chunks(ho * wo).enumerate() {
-        db[i % g.cout] += plane.iter().sum::<f32>();
+        db[i % g.cout] += crate::fastmath::sum(plane);
     }
     db
 }

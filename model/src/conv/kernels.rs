@@ -6,6 +6,9 @@
 //! `grad_out[n] (Cout x P) @ col[n]^T (P x Cin*kh*kw)` summed over the batch and the input
 //! gradient is `col2im(W^T (Cin*kh*kw x Cout) @ grad_out[n])`, both wide GEMMs.
 
+use std::cell::RefCell;
+
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Shape of one 2-d convolution with a single group.
@@ -121,38 +124,44 @@ pub fn im2col(g: &Geometry, x: &[f32], col: &mut [f32], par: bool) {
 /// Adds the patches in `col` (`patch x positions`) back into one sample `dx` (`cin x h x w`),
 /// which is overwritten.
 pub fn col2im(g: &Geometry, col: &[f32], dx: &mut [f32], par: bool) {
+    for_chunks(dx, g.plane(), par, |ci, plane| {
+        col2im_plane(g, col, ci, plane)
+    });
+}
+
+/// [`col2im`] for input channel `ci`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn col2im_plane(g: &Geometry, col: &[f32], ci: usize, plane: &mut [f32]) {
     let [ho, wo] = g.output();
     let [_, w] = g.input;
     let [kh, kw] = g.kernel;
     let p = ho * wo;
-    for_chunks(dx, g.plane(), par, |ci, plane| {
-        plane.fill(0.0);
-        for ky in 0..kh {
-            for kx in 0..kw {
-                let row = &col[((ci * kh + ky) * kw + kx) * p..][..p];
-                let (lo, hi) = g.valid_range(1, kx, wo);
-                if lo >= hi {
+    plane.fill(0.0);
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let row = &col[((ci * kh + ky) * kw + kx) * p..][..p];
+            let (lo, hi) = g.valid_range(1, kx, wo);
+            if lo >= hi {
+                continue;
+            }
+            let first = lo * g.stride[1] + kx * g.dilation[1] - g.padding[1].0;
+            for oy in 0..ho {
+                let Some(iy) = g.source(0, oy, ky) else {
                     continue;
-                }
-                let first = lo * g.stride[1] + kx * g.dilation[1] - g.padding[1].0;
-                for oy in 0..ho {
-                    let Some(iy) = g.source(0, oy, ky) else {
-                        continue;
-                    };
-                    let src = &row[oy * wo + lo..oy * wo + hi];
-                    let dst = &mut plane[iy * w..][..w];
-                    if g.stride[1] == 1 {
-                        let dst = &mut dst[first..first + src.len()];
-                        dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
-                    } else {
-                        for (j, v) in src.iter().enumerate() {
-                            dst[first + j * g.stride[1]] += v;
-                        }
+                };
+                let src = &row[oy * wo + lo..oy * wo + hi];
+                let dst = &mut plane[iy * w..][..w];
+                if g.stride[1] == 1 {
+                    let dst = &mut dst[first..first + src.len()];
+                    dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
+                } else {
+                    for (j, v) in src.iter().enumerate() {
+                        dst[first + j * g.stride[1]] += v;
                     }
                 }
             }
         }
-    });
+    }
 }
 
 /// Runs `f(index, chunk)` over the `len`-sized chunks of `buf`, on all threads when `par`.
@@ -171,37 +180,61 @@ where
     }
 }
 
-/// Runs `f(n, chunk, scratch, par)` for each sample's `len`-sized chunk of `buf`: samples in
-/// parallel with serial insides when there are at least as many samples as threads, else one
-/// sample at a time with parallel insides.
+/// Runs `f(n, chunk, par)` for each sample's `len`-sized chunk of `buf`: samples in parallel
+/// with serial insides when there are at least as many samples as threads, else one sample at
+/// a time with parallel insides.
 fn for_samples<F>(g: &Geometry, buf: &mut [f32], len: usize, f: F)
 where
-    F: Fn(usize, &mut [f32], &mut Vec<f32>, bool) + Sync,
+    F: Fn(usize, &mut [f32], bool) + Sync,
 {
     if split_samples(g) {
         buf.par_chunks_mut(len)
             .enumerate()
-            .for_each_init(Vec::new, |col, (n, c)| f(n, c, col, false));
+            .for_each(|(n, c)| f(n, c, false));
     } else {
-        let mut col = Vec::new();
         for (n, c) in buf.chunks_mut(len).enumerate() {
-            f(n, c, &mut col, true);
+            f(n, c, true);
         }
     }
+}
+
+thread_local! {
+    /// Each thread's im2col buffer, kept between convolutions: a fresh one per call costs a
+    /// zero fill and, for large ones, page faults. At most [`Geometry::fits`]'s 32 MiB.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch buffer of `len` floats (contents unspecified).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    // Taken out for the call: rayon may run another convolution's job on this thread while
+    // `f` waits, and that one then allocates its own.
+    let mut buf = SCRATCH.with(RefCell::take);
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let out = f(&mut buf[..len]);
+    SCRATCH.with(|cell| {
+        if cell.borrow().len() < buf.len() {
+            cell.replace(buf);
+        }
+    });
+    out
 }
 
 fn split_samples(g: &Geometry) -> bool {
     g.batch >= rayon::current_num_threads()
 }
 
-/// The im2col of one sample, or the sample itself for a pointwise convolution.
-fn patches<'a>(g: &Geometry, x: &'a [f32], col: &'a mut Vec<f32>, par: bool) -> &'a [f32] {
+/// Runs `f` on the im2col of one sample, or on the sample itself for a pointwise
+/// convolution.
+fn with_patches<R>(g: &Geometry, x: &[f32], par: bool, f: impl FnOnce(&[f32]) -> R) -> R {
     if g.is_pointwise() {
-        return x;
+        return f(x);
     }
-    col.resize(g.patch() * g.positions(), 0.0);
-    im2col(g, x, col, par);
-    col
+    with_scratch(g.patch() * g.positions(), |col| {
+        im2col(g, x, col, par);
+        f(col)
+    })
 }
 
 /// One sample's input (`cin x h x w`).
@@ -219,18 +252,19 @@ fn sample_out<'a>(g: &Geometry, out: &'a [f32], n: usize) -> &'a [f32] {
 pub fn forward(g: &Geometry, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (k, p) = (g.patch(), g.positions());
     let mut out = vec![0.0f32; g.batch * g.cout * p];
-    for_samples(g, &mut out, g.cout * p, |n, dst, col, par| {
-        let patches = patches(g, sample(g, x, n), col, par);
+    for_samples(g, &mut out, g.cout * p, |n, dst, par| {
         if let Some(bias) = bias {
             for (plane, b) in dst.chunks_mut(p).zip(bias) {
                 plane.fill(*b);
             }
         }
-        let d = Matrix::row_major(dst.as_mut_ptr(), p);
-        let lhs = Matrix::row_major(weight.as_ptr().cast_mut(), k);
-        let rhs = Matrix::row_major(patches.as_ptr().cast_mut(), p);
-        // SAFETY: every matrix lies inside its buffer for the given shape and strides.
-        unsafe { gemm_f32([g.cout, p, k], d, bias.is_some(), lhs, rhs, par) };
+        with_patches(g, sample(g, x, n), par, |patches| {
+            let d = Matrix::row_major(dst.as_mut_ptr(), p);
+            let lhs = Matrix::row_major(weight.as_ptr().cast_mut(), k);
+            let rhs = Matrix::row_major(patches.as_ptr().cast_mut(), p);
+            // SAFETY: every matrix lies inside its buffer for the given shape and strides.
+            unsafe { gemm_f32([g.cout, p, k], d, bias.is_some(), lhs, rhs, par) };
+        });
     });
     out
 }
@@ -239,40 +273,57 @@ pub fn forward(g: &Geometry, x: &[f32], weight: &[f32], bias: Option<&[f32]>) ->
 /// and the output gradient (`batch x cout x ho x wo`).
 pub fn weight_grad(g: &Geometry, x: &[f32], grad_out: &[f32]) -> Vec<f32> {
     let len = g.cout * g.patch();
-    // dw (cout x k) += go[n] (cout x p) @ col[n]^T (p x k)
-    let add_sample = |dw: &mut [f32], col: &mut Vec<f32>, n: usize, par: bool| {
-        let patches = patches(g, sample(g, x, n), col, par);
-        let dst = Matrix::row_major(dw.as_mut_ptr(), g.patch());
-        let lhs = Matrix::row_major(
-            sample_out(g, grad_out, n).as_ptr().cast_mut(),
-            g.positions(),
-        );
-        let rhs = Matrix::col_major(patches.as_ptr().cast_mut(), g.positions());
-        let shape = [g.cout, g.patch(), g.positions()];
-        // SAFETY: every matrix lies inside its buffer for the given shape and strides.
-        unsafe { gemm_f32(shape, dst, true, lhs, rhs, par) };
+    // dw (cout x k) += go[n] (cout x p) @ col[n]^T (p x k). Single-threaded, gemm runs this
+    // 10-50% faster into a column-major dw (BENCHMARKS.md); threaded, into a row-major one.
+    let add_sample = |dw: &mut [f32], n: usize, par: bool| {
+        with_patches(g, sample(g, x, n), par, |patches| {
+            let dst = if par {
+                Matrix::row_major(dw.as_mut_ptr(), g.patch())
+            } else {
+                Matrix::col_major(dw.as_mut_ptr(), g.cout)
+            };
+            let lhs = Matrix::row_major(
+                sample_out(g, grad_out, n).as_ptr().cast_mut(),
+                g.positions(),
+            );
+            let rhs = Matrix::col_major(patches.as_ptr().cast_mut(), g.positions());
+            let shape = [g.cout, g.patch(), g.positions()];
+            // SAFETY: every matrix lies inside its buffer for the given shape and strides.
+            unsafe { gemm_f32(shape, dst, true, lhs, rhs, par) };
+        });
     };
     // Partial sums per thread cost a pass over the weight each: not for small images.
     if !split_samples(g) || g.positions() < 256 {
-        let (mut dw, mut col) = (vec![0.0f32; len], Vec::new());
-        (0..g.batch).for_each(|n| add_sample(&mut dw, &mut col, n, true));
+        let mut dw = vec![0.0f32; len];
+        (0..g.batch).for_each(|n| add_sample(&mut dw, n, true));
         return dw;
     }
-    (0..g.batch)
+    let dw_t = (0..g.batch)
         .into_par_iter()
         .fold(
-            || (vec![0.0f32; len], Vec::new()),
-            |(mut dw, mut col), n| {
-                add_sample(&mut dw, &mut col, n, false);
-                (dw, col)
+            || vec![0.0f32; len],
+            |mut dw_t, n| {
+                add_sample(&mut dw_t, n, false);
+                dw_t
             },
         )
-        .map(|(dw, _)| dw)
         .reduce_with(|mut a, b| {
             a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
             a
         })
-        .unwrap_or_else(|| vec![0.0; len])
+        .unwrap_or_else(|| vec![0.0; len]);
+    transpose(&dw_t, g.patch(), g.cout)
+}
+
+/// The transpose (`cols x rows`) of a row-major `rows x cols` matrix.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; m.len()];
+    for (r, row) in m.chunks(cols).enumerate().take(rows) {
+        for (c, v) in row.iter().enumerate() {
+            out[c * rows + r] = *v;
+        }
+    }
+    out
 }
 
 /// Gradient of the input (`batch x cin x h x w`) from the weight (`cout x cin x kh x kw`) and
@@ -280,23 +331,22 @@ pub fn weight_grad(g: &Geometry, x: &[f32], grad_out: &[f32]) -> Vec<f32> {
 pub fn input_grad(g: &Geometry, weight: &[f32], grad_out: &[f32]) -> Vec<f32> {
     let (k, p) = (g.patch(), g.positions());
     let mut dx = vec![0.0f32; g.batch * g.cin * g.plane()];
-    for_samples(g, &mut dx, g.cin * g.plane(), |n, dxn, col, par| {
+    for_samples(g, &mut dx, g.cin * g.plane(), |n, dxn, par| {
         // col (k x p) = W^T (k x cout) @ go (cout x p), straight into dx when pointwise
-        if !g.is_pointwise() {
-            col.resize(k * p, 0.0);
-        }
-        let target = if g.is_pointwise() {
-            &mut *dxn
-        } else {
-            &mut col[..]
+        let product = |target: &mut [f32]| {
+            let dst = Matrix::row_major(target.as_mut_ptr(), p);
+            let lhs = Matrix::col_major(weight.as_ptr().cast_mut(), k);
+            let rhs = Matrix::row_major(sample_out(g, grad_out, n).as_ptr().cast_mut(), p);
+            // SAFETY: every matrix lies inside its buffer for the given shape and strides.
+            unsafe { gemm_f32([k, p, g.cout], dst, false, lhs, rhs, par) };
         };
-        let dst = Matrix::row_major(target.as_mut_ptr(), p);
-        let lhs = Matrix::col_major(weight.as_ptr().cast_mut(), k);
-        let rhs = Matrix::row_major(sample_out(g, grad_out, n).as_ptr().cast_mut(), p);
-        // SAFETY: every matrix lies inside its buffer for the given shape and strides.
-        unsafe { gemm_f32([k, p, g.cout], dst, false, lhs, rhs, par) };
-        if !g.is_pointwise() {
-            col2im(g, col, dxn, par);
+        if g.is_pointwise() {
+            product(dxn);
+        } else {
+            with_scratch(k * p, |col| {
+                product(col);
+                col2im(g, col, dxn, par);
+            });
         }
     });
     dx

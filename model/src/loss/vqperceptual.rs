@@ -11,6 +11,7 @@
 //! whose gradients equal those of the total loss. The reference instead back-propagates
 //! LPIPS and the discriminator twice.
 
+use burn::module::Module;
 use burn::tensor::Tensor;
 use burn::tensor::activation::{relu, softplus};
 use burn::tensor::ops::ConvOptions;
@@ -207,7 +208,11 @@ impl VqLoss {
         let mut grad_rec = grad_nll.clone();
         if disc_factor > 0.0 {
             let leaf = rec.clone().detach().require_grad();
+            // Only dL_G/drec is wanted: a copy of the discriminator whose parameters are not
+            // tracked skips their gradients (its BatchNorm statistics are shared and update).
             let g_loss = disc
+                .clone()
+                .no_grad()
                 .forward(self.disc_input(leaf.clone(), cond))
                 .mean()
                 .neg();
