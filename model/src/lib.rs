@@ -2,6 +2,7 @@
 //! transformer (GPT, conditioning, sampling), reference checkpoint import and the project's
 //! own model format.
 
+pub mod adam;
 pub mod atomic;
 pub mod checkpoint;
 pub mod codes;

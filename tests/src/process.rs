@@ -24,9 +24,17 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// The checkout.
+/// The checkout: the workspace holding the package whose tests run (cargo sets
+/// `CARGO_MANIFEST_DIR` when it runs them), else the one this crate was built in. Not only the
+/// latter: a build of this crate is reused by checkouts elsewhere sharing a target directory.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    let package = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    package
+        .ancestors()
+        .find(|dir| dir.join("Cargo.lock").is_file())
+        .unwrap_or(&package)
+        .to_path_buf()
 }
 
 /// A child process killed and reaped when dropped.

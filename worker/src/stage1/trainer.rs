@@ -4,13 +4,14 @@
 
 use burn::module::Module;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use taming_collective::{AllReduce, CollectiveError};
 
 use crate::distributed::{broadcast_params, mean_gradients};
 use burn::tensor::{Device, Tensor, TensorData};
 use taming_dataloader::ImageBatch;
 use taming_model::Vqgan;
+use taming_model::adam::{AdamSettings, adam_optimizer};
 use taming_model::config::QuantizerConfig;
 use taming_model::error::ModelError;
 use taming_model::loss::{GeneratorLog, LastLayer, Lpips, NLayerDiscriminator, VqLoss};
@@ -71,15 +72,14 @@ pub struct Stage1Trainer {
     comm: std::time::Duration,
 }
 
+/// The reference's Adam (betas 0.5, 0.9), one pass per parameter on the CPU backend.
 fn adam(clip: Option<f32>) -> ModuleOptimizer {
-    let mut cfg = AdamConfig::new()
-        .with_beta_1(0.5)
-        .with_beta_2(0.9)
-        .with_epsilon(1e-8);
-    if let Some(norm) = clip {
-        cfg = cfg.with_grad_clipping(Some(GradientClippingConfig::Norm(norm)));
-    }
-    cfg.init()
+    let settings = AdamSettings {
+        beta_1: 0.5,
+        beta_2: 0.9,
+        epsilon: 1e-8,
+    };
+    adam_optimizer(settings, clip.map(GradientClippingConfig::Norm))
 }
 
 impl Stage1Trainer {

@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::Device;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use taming_collective::{AllReduce, CollectiveError};
+use taming_model::adam::{AdamSettings, adam_optimizer};
 use taming_model::transformer::{Gpt, TokenLayout, TransformerConfig};
 
 use super::config::Stage2Config;
@@ -97,16 +98,15 @@ impl Stage2Trainer {
         device.seed(config.seed);
         let gpt = Gpt::new(&layout.config().gpt, device);
         materialize(&gpt);
-        let mut adam = AdamConfig::new()
-            .with_beta_1(0.9)
-            .with_beta_2(0.95)
-            .with_epsilon(1e-8);
-        if let Some(norm) = config.grad_clip {
-            adam = adam.with_grad_clipping(Some(GradientClippingConfig::Norm(norm)));
-        }
+        let settings = AdamSettings {
+            beta_1: 0.9,
+            beta_2: 0.95,
+            epsilon: 1e-8,
+        };
+        let adam = adam_optimizer(settings, config.grad_clip.map(GradientClippingConfig::Norm));
         Ok(Self {
             gpt: Some(gpt),
-            opt: adam.init(),
+            opt: adam,
             acc: GradientsAccumulator::new(),
             micro: 0,
             layout,
