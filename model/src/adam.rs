@@ -122,8 +122,8 @@ struct Step {
     lr: f32,
 }
 
-/// Elements per parallel task.
-const CHUNK: usize = 1 << 15;
+/// Elements per parallel task: small enough that most weights are split over the threads.
+const CHUNK: usize = 1 << 12;
 
 impl Step {
     fn new(s: &AdamSettings, lr: LearningRate, time: usize) -> Self {

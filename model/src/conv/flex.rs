@@ -15,6 +15,7 @@ use burn_backend::{DType, TensorMetadata};
 use burn_dispatch::{DispatchKindConversion, DispatchTensor};
 use burn_flex::{Flex, FlexTensor};
 use burn_std::Shape;
+use rayon::prelude::*;
 
 use crate::cpu::{f32s, tensor};
 
@@ -176,9 +177,15 @@ fn geometry(x: [usize; 4], w: [usize; 4], options: &ConvOptions<2>) -> Geometry 
 /// Sum of the output gradient over the batch and positions, per output channel.
 fn bias_grad(g: &Geometry, go: &[f32]) -> Vec<f32> {
     let [ho, wo] = g.output();
+    // One sum per (sample, channel) plane, in parallel, then added per channel in order.
+    let sums: Vec<f32> = go
+        .par_chunks(ho * wo)
+        .with_min_len((4096 / (ho * wo)).max(1))
+        .map(crate::fastmath::sum)
+        .collect();
     let mut db = vec![0.0f32; g.cout];
-    for (i, plane) in go.chunks(ho * wo).enumerate() {
-        db[i % g.cout] += crate::fastmath::sum(plane);
+    for (i, s) in sums.iter().enumerate() {
+        db[i % g.cout] += s;
     }
     db
 }
