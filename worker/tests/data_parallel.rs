@@ -7,8 +7,9 @@
 //! elements whose gradient is at rounding level move by +-lr either way. Measured here:
 //! 1.6e-5 after one step, 2.7e-5 after two, 3.4e-5 after three.
 
+mod common;
+
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use burn::store::ModuleSnapshot;
@@ -16,35 +17,20 @@ use burn::tensor::{Device, Tensor, TensorData};
 use taming_collective::{RingConfig, TcpRing};
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
-use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
+use taming_model::config::{QuantizerConfig, VqganConfig};
 use taming_model::loss::{DiscriminatorConfig, LossConfig};
+use taming_tests::process::root;
 use taming_worker::stage1::{Stage1Config, Stage1Trainer};
 
 /// burn's random generator is process-global: the two tests (threads of one binary) must not
 /// seed and draw at the same time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn config(batch_size: usize) -> Stage1Config {
     Stage1Config {
         objective: Default::default(),
         model: VqganConfig {
-            ddconfig: DdConfig {
-                ch: 32,
-                out_ch: 3,
-                ch_mult: vec![1, 2],
-                num_res_blocks: 1,
-                attn_resolutions: vec![16],
-                dropout: 0.0,
-                resamp_with_conv: true,
-                in_channels: 3,
-                resolution: 32,
-                z_channels: 16,
-                double_z: false,
-            },
+            ddconfig: common::small_ddconfig(16, vec![16]),
             n_embed: 64,
             embed_dim: 16,
             quantizer: QuantizerConfig::default(),

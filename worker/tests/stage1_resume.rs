@@ -1,43 +1,26 @@
 //! Checkpoints: resuming continues exactly as an uninterrupted run, and an interrupted write
 //! leaves the previous checkpoint intact and loadable.
 
-use std::path::PathBuf;
+mod common;
 
 use burn::store::ModuleSnapshot;
 use burn::tensor::Device;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
-use taming_model::config::{
-    DdConfig, QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig,
-};
+use taming_model::config::{QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig};
 use taming_model::loss::{DiscriminatorConfig, LossConfig};
+use taming_tests::process::root;
 use taming_worker::checkpoint::{self, CheckpointError, TrainState};
 use taming_worker::stage1::{Stage1Config, Stage1Trainer};
 
 /// burn seeds one process-wide generator: tests that train must not interleave their draws.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn config() -> Stage1Config {
     Stage1Config {
         objective: Default::default(),
         model: VqganConfig {
-            ddconfig: DdConfig {
-                ch: 32,
-                out_ch: 3,
-                ch_mult: vec![1, 2],
-                num_res_blocks: 1,
-                attn_resolutions: vec![],
-                dropout: 0.0,
-                resamp_with_conv: true,
-                in_channels: 3,
-                resolution: 32,
-                z_channels: 8,
-                double_z: false,
-            },
+            ddconfig: common::small_ddconfig(8, vec![]),
             n_embed: 32,
             embed_dim: 8,
             quantizer: QuantizerConfig::Vector(VectorQuantizerConfig {

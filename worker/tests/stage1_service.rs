@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use taming_dataloader::runtime;
 use taming_dataloader::service::{DataloaderService, serve_service};
-use taming_tests::process::{root, tiny_config};
+use taming_tests::process::{root, succeed, tiny_config};
 
 #[test]
 fn training_streams_its_batches_from_the_dataloader_service() {
@@ -17,21 +17,16 @@ fn training_streams_its_batches_from_the_dataloader_service() {
 
     let tmp = tempfile::tempdir().unwrap();
     let config = tiny_config(tmp.path());
-    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(["train", "--stage", "vqgan", "--steps", "3", "--quiet"])
-        .arg("--config")
-        .arg(&config)
-        .arg("--data")
-        .arg(root().join("data/fashion-mnist"))
-        .arg("--out")
-        .arg(tmp.path().join("run"))
-        .args(["--dataloader", &addr])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(["train", "--stage", "vqgan", "--steps", "3", "--quiet"])
+            .arg("--config")
+            .arg(&config)
+            .arg("--data")
+            .arg(root().join("data/fashion-mnist"))
+            .arg("--out")
+            .arg(tmp.path().join("run"))
+            .args(["--dataloader", &addr]),
     );
     assert!(tmp.path().join("run/model/model.safetensors").is_file());
     assert!(

@@ -1,37 +1,22 @@
 //! Stage-1 training on the embedded Fashion-MNIST shards, through the real trainer, loader
 //! and loss (LPIPS from the small fixture weights, discriminator switched on mid-run).
 
-use std::path::PathBuf;
+mod common;
 
 use burn::tensor::Device;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
-use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
+use taming_model::config::{QuantizerConfig, VqganConfig};
 use taming_model::loss::{DiscriminatorConfig, LossConfig, LpipsConfig};
+use taming_tests::process::root;
 use taming_worker::stage1::{Stage1Config, Stage1Trainer};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn small_config(disc_start: u64) -> Stage1Config {
     let fixtures = root().join("model/tests/fixtures/loss");
     Stage1Config {
         objective: Default::default(),
         model: VqganConfig {
-            ddconfig: DdConfig {
-                ch: 32,
-                out_ch: 3,
-                ch_mult: vec![1, 2],
-                num_res_blocks: 1,
-                attn_resolutions: vec![16],
-                dropout: 0.0,
-                resamp_with_conv: true,
-                in_channels: 3,
-                resolution: 32,
-                z_channels: 16,
-                double_z: false,
-            },
+            ddconfig: common::small_ddconfig(16, vec![16]),
             n_embed: 64,
             embed_dim: 16,
             quantizer: QuantizerConfig::default(),

@@ -12,6 +12,7 @@ use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, Sha
 use taming_model::Vqgan;
 use taming_model::checkpoint::native;
 use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
+use taming_tests::process::root;
 use taming_worker::stage2::data::encode_batch;
 use taming_worker::stage2::{
     CondKind, GptShape, Schedule, Stage2Config, Stage2Options, run_stage2,
@@ -20,10 +21,6 @@ use taming_worker::stage2::{
 /// burn's random generator is process-global: tests (threads of one binary) that seed it and
 /// compare exact results must not run at the same time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn data() -> String {
     root()
