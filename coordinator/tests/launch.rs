@@ -1,7 +1,7 @@
 //! `coordinator launch` as a user runs it: a short stage-1 job on the embedded data through a
 //! real worker process, and the refusals.
 
-use taming_tests::process::{bin, csv_steps, root};
+use taming_tests::process::{bin, csv_steps, root, succeed};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,12 +43,7 @@ fn launch_runs_a_vqgan_job_and_leaves_a_complete_run_folder() {
         .arg(&out);
         c
     };
-    let run = args("3").output().unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    succeed(&mut args("3"));
     for file in [
         "metrics.csv",
         "loss.png",
@@ -65,12 +60,7 @@ fn launch_runs_a_vqgan_job_and_leaves_a_complete_run_folder() {
         "an existing run is not overwritten without --resume"
     );
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
-    let resumed = args("5").arg("--resume").output().unwrap();
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
+    succeed(args("5").arg("--resume"));
     assert_eq!(
         csv_steps(&out.join("metrics.csv")),
         vec![1, 2, 3, 4, 5],
@@ -140,21 +130,16 @@ fn tiny_stage2_config(dir: &Path) -> PathBuf {
 fn two_nodes_on_the_local_mini_cluster_train_both_stages() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let run = coordinator()
-        .args([
-            "launch", "--stage", "vqgan", "--nodes", "2", "--steps", "4", "--quiet",
-        ])
-        .args(["--eval-every", "2", "--checkpoint-every", "2"])
-        .arg("--config")
-        .arg(tiny_config(tmp.path()))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    let run = succeed(
+        coordinator()
+            .args([
+                "launch", "--stage", "vqgan", "--nodes", "2", "--steps", "4", "--quiet",
+            ])
+            .args(["--eval-every", "2", "--checkpoint-every", "2"])
+            .arg("--config")
+            .arg(tiny_config(tmp.path()))
+            .arg("--out")
+            .arg(&out),
     );
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
@@ -178,37 +163,32 @@ fn two_nodes_on_the_local_mini_cluster_train_both_stages() {
     );
 
     let out2 = tmp.path().join("transformer");
-    let run = coordinator()
-        .args([
-            "launch",
-            "--stage",
-            "transformer",
-            "--nodes",
-            "2",
-            "--steps",
-            "4",
-            "--quiet",
-        ])
-        .args([
-            "--cond",
-            "class",
-            "--eval-every",
-            "2",
-            "--checkpoint-every",
-            "2",
-        ])
-        .arg("--vqgan")
-        .arg(out.join("model"))
-        .arg("--config")
-        .arg(tiny_stage2_config(tmp.path()))
-        .arg("--out")
-        .arg(&out2)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    let run = succeed(
+        coordinator()
+            .args([
+                "launch",
+                "--stage",
+                "transformer",
+                "--nodes",
+                "2",
+                "--steps",
+                "4",
+                "--quiet",
+            ])
+            .args([
+                "--cond",
+                "class",
+                "--eval-every",
+                "2",
+                "--checkpoint-every",
+                "2",
+            ])
+            .arg("--vqgan")
+            .arg(out.join("model"))
+            .arg("--config")
+            .arg(tiny_stage2_config(tmp.path()))
+            .arg("--out")
+            .arg(&out2),
     );
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
@@ -251,12 +231,7 @@ fn an_output_folder_that_cannot_be_created_fails_clearly() {
 }
 
 fn launch_ok(args: &mut Command) -> String {
-    let run = args.output().unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let run = succeed(args);
     String::from_utf8_lossy(&run.stdout).into_owned()
 }
 

@@ -3,7 +3,7 @@
 //! coordinator's handling of that step's progress report are one trace, parent and child. A
 //! collector that cannot be reached does not stop training.
 
-use taming_tests::process::{Proc, bin, root, spawn_announcing, tiny_config};
+use taming_tests::process::{Proc, bin, root, spawn_announcing, succeed, tiny_config};
 
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -108,31 +108,26 @@ fn a_step_and_its_report_are_one_trace_across_worker_and_coordinator() {
             .spawn()
             .unwrap(),
     );
-    let run = Command::new(bin("coordinator"))
-        .args([
-            "launch",
-            "--stage",
-            "vqgan",
-            "--steps",
-            "3",
-            "--quiet",
-            "--coordinator",
-            &grpc,
-        ])
-        .arg("--config")
-        .arg(tiny_config(tmp.path()))
-        .arg("--data")
-        .arg(root().join("data/fashion-mnist"))
-        .arg("--out")
-        .arg(tmp.path().join("run"))
-        .env("TAMING_CLUSTER_TOKEN", TOKEN)
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    succeed(
+        Command::new(bin("coordinator"))
+            .args([
+                "launch",
+                "--stage",
+                "vqgan",
+                "--steps",
+                "3",
+                "--quiet",
+                "--coordinator",
+                &grpc,
+            ])
+            .arg("--config")
+            .arg(tiny_config(tmp.path()))
+            .arg("--data")
+            .arg(root().join("data/fashion-mnist"))
+            .arg("--out")
+            .arg(tmp.path().join("run"))
+            .env("TAMING_CLUSTER_TOKEN", TOKEN)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT"),
     );
 
     // Spans leave in batches every half second; wait for a linked pair.
@@ -190,20 +185,15 @@ fn a_step_and_its_report_are_one_trace_across_worker_and_coordinator() {
 fn an_unreachable_collector_does_not_stop_training() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let run = Command::new(bin("worker"))
-        .args(["--otlp-endpoint", "http://127.0.0.1:9", "--log-json"])
-        .args(["train", "--stage", "vqgan", "--steps", "3", "--quiet"])
-        .args(["--eval-every", "3", "--checkpoint-every", "3"])
-        .arg("--config")
-        .arg(tiny_config(tmp.path()))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    succeed(
+        Command::new(bin("worker"))
+            .args(["--otlp-endpoint", "http://127.0.0.1:9", "--log-json"])
+            .args(["train", "--stage", "vqgan", "--steps", "3", "--quiet"])
+            .args(["--eval-every", "3", "--checkpoint-every", "3"])
+            .arg("--config")
+            .arg(tiny_config(tmp.path()))
+            .arg("--out")
+            .arg(&out),
     );
     assert!(out.join("model/model.safetensors").is_file());
 }
@@ -216,20 +206,15 @@ fn the_mini_cluster_traces_all_three_services() {
     let store: Store = Arc::default();
     let otlp = receiver(&rt, store.clone());
     let tmp = tempfile::tempdir().unwrap();
-    let run = Command::new(bin("coordinator"))
-        .args(["launch", "--stage", "vqgan", "--steps", "4", "--quiet"])
-        .args(["--eval-every", "4", "--checkpoint-every", "4"])
-        .arg("--config")
-        .arg(tiny_config(tmp.path()))
-        .arg("--out")
-        .arg(tmp.path().join("run"))
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    succeed(
+        Command::new(bin("coordinator"))
+            .args(["launch", "--stage", "vqgan", "--steps", "4", "--quiet"])
+            .args(["--eval-every", "4", "--checkpoint-every", "4"])
+            .arg("--config")
+            .arg(tiny_config(tmp.path()))
+            .arg("--out")
+            .arg(tmp.path().join("run"))
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp),
     );
     // (The dataloader's `StreamBatches` span covers the whole stream: it ends, and is
     // exported, only when the stream does; its per-batch `shard_read` children are sent as

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A binary of the workspace (`coordinator`, `worker`, `dataloader`), from the target
@@ -35,6 +35,19 @@ pub fn root() -> PathBuf {
         .find(|dir| dir.join("Cargo.lock").is_file())
         .unwrap_or(&package)
         .to_path_buf()
+}
+
+/// Runs `cmd` to completion and returns its output, failing the test with its stderr unless
+/// it exits successfully.
+pub fn succeed(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// A child process killed and reaped when dropped.

@@ -2,7 +2,9 @@
 //! `coordinator launch|status|cancel --coordinator`; a worker killed mid-job; the token.
 
 use taming_tests::http::metric;
-use taming_tests::process::{Proc, bin, csv_steps, root, spawn_announcing, tiny_config, wait_for};
+use taming_tests::process::{
+    Proc, bin, csv_steps, root, spawn_announcing, succeed, tiny_config, wait_for,
+};
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -235,15 +237,7 @@ fn status_and_cancel_work_against_a_running_coordinator_and_jobs_survive_its_res
         .unwrap();
     let _submit = Proc(submit);
     let status = || {
-        let out = coordinator(&addr)
-            .args(["status", "--coordinator", &addr])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = succeed(coordinator(&addr).args(["status", "--coordinator", &addr]));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     wait_for("the job", Duration::from_secs(30), || {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use taming_dataloader::codes;
-use taming_tests::process::{bin, csv_text_steps, root, tiny_config};
+use taming_tests::process::{bin, csv_text_steps, root, succeed, tiny_config};
 use taming_tests::s3::{aws_env, s3, upload_dir, url};
 
 fn launch(out: &Path, config: &Path, steps: u64, checkpoints: &str, resume: bool) -> Output {
@@ -115,15 +115,14 @@ fn a_mini_cluster_trains_from_s3_resumes_from_checkpoints_in_s3_and_precomputes_
     assert!(codes::download(&url("cluster-run/val_grid.png")).is_ok());
 
     let codes_url = url("cluster-codes");
-    let pre = Command::new(bin("dataloader"))
-        .envs(aws_env())
-        .args(["precompute-codes", "--out", &codes_url, "--data"])
-        .arg(url("cluster/val-000000.tar"))
-        .arg("--vqgan")
-        .arg(elsewhere.join("model"))
-        .output()
-        .unwrap();
-    assert!(pre.status.success(), "{}", text(&pre.stderr));
+    succeed(
+        Command::new(bin("dataloader"))
+            .envs(aws_env())
+            .args(["precompute-codes", "--out", &codes_url, "--data"])
+            .arg(url("cluster/val-000000.tar"))
+            .arg("--vqgan")
+            .arg(elsewhere.join("model")),
+    );
     let manifest = codes::read_manifest(&codes_url).unwrap();
     assert_eq!(manifest.rows, 500);
     let rows = codes::read_codes(&codes::join(&codes_url, &manifest.files[0].path)).unwrap();

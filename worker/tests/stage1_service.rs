@@ -17,7 +17,7 @@ fn training_streams_its_batches_from_the_dataloader_service() {
 
     let tmp = tempfile::tempdir().unwrap();
     let config = tiny_config(tmp.path());
-    let out = succeed(
+    succeed(
         Command::new(env!("CARGO_BIN_EXE_worker"))
             .args(["train", "--stage", "vqgan", "--steps", "3", "--quiet"])
             .arg("--config")

@@ -16,7 +16,7 @@ use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, Sha
 use taming_model::checkpoint::native;
 use taming_model::quantize::QuantizeMode;
 use taming_model::{DdConfig, QuantizerConfig, Vqgan, VqganConfig};
-use taming_tests::process::{Proc, spawn_announcing};
+use taming_tests::process::{Proc, spawn_announcing, succeed};
 
 fn cfg(batch: usize, reader: ReaderConfig) -> LoaderConfig {
     LoaderConfig {
@@ -85,24 +85,19 @@ fn pack_writes_complete_shards_to_s3() {
                 .unwrap();
         }
     }
-    let out = dataloader()
-        .args([
-            "pack",
-            "--layout",
-            "imagefolder",
-            "--shard-mb",
-            "0.002",
-            "--out",
-        ])
-        .arg(url("packed"))
-        .arg("--input")
-        .arg(tmp.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        dataloader()
+            .args([
+                "pack",
+                "--layout",
+                "imagefolder",
+                "--shard-mb",
+                "0.002",
+                "--out",
+            ])
+            .arg(url("packed"))
+            .arg("--input")
+            .arg(tmp.path()),
     );
     let shards = list_split(url("packed"), "train").unwrap();
     assert!(shards.len() >= 2, "{shards:?}");
@@ -396,19 +391,14 @@ fn precompute_with_a_cond_stage_vqgan_writes_segmentation_codes() {
     tiny_vqgan(&tmp.path().join("image"), 3);
     tiny_vqgan(&tmp.path().join("cond"), 4);
     let out = url("seg-codes");
-    let pre = dataloader()
-        .args(["precompute-codes", "--out", &out, "--data"])
-        .arg(url("seg/train-000000.tar"))
-        .arg("--vqgan")
-        .arg(tmp.path().join("image"))
-        .arg("--cond-vqgan")
-        .arg(tmp.path().join("cond"))
-        .output()
-        .unwrap();
-    assert!(
-        pre.status.success(),
-        "{}",
-        String::from_utf8_lossy(&pre.stderr)
+    succeed(
+        dataloader()
+            .args(["precompute-codes", "--out", &out, "--data"])
+            .arg(url("seg/train-000000.tar"))
+            .arg("--vqgan")
+            .arg(tmp.path().join("image"))
+            .arg("--cond-vqgan")
+            .arg(tmp.path().join("cond")),
     );
     let manifest = codes::read_manifest(&out).unwrap();
     let rows = codes::read_codes(&codes::join(&out, &manifest.files[0].path)).unwrap();
