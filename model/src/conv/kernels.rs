@@ -315,12 +315,18 @@ pub fn weight_grad(g: &Geometry, x: &[f32], grad_out: &[f32]) -> Vec<f32> {
     transpose(&dw_t, g.patch(), g.cout)
 }
 
-/// The transpose (`cols x rows`) of a row-major `rows x cols` matrix.
+/// The transpose (`cols x rows`) of a row-major `rows x cols` matrix, in square blocks so
+/// that both sides stay in cache.
 fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const BLOCK: usize = 32;
     let mut out = vec![0.0f32; m.len()];
-    for (r, row) in m.chunks(cols).enumerate().take(rows) {
-        for (c, v) in row.iter().enumerate() {
-            out[c * rows + r] = *v;
+    for r0 in (0..rows).step_by(BLOCK) {
+        for c0 in (0..cols).step_by(BLOCK) {
+            for r in r0..(r0 + BLOCK).min(rows) {
+                for c in c0..(c0 + BLOCK).min(cols) {
+                    out[c * rows + r] = m[r * cols + c];
+                }
+            }
         }
     }
     out
@@ -563,5 +569,20 @@ mod tests {
             dilation: [2, 1],
             ..geometry(2, 2, [9, 8], 3, 1, 2)
         });
+        // At least 256 positions: per-thread partial weight gradients, column-major.
+        check(geometry(2, 3, [17, 16], 3, 1, 1));
+    }
+
+    #[test]
+    fn blocked_transpose_transposes() {
+        for (rows, cols) in [(1, 1), (3, 70), (33, 65), (64, 32)] {
+            let m: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = transpose(&m, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], m[r * cols + c], "{rows}x{cols} at {r},{c}");
+                }
+            }
+        }
     }
 }
