@@ -21,9 +21,9 @@ use crate::cpu::{f32s, tensor};
 
 use super::kernels::{self, Geometry};
 
-/// `conv2d` through the GEMM kernels when every tensor is an f32 tensor of Flex or
-/// `Autodiff<Flex>`, the convolution has one group and its im2col buffer stays within
-/// [`Geometry::fits`]; `None` otherwise.
+/// `conv2d` through the GEMM kernels when every tensor is an f32 tensor of Flex, or of
+/// `Autodiff<Flex>` with an im2col buffer within [`Geometry::fits`], and the convolution has
+/// one group; `None` otherwise.
 pub fn try_conv2d(
     x: &Tensor<4>,
     weight: &Tensor<4>,
@@ -32,12 +32,15 @@ pub fn try_conv2d(
 ) -> Option<Tensor<4>> {
     let g = geometry(x.dims(), weight.dims(), options);
     let f32s = x.dtype() == DType::F32 && weight.dtype() == DType::F32;
-    if options.groups != 1 || !f32s || !g.fits() {
+    if options.groups != 1 || !f32s {
         return None;
     }
-    plain(x, weight, bias, options)
-        .or_else(|| with_strategy::<NoCheckpointing>(x, weight, bias, options))
-        .or_else(|| with_strategy::<BalancedCheckpointing>(x, weight, bias, options))
+    // The forward alone works on any size; the gradients need the whole im2col buffer.
+    plain(x, weight, bias, options).or_else(|| {
+        g.fits().then_some(())?;
+        with_strategy::<NoCheckpointing>(x, weight, bias, options)
+            .or_else(|| with_strategy::<BalancedCheckpointing>(x, weight, bias, options))
+    })
 }
 
 /// The convolution on plain Flex tensors (no autodiff).

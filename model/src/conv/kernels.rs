@@ -7,9 +7,13 @@
 //! gradient is `col2im(W^T (Cin*kh*kw x Cout) @ grad_out[n])`, both wide GEMMs.
 
 use std::cell::RefCell;
+use std::ops::Range;
 
 use multiversion::multiversion;
 use rayon::prelude::*;
+
+/// The largest im2col buffer, in floats (32 MiB).
+pub const MAX_COL: usize = 1 << 23;
 
 /// Shape of one 2-d convolution with a single group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,10 +77,20 @@ impl Geometry {
         }
     }
 
-    /// Whether the im2col buffer of one sample stays within 32 MiB (larger convolutions, such
-    /// as 128 channels at 256x256, are left to burn's tiled implementation).
+    /// Whether the im2col buffer of one sample stays within [`MAX_COL`] floats (32 MiB): the
+    /// gradients need it whole, so larger convolutions (such as 128 channels at 256x256) train
+    /// through burn's implementation. The forward works in bands of output rows instead.
     pub fn fits(&self) -> bool {
-        self.is_pointwise() || self.patch() * self.positions() <= 1 << 23
+        self.is_pointwise() || self.patch() * self.positions() <= MAX_COL
+    }
+
+    /// Output rows per band of the forward, for im2col buffers of at most `max_col` floats.
+    fn band_rows(&self, max_col: usize) -> usize {
+        let [ho, wo] = self.output();
+        if self.is_pointwise() {
+            return ho;
+        }
+        (max_col / (self.patch() * wo).max(1)).clamp(1, ho.max(1))
     }
 
     /// A 1x1 convolution without stride or padding, whose im2col is its input.
@@ -92,14 +106,19 @@ impl Geometry {
 
 /// Fills `col` (`patch x positions`, row-major) with the patches of one sample `x` (`cin x h x w`).
 pub fn im2col(g: &Geometry, x: &[f32], col: &mut [f32], par: bool) {
-    let [ho, wo] = g.output();
+    im2col_rows(g, x, 0..g.output()[0], col, par);
+}
+
+/// [`im2col`] for the output rows `rows` only: `col` is `patch x (rows.len() * wo)`.
+fn im2col_rows(g: &Geometry, x: &[f32], rows: Range<usize>, col: &mut [f32], par: bool) {
+    let [_, wo] = g.output();
     let [_, w] = g.input;
-    for_chunks(col, ho * wo, par, |row, out| {
+    for_chunks(col, rows.len() * wo, par, |row, out| {
         let (ci, ky, kx) = g.row_offsets(row);
         let plane = &x[ci * g.plane()..][..g.plane()];
         let (lo, hi) = g.valid_range(1, kx, wo);
-        for oy in 0..ho {
-            let dst = &mut out[oy * wo..][..wo];
+        for (i, oy) in rows.clone().enumerate() {
+            let dst = &mut out[i * wo..][..wo];
             let Some(iy) = g.source(0, oy, ky) else {
                 dst.fill(0.0);
                 continue;
@@ -250,7 +269,20 @@ fn sample_out<'a>(g: &Geometry, out: &'a [f32], n: usize) -> &'a [f32] {
 
 /// The convolution itself: `out[n] (cout x positions) = W (cout x patch) @ col[n] + bias`.
 pub fn forward(g: &Geometry, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    forward_in_bands(g, x, weight, bias, MAX_COL)
+}
+
+/// [`forward`] over bands of output rows whose im2col buffers hold at most `max_col` floats.
+fn forward_in_bands(
+    g: &Geometry,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    max_col: usize,
+) -> Vec<f32> {
     let (k, p) = (g.patch(), g.positions());
+    let [ho, wo] = g.output();
+    let band = g.band_rows(max_col);
     let mut out = vec![0.0f32; g.batch * g.cout * p];
     for_samples(g, &mut out, g.cout * p, |n, dst, par| {
         if let Some(bias) = bias {
@@ -258,13 +290,26 @@ pub fn forward(g: &Geometry, x: &[f32], weight: &[f32], bias: Option<&[f32]>) ->
                 plane.fill(*b);
             }
         }
-        with_patches(g, sample(g, x, n), par, |patches| {
-            let d = Matrix::row_major(dst.as_mut_ptr(), p);
+        let xn = sample(g, x, n);
+        for start in (0..ho).step_by(band.max(1)) {
+            let rows = start..(start + band).min(ho);
+            let cols = rows.len() * wo;
+            // The band's columns of every output channel: a strided view into `dst`.
+            let d = Matrix::row_major(dst[start * wo..].as_mut_ptr(), p);
             let lhs = Matrix::row_major(weight.as_ptr().cast_mut(), k);
-            let rhs = Matrix::row_major(patches.as_ptr().cast_mut(), p);
-            // SAFETY: every matrix lies inside its buffer for the given shape and strides.
-            unsafe { gemm_f32([g.cout, p, k], d, bias.is_some(), lhs, rhs, par) };
-        });
+            let product = |rhs: Matrix| {
+                // SAFETY: every matrix lies inside its buffer for the given shape and strides.
+                unsafe { gemm_f32([g.cout, cols, k], d, bias.is_some(), lhs, rhs, par) };
+            };
+            if g.is_pointwise() {
+                product(Matrix::row_major(xn[start * wo..].as_ptr().cast_mut(), p));
+            } else {
+                with_scratch(k * cols, |col| {
+                    im2col_rows(g, xn, rows, col, par);
+                    product(Matrix::row_major(col.as_ptr().cast_mut(), cols));
+                });
+            }
+        }
     });
     out
 }
@@ -571,6 +616,27 @@ mod tests {
         });
         // At least 256 positions: per-thread partial weight gradients, column-major.
         check(geometry(2, 3, [17, 16], 3, 1, 1));
+    }
+
+    #[test]
+    fn the_forward_in_bands_matches_the_definition() {
+        for (g, max_col) in [
+            (geometry(3, 4, [9, 7], 3, 1, 1), 400),
+            (geometry(4, 3, [9, 9], 3, 2, 0), 1),
+            (geometry(3, 2, [6, 5], 1, 1, 0), 1),
+        ] {
+            assert!(g.band_rows(max_col) < g.output()[0] || g.is_pointwise());
+            let x = values(g.batch * g.cin * g.plane(), 1);
+            let w = values(g.cout * g.patch(), 2);
+            let bias = values(g.cout, 4);
+            let ours = forward_in_bands(&g, &x, &w, Some(&bias), max_col);
+            let theirs = naive_forward(&g, &x, &w, &bias);
+            let close = ours
+                .iter()
+                .zip(&theirs)
+                .all(|(a, b)| (a - b).abs() <= 1e-4 * (1.0 + b.abs()));
+            assert!(close, "{g:?} in bands of {} rows", g.band_rows(max_col));
+        }
     }
 
     #[test]

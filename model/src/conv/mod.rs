@@ -162,6 +162,20 @@ mod tests {
     }
 
     #[test]
+    fn large_images_without_autodiff_take_the_gemm_forward_in_bands() {
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.0, 1.0);
+        // 128 x 9 x 96 x 96 floats of im2col: more than one band.
+        let x = Tensor::<4>::random([1, 128, 96, 96], normal, &device);
+        let w = Tensor::<4>::random([4, 128, 3, 3], normal, &device);
+        let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+        let ours = flex::try_conv2d(&x, &w, None, &options).expect("the GEMM forward");
+        let theirs = burn_conv2d(x, w, None, options);
+        let [ours, theirs] = [ours, theirs].map(|t| t.try_into_vec_as::<f32>().unwrap());
+        crate::cpu::assert_all_close(&["output"], &[ours], &[theirs], 1e-4);
+    }
+
+    #[test]
     fn other_cases_fall_back_to_burn() {
         // Two groups: burn's own operation, same values.
         case(
