@@ -70,17 +70,16 @@ impl FusedAdam {
             (p.dtype() == DType::F32).then(|| p.to_contiguous())
         };
         let (p, g) = (flex(param)?, flex(grad)?);
-        let (m, v, time) = match state {
-            Some(s) if s.momentum.max_moment_2.is_none() => (
-                Some(flex(&s.momentum.moment_1)?),
-                Some(flex(&s.momentum.moment_2)?),
-                s.momentum.time + 1,
-            ),
+        let (moments, time) = match state {
+            Some(s) if s.momentum.max_moment_2.is_none() => {
+                let m = flex(&s.momentum.moment_1)?;
+                (Some((m, flex(&s.momentum.moment_2)?)), s.momentum.time + 1)
+            }
             Some(_) => return None,
-            None => (None, None, 1),
+            None => (None, 1),
         };
         let step = Step::new(&self.settings, lr, time);
-        let [p, m, v] = step.run(&p, &g, m.as_ref(), v.as_ref());
+        let [p, m, v] = step.run(&p, &g, moments.as_ref());
         let [p, m, v] = [p, m, v].map(Tensor::from_primitive::<Flex>);
         let momentum = AdaptiveMomentumState::new(time, m, v);
         Some((p, AdamState::new(momentum)))
@@ -138,19 +137,23 @@ impl Step {
         }
     }
 
-    /// The new parameter and moments from the parameter, the gradient and the moments
+    /// The new parameter and moments from the parameter, the gradient and the two moments
     /// (zero when `None`: the first step).
     fn run(
         &self,
         p: &FlexTensor,
         g: &FlexTensor,
-        m: Option<&FlexTensor>,
-        v: Option<&FlexTensor>,
+        moments: Option<&(FlexTensor, FlexTensor)>,
     ) -> [FlexTensor; 3] {
         let len = p.shape().num_elements();
-        let zeros = (m.is_none() || v.is_none()).then(|| vec![0.0f32; len]);
-        let m = m.map_or_else(|| zeros.as_deref().unwrap_or_default(), f32s);
-        let v = v.map_or_else(|| zeros.as_deref().unwrap_or_default(), f32s);
+        let zeros;
+        let (m, v) = match moments {
+            Some((m, v)) => (f32s(m), f32s(v)),
+            None => {
+                zeros = vec![0.0f32; len];
+                (&zeros[..], &zeros[..])
+            }
+        };
         let mut out = [vec![0.0f32; len], vec![0.0f32; len], vec![0.0f32; len]];
         let [po, mo, vo] = &mut out;
         po.par_chunks_mut(CHUNK)

@@ -84,11 +84,12 @@ impl Geometry {
         self.is_pointwise() || self.patch() * self.positions() <= MAX_COL
     }
 
-    /// Output rows per band of the forward, for im2col buffers of at most `max_col` floats.
+    /// Output rows per band of the forward (at least one), for im2col buffers of at most
+    /// `max_col` floats.
     fn band_rows(&self, max_col: usize) -> usize {
         let [ho, wo] = self.output();
         if self.is_pointwise() {
-            return ho;
+            return ho.max(1);
         }
         (max_col / (self.patch() * wo).max(1)).clamp(1, ho.max(1))
     }
@@ -104,13 +105,9 @@ impl Geometry {
     }
 }
 
-/// Fills `col` (`patch x positions`, row-major) with the patches of one sample `x` (`cin x h x w`).
-pub fn im2col(g: &Geometry, x: &[f32], col: &mut [f32], par: bool) {
-    im2col_rows(g, x, 0..g.output()[0], col, par);
-}
-
-/// [`im2col`] for the output rows `rows` only: `col` is `patch x (rows.len() * wo)`.
-fn im2col_rows(g: &Geometry, x: &[f32], rows: Range<usize>, col: &mut [f32], par: bool) {
+/// Fills `col` (`patch x (rows.len() * wo)`, row-major) with the patches of one sample `x`
+/// (`cin x h x w`) for the output rows `rows`.
+pub fn im2col(g: &Geometry, x: &[f32], rows: Range<usize>, col: &mut [f32], par: bool) {
     let [_, wo] = g.output();
     let [_, w] = g.input;
     for_chunks(col, rows.len() * wo, par, |row, out| {
@@ -244,15 +241,23 @@ fn split_samples(g: &Geometry) -> bool {
     g.batch >= rayon::current_num_threads()
 }
 
-/// Runs `f` on the im2col of one sample, or on the sample itself for a pointwise
-/// convolution.
-fn with_patches<R>(g: &Geometry, x: &[f32], par: bool, f: impl FnOnce(&[f32]) -> R) -> R {
+/// Runs `f(patches, row_stride)` on the im2col of one sample for the output rows `rows`, or
+/// on the sample itself (from the first row on) for a pointwise convolution.
+fn with_patches<R>(
+    g: &Geometry,
+    x: &[f32],
+    rows: Range<usize>,
+    par: bool,
+    f: impl FnOnce(&[f32], usize) -> R,
+) -> R {
+    let [_, wo] = g.output();
     if g.is_pointwise() {
-        return f(x);
+        return f(&x[rows.start * wo..], g.positions());
     }
-    with_scratch(g.patch() * g.positions(), |col| {
-        im2col(g, x, col, par);
-        f(col)
+    let cols = rows.len() * wo;
+    with_scratch(g.patch() * cols, |col| {
+        im2col(g, x, rows, col, par);
+        f(col, cols)
     })
 }
 
@@ -290,25 +295,17 @@ fn forward_in_bands(
                 plane.fill(*b);
             }
         }
-        let xn = sample(g, x, n);
-        for start in (0..ho).step_by(band.max(1)) {
+        for start in (0..ho).step_by(band) {
             let rows = start..(start + band).min(ho);
             let cols = rows.len() * wo;
-            // The band's columns of every output channel: a strided view into `dst`.
-            let d = Matrix::row_major(dst[start * wo..].as_mut_ptr(), p);
-            let lhs = Matrix::row_major(weight.as_ptr().cast_mut(), k);
-            let product = |rhs: Matrix| {
+            with_patches(g, sample(g, x, n), rows, par, |patches, stride| {
+                // The band's columns of every output channel: a strided view into `dst`.
+                let d = Matrix::row_major(dst[start * wo..].as_mut_ptr(), p);
+                let lhs = Matrix::row_major(weight.as_ptr().cast_mut(), k);
+                let rhs = Matrix::row_major(patches.as_ptr().cast_mut(), stride);
                 // SAFETY: every matrix lies inside its buffer for the given shape and strides.
                 unsafe { gemm_f32([g.cout, cols, k], d, bias.is_some(), lhs, rhs, par) };
-            };
-            if g.is_pointwise() {
-                product(Matrix::row_major(xn[start * wo..].as_ptr().cast_mut(), p));
-            } else {
-                with_scratch(k * cols, |col| {
-                    im2col_rows(g, xn, rows, col, par);
-                    product(Matrix::row_major(col.as_ptr().cast_mut(), cols));
-                });
-            }
+            });
         }
     });
     out
@@ -321,7 +318,8 @@ pub fn weight_grad(g: &Geometry, x: &[f32], grad_out: &[f32]) -> Vec<f32> {
     // dw (cout x k) += go[n] (cout x p) @ col[n]^T (p x k). Single-threaded, gemm runs this
     // 10-50% faster into a column-major dw (BENCHMARKS.md); threaded, into a row-major one.
     let add_sample = |dw: &mut [f32], n: usize, par: bool| {
-        with_patches(g, sample(g, x, n), par, |patches| {
+        let all_rows = 0..g.output()[0];
+        with_patches(g, sample(g, x, n), all_rows, par, |patches, stride| {
             let dst = if par {
                 Matrix::row_major(dw.as_mut_ptr(), g.patch())
             } else {
@@ -331,7 +329,7 @@ pub fn weight_grad(g: &Geometry, x: &[f32], grad_out: &[f32]) -> Vec<f32> {
                 sample_out(g, grad_out, n).as_ptr().cast_mut(),
                 g.positions(),
             );
-            let rhs = Matrix::col_major(patches.as_ptr().cast_mut(), g.positions());
+            let rhs = Matrix::col_major(patches.as_ptr().cast_mut(), stride);
             let shape = [g.cout, g.patch(), g.positions()];
             // SAFETY: every matrix lies inside its buffer for the given shape and strides.
             unsafe { gemm_f32(shape, dst, true, lhs, rhs, par) };
