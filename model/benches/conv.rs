@@ -11,6 +11,7 @@ use burn_backend::{DType, TensorMetadata};
 use burn_flex::{Flex, FlexTensor, Layout};
 use burn_std::{Bytes, Shape};
 use taming_model::conv::kernels::{self, Geometry};
+use taming_model::conv::winograd;
 
 /// (what, batch, cin, cout, size, kernel, stride, padding before, padding after)
 type Case = (
@@ -70,8 +71,10 @@ fn main() {
         .position(|a| a == "--reps")
         .and_then(|i| args.get(i + 1))
         .map_or(3, |s| s.parse().expect("repetitions"));
-    println!("| convolution | burn forward | GEMM forward | burn backward | GEMM backward |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| convolution | burn forward | GEMM forward | Winograd forward | burn backward | GEMM backward | Winograd backward |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     let (mut burn_total, mut gemm_total) = ([0.0; 2], [0.0; 2]);
     for (name, batch, cin, cout, size, k, stride, before, after) in CASES {
         let g = Geometry {
@@ -112,16 +115,26 @@ fn main() {
             drop(kernels::input_grad(&g, &w, &go));
             drop(kernels::weight_grad(&g, &x, &go));
         });
+        let wino = winograd::applies(&g).then(|| {
+            let fwd = millis(reps, || drop(winograd::forward(&g, &x, &w, None)));
+            let bwd = millis(reps, || {
+                drop(winograd::backward(&g, &x, &w, &go, [true, true]))
+            });
+            (fwd, bwd)
+        });
+        let show = |t: Option<f64>| t.map_or("-".to_string(), |t| format!("{t:.1} ms"));
         burn_total[0] += burn_fwd;
         burn_total[1] += burn_bwd;
         gemm_total[0] += gemm_fwd;
         gemm_total[1] += gemm_bwd;
         println!(
-            "| {name} | {burn_fwd:.1} ms | {gemm_fwd:.1} ms | {burn_bwd:.1} ms | {gemm_bwd:.1} ms |"
+            "| {name} | {burn_fwd:.1} ms | {gemm_fwd:.1} ms | {} | {burn_bwd:.1} ms | {gemm_bwd:.1} ms | {} |",
+            show(wino.map(|w| w.0)),
+            show(wino.map(|w| w.1)),
         );
     }
     println!(
-        "| all | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |",
+        "| all | {:.1} ms | {:.1} ms | | {:.1} ms | {:.1} ms | |",
         burn_total[0], gemm_total[0], burn_total[1], gemm_total[1]
     );
 }

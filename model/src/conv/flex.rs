@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use crate::cpu::{f32s, tensor};
 
 use super::kernels::{self, Geometry};
+use super::winograd;
 
 /// `conv2d` through the GEMM kernels when every tensor is an f32 tensor of Flex, or of
 /// `Autodiff<Flex>` with an im2col buffer within [`Geometry::fits`], and the convolution has
@@ -35,9 +36,10 @@ pub fn try_conv2d(
     if options.groups != 1 || !f32s {
         return None;
     }
-    // The forward alone works on any size; the gradients need the whole im2col buffer.
+    // The forward alone works on any size; the gradients need the whole im2col buffer, or
+    // the Winograd kernels, which work in blocks.
     plain(x, weight, bias, options).or_else(|| {
-        g.fits().then_some(())?;
+        (g.fits() || winograd::applies(&g)).then_some(())?;
         with_strategy::<NoCheckpointing>(x, weight, bias, options)
             .or_else(|| with_strategy::<BalancedCheckpointing>(x, weight, bias, options))
     })
@@ -125,7 +127,12 @@ pub fn forward_flex(
     let bias = bias.map(|b| b.to_contiguous());
     let g = geometry(x.shape().dims(), w.shape().dims(), options);
     let [ho, wo] = g.output();
-    let out = kernels::forward(&g, f32s(&x), f32s(&w), bias.as_ref().map(f32s));
+    let (x, w, bias) = (f32s(&x), f32s(&w), bias.as_ref().map(f32s));
+    let out = if winograd::applies_forward(&g) {
+        winograd::forward(&g, x, w, bias)
+    } else {
+        kernels::forward(&g, x, w, bias)
+    };
     tensor(out, Shape::new([g.batch, g.cout, ho, wo]))
 }
 
@@ -146,12 +153,13 @@ impl<const N: usize> Backward<Flex, N> for GemmConv2d<N> {
         let go = f32s(&grad);
         let mut parents = ops.parents.into_iter();
         let (node_x, node_w, node_b) = (parents.next(), parents.next(), parents.next());
-        if let Some(Some(node)) = node_x {
-            let dx = kernels::input_grad(&g, f32s(&w), go);
+        let (node_x, node_w) = (node_x.flatten(), node_w.flatten());
+        let (dx, dw) =
+            input_and_weight_grads(&g, [&x, &w], go, [node_x.is_some(), node_w.is_some()]);
+        if let (Some(node), Some(dx)) = (node_x, dx) {
             grads.register::<Flex>(node.id, tensor(dx, x.shape()));
         }
-        if let Some(Some(node)) = node_w {
-            let dw = kernels::weight_grad(&g, f32s(&x), go);
+        if let (Some(node), Some(dw)) = (node_w, dw) {
             grads.register::<Flex>(node.id, tensor(dw, w.shape()));
         }
         if let Some(Some(node)) = node_b {
@@ -161,8 +169,25 @@ impl<const N: usize> Backward<Flex, N> for GemmConv2d<N> {
     }
 }
 
+/// The gradients of the input and of the weight, each when `wanted`.
+fn input_and_weight_grads(
+    g: &Geometry,
+    [x, w]: [&FlexTensor; 2],
+    go: &[f32],
+    wanted: [bool; 2],
+) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let (x, w) = (f32s(x), f32s(w));
+    if winograd::applies(g) {
+        return winograd::backward(g, x, w, go, wanted);
+    }
+    (
+        wanted[0].then(|| kernels::input_grad(g, w, go)),
+        wanted[1].then(|| kernels::weight_grad(g, x, go)),
+    )
+}
+
 /// The geometry of convolving an input of shape `x` with a weight of shape `w`.
-fn geometry(x: [usize; 4], w: [usize; 4], options: &ConvOptions<2>) -> Geometry {
+pub(super) fn geometry(x: [usize; 4], w: [usize; 4], options: &ConvOptions<2>) -> Geometry {
     let [batch, cin, h, wi] = x;
     let [cout, _, kh, kw] = w;
     Geometry {

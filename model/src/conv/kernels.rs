@@ -221,7 +221,7 @@ thread_local! {
 }
 
 /// Runs `f` on this thread's scratch buffer of `len` floats (contents unspecified).
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     // Taken out for the call: rayon may run another convolution's job on this thread while
     // `f` waits, and that one then allocates its own.
     let mut buf = SCRATCH.with(RefCell::take);
@@ -237,7 +237,7 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     out
 }
 
-fn split_samples(g: &Geometry) -> bool {
+pub(super) fn split_samples(g: &Geometry) -> bool {
     g.batch >= rayon::current_num_threads()
 }
 
@@ -403,14 +403,14 @@ pub fn input_grad(g: &Geometry, weight: &[f32], grad_out: &[f32]) -> Vec<f32> {
 
 /// A strided view of a matrix for `gemm`.
 #[derive(Clone, Copy)]
-struct Matrix {
+pub(super) struct Matrix {
     ptr: *mut f32,
     row_stride: isize,
     col_stride: isize,
 }
 
 impl Matrix {
-    fn row_major(ptr: *mut f32, cols: usize) -> Self {
+    pub(super) fn row_major(ptr: *mut f32, cols: usize) -> Self {
         Self {
             ptr,
             row_stride: cols as isize,
@@ -418,7 +418,7 @@ impl Matrix {
         }
     }
 
-    fn col_major(ptr: *mut f32, rows: usize) -> Self {
+    pub(super) fn col_major(ptr: *mut f32, rows: usize) -> Self {
         Self {
             ptr,
             row_stride: 1,
@@ -431,7 +431,7 @@ impl Matrix {
 ///
 /// # Safety
 /// Each view must address valid memory for its shape; `dst` must not alias the others.
-unsafe fn gemm_f32(
+pub(super) unsafe fn gemm_f32(
     [m, n, k]: [usize; 3],
     dst: Matrix,
     accumulate: bool,

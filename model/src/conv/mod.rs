@@ -5,6 +5,7 @@
 
 mod flex;
 pub mod kernels;
+pub mod winograd;
 
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
@@ -77,6 +78,7 @@ mod tests {
     }
 
     fn case(
+        batch: usize,
         cin: usize,
         cout: usize,
         hw: [usize; 2],
@@ -86,7 +88,7 @@ mod tests {
     ) {
         let device = Device::flex().autodiff();
         let normal = Distribution::Normal(0.0, 1.0);
-        let x = Tensor::<4>::random([2, cin, hw[0], hw[1]], normal, &device);
+        let x = Tensor::<4>::random([batch, cin, hw[0], hw[1]], normal, &device);
         let w = Tensor::<4>::random([cout, cin / options.groups, k, k], normal, &device);
         let b = bias.then(|| Tensor::<1>::random([cout], normal, &device));
         let shape = burn_conv2d(x.clone(), w.clone(), b.clone(), options.clone()).dims();
@@ -109,6 +111,7 @@ mod tests {
     #[test]
     fn gradients_equal_burns_on_the_cpu_backend() {
         case(
+            2,
             3,
             4,
             [9, 8],
@@ -117,6 +120,7 @@ mod tests {
             true,
         );
         case(
+            2,
             4,
             6,
             [10, 10],
@@ -125,8 +129,9 @@ mod tests {
             false,
         );
         let asymmetric = ConvOptions::new_with_padding([2, 2], [(0, 1), (0, 1)], [1, 1], 1);
-        case(3, 5, [8, 8], 3, asymmetric, true);
+        case(2, 3, 5, [8, 8], 3, asymmetric, true);
         case(
+            2,
             5,
             2,
             [6, 7],
@@ -134,6 +139,28 @@ mod tests {
             ConvOptions::new([1, 1], [0, 0], [1, 1], 1),
             true,
         );
+    }
+
+    #[test]
+    fn gradients_through_winograd_equal_burns() {
+        let samples = rayon::current_num_threads();
+        let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+        let g = flex::geometry([samples, 16, 17, 20], [5, 16, 3, 3], &options);
+        assert!(winograd::applies_forward(&g), "Winograd's case");
+        case(samples, 16, 5, [17, 20], 3, options.clone(), true);
+        case(samples, 3, 8, [16, 16], 3, options, false);
+    }
+
+    #[test]
+    fn large_3x3_images_with_a_sample_per_thread_train_through_winograd() {
+        let device = Device::flex().autodiff();
+        let samples = rayon::current_num_threads();
+        let x = Tensor::<4>::zeros([samples, 64, 128, 128], &device).require_grad();
+        let w = Tensor::<4>::zeros([2, 64, 3, 3], &device).require_grad();
+        let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+        let g = flex::geometry(x.dims(), w.dims(), &options);
+        assert!(!g.fits() && winograd::applies(&g));
+        assert!(flex::try_conv2d(&x, &w, None, &options).is_some());
     }
 
     #[test]
@@ -153,11 +180,11 @@ mod tests {
     }
 
     #[test]
-    fn large_images_take_burns_path() {
+    fn large_images_outside_winograd_take_burns_path() {
         let device = Device::flex().autodiff();
         let x = Tensor::<4>::zeros([1, 128, 256, 256], &device);
         let w = Tensor::<4>::zeros([8, 128, 3, 3], &device);
-        let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+        let options = ConvOptions::new([2, 2], [1, 1], [1, 1], 1);
         assert!(flex::try_conv2d(&x, &w, None, &options).is_none());
     }
 
@@ -179,6 +206,7 @@ mod tests {
     fn other_cases_fall_back_to_burn() {
         // Two groups: burn's own operation, same values.
         case(
+            2,
             4,
             4,
             [6, 6],
