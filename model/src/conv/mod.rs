@@ -188,18 +188,33 @@ mod tests {
         assert!(flex::try_conv2d(&x, &w, None, &options).is_none());
     }
 
-    #[test]
-    fn large_images_without_autodiff_take_the_gemm_forward_in_bands() {
+    /// `try_conv2d` on plain Flex tensors against burn, for one image of `x` shape.
+    fn forward_matches_burn(x: [usize; 4], cout: usize, options: ConvOptions<2>) {
         let device = Device::flex();
         let normal = Distribution::Normal(0.0, 1.0);
-        // 128 x 9 x 96 x 96 floats of im2col: more than one band.
-        let x = Tensor::<4>::random([1, 128, 96, 96], normal, &device);
-        let w = Tensor::<4>::random([4, 128, 3, 3], normal, &device);
-        let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+        let x = Tensor::<4>::random(x, normal, &device);
+        let w = Tensor::<4>::random([cout, x.dims()[1], 3, 3], normal, &device);
         let ours = flex::try_conv2d(&x, &w, None, &options).expect("the GEMM forward");
         let theirs = burn_conv2d(x, w, None, options);
         let [ours, theirs] = [ours, theirs].map(|t| t.try_into_vec_as::<f32>().unwrap());
         crate::cpu::assert_all_close(&["output"], &[ours], &[theirs], 1e-4);
+    }
+
+    #[test]
+    fn large_images_without_autodiff_take_the_gemm_forward_in_bands() {
+        // 128 x 9 x 96 x 96 floats of im2col: more than one band.
+        let options = ConvOptions::new([2, 2], [1, 1], [1, 1], 1);
+        let g = flex::geometry([1, 128, 192, 192], [4, 128, 3, 3], &options);
+        assert!(!g.fits() && !winograd::applies_forward(&g));
+        forward_matches_burn([1, 128, 192, 192], 4, options);
+    }
+
+    #[test]
+    fn one_large_image_without_autodiff_takes_winograd() {
+        let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+        let g = flex::geometry([1, 128, 96, 96], [4, 128, 3, 3], &options);
+        assert!(winograd::applies_forward(&g));
+        forward_matches_burn([1, 128, 96, 96], 4, options);
     }
 
     #[test]

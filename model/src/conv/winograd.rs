@@ -35,22 +35,27 @@ const BLOCK_FLOATS: usize = 1 << 18;
 /// Tiles per block at least, whatever the channels: fewer make narrow GEMMs.
 const MIN_TILES: usize = 64;
 
-/// Whether the Winograd kernels compute this convolution's gradients: 3x3, stride 1,
-/// padding 1, no dilation, at least as many samples as threads (each thread takes whole
-/// samples) and an image of at least 16x16 (below, the im2col GEMM is faster: BENCHMARKS.md).
-pub fn applies(g: &Geometry) -> bool {
+/// Whether the Winograd kernels can compute this convolution: 3x3, stride 1, padding 1, no
+/// dilation, and an image of at least 16x16 (below, the im2col GEMM is faster:
+/// BENCHMARKS.md).
+fn eligible(g: &Geometry) -> bool {
     g.kernel == [3, 3]
         && g.stride == [1, 1]
         && g.dilation == [1, 1]
         && g.padding == [(1, 1); 2]
         && g.input.iter().all(|&d| d >= 16)
-        && split_samples(g)
 }
 
-/// Whether the Winograd kernels compute this convolution's forward pass: as [`applies`], with
-/// at least 16 input channels (the transforms cost more than they save on an RGB image).
+/// Whether the Winograd kernels compute this convolution's gradients: [`eligible`] with at
+/// least as many samples as threads (each thread takes whole samples).
+pub fn applies(g: &Geometry) -> bool {
+    eligible(g) && split_samples(g)
+}
+
+/// Whether the Winograd kernels compute this convolution's forward pass: [`eligible`] with at
+/// least 16 input channels (the transforms cost more than they save on an RGB image).
 pub fn applies_forward(g: &Geometry) -> bool {
-    applies(g) && g.cin >= 16
+    eligible(g) && g.cin >= 16
 }
 
 /// Tile rows and columns (2x2 output tiles) covering the output, which is the input's size.
@@ -409,21 +414,29 @@ fn input_tiles(g: &Geometry, x: &[f32], block: Block, v: &mut [f32]) {
     }
 }
 
-/// Writes `Y = Aᵀ M A` (+ bias) of `M[ξ][co][t]` into one sample's output (`cout x h x w`).
-fn output_tiles(g: &Geometry, m: &[f32], block: Block, bias: Option<&[f32]>, y: &mut [f32]) {
+/// Writes `Y = Aᵀ M A` (+ bias) of `M[ξ][co][t]` into `y`: output rows `first_row..` of one
+/// sample (`cout x rows x w`).
+fn output_tiles(
+    g: &Geometry,
+    m: &[f32],
+    block: Block,
+    bias: Option<&[f32]>,
+    (y, first_row): (&mut [f32], usize),
+) {
     let [h, w] = g.input;
     let (cs, n, tw) = (g.cout, block.len(), block.tw);
+    let rows_here = y.len() / (cs * w);
     let mut rows = vec![0.0f32; 4 * tw];
     for c in 0..cs {
         let b = bias.map_or(0.0, |b| b[c]);
-        let plane = &mut y[c * h * w..][..h * w];
+        let plane = &mut y[c * rows_here * w..][..rows_here * w];
         for r in 0..block.rows {
             let ty = block.first_row + r;
             output_row(m, Streams::of(cs, n, c, r * tw, tw), b, &mut rows);
             for (i, row) in rows.chunks_exact(2 * tw).enumerate() {
                 let oy = 2 * ty + i;
                 if oy < h {
-                    plane[oy * w..][..w].copy_from_slice(&row[..w]);
+                    plane[(oy - first_row) * w..][..w].copy_from_slice(&row[..w]);
                 }
             }
         }
@@ -501,32 +514,73 @@ fn slice_of(buf: &[f32], xi: usize, rows: usize, cols: usize) -> Matrix {
     Matrix::row_major(buf[at_xi(xi, rows * cols)..].as_ptr().cast_mut(), cols)
 }
 
-/// The convolution: `out[n] (cout x h x w)`.
+/// The convolution: `out[n] (cout x h x w)`. Samples run in parallel when there are as many
+/// as threads; otherwise the blocks of each sample do.
 pub fn forward(g: &Geometry, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let u = weight_tiles(g, weight);
     let plane = g.input[0] * g.input[1];
     let mut out = vec![0.0f32; g.batch * g.cout * plane];
-    out.par_chunks_mut(g.cout * plane)
-        .enumerate()
-        .for_each(|(s, y)| {
-            let xs = &x[s * g.cin * plane..][..g.cin * plane];
+    let run = |s: usize, y: &mut [f32]| {
+        let xs = &x[s * g.cin * plane..][..g.cin * plane];
+        if split_samples(g) {
             for block in blocks(g) {
-                let n = block.len();
-                with_scratch(stacked(g.cin * n) + stacked(g.cout * n), |buf| {
-                    let (v, m) = buf.split_at_mut(stacked(g.cin * n));
-                    input_tiles(g, xs, block, v);
-                    for xi in 0..XI {
-                        let dst = Matrix::row_major(m[at_xi(xi, g.cout * n)..].as_mut_ptr(), n);
-                        let (lhs, rhs) =
-                            (slice_of(&u, xi, g.cout, g.cin), slice_of(v, xi, g.cin, n));
-                        // SAFETY: each matrix lies inside its buffer; `dst` aliases neither.
-                        unsafe { gemm_f32([g.cout, n, g.cin], dst, false, lhs, rhs, false) };
-                    }
-                    output_tiles(g, m, block, bias, y);
-                });
+                forward_block(g, (&u, xs, bias), block, (y, 0));
             }
-        });
+        } else {
+            forward_blocks_in_parallel(g, (&u, xs, bias), y);
+        }
+    };
+    let samples = g.cout * plane;
+    if split_samples(g) {
+        out.par_chunks_mut(samples)
+            .enumerate()
+            .for_each(|(s, y)| run(s, y));
+    } else {
+        out.chunks_mut(samples)
+            .enumerate()
+            .for_each(|(s, y)| run(s, y));
+    }
     out
+}
+
+/// The weight's tiles, one sample's input and the bias.
+type Operands<'a> = (&'a [f32], &'a [f32], Option<&'a [f32]>);
+
+/// One block of one sample into `y`, which holds output rows `first_row..`.
+fn forward_block(g: &Geometry, (u, xs, bias): Operands, block: Block, y: (&mut [f32], usize)) {
+    let n = block.len();
+    with_scratch(stacked(g.cin * n) + stacked(g.cout * n), |buf| {
+        let (v, m) = buf.split_at_mut(stacked(g.cin * n));
+        input_tiles(g, xs, block, v);
+        for xi in 0..XI {
+            let dst = Matrix::row_major(m[at_xi(xi, g.cout * n)..].as_mut_ptr(), n);
+            let (lhs, rhs) = (slice_of(u, xi, g.cout, g.cin), slice_of(v, xi, g.cin, n));
+            // SAFETY: each matrix lies inside its buffer; `dst` aliases neither.
+            unsafe { gemm_f32([g.cout, n, g.cin], dst, false, lhs, rhs, false) };
+        }
+        output_tiles(g, m, block, bias, y);
+    });
+}
+
+/// One sample (`y`: `cout x h x w`), its blocks in parallel, each into a band of rows first.
+fn forward_blocks_in_parallel(g: &Geometry, operands: Operands, y: &mut [f32]) {
+    let [h, w] = g.input;
+    let bands: Vec<(usize, Vec<f32>)> = blocks(g)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|block| {
+            let first = 2 * block.first_row;
+            let mut band = vec![0.0f32; g.cout * (2 * block.rows).min(h - first) * w];
+            forward_block(g, operands, block, (&mut band, first));
+            (first, band)
+        })
+        .collect();
+    for (first, band) in bands {
+        let len = band.len() / g.cout;
+        for (c, rows) in band.chunks_exact(len).enumerate() {
+            y[c * h * w + first * w..][..len].copy_from_slice(rows);
+        }
+    }
 }
 
 /// The input gradient (`batch x cin x h x w`) and the weight gradient (`cout x cin x 3 x 3`),
@@ -670,6 +724,20 @@ mod tests {
         let g = geometry(2, 64, 64, [32, 31]);
         assert!(blocks(&g).count() > 1, "several blocks");
         check(g);
+    }
+
+    #[test]
+    fn blocks_of_one_sample_run_in_parallel() {
+        // Fewer samples than threads: the forward runs the blocks of each sample in parallel.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let g = geometry(2, 64, 32, [33, 32]);
+            assert!(!split_samples(&g) && blocks(&g).count() > 1);
+            check(g);
+        });
     }
 
     #[test]
