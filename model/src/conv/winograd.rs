@@ -70,85 +70,60 @@ fn block_rows(g: &Geometry) -> usize {
     fit.max(MIN_TILES.div_ceil(tw)).clamp(1, th)
 }
 
-/// The arithmetic the transforms need.
-trait Value: Copy + Default {
-    fn add(self, o: Self) -> Self;
-    fn sub(self, o: Self) -> Self;
-    fn half(self) -> Self;
-    fn neg(self) -> Self;
-}
-
-impl Value for f32 {
-    fn add(self, o: Self) -> Self {
-        self + o
-    }
-    fn sub(self, o: Self) -> Self {
-        self - o
-    }
-    fn half(self) -> Self {
-        0.5 * self
-    }
-    fn neg(self) -> Self {
-        -self
-    }
-}
-
 /// The 1-d transforms, each applied along the rows and then the columns of a tile.
 mod one_d {
-    use super::Value;
-
     /// `Bᵀ d`: the input transform.
     #[inline(always)]
-    pub fn bt<T: Value>([d0, d1, d2, d3]: [T; 4]) -> [T; 4] {
-        [d0.sub(d2), d1.add(d2), d2.sub(d1), d1.sub(d3)]
+    pub fn bt([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
+        [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
     }
 
     /// `B v`: the input transform's adjoint.
     #[inline(always)]
-    pub fn b<T: Value>([v0, v1, v2, v3]: [T; 4]) -> [T; 4] {
-        [v0, v1.sub(v2).add(v3), v1.add(v2).sub(v0), v3.neg()]
+    pub fn b([v0, v1, v2, v3]: [f32; 4]) -> [f32; 4] {
+        [v0, v1 - v2 + v3, v1 + v2 - v0, -v3]
     }
 
     /// `Aᵀ m`: the output transform.
     #[inline(always)]
-    pub fn at<T: Value>([m0, m1, m2, m3]: [T; 4]) -> [T; 2] {
-        [m0.add(m1).add(m2), m1.sub(m2).sub(m3)]
+    pub fn at([m0, m1, m2, m3]: [f32; 4]) -> [f32; 2] {
+        [m0 + m1 + m2, m1 - m2 - m3]
     }
 
     /// `A y`: the output transform's adjoint.
     #[inline(always)]
-    pub fn a<T: Value>([y0, y1]: [T; 2]) -> [T; 4] {
-        [y0, y0.add(y1), y0.sub(y1), y1.neg()]
+    pub fn a([y0, y1]: [f32; 2]) -> [f32; 4] {
+        [y0, y0 + y1, y0 - y1, -y1]
     }
 
     /// `G g`: the weight transform.
     #[inline(always)]
-    pub fn g<T: Value>([g0, g1, g2]: [T; 3]) -> [T; 4] {
-        let (even, odd) = (g0.add(g2).half(), g1.half());
-        [g0, even.add(odd), even.sub(odd), g2]
+    pub fn g([g0, g1, g2]: [f32; 3]) -> [f32; 4] {
+        let (even, odd) = (0.5 * (g0 + g2), 0.5 * g1);
+        [g0, even + odd, even - odd, g2]
     }
 
     /// `Gᵀ u`: the weight transform's adjoint.
     #[inline(always)]
-    pub fn gt<T: Value>([u0, u1, u2, u3]: [T; 4]) -> [T; 3] {
-        let (sum, diff) = (u1.add(u2).half(), u1.sub(u2).half());
-        [u0.add(sum), diff, sum.add(u3)]
+    pub fn gt([u0, u1, u2, u3]: [f32; 4]) -> [f32; 3] {
+        let (sum, diff) = (0.5 * (u1 + u2), 0.5 * (u1 - u2));
+        [u0 + sum, diff, sum + u3]
     }
 }
 
 /// Applies `f` along the rows and then along the columns of an `R x R` tile, giving `S x S`.
 #[inline(always)]
-fn two_d<T: Value, const R: usize, const S: usize>(
-    t: [[T; R]; R],
-    f: impl Fn([T; R]) -> [T; S],
-) -> [[T; S]; S] {
-    let mut rows = [[T::default(); S]; R];
+fn two_d<const R: usize, const S: usize>(
+    t: [[f32; R]; R],
+    f: impl Fn([f32; R]) -> [f32; S],
+) -> [[f32; S]; S] {
+    let mut rows = [[0.0; S]; R];
     for r in 0..R {
         rows[r] = f(t[r]);
     }
-    let mut out = [[T::default(); S]; S];
+    let mut out = [[0.0; S]; S];
     for j in 0..S {
-        let mut column = [T::default(); R];
+        let mut column = [0.0; R];
         for r in 0..R {
             column[r] = rows[r][j];
         }
@@ -298,32 +273,61 @@ unsafe fn put(buf: &mut [f32], i: usize, v: f32) {
     unsafe { *buf.get_unchecked_mut(i) = v }
 }
 
-/// `V = Bᵀ d B` of one tile row from the even and odd columns (`tw + 1` each) of its four
-/// padded input rows, one after the other in `even` and `odd`.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn input_row(even: &[f32], odd: &[f32], v: &mut [f32], s: Streams) {
+/// The 16 transformed streams of one tile row (`f` along both axes of each tile) from `R`
+/// padded rows split into even and odd columns (`tw + 1` each, one row after the other),
+/// reading padded columns `2k + FIRST..` for tile `k`.
+#[inline(always)]
+fn tile_row<const R: usize, const FIRST: usize>(
+    [even, odd]: [&[f32]; 2],
+    f: impl Fn([f32; R]) -> [f32; 4],
+    out: &mut [f32],
+    s: Streams,
+) {
     let tw = s.len;
-    assert!(even.len() >= 4 * (tw + 1) && odd.len() >= 4 * (tw + 1));
-    s.check(v.len());
+    assert!(even.len() >= R * (tw + 1) && odd.len() >= R * (tw + 1) && FIRST + R <= 4);
+    s.check(out.len());
     for k in 0..tw {
-        let mut d = [[0.0f32; 4]; 4];
+        let mut d = [[0.0f32; R]; R];
         for (a, row) in d.iter_mut().enumerate() {
             let at = a * (tw + 1) + k;
-            // SAFETY: at + 1 < 4 (tw + 1), checked above.
-            *row = unsafe {
-                [
-                    get(even, at),
-                    get(odd, at),
-                    get(even, at + 1),
-                    get(odd, at + 1),
-                ]
-            };
+            for (b, val) in row.iter_mut().enumerate() {
+                let q = FIRST + b;
+                let half = if q.is_multiple_of(2) { even } else { odd };
+                // SAFETY: at + q / 2 <= a (tw + 1) + tw - 1 + 1 < R (tw + 1), checked above.
+                *val = unsafe { get(half, at + q / 2) };
+            }
         }
-        for (xi, val) in two_d(d, one_d::bt).as_flattened().iter().enumerate() {
+        for (xi, val) in two_d(d, &f).as_flattened().iter().enumerate() {
             // SAFETY: inside the streams, checked above.
-            unsafe { put(v, s.at(xi, k), *val) };
+            unsafe { put(out, s.at(xi, k), *val) };
         }
     }
+}
+
+/// Tile `k` of the streams `s` of `src`.
+///
+/// # Safety
+/// The streams must lie inside `src` ([`Streams::check`]) and `k < s.len`.
+#[inline(always)]
+unsafe fn tile_at(src: &[f32], s: Streams, k: usize) -> [[f32; 4]; 4] {
+    let mut tile = [[0.0f32; 4]; 4];
+    for (xi, val) in tile.as_flattened_mut().iter_mut().enumerate() {
+        // SAFETY: forwarded from the caller.
+        *val = unsafe { get(src, s.at(xi, k)) };
+    }
+    tile
+}
+
+/// `V = Bᵀ d B` of one tile row from its four padded input rows (padded columns `2k..`).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn input_row(rows: [&[f32]; 2], v: &mut [f32], s: Streams) {
+    tile_row::<4, 0>(rows, one_d::bt, v, s);
+}
+
+/// `dM = A dY Aᵀ` of one tile row from its two output rows (padded columns `2k + 1..`).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn output_grad_row(rows: [&[f32]; 2], dm: &mut [f32], s: Streams) {
+    tile_row::<2, 1>(rows, one_d::a, dm, s);
 }
 
 /// `Y = Aᵀ M A + bias` of one tile row: two output rows of `2 tw` values into `rows`.
@@ -333,11 +337,8 @@ fn output_row(m: &[f32], s: Streams, bias: f32, rows: &mut [f32]) {
     assert!(rows.len() >= 4 * tw);
     s.check(m.len());
     for k in 0..tw {
-        let mut tile = [[0.0f32; 4]; 4];
-        for (xi, val) in tile.as_flattened_mut().iter_mut().enumerate() {
-            // SAFETY: inside the streams, checked above.
-            *val = unsafe { get(m, s.at(xi, k)) };
-        }
+        // SAFETY: inside the streams, checked above.
+        let tile = unsafe { tile_at(m, s, k) };
         let [[y00, y01], [y10, y11]] = two_d(tile, one_d::at);
         // SAFETY: 2 tw + 2k + 1 < 4 tw, checked above.
         unsafe {
@@ -345,28 +346,6 @@ fn output_row(m: &[f32], s: Streams, bias: f32, rows: &mut [f32]) {
             put(rows, 2 * k + 1, y01 + bias);
             put(rows, 2 * tw + 2 * k, y10 + bias);
             put(rows, 2 * tw + 2 * k + 1, y11 + bias);
-        }
-    }
-}
-
-/// `dM = A dY Aᵀ` of one tile row from its two output rows, each as padded columns split
-/// into even and odd (`tw + 1` each, one row after the other).
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn output_grad_row(even: &[f32], odd: &[f32], dm: &mut [f32], s: Streams) {
-    let tw = s.len;
-    assert!(even.len() >= 2 * (tw + 1) && odd.len() >= 2 * (tw + 1));
-    s.check(dm.len());
-    for k in 0..tw {
-        // output column 2k + j is padded column 2k + j + 1: odd[k], then even[k + 1]
-        let mut y = [[0.0f32; 2]; 2];
-        for (i, row) in y.iter_mut().enumerate() {
-            let at = i * (tw + 1) + k;
-            // SAFETY: at + 1 < 2 (tw + 1), checked above.
-            *row = unsafe { [get(odd, at), get(even, at + 1)] };
-        }
-        for (xi, val) in two_d(y, one_d::a).as_flattened().iter().enumerate() {
-            // SAFETY: inside the streams, checked above.
-            unsafe { put(dm, s.at(xi, k), *val) };
         }
     }
 }
@@ -379,11 +358,8 @@ fn input_grad_row(dv: &[f32], s: Streams, d: &mut [f32]) {
     assert!(d.len() >= XI * tw);
     s.check(dv.len());
     for k in 0..tw {
-        let mut tile = [[0.0f32; 4]; 4];
-        for (xi, val) in tile.as_flattened_mut().iter_mut().enumerate() {
-            // SAFETY: inside the streams, checked above.
-            *val = unsafe { get(dv, s.at(xi, k)) };
-        }
+        // SAFETY: inside the streams, checked above.
+        let tile = unsafe { tile_at(dv, s, k) };
         for (xi, val) in two_d(tile, one_d::b).as_flattened().iter().enumerate() {
             // SAFETY: xi * tw + k < 16 tw, checked above.
             unsafe { put(d, xi * tw + k, *val) };
@@ -394,22 +370,32 @@ fn input_grad_row(dv: &[f32], s: Streams, d: &mut [f32]) {
 /// `V[ξ][c][t]` (`16 x channels x block.len()`) of the 4x4 input tiles of one sample
 /// (`channels x h x w`), zero outside the image.
 fn input_tiles(g: &Geometry, x: &[f32], block: Block, v: &mut [f32]) {
-    let (cs, n, tw) = (g.cin, block.len(), block.tw);
-    let plane_len = g.input[0] * g.input[1];
-    let mut rows = vec![0.0f32; 8 * (tw + 1)];
-    for c in 0..cs {
-        let plane = &x[c * plane_len..][..plane_len];
+    tiles_of::<4>((x, g.cin), g.input, block, 0, input_row, v);
+}
+
+/// The transformed tiles (`16 x channels x block.len()`) of one sample's planes (`channels x
+/// h x w`) through `row`, from `R` padded rows per tile row, starting at padded row
+/// `2 ty + first`.
+fn tiles_of<const R: usize>(
+    (planes, channels): (&[f32], usize),
+    [h, w]: [usize; 2],
+    block: Block,
+    first: usize,
+    row: fn([&[f32]; 2], &mut [f32], Streams),
+    out: &mut [f32],
+) {
+    let (n, tw) = (block.len(), block.tw);
+    let mut rows = vec![0.0f32; 2 * R * (tw + 1)];
+    for c in 0..channels {
+        let plane = &planes[c * h * w..][..h * w];
         for r in 0..block.rows {
             let ty = block.first_row + r;
-            let (even, odd) = rows.split_at_mut(4 * (tw + 1));
-            for (a, (e, o)) in even
-                .chunks_mut(tw + 1)
-                .zip(odd.chunks_mut(tw + 1))
-                .enumerate()
-            {
-                split_row(plane, g.input, 2 * ty + a, e, o);
+            let (even, odd) = rows.split_at_mut(R * (tw + 1));
+            let halves = even.chunks_mut(tw + 1).zip(odd.chunks_mut(tw + 1));
+            for (a, (e, o)) in halves.enumerate() {
+                split_row(plane, [h, w], 2 * ty + first + a, e, o);
             }
-            input_row(even, odd, v, Streams::of(cs, n, c, r * tw, tw));
+            row([even, odd], out, Streams::of(channels, n, c, r * tw, tw));
         }
     }
 }
@@ -443,27 +429,10 @@ fn output_tiles(
     }
 }
 
-/// `dM[ξ][co][t] = A dY Aᵀ` of one sample's output gradient (`cout x h x w`), zero beyond it.
+/// `dM[ξ][co][t] = A dY Aᵀ` of one sample's output gradient (`cout x h x w`), zero beyond it:
+/// output row (column) `2t + i` is padded row (column) `2t + i + 1`.
 fn output_grad_tiles(g: &Geometry, dy: &[f32], block: Block, dm: &mut [f32]) {
-    let [h, w] = g.input;
-    let (cs, n, tw) = (g.cout, block.len(), block.tw);
-    let mut rows = vec![0.0f32; 4 * (tw + 1)];
-    for c in 0..cs {
-        let plane = &dy[c * h * w..][..h * w];
-        for r in 0..block.rows {
-            let ty = block.first_row + r;
-            let (even, odd) = rows.split_at_mut(2 * (tw + 1));
-            for (i, (e, o)) in even
-                .chunks_mut(tw + 1)
-                .zip(odd.chunks_mut(tw + 1))
-                .enumerate()
-            {
-                // output row 2ty + i is padded row 2ty + i + 1
-                split_row(plane, [h, w], 2 * ty + i + 1, e, o);
-            }
-            output_grad_row(even, odd, dm, Streams::of(cs, n, c, r * tw, tw));
-        }
-    }
+    tiles_of::<2>((dy, g.cout), g.input, block, 1, output_grad_row, dm);
 }
 
 /// Adds `B dV Bᵀ` of `dV[ξ][ci][t]` into one sample's input gradient (`cin x h x w`).
