@@ -20,6 +20,7 @@ use crate::defaults::{default_data, parse_config, parse_stage2_config};
 use crate::devices;
 use crate::metrics::{StepTiming, WorkerMetrics, serve_metrics};
 use crate::mirror::RunMirror;
+use crate::settings::RunSettings;
 use crate::stage1::{RunError, RunOptions, run_stage1};
 use crate::stage2::{CondKind, Stage2Options, run_stage2};
 use taming_dataloader::DataError;
@@ -265,59 +266,36 @@ fn run_assignment(
         metrics,
         stage: spec.stage.clone(),
     };
+    let mut settings = RunSettings::single(out, spec.steps, device);
+    settings.resume = resume;
+    settings.checkpoint_url = checkpoint_url;
+    settings.eval_every = spec.eval_every.max(1);
+    settings.checkpoint_every = spec.checkpoint_every.max(1);
+    settings.join(a.rank as usize, a.world_size as usize, group);
     if spec.stage == "transformer" {
-        return run_transformer(spec, data, out, resume, device, group, a, reporter);
+        return run_transformer(spec, data, settings, reporter);
     }
     let config = parse_config(&spec.config_yaml, "the job's config")?;
-    let mut run = RunOptions::single(config, data, out, spec.steps, device);
+    let mut run = RunOptions::new(config, data, settings);
     run.dataloaders = spec.dataloaders.clone();
-    run.resume = resume;
-    run.checkpoint_url = checkpoint_url;
-    run.nodes = a.world_size as usize;
-    run.rank = a.rank as usize;
-    run.world = a.world_size as usize;
-    run.group = group;
-    run.eval_every = spec.eval_every.max(1);
-    run.checkpoint_every = spec.checkpoint_every.max(1);
     run.on_step = Some(Box::new(move |row| reporter.report(row)));
     run_stage1(run)?;
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run_transformer(
     spec: JobSpec,
     data: String,
-    out: std::path::PathBuf,
-    resume: bool,
-    device: burn::tensor::Device,
-    group: Option<Box<dyn AllReduce>>,
-    a: &Assignment,
+    settings: RunSettings,
     reporter: Reporter,
 ) -> Result<()> {
     let config = parse_stage2_config(&spec.config_yaml, "the job's config")?;
     let cond: CondKind = spec.cond.parse().map_err(anyhow::Error::msg)?;
-    let mut run = Stage2Options::single(
-        config,
-        spec.vqgan.into(),
-        cond,
-        data,
-        out,
-        spec.steps,
-        device,
-    );
+    let mut run = Stage2Options::new(config, (spec.vqgan.into(), cond), data, settings);
     let nonempty = |s: String| (!s.is_empty()).then_some(s);
     run.codes = nonempty(spec.codes);
     run.val_codes = nonempty(spec.val_codes);
     run.cond_vqgan = nonempty(spec.cond_vqgan).map(Into::into);
-    run.checkpoint_url = nonempty(spec.checkpoint_url);
-    run.resume = resume;
-    run.nodes = a.world_size as usize;
-    run.rank = a.rank as usize;
-    run.world = a.world_size as usize;
-    run.group = group;
-    run.eval_every = spec.eval_every.max(1);
-    run.checkpoint_every = spec.checkpoint_every.max(1);
     run.on_step = Some(Box::new(move |row| {
         let mut losses = vec![("loss", row.loss), ("lr", row.lr)];
         if let Some(v) = row.val_loss {

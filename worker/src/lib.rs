@@ -8,5 +8,6 @@ pub mod devices;
 pub mod distributed;
 pub mod metrics;
 pub mod mirror;
+pub mod settings;
 pub mod stage1;
 pub mod stage2;

@@ -136,7 +136,7 @@ fn segmentation_objective_learns_the_silhouette_maps() {
         30,
         Device::flex().autodiff(),
     );
-    opts.eval_every = 10;
+    opts.run.eval_every = 10;
     let s = run_stage1(opts).unwrap();
     assert!(
         s.last_val_l1 < 0.6 * s.first_val_l1,
@@ -180,8 +180,8 @@ fn conditional_discriminator_trains_on_images_with_their_label_maps() {
         .to_string_lossy()
         .into_owned();
     let mut opts = RunOptions::single(cfg.clone(), data, out.clone(), 3, Device::flex().autodiff());
-    opts.eval_every = 3;
-    opts.checkpoint_every = 3;
+    opts.run.eval_every = 3;
+    opts.run.checkpoint_every = 3;
     run_stage1(opts).unwrap();
     let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
     let d_losses: Vec<f64> = csv
@@ -229,7 +229,7 @@ fn the_photo_crop_default_trains_end_to_end() {
         .to_string_lossy()
         .into_owned();
     let mut opts = RunOptions::single(cfg, data, out.clone(), 2, Device::flex().autodiff());
-    opts.eval_every = 2;
+    opts.run.eval_every = 2;
     let s = run_stage1(opts).unwrap();
     assert_eq!(s.steps, 2);
     assert!(s.first_val_l1.is_finite() && s.last_val_l1.is_finite());

@@ -131,8 +131,8 @@ fn options(cfg: Stage2Config, vq: &Path, cond: CondKind, out: &Path, steps: u64)
         steps,
         Device::flex().autodiff(),
     );
-    o.eval_every = 5;
-    o.checkpoint_every = 5;
+    o.run.eval_every = 5;
+    o.run.checkpoint_every = 5;
     o
 }
 
@@ -225,7 +225,7 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     let opts = |out: &Path, resume: bool| {
         let mut o = options(config(8), &vq, CondKind::None, out, 10);
         o.codes = Some(codes.to_string_lossy().into_owned());
-        o.resume = resume;
+        o.run.resume = resume;
         o
     };
     let straight = tmp.path().join("straight");

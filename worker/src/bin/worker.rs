@@ -12,6 +12,7 @@ use taming_model::device::DeviceSpec;
 use taming_proto::auth::TOKEN_ENV;
 use taming_worker::agent::{AgentOptions, run_agent};
 use taming_worker::defaults::{default_data, parse_config, parse_stage2_config};
+use taming_worker::settings::RunSettings;
 use taming_worker::stage1::{RunOptions, Stage1Config, run_stage1};
 use taming_worker::stage2::{CondKind, Stage2Config, Stage2Options, run_stage2};
 
@@ -220,22 +221,26 @@ fn run(cli: Cli) -> Result<()> {
         None => default_data()?.to_string_lossy().into_owned(),
     };
     let device = device.device().map_err(anyhow::Error::msg)?.autodiff();
+    let default_out = match stage {
+        Stage::Vqgan => "runs/vqgan",
+        Stage::Transformer => "runs/transformer",
+    };
+    let out = out.unwrap_or_else(|| PathBuf::from(default_out));
+    let mut settings = RunSettings::single(out.clone(), steps, device);
+    settings.resume = resume;
+    settings.checkpoint_url = checkpoint_url;
+    settings.eval_every = eval_every;
+    settings.checkpoint_every = checkpoint_every;
+    settings.nodes = nodes;
     if let Stage::Transformer = stage {
-        let out = out.unwrap_or_else(|| PathBuf::from("runs/transformer"));
         let config = read_stage2_config(config.as_deref())?;
         let vqgan = stage2
             .vqgan
             .context("--stage transformer needs --vqgan MODEL (a stage-1 model directory)")?;
-        let mut opts =
-            Stage2Options::single(config, vqgan, stage2.cond, data, out.clone(), steps, device);
+        let mut opts = Stage2Options::new(config, (vqgan, stage2.cond), data, settings);
         opts.cond_vqgan = stage2.cond_vqgan;
         opts.codes = stage2.codes;
         opts.val_codes = stage2.val_codes;
-        opts.resume = resume;
-        opts.checkpoint_url = checkpoint_url;
-        opts.eval_every = eval_every;
-        opts.checkpoint_every = checkpoint_every;
-        opts.nodes = nodes;
         if !quiet {
             opts.on_step = Some(Box::new(|row| {
                 let val = row
@@ -260,15 +265,9 @@ fn run(cli: Cli) -> Result<()> {
         );
         return Ok(());
     }
-    let out = out.unwrap_or_else(|| PathBuf::from("runs/vqgan"));
     let config = read_config(config.as_deref())?;
-    let mut opts = RunOptions::single(config, data, out.clone(), steps, device);
+    let mut opts = RunOptions::new(config, data, settings);
     opts.dataloaders = dataloader;
-    opts.resume = resume;
-    opts.checkpoint_url = checkpoint_url;
-    opts.eval_every = eval_every;
-    opts.checkpoint_every = checkpoint_every;
-    opts.nodes = nodes;
     opts.progress = !quiet;
     let summary = run_stage1(opts)?;
     println!(

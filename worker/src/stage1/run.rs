@@ -22,14 +22,13 @@ use taming_model::checkpoint::native;
 use taming_model::image_io::to_image;
 use taming_model::quantize::QuantizeMode;
 
-use taming_collective::AllReduce;
-
 use super::config::{Objective, Stage1Config};
 use super::report::{self, MetricsRow};
 use super::trainer::{Stage1Trainer, StepReport, TrainError};
 use crate::checkpoint::{self, CheckpointError};
 use crate::metrics::StepTiming;
 use crate::mirror::{self, Uploader};
+use crate::settings::RunSettings;
 
 /// Called after every step with its metrics row; returning false stops the run.
 pub type StepHook = Box<dyn FnMut(&MetricsRow) -> bool + Send>;
@@ -42,39 +41,28 @@ pub struct RunOptions {
     pub data: String,
     /// Dataloader service instances to stream training batches from (none: read locally).
     pub dataloaders: Vec<String>,
-    /// Run folder.
-    pub out: PathBuf,
-    /// Train until this many optimizer steps.
-    pub steps: u64,
-    /// Continue from the run folder's latest checkpoint.
-    pub resume: bool,
-    /// Object-store copy of the run's checkpoints (see [`crate::mirror`]); resuming pulls
-    /// from it when the run folder lacks its latest checkpoint.
-    pub checkpoint_url: Option<String>,
-    /// Evaluate every this many steps (and at the end).
-    pub eval_every: u64,
-    /// Checkpoint every this many steps (and at the end).
-    pub checkpoint_every: u64,
-    /// Checkpoints kept.
-    pub keep: usize,
-    /// Nodes (for the learning-rate scaling).
-    pub nodes: usize,
-    /// An autodiff device.
-    pub device: Device,
     /// Show a progress bar.
     pub progress: bool,
-    /// This rank and the number of ranks (data split, who writes the run folder).
-    pub rank: usize,
-    /// Ranks in the job.
-    pub world: usize,
-    /// The data-parallel group (with `world > 1`).
-    pub group: Option<Box<dyn AllReduce>>,
     /// Called after every step with its metrics row; returning false stops the run.
     pub on_step: Option<StepHook>,
+    /// The run folder, its length and its place in the job.
+    pub run: RunSettings,
 }
 
 impl RunOptions {
-    /// A single-process run.
+    /// A run of `config` on the shards of `data` (read locally, no progress bar).
+    pub fn new(config: Stage1Config, data: String, run: RunSettings) -> Self {
+        Self {
+            config,
+            data,
+            dataloaders: Vec::new(),
+            progress: false,
+            on_step: None,
+            run,
+        }
+    }
+
+    /// A single-process run (see [`RunSettings::single`]).
     pub fn single(
         config: Stage1Config,
         data: String,
@@ -82,25 +70,7 @@ impl RunOptions {
         steps: u64,
         device: Device,
     ) -> Self {
-        Self {
-            config,
-            data,
-            dataloaders: Vec::new(),
-            out,
-            steps,
-            resume: false,
-            checkpoint_url: None,
-            eval_every: 100,
-            checkpoint_every: 200,
-            keep: 2,
-            nodes: 1,
-            device,
-            progress: false,
-            rank: 0,
-            world: 1,
-            group: None,
-            on_step: None,
-        }
+        Self::new(config, data, RunSettings::single(out, steps, device))
     }
 }
 
@@ -156,15 +126,19 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
     opts.config.validate().map_err(TrainError::from)?;
     let train_shards = list_split(&opts.data, "train")?;
     let val_shards = list_split(&opts.data, "val")?;
-    std::fs::create_dir_all(&opts.out).map_err(|e| output(&opts.out, e))?;
-    let ckpt_dir = opts.out.join("checkpoints");
-    let mut uploader = mirror::prepare(opts.checkpoint_url.as_deref(), &opts.out, opts.resume)
-        .map_err(TrainError::from)?;
+    std::fs::create_dir_all(&opts.run.out).map_err(|e| output(&opts.run.out, e))?;
+    let ckpt_dir = opts.run.out.join("checkpoints");
+    let mut uploader = mirror::prepare(
+        opts.run.checkpoint_url.as_deref(),
+        &opts.run.out,
+        opts.run.resume,
+    )
+    .map_err(TrainError::from)?;
     let (mut trainer, state, mut rows) = start(&opts, &ckpt_dir)?;
-    if let Some(group) = opts.group.take() {
+    if let Some(group) = opts.run.group.take() {
         trainer.join_group(group)?;
     }
-    let lead = opts.rank == 0;
+    let lead = opts.run.rank == 0;
     let size = opts.config.model.ddconfig.resolution;
     let loader_cfg = |batch_size, train: bool| LoaderConfig {
         batch_size,
@@ -180,8 +154,8 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
         },
     };
     let mut train_cfg = loader_cfg(opts.config.batch_size, true);
-    train_cfg.reader.rank = opts.rank;
-    train_cfg.reader.world_size = opts.world;
+    train_cfg.reader.rank = opts.run.rank;
+    train_cfg.reader.world_size = opts.run.world;
     let mut loader: Box<dyn BatchSource> = if opts.dataloaders.is_empty() {
         Box::new(ShardLoader::open(&train_shards, train_cfg, &state)?)
     } else {
@@ -204,7 +178,7 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
     let first_val_l1 = trainer.eval_l1(val_x.clone());
     let bar = progress_bar(&opts, trainer.step());
     let mut last_val_l1 = first_val_l1;
-    while trainer.step() < opts.steps {
+    while trainer.step() < opts.run.steps {
         let step_span = tracing::info_span!("step", step = trainer.step() + 1);
         let _in_step = step_span.enter();
         let started = Instant::now();
@@ -217,7 +191,7 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
         };
         let ips = (opts.config.batch_size * opts.config.grad_accum) as f64 / timing.step_s;
         let step = report.step;
-        let evaluate = step % opts.eval_every.max(1) == 0 || step == opts.steps;
+        let evaluate = step % opts.run.eval_every.max(1) == 0 || step == opts.run.steps;
         let val_l1 = evaluate.then(|| trainer.eval_l1(val_x.clone()));
         last_val_l1 = val_l1.unwrap_or(last_val_l1);
         rows.push(MetricsRow {
@@ -226,17 +200,17 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
         });
         bar.set_position(step);
         bar.set_message(message(&report, ips, last_val_l1));
-        if step % opts.checkpoint_every.max(1) == 0 || step == opts.steps {
+        if step % opts.run.checkpoint_every.max(1) == 0 || step == opts.run.steps {
             if lead {
                 // The previous upload reads the files this step rewrites or prunes.
                 uploader.wait().map_err(TrainError::from)?;
                 let dir = trainer
-                    .save_checkpoint(&ckpt_dir, loader.state(), opts.keep)
+                    .save_checkpoint(&ckpt_dir, loader.state(), opts.run.keep)
                     .map_err(TrainError::from)?;
-                report::write_csv(&opts.out.join("metrics.csv"), &rows)
-                    .map_err(|e| output(&opts.out.join("metrics.csv"), e))?;
+                report::write_csv(&opts.run.out.join("metrics.csv"), &rows)
+                    .map_err(|e| output(&opts.run.out.join("metrics.csv"), e))?;
                 uploader
-                    .push_checkpoint(&opts.out, &dir)
+                    .push_checkpoint(&opts.run.out, &dir)
                     .map_err(TrainError::from)?;
             } else {
                 save_rank_state(&opts, step, &loader.state(), &uploader)?;
@@ -253,14 +227,16 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
         // The upload in flight reads files that `finish` rewrites.
         uploader.wait().map_err(TrainError::from)?;
         finish(&opts, &trainer, &val, val_x, &rows)?;
-        uploader.push_outputs(&opts.out).map_err(TrainError::from)?;
+        uploader
+            .push_outputs(&opts.run.out)
+            .map_err(TrainError::from)?;
     }
     Ok(RunSummary {
         steps: trainer.step(),
         first_val_l1,
         last_val_l1,
         skipped: loader.skipped(),
-        model_dir: opts.out.join("model"),
+        model_dir: opts.run.out.join("model"),
     })
 }
 
@@ -269,31 +245,31 @@ fn start(
     ckpt_dir: &Path,
 ) -> Result<(Stage1Trainer, LoaderState, Vec<MetricsRow>), RunError> {
     let has_checkpoint = ckpt_dir.join(checkpoint::LATEST).exists();
-    if has_checkpoint && !opts.resume {
+    if has_checkpoint && !opts.run.resume {
         return Err(output(
-            &opts.out,
+            &opts.run.out,
             "holds a run already: pass --resume to continue it, or choose another --out",
         ));
     }
     if !has_checkpoint {
-        if opts.resume {
+        if opts.run.resume {
             return Err(TrainError::from(CheckpointError::new(
                 ckpt_dir,
                 "no checkpoint to resume from",
             ))
             .into());
         }
-        let trainer = Stage1Trainer::new(opts.config.clone(), opts.nodes, &opts.device)
+        let trainer = Stage1Trainer::new(opts.config.clone(), opts.run.nodes, &opts.run.device)
             .map_err(TrainError::from)?;
         return Ok((trainer, LoaderState::default(), Vec::new()));
     }
-    let (trainer, state) = Stage1Trainer::resume(ckpt_dir, opts.nodes, &opts.device)?;
-    let state = if opts.rank == 0 {
+    let (trainer, state) = Stage1Trainer::resume(ckpt_dir, opts.run.nodes, &opts.run.device)?;
+    let state = if opts.run.rank == 0 {
         state
     } else {
         load_rank_state(opts, trainer.step(), state.epoch)
     };
-    let rows = report::read_csv(&opts.out.join("metrics.csv"))
+    let rows = report::read_csv(&opts.run.out.join("metrics.csv"))
         .unwrap_or_default()
         .into_iter()
         .filter(|r| r.step <= trainer.step())
@@ -303,14 +279,14 @@ fn start(
 
 /// The data position of rank r > 0 at a checkpoint step (rank 0's is in the checkpoint).
 fn rank_state_path(opts: &RunOptions, step: u64) -> PathBuf {
-    opts.out.join(rank_state_file(opts, step))
+    opts.run.out.join(rank_state_file(opts, step))
 }
 
 /// The run-relative name of a rank's data position.
 fn rank_state_file(opts: &RunOptions, step: u64) -> String {
     format!(
         "loader/rank-{:04}-of-{:04}-step-{step:08}.json",
-        opts.rank, opts.world
+        opts.run.rank, opts.run.world
     )
 }
 
@@ -326,7 +302,7 @@ fn save_rank_state(
     std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(|e| output(&path, e))?;
     taming_model::atomic::write(&path, &json).map_err(|e| output(&path, e))?;
     uploader
-        .push_file(&opts.out, &rank_state_file(opts, step))
+        .push_file(&opts.run.out, &rank_state_file(opts, step))
         .map_err(|e| TrainError::from(e).into())
 }
 
@@ -341,7 +317,7 @@ fn load_rank_state(opts: &RunOptions, step: u64, epoch: u64) -> LoaderState {
         Some(state) => state,
         None => {
             tracing::warn!(
-                rank = opts.rank,
+                rank = opts.run.rank,
                 step,
                 "no saved data position; starting epoch {epoch} afresh"
             );
@@ -395,7 +371,7 @@ fn progress_bar(opts: &RunOptions, position: u64) -> ProgressBar {
     if !opts.progress {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::new(opts.steps).with_position(position);
+    let bar = ProgressBar::new(opts.run.steps).with_position(position);
     let style = ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed} < {eta}] {msg}")
         .expect("valid template");
     bar.set_style(style);
@@ -450,9 +426,9 @@ fn finish(
     val_x: Tensor<4>,
     rows: &[MetricsRow],
 ) -> Result<(), RunError> {
-    report::write_csv(&opts.out.join("metrics.csv"), rows)
-        .map_err(|e| output(&opts.out.join("metrics.csv"), e))?;
-    let loss_png = opts.out.join("loss.png");
+    report::write_csv(&opts.run.out.join("metrics.csv"), rows)
+        .map_err(|e| output(&opts.run.out.join("metrics.csv"), e))?;
+    let loss_png = opts.run.out.join("loss.png");
     report::plot_losses(&loss_png, rows).map_err(|e| output(&loss_png, e))?;
     let model = trainer.model().valid();
     let x = val_x.inner();
@@ -466,14 +442,14 @@ fn finish(
     let recs: Vec<_> = (0..n)
         .map(|i| picture(rec.clone().narrow(0, i, 1)))
         .collect();
-    let grid = opts.out.join("val_grid.png");
+    let grid = opts.run.out.join("val_grid.png");
     report::write_grid(&grid, &inputs, &recs).map_err(|e| output(&grid, e))?;
     native::save_model(
-        &opts.out.join("model"),
+        &opts.run.out.join("model"),
         &opts.config.model,
         &model,
         &BTreeMap::new(),
         true,
     )
-    .map_err(|e| output(&opts.out.join("model"), e))
+    .map_err(|e| output(&opts.run.out.join("model"), e))
 }

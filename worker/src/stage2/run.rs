@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::Device;
-use taming_collective::AllReduce;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
 use taming_model::checkpoint::native;
@@ -22,6 +21,7 @@ use super::trainer::{DataPosition, Stage2Report, Stage2Trainer};
 use crate::checkpoint::{self, CheckpointError};
 use crate::metrics::StepTiming;
 use crate::mirror;
+use crate::settings::RunSettings;
 use crate::stage1::RunError;
 use crate::stage1::trainer::TrainError;
 
@@ -85,45 +85,20 @@ pub struct Stage2Options {
     pub val_codes: Option<String>,
     /// Image shards (`train-*.tar`, `val-*.tar`) when no codes are given.
     pub data: String,
-    /// Run folder.
-    pub out: PathBuf,
-    /// Train until this many optimizer steps.
-    pub steps: u64,
-    /// Continue from the run folder's latest checkpoint.
-    pub resume: bool,
-    /// Object-store copy of the run's checkpoints (see [`crate::mirror`]); resuming pulls
-    /// from it when the run folder lacks its latest checkpoint.
-    pub checkpoint_url: Option<String>,
-    /// Evaluate every this many steps.
-    pub eval_every: u64,
-    /// Checkpoint every this many steps.
-    pub checkpoint_every: u64,
-    /// Checkpoints kept.
-    pub keep: usize,
-    /// Nodes (learning-rate scaling).
-    pub nodes: usize,
-    /// An autodiff device.
-    pub device: Device,
-    /// This rank.
-    pub rank: usize,
-    /// Ranks in the job.
-    pub world: usize,
-    /// The data-parallel group.
-    pub group: Option<Box<dyn AllReduce>>,
     /// Called after every step.
     pub on_step: Option<Stage2Hook>,
+    /// The run folder, its length and its place in the job.
+    pub run: RunSettings,
 }
 
 impl Stage2Options {
-    /// A single-process run.
-    pub fn single(
+    /// A run of `config` over the codes of the frozen `vqgan` (model directory), conditioned
+    /// on `cond`, with the image shards of `data` encoded on the fly.
+    pub fn new(
         config: Stage2Config,
-        vqgan: PathBuf,
-        cond: CondKind,
+        (vqgan, cond): (PathBuf, CondKind),
         data: String,
-        out: PathBuf,
-        steps: u64,
-        device: Device,
+        run: RunSettings,
     ) -> Self {
         Self {
             config,
@@ -133,20 +108,27 @@ impl Stage2Options {
             codes: None,
             val_codes: None,
             data,
-            out,
-            steps,
-            resume: false,
-            checkpoint_url: None,
-            eval_every: 100,
-            checkpoint_every: 200,
-            keep: 2,
-            nodes: 1,
-            device,
-            rank: 0,
-            world: 1,
-            group: None,
             on_step: None,
+            run,
         }
+    }
+
+    /// A single-process run (see [`RunSettings::single`]).
+    pub fn single(
+        config: Stage2Config,
+        vqgan: PathBuf,
+        cond: CondKind,
+        data: String,
+        out: PathBuf,
+        steps: u64,
+        device: Device,
+    ) -> Self {
+        Self::new(
+            config,
+            (vqgan, cond),
+            data,
+            RunSettings::single(out, steps, device),
+        )
     }
 }
 
@@ -221,7 +203,7 @@ fn load_models(opts: &Stage2Options, device: &Device) -> Result<Models, RunError
         }
         (None, CondKind::Segmentation) => {
             return Err(output(
-                &opts.out,
+                &opts.run.out,
                 "--cond segmentation needs --cond-vqgan (the VQGAN that encoded the maps)",
             ));
         }
@@ -245,8 +227,8 @@ fn image_loader(
         ..ReaderConfig::default()
     };
     if train {
-        reader.rank = opts.rank;
-        reader.world_size = opts.world;
+        reader.rank = opts.run.rank;
+        reader.world_size = opts.run.world;
     }
     let cfg = LoaderConfig {
         batch_size: batch,
@@ -285,7 +267,7 @@ fn read_data(opts: &Stage2Options, models: &Models, inner: &Device) -> Result<Da
     }
     if opts.cond == CondKind::Segmentation {
         return Err(output(
-            &opts.out,
+            &opts.run.out,
             "--cond segmentation trains from code Parquet (dataloader precompute-codes \
              --cond-vqgan): give --codes",
         ));
@@ -334,7 +316,7 @@ fn model_config(
                 }
                 (None, None) => {
                     return Err(output(
-                        &opts.out,
+                        &opts.run.out,
                         "class conditioning on images needs `n_classes` in the stage-2 config",
                     ));
                 }
@@ -365,8 +347,8 @@ fn open_batches(
         let pos = position.codes.clone().unwrap_or_default();
         return Ok(Batches::Codes(CodeSampler::new(
             rows,
-            opts.rank,
-            opts.world,
+            opts.run.rank,
+            opts.run.world,
             opts.config.seed,
             pos,
         )));
@@ -390,29 +372,33 @@ fn open_batches(
 /// Runs (or resumes) stage-2 training.
 pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
     opts.config.validate().map_err(TrainError::from)?;
-    std::fs::create_dir_all(&opts.out).map_err(|e| output(&opts.out, e))?;
-    let inner = opts.device.clone().inner();
+    std::fs::create_dir_all(&opts.run.out).map_err(|e| output(&opts.run.out, e))?;
+    let inner = opts.run.device.clone().inner();
     let models = load_models(&opts, &inner)?;
     let mut data = read_data(&opts, &models, &inner)?;
-    let ckpt_dir = opts.out.join("checkpoints");
-    let mut uploader = mirror::prepare(opts.checkpoint_url.as_deref(), &opts.out, opts.resume)
-        .map_err(|e| train_error(e.into()))?;
+    let ckpt_dir = opts.run.out.join("checkpoints");
+    let mut uploader = mirror::prepare(
+        opts.run.checkpoint_url.as_deref(),
+        &opts.run.out,
+        opts.run.resume,
+    )
+    .map_err(|e| train_error(e.into()))?;
     let (mut trainer, position, mut rows) = start(&opts, &models, &data, &ckpt_dir)?;
     let model = trainer.layout().config().clone();
     if let Some(rows) = &data.rows {
         check_samples(rows, &model, &data.source)?;
     }
     check_samples(&data.val, &model, &data.source)?;
-    if let Some(group) = opts.group.take() {
+    if let Some(group) = opts.run.group.take() {
         trainer.join_group(group)?;
     }
     let mut batches = open_batches(&opts, &models, &mut data, &inner, &position)?;
-    let lead = opts.rank == 0;
+    let lead = opts.run.rank == 0;
     let first_val_loss = trainer.eval_loss(&data.val).map_err(train_error)?;
     let mut last_val_loss = first_val_loss;
     let tokens_per_step =
         (opts.config.batch_size * opts.config.grad_accum * model.window_tokens()) as f64;
-    while trainer.step() < opts.steps {
+    while trainer.step() < opts.run.steps {
         let step_span = tracing::info_span!("step", step = trainer.step() + 1);
         let _in_step = step_span.enter();
         let started = Instant::now();
@@ -430,7 +416,7 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
             step_s: started.elapsed().as_secs_f64(),
         };
         let step = report.step;
-        let evaluate = step % opts.eval_every.max(1) == 0 || step == opts.steps;
+        let evaluate = step % opts.run.eval_every.max(1) == 0 || step == opts.run.steps;
         let val_loss = if evaluate {
             Some(trainer.eval_loss(&data.val).map_err(train_error)?)
         } else {
@@ -445,15 +431,15 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
             tokens_per_s: tokens_per_step / timing.step_s,
             timing,
         });
-        if lead && (step % opts.checkpoint_every.max(1) == 0 || step == opts.steps) {
+        if lead && (step % opts.run.checkpoint_every.max(1) == 0 || step == opts.run.steps) {
             // The previous upload reads the files this step rewrites or prunes.
             uploader.wait().map_err(|e| train_error(e.into()))?;
             let dir = trainer
-                .save_checkpoint(&ckpt_dir, batches.position(), opts.keep)
+                .save_checkpoint(&ckpt_dir, batches.position(), opts.run.keep)
                 .map_err(|e| train_error(e.into()))?;
-            write_metrics(&opts.out.join("metrics.csv"), &rows)?;
+            write_metrics(&opts.run.out.join("metrics.csv"), &rows)?;
             uploader
-                .push_checkpoint(&opts.out, &dir)
+                .push_checkpoint(&opts.run.out, &dir)
                 .map_err(|e| train_error(e.into()))?;
         }
         if let Some(hook) = opts.on_step.as_mut()
@@ -467,14 +453,14 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
         uploader.wait().map_err(|e| train_error(e.into()))?;
         finish(&opts, &trainer, &models, &data.val, &inner)?;
         uploader
-            .push_outputs(&opts.out)
+            .push_outputs(&opts.run.out)
             .map_err(|e| train_error(e.into()))?;
     }
     Ok(Stage2Summary {
         steps: trainer.step(),
         first_val_loss,
         last_val_loss,
-        model_dir: opts.out.join("model"),
+        model_dir: opts.run.out.join("model"),
     })
 }
 
@@ -485,14 +471,14 @@ fn start(
     ckpt_dir: &Path,
 ) -> Result<(Stage2Trainer, DataPosition, Vec<Stage2Row>), RunError> {
     let has_checkpoint = ckpt_dir.join(checkpoint::LATEST).exists();
-    if has_checkpoint && !opts.resume {
+    if has_checkpoint && !opts.run.resume {
         return Err(output(
-            &opts.out,
+            &opts.run.out,
             "holds a run already: pass --resume to continue it, or choose another --out",
         ));
     }
     if !has_checkpoint {
-        if opts.resume {
+        if opts.run.resume {
             let e = CheckpointError::new(ckpt_dir, "no checkpoint to resume from");
             return Err(RunError::Train(e.into()));
         }
@@ -500,16 +486,17 @@ fn start(
         let trainer = Stage2Trainer::new(
             opts.config.clone(),
             model,
-            opts.nodes,
-            opts.steps,
-            &opts.device,
+            opts.run.nodes,
+            opts.run.steps,
+            &opts.run.device,
         )
         .map_err(train_error)?;
         return Ok((trainer, DataPosition::default(), Vec::new()));
     }
-    let (trainer, position) = Stage2Trainer::resume(ckpt_dir, opts.nodes, opts.steps, &opts.device)
-        .map_err(train_error)?;
-    let rows = read_metrics(&opts.out.join("metrics.csv"))
+    let (trainer, position) =
+        Stage2Trainer::resume(ckpt_dir, opts.run.nodes, opts.run.steps, &opts.run.device)
+            .map_err(train_error)?;
+    let rows = read_metrics(&opts.run.out.join("metrics.csv"))
         .into_iter()
         .filter(|r| r.step <= trainer.step())
         .collect();
@@ -583,7 +570,7 @@ fn finish(
     use burn::module::Module;
     let gpt = trainer.gpt().valid();
     let layout = trainer.layout();
-    let model_dir = opts.out.join("model");
+    let model_dir = opts.run.out.join("model");
     native::save_transformer(&model_dir, layout.config(), &gpt, true)
         .map_err(|e| output(&model_dir, e))?;
     let synth = Synthesizer {
@@ -631,6 +618,6 @@ fn finish(
             .map_err(TrainError::from)?;
         images.extend(synth.decode(&codes, window));
     }
-    let path = opts.out.join("samples.png");
+    let path = opts.run.out.join("samples.png");
     write_png(&tile(&images, 8), &path).map_err(|e| output(&path, e))
 }

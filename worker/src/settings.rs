@@ -1,0 +1,65 @@
+//! What every training run shares, whatever its stage: the run folder and its checkpoints,
+//! how long it trains, how often it evaluates, and its place in a data-parallel job.
+
+use std::path::PathBuf;
+
+use burn::tensor::Device;
+use taming_collective::AllReduce;
+
+/// The settings of a run that do not depend on its stage.
+pub struct RunSettings {
+    /// Run folder.
+    pub out: PathBuf,
+    /// Train until this many optimizer steps.
+    pub steps: u64,
+    /// Continue from the run folder's latest checkpoint.
+    pub resume: bool,
+    /// Object-store copy of the run's checkpoints (see [`crate::mirror`]); resuming pulls
+    /// from it when the run folder lacks its latest checkpoint.
+    pub checkpoint_url: Option<String>,
+    /// Evaluate every this many steps (and at the end).
+    pub eval_every: u64,
+    /// Checkpoint every this many steps (and at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept.
+    pub keep: usize,
+    /// Nodes (for the learning-rate scaling).
+    pub nodes: usize,
+    /// An autodiff device.
+    pub device: Device,
+    /// This rank (data split, who writes the run folder).
+    pub rank: usize,
+    /// Ranks in the job.
+    pub world: usize,
+    /// The data-parallel group (with `world > 1`).
+    pub group: Option<Box<dyn AllReduce>>,
+}
+
+impl RunSettings {
+    /// A single-process run into `out` for `steps` steps on `device`: evaluation every 100
+    /// steps, a checkpoint every 200, two kept.
+    pub fn single(out: PathBuf, steps: u64, device: Device) -> Self {
+        Self {
+            out,
+            steps,
+            resume: false,
+            checkpoint_url: None,
+            eval_every: 100,
+            checkpoint_every: 200,
+            keep: 2,
+            nodes: 1,
+            device,
+            rank: 0,
+            world: 1,
+            group: None,
+        }
+    }
+
+    /// Takes `rank` of a job of `world` ranks (one per node) all-reducing through `group`.
+    pub fn join(&mut self, rank: usize, world: usize, group: Option<Box<dyn AllReduce>>) {
+        self.nodes = world;
+        self.rank = rank;
+        self.world = world;
+        self.group = group;
+    }
+}
