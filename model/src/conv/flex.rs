@@ -1,5 +1,6 @@
-//! The convolution on burn's Flex (CPU) backend through [`kernels`](super::kernels): on plain
-//! Flex tensors, and as a custom autodiff operation on `Autodiff<Flex>` tensors.
+//! The convolution on burn's Flex (CPU) backend through [`winograd`](super::winograd) or
+//! [`kernels`](super::kernels): on plain Flex tensors, and as a custom autodiff operation on
+//! `Autodiff<Flex>` tensors.
 
 use burn::tensor::Tensor;
 use burn::tensor::ops::ConvOptions;
@@ -22,9 +23,10 @@ use crate::cpu::{f32s, tensor};
 use super::kernels::{self, Geometry};
 use super::winograd;
 
-/// `conv2d` through the GEMM kernels when every tensor is an f32 tensor of Flex, or of
-/// `Autodiff<Flex>` with an im2col buffer within [`Geometry::fits`], and the convolution has
-/// one group; `None` otherwise.
+/// `conv2d` through the CPU kernels when every tensor is an f32 tensor of Flex, or of
+/// `Autodiff<Flex>` with an im2col buffer within [`Geometry::fits`] or gradients that
+/// Winograd computes ([`winograd::applies`]), and the convolution has one group; `None`
+/// otherwise.
 pub fn try_conv2d(
     x: &Tensor<4>,
     weight: &Tensor<4>,

@@ -1,5 +1,7 @@
 //! 2-d convolutions for every model here: burn's `Conv2d` parameters, with the forward and
-//! backward passes on the CPU backend computed as wide GEMMs (see [`kernels`]).
+//! backward passes on the CPU backend computed by Winograd's F(2x2, 3x3) for the 3x3
+//! convolutions it serves (see [`winograd`]) and as wide GEMMs over im2col buffers for the
+//! others (see [`kernels`]).
 //!
 //! On other backends, with several groups or other dtypes, burn's own operation runs.
 
@@ -30,7 +32,7 @@ pub fn forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     )
 }
 
-/// `burn::tensor::module::conv2d`, through the GEMM kernels where they apply (see
+/// `burn::tensor::module::conv2d`, through the CPU kernels where they apply (see
 /// [`crate::cpu::set_kernels`]).
 pub fn conv2d(
     x: Tensor<4>,

@@ -46,14 +46,16 @@ fn eligible(g: &Geometry) -> bool {
         && g.input.iter().all(|&d| d >= 16)
 }
 
-/// Whether the Winograd kernels compute this convolution's gradients: [`eligible`] with at
-/// least as many samples as threads (each thread takes whole samples).
+/// Whether the Winograd kernels compute this convolution's gradients: 3x3, stride 1,
+/// padding 1, an image of at least 16x16, and at least as many samples as threads (each
+/// thread takes whole samples).
 pub fn applies(g: &Geometry) -> bool {
     eligible(g) && split_samples(g)
 }
 
-/// Whether the Winograd kernels compute this convolution's forward pass: [`eligible`] with at
-/// least 16 input channels (the transforms cost more than they save on an RGB image).
+/// Whether the Winograd kernels compute this convolution's forward pass: 3x3, stride 1,
+/// padding 1, an image of at least 16x16, and at least 16 input channels (the transforms
+/// cost more than they save on an RGB image).
 pub fn applies_forward(g: &Geometry) -> bool {
     eligible(g) && g.cin >= 16
 }
@@ -217,7 +219,7 @@ fn split_row(plane: &[f32], [h, w]: [usize; 2], py: usize, even: &mut [f32], odd
     }
 }
 
-/// Where tile `t` of channel `c` is at position ξ in a `16 x channels x n` buffer, less `t`.
+/// The start of channel `c`'s tiles at position ξ in a stack of `16 x channels x n`.
 fn stream(xi: usize, channels: usize, n: usize, c: usize) -> usize {
     at_xi(xi, channels * n) + c * n
 }
