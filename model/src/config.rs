@@ -239,7 +239,7 @@ pub const NORM_GROUPS: usize = 32;
 
 impl DdConfig {
     /// The reference's ImageNet f16 autoencoder (configs/imagenet_vqgan.yaml): ch 128,
-    /// ch_mult [1,1,2,2,4], 2 residual blocks, attention at 16, z 256, 256x256.
+    /// ch_mult `[1,1,2,2,4]`, 2 residual blocks, attention at 16, z 256, 256x256.
     pub fn imagenet_f16() -> Self {
         Self {
             ch: 128,
