@@ -146,21 +146,11 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _telemetry = match cli.telemetry.init("taming-coordinator", "warn") {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: telemetry: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match rt.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let telemetry = cli.telemetry.clone();
+    telemetry.main("taming-coordinator", "warn", || {
+        let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+        rt.block_on(run(cli))
+    })
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {

@@ -132,9 +132,7 @@ fn two_nodes_on_the_local_mini_cluster_train_both_stages() {
     let out = tmp.path().join("run");
     let run = succeed(
         coordinator()
-            .args([
-                "launch", "--stage", "vqgan", "--nodes", "2", "--steps", "4", "--quiet",
-            ])
+            .args("launch --stage vqgan --nodes 2 --steps 4 --quiet".split_whitespace())
             .args(["--eval-every", "2", "--checkpoint-every", "2"])
             .arg("--config")
             .arg(tiny_config(tmp.path()))
@@ -165,24 +163,8 @@ fn two_nodes_on_the_local_mini_cluster_train_both_stages() {
     let out2 = tmp.path().join("transformer");
     let run = succeed(
         coordinator()
-            .args([
-                "launch",
-                "--stage",
-                "transformer",
-                "--nodes",
-                "2",
-                "--steps",
-                "4",
-                "--quiet",
-            ])
-            .args([
-                "--cond",
-                "class",
-                "--eval-every",
-                "2",
-                "--checkpoint-every",
-                "2",
-            ])
+            .args("launch --stage transformer --nodes 2 --steps 4 --quiet".split_whitespace())
+            .args("--cond class --eval-every 2 --checkpoint-every 2".split_whitespace())
             .arg("--vqgan")
             .arg(out.join("model"))
             .arg("--config")
@@ -256,9 +238,7 @@ fn segmentation_conditioning_runs_through_the_whole_pipeline() {
     let stage1 = |config: PathBuf, out: &Path| {
         launch_ok(
             coordinator()
-                .args([
-                    "launch", "--stage", "vqgan", "--nodes", "1", "--steps", "2", "--quiet",
-                ])
+                .args("launch --stage vqgan --nodes 1 --steps 2 --quiet".split_whitespace())
                 .arg("--config")
                 .arg(config)
                 .arg("--data")
@@ -293,16 +273,7 @@ fn segmentation_conditioning_runs_through_the_whole_pipeline() {
     let out = tmp.path().join("transformer");
     let stdout = launch_ok(
         coordinator()
-            .args([
-                "launch",
-                "--stage",
-                "transformer",
-                "--nodes",
-                "2",
-                "--steps",
-                "3",
-                "--quiet",
-            ])
+            .args("launch --stage transformer --nodes 2 --steps 3 --quiet".split_whitespace())
             .args(["--cond", "segmentation", "--eval-every", "3"])
             .arg("--vqgan")
             .arg(image.join("model"))

@@ -9,6 +9,8 @@
 pub mod queue;
 pub use queue::dropped_spans;
 
+use std::process::ExitCode;
+
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
@@ -181,6 +183,27 @@ impl TelemetryArgs {
             otlp_endpoint: self.otlp_endpoint.clone(),
             json_logs: self.log_json,
             default_filter,
+        })
+    }
+
+    /// A service's `main`: telemetry is on while `body` runs; an error, telemetry's or the
+    /// body's, is printed as one `error: ...` line and the exit code is a failure.
+    pub fn main(
+        self,
+        service: &'static str,
+        default_filter: &'static str,
+        body: impl FnOnce() -> anyhow::Result<ExitCode>,
+    ) -> ExitCode {
+        let _telemetry = match self.init(service, default_filter) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: telemetry: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        body().unwrap_or_else(|e| {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         })
     }
 }

@@ -15,14 +15,7 @@ const TOKEN: &str = "test-token";
 fn serve(state: &Path) -> (Proc, String) {
     let (proc, said) = spawn_announcing(
         Command::new(bin("coordinator"))
-            .args([
-                "serve",
-                "--bind",
-                "127.0.0.1:0",
-                "--heartbeat-timeout",
-                "3",
-                "--state",
-            ])
+            .args("serve --bind 127.0.0.1:0 --heartbeat-timeout 3 --state".split_whitespace())
             .arg(state)
             .env("TAMING_CLUSTER_TOKEN", TOKEN)
             .stderr(Stdio::null()),
@@ -60,17 +53,7 @@ fn a_job_survives_a_killed_worker_and_finishes_with_one_continuous_step_count() 
     let mut b = worker(&addr, "b", TOKEN, &tmp.path().join("b.log"));
     let out = tmp.path().join("run");
     let launch = coordinator(&addr)
-        .args([
-            "launch",
-            "--stage",
-            "vqgan",
-            "--nodes",
-            "2",
-            "--min-nodes",
-            "1",
-            "--steps",
-            "24",
-        ])
+        .args("launch --stage vqgan --nodes 2 --min-nodes 1 --steps 24".split_whitespace())
         .args([
             "--checkpoint-every",
             "4",

@@ -13,15 +13,7 @@ use taming_tests::s3::{aws_env, s3, upload_dir, url};
 fn launch(out: &Path, config: &Path, steps: u64, checkpoints: &str, resume: bool) -> Output {
     let mut cmd = Command::new(bin("coordinator"));
     cmd.envs(aws_env())
-        .args([
-            "launch",
-            "--stage",
-            "vqgan",
-            "--nodes",
-            "2",
-            "--dataloaders",
-            "2",
-        ])
+        .args("launch --stage vqgan --nodes 2 --dataloaders 2".split_whitespace())
         .args(["--eval-every", "2", "--checkpoint-every", "2", "--quiet"])
         .args([
             "--steps",

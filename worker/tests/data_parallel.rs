@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use burn::store::ModuleSnapshot;
 use burn::tensor::{Device, Tensor, TensorData};
+use common::params;
 use taming_collective::{RingConfig, TcpRing};
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
@@ -87,25 +88,52 @@ fn half(batch: &(Vec<f32>, [usize; 4]), which: usize) -> Tensor<4> {
     )
 }
 
+/// A module's parameters in name order, end to end.
 fn flat<M: ModuleSnapshot>(m: &M) -> Vec<f32> {
-    let mut tensors = m.collect(None, None, false);
-    tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    tensors
-        .into_iter()
-        .flat_map(|t| {
-            t.into_bytes()
-                .unwrap()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    params(m).into_iter().flat_map(|(_, v)| v).collect()
 }
 
 fn relative_difference(a: &[f32], b: &[f32]) -> f64 {
     let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let norm: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
     (diff / norm).sqrt()
+}
+
+/// Runs `work(rank, item, ring)` for each of `items` on a thread of its own, the threads joined
+/// in a loopback TCP ring for `job`; the results in rank order.
+fn in_a_ring<T, R>(
+    job: u64,
+    items: Vec<T>,
+    work: impl Fn(usize, T, TcpRing) -> R + Clone + Send + 'static,
+) -> Vec<R>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    let listeners: Vec<TcpListener> = items
+        .iter()
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let handles: Vec<_> = items
+        .into_iter()
+        .zip(listeners)
+        .enumerate()
+        .map(|(rank, (item, listener))| {
+            let cfg = RingConfig {
+                rank,
+                peers: peers.clone(),
+                job,
+                timeout: Duration::from_secs(60),
+            };
+            let work = work.clone();
+            std::thread::spawn(move || {
+                let ring = TcpRing::connect(listener, &cfg).unwrap();
+                work(rank, item, ring)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
 #[test]
@@ -125,36 +153,16 @@ fn two_ranks_with_batch_4_match_one_rank_with_batch_8() {
         single.train_batch(x).expect("a step");
     }
 
-    let listeners: Vec<TcpListener> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let handles: Vec<_> = ranks
-        .into_iter()
-        .zip(listeners)
-        .enumerate()
-        .map(|(rank, (mut trainer, listener))| {
-            let cfg = RingConfig {
-                rank,
-                peers: peers.clone(),
-                job: 1,
-                timeout: Duration::from_secs(60),
-            };
-            let data = data.clone();
-            std::thread::spawn(move || {
-                let ring = TcpRing::connect(listener, &cfg).unwrap();
-                trainer.join_group(Box::new(ring)).unwrap();
-                for b in &data {
-                    trainer
-                        .try_train_batch(half(b, rank))
-                        .unwrap()
-                        .expect("a step");
-                }
-                (flat(trainer.model()), flat(trainer.discriminator()))
-            })
-        })
-        .collect();
-    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let results = in_a_ring(1, ranks, move |rank, mut trainer, ring| {
+        trainer.join_group(Box::new(ring)).unwrap();
+        for b in &data {
+            trainer
+                .try_train_batch(half(b, rank))
+                .unwrap()
+                .expect("a step");
+        }
+        (flat(trainer.model()), flat(trainer.discriminator()))
+    });
     assert_eq!(
         results[0], results[1],
         "both ranks hold identical parameters"
@@ -222,34 +230,14 @@ fn stage2_two_ranks_with_batch_4_match_one_rank_with_batch_8() {
     for batch in &steps {
         single.train_batch(batch).unwrap().expect("a step");
     }
-    let listeners: Vec<TcpListener> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let handles: Vec<_> = ranks
-        .into_iter()
-        .zip(listeners)
-        .enumerate()
-        .map(|(rank, (mut trainer, listener))| {
-            let cfg = RingConfig {
-                rank,
-                peers: peers.clone(),
-                job: 2,
-                timeout: Duration::from_secs(60),
-            };
-            let steps = steps.clone();
-            std::thread::spawn(move || {
-                let ring = TcpRing::connect(listener, &cfg).unwrap();
-                trainer.join_group(Box::new(ring)).unwrap();
-                for batch in &steps {
-                    let half = &batch[rank * 4..rank * 4 + 4];
-                    trainer.train_batch(half).unwrap().expect("a step");
-                }
-                flat(trainer.gpt())
-            })
-        })
-        .collect();
-    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let results = in_a_ring(2, ranks, move |rank, mut trainer, ring| {
+        trainer.join_group(Box::new(ring)).unwrap();
+        for batch in &steps {
+            let half = &batch[rank * 4..rank * 4 + 4];
+            trainer.train_batch(half).unwrap().expect("a step");
+        }
+        flat(trainer.gpt())
+    });
     assert_eq!(
         results[0], results[1],
         "both ranks hold identical parameters"

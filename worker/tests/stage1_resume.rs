@@ -3,7 +3,8 @@
 
 mod common;
 
-use burn::store::ModuleSnapshot;
+use common::{assert_same, params};
+
 use burn::tensor::Device;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
@@ -79,42 +80,6 @@ fn run(trainer: &mut Stage1Trainer, data: &mut ShardLoader, steps: usize) {
     }
 }
 
-fn params<M: ModuleSnapshot>(m: &M) -> Vec<(String, Vec<f32>)> {
-    let mut out: Vec<(String, Vec<f32>)> = m
-        .collect(None, None, false)
-        .into_iter()
-        .map(|t| {
-            let name = t.name.clone();
-            let bytes = t.into_bytes().unwrap();
-            (
-                name,
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-            )
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
-fn assert_same(a: Vec<(String, Vec<f32>)>, b: Vec<(String, Vec<f32>)>) {
-    assert_eq!(a.len(), b.len());
-    for ((name, x), (_, y)) in a.iter().zip(&b) {
-        let scale = x.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-        let worst = x
-            .iter()
-            .zip(y)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0f32, f32::max);
-        assert!(
-            worst <= 1e-5 * scale,
-            "{name}: differs by {worst} (scale {scale})"
-        );
-    }
-}
-
 #[test]
 fn resume_gives_the_parameters_of_an_uninterrupted_run() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -132,15 +97,15 @@ fn resume_gives_the_parameters_of_an_uninterrupted_run() {
     drop(first);
     let (mut resumed, state) = Stage1Trainer::resume(tmp.path(), 1, &device).unwrap();
     assert_eq!(resumed.step(), 3);
-    assert_same(saved_model, params(resumed.model()));
-    assert_same(saved_disc, params(resumed.discriminator()));
+    assert_same(&saved_model, &params(resumed.model()));
+    assert_same(&saved_disc, &params(resumed.discriminator()));
     run(&mut resumed, &mut loader(state), 3);
 
     assert_eq!(resumed.step(), straight.step());
-    assert_same(params(straight.model()), params(resumed.model()));
+    assert_same(&params(straight.model()), &params(resumed.model()));
     assert_same(
-        params(straight.discriminator()),
-        params(resumed.discriminator()),
+        &params(straight.discriminator()),
+        &params(resumed.discriminator()),
     );
 }
 
@@ -177,5 +142,5 @@ fn an_interrupted_checkpoint_write_leaves_the_previous_one_loadable() {
 
     let (resumed, _) = Stage1Trainer::resume(tmp.path(), 1, &device).unwrap();
     assert_eq!(resumed.step(), 2);
-    assert_same(saved, params(resumed.model()));
+    assert_same(&saved, &params(resumed.model()));
 }

@@ -3,9 +3,12 @@
 //! segmentation-conditioned, resumed from a checkpoint, and refusing bad data with nothing
 //! written.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
+use common::{assert_same, f32s};
 use taming_dataloader::codes::{CodeRow, write_codes};
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
@@ -185,34 +188,10 @@ fn gpt_params(run: &Path) -> Vec<(String, Vec<f32>)> {
     let mut out: Vec<(String, Vec<f32>)> = st
         .tensors()
         .into_iter()
-        .map(|(name, t)| {
-            let v = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (name, v)
-        })
+        .map(|(name, t)| (name, f32s(t.data())))
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
-}
-
-/// Parameters equal up to float summation order (1e-5 of each tensor's scale).
-fn assert_same(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) {
-    assert_eq!(a.len(), b.len());
-    for ((name, x), (_, y)) in a.iter().zip(b) {
-        let scale = x.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-        let worst = x
-            .iter()
-            .zip(y)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0f32, f32::max);
-        assert!(
-            worst <= 1e-5 * scale,
-            "{name}: differs by {worst} (scale {scale})"
-        );
-    }
 }
 
 #[test]

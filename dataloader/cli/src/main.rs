@@ -74,20 +74,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _telemetry = match cli.telemetry.init("taming-dataloader", "info") {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: telemetry: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let telemetry = cli.telemetry.clone();
+    telemetry.main("taming-dataloader", "info", || {
+        run(cli).map(|()| ExitCode::SUCCESS)
+    })
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -147,20 +147,10 @@ struct Stage2Args {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _telemetry = match cli.telemetry.init("taming-worker", "info") {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: telemetry: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let telemetry = cli.telemetry.clone();
+    telemetry.main("taming-worker", "info", || {
+        run(cli).map(|()| ExitCode::SUCCESS)
+    })
 }
 
 fn run(cli: Cli) -> Result<()> {

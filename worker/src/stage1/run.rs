@@ -114,11 +114,29 @@ pub enum RunError {
     },
 }
 
-fn output(path: &Path, reason: impl ToString) -> RunError {
+/// An output file or folder that could not be written or used.
+pub(crate) fn output(path: &Path, reason: impl ToString) -> RunError {
     RunError::Output {
         path: path.to_path_buf(),
         reason: reason.to_string(),
     }
+}
+
+/// Whether the run continues from the checkpoint in `ckpt_dir`. A run folder holding a run is
+/// refused unless resuming, and resuming without a checkpoint is refused.
+pub(crate) fn resumes(run: &RunSettings, ckpt_dir: &Path) -> Result<bool, RunError> {
+    let has_checkpoint = ckpt_dir.join(checkpoint::LATEST).exists();
+    if has_checkpoint && !run.resume {
+        return Err(output(
+            &run.out,
+            "holds a run already: pass --resume to continue it, or choose another --out",
+        ));
+    }
+    if !has_checkpoint && run.resume {
+        let e = CheckpointError::new(ckpt_dir, "no checkpoint to resume from");
+        return Err(TrainError::from(e).into());
+    }
+    Ok(has_checkpoint)
 }
 
 /// Runs (or resumes) stage-1 training.
@@ -244,21 +262,7 @@ fn start(
     opts: &RunOptions,
     ckpt_dir: &Path,
 ) -> Result<(Stage1Trainer, LoaderState, Vec<MetricsRow>), RunError> {
-    let has_checkpoint = ckpt_dir.join(checkpoint::LATEST).exists();
-    if has_checkpoint && !opts.run.resume {
-        return Err(output(
-            &opts.run.out,
-            "holds a run already: pass --resume to continue it, or choose another --out",
-        ));
-    }
-    if !has_checkpoint {
-        if opts.run.resume {
-            return Err(TrainError::from(CheckpointError::new(
-                ckpt_dir,
-                "no checkpoint to resume from",
-            ))
-            .into());
-        }
+    if !resumes(&opts.run, ckpt_dir)? {
         let trainer = Stage1Trainer::new(opts.config.clone(), opts.run.nodes, &opts.run.device)
             .map_err(TrainError::from)?;
         return Ok((trainer, LoaderState::default(), Vec::new()));

@@ -8,7 +8,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use taming_collective::{AllReduce, CollectiveError};
 
 use crate::distributed::{broadcast_params, mean_gradients};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use taming_dataloader::ImageBatch;
 use taming_model::Vqgan;
 use taming_model::adam::{AdamSettings, adam_optimizer};
@@ -253,14 +253,7 @@ impl Stage1Trainer {
         if self.config.objective == Objective::Segmentation {
             return self.train_segmentation(x);
         }
-        if self.micro == 0 {
-            // Random draws depend on (seed, step) only, so a resumed run repeats them.
-            let seed = step_seed(self.config.seed, self.step);
-            self.device.seed(seed);
-            if let Some(m) = self.maintainer.as_mut() {
-                m.reseed(seed ^ 0x5EED);
-            }
-        }
+        self.seed_micro_batch();
         let model = self.model.take().expect("model");
         let disc = self.disc.take().expect("discriminator");
         let mode = QuantizeMode {
@@ -296,17 +289,12 @@ impl Stage1Trainer {
             self.acc_d.accumulate(&disc, grads);
             value
         });
-        let indices = out.quantized.indices.clone();
-        let [b, h, w] = indices.dims();
-        let flat = indices.reshape([b * h * w]);
-        let host: Vec<i64> = flat.clone().try_into_vec_as::<i64>().expect("indices");
-        self.micro += 1;
-        if self.micro < self.config.grad_accum {
+        let (flat, host) = flat_codes(out.quantized.indices.clone());
+        if !self.micro_batch_done() {
             self.model = Some(model);
             self.disc = Some(disc);
             return Ok(None);
         }
-        self.micro = 0;
         let grads_ae = self.acc_ae.grads();
         let grads_ae = self.synced(&model, grads_ae)?;
         let model = self.opt_ae.step(self.lr, model, grads_ae);
@@ -334,13 +322,7 @@ impl Stage1Trainer {
     /// The segmentation objective: BCE on the logits plus the quantizer loss; the
     /// discriminator is not used.
     fn train_segmentation(&mut self, x: Tensor<4>) -> Result<Option<StepReport>, CollectiveError> {
-        if self.micro == 0 {
-            let seed = step_seed(self.config.seed, self.step);
-            self.device.seed(seed);
-            if let Some(m) = self.maintainer.as_mut() {
-                m.reseed(seed ^ 0x5EED);
-            }
-        }
+        self.seed_micro_batch();
         let model = self.model.take().expect("model");
         let out = model.forward(
             x.clone(),
@@ -365,16 +347,11 @@ impl Stage1Trainer {
         };
         let grads = GradientsParams::from_grads(total.backward(), &model);
         self.acc_ae.accumulate(&model, grads);
-        let indices = out.quantized.indices.clone();
-        let [b, h, w] = indices.dims();
-        let flat = indices.reshape([b * h * w]);
-        let host: Vec<i64> = flat.clone().try_into_vec_as::<i64>().expect("indices");
-        self.micro += 1;
-        if self.micro < self.config.grad_accum {
+        let (flat, host) = flat_codes(out.quantized.indices.clone());
+        if !self.micro_batch_done() {
             self.model = Some(model);
             return Ok(None);
         }
-        self.micro = 0;
         let grads = self.acc_ae.grads();
         let grads = self.synced(&model, grads)?;
         let model = self.opt_ae.step(self.lr, model, grads);
@@ -388,6 +365,28 @@ impl Stage1Trainer {
             usage,
             perplexity: perplexity(&host, self.config.model.n_embed),
         }))
+    }
+
+    /// At the first micro-batch of a step: random draws depend on (seed, step) only, so a
+    /// resumed run repeats them.
+    fn seed_micro_batch(&mut self) {
+        if self.micro == 0 {
+            let seed = step_seed(self.config.seed, self.step);
+            self.device.seed(seed);
+            if let Some(m) = self.maintainer.as_mut() {
+                m.reseed(seed ^ 0x5EED);
+            }
+        }
+    }
+
+    /// Counts a micro-batch; true when the step's last one is in and the optimizers step.
+    fn micro_batch_done(&mut self) -> bool {
+        self.micro += 1;
+        if self.micro < self.config.grad_accum {
+            return false;
+        }
+        self.micro = 0;
+        true
     }
 
     fn synced<M: Module>(
@@ -410,23 +409,10 @@ impl Stage1Trainer {
         let (Some(group), Some(_)) = (self.group.as_mut(), self.maintainer.as_ref()) else {
             return Ok(model);
         };
-        let Vqgan {
-            encoder,
-            decoder,
-            quant_conv,
-            post_quant_conv,
-            quantize,
-        } = model;
         let started = std::time::Instant::now();
-        let quantize = broadcast_params(group.as_mut(), quantize, 0)?;
+        let quantize = broadcast_params(group.as_mut(), model.quantize, 0)?;
         self.comm += started.elapsed();
-        Ok(Vqgan {
-            encoder,
-            decoder,
-            quant_conv,
-            post_quant_conv,
-            quantize,
-        })
+        Ok(Vqgan { quantize, ..model })
     }
 
     fn temperature(&self) -> f64 {
@@ -441,30 +427,16 @@ impl Stage1Trainer {
         &mut self,
         model: Vqgan,
         latents: Tensor<2>,
-        indices: Tensor<1, burn::tensor::Int>,
+        indices: Tensor<1, Int>,
     ) -> (Vqgan, Option<f64>) {
         let Some(maintainer) = self.maintainer.as_mut() else {
             return (model, None);
         };
-        let Vqgan {
-            encoder,
-            decoder,
-            quant_conv,
-            post_quant_conv,
-            quantize,
-        } = model;
-        let quantize = match quantize {
+        let quantize = match model.quantize {
             Quantizer::Vector(vq) => Quantizer::Vector(maintainer.step(vq, latents, indices).0),
             other => other,
         };
-        let model = Vqgan {
-            encoder,
-            decoder,
-            quant_conv,
-            post_quant_conv,
-            quantize,
-        };
-        (model, Some(maintainer.usage()))
+        (Vqgan { quantize, ..model }, Some(maintainer.usage()))
     }
 
     /// Writes a checkpoint of this step into the run folder `run` (keeping the newest `keep`);
@@ -543,6 +515,14 @@ impl Stage1Trainer {
     pub fn objective(&self) -> Objective {
         self.config.objective
     }
+}
+
+/// The step's code indices flattened, on the device and on the host.
+fn flat_codes(indices: Tensor<3, Int>) -> (Tensor<1, Int>, Vec<i64>) {
+    let [b, h, w] = indices.dims();
+    let flat = indices.reshape([b * h * w]);
+    let host = flat.clone().try_into_vec_as::<i64>().expect("indices");
+    (flat, host)
 }
 
 /// Mean binary cross-entropy of logits `z` against targets `y` in [0, 1], computed stably as

@@ -18,11 +18,11 @@ use taming_model::{Vqgan, VqganConfig};
 use super::config::Stage2Config;
 use super::data::{CodeSample, CodeSampler, check_samples, encode_batch, read_code_set};
 use super::trainer::{DataPosition, Stage2Report, Stage2Trainer};
-use crate::checkpoint::{self, CheckpointError};
 use crate::metrics::StepTiming;
 use crate::mirror;
 use crate::settings::RunSettings;
 use crate::stage1::RunError;
+use crate::stage1::run::{output, resumes};
 use crate::stage1::trainer::TrainError;
 
 /// What the transformer is conditioned on.
@@ -143,13 +143,6 @@ pub struct Stage2Summary {
     pub last_val_loss: f64,
     /// The exported transformer directory.
     pub model_dir: PathBuf,
-}
-
-fn output(path: &Path, reason: impl ToString) -> RunError {
-    RunError::Output {
-        path: path.to_path_buf(),
-        reason: reason.to_string(),
-    }
 }
 
 fn train_error(e: TrainError) -> RunError {
@@ -470,18 +463,7 @@ fn start(
     data: &Data,
     ckpt_dir: &Path,
 ) -> Result<(Stage2Trainer, DataPosition, Vec<Stage2Row>), RunError> {
-    let has_checkpoint = ckpt_dir.join(checkpoint::LATEST).exists();
-    if has_checkpoint && !opts.run.resume {
-        return Err(output(
-            &opts.run.out,
-            "holds a run already: pass --resume to continue it, or choose another --out",
-        ));
-    }
-    if !has_checkpoint {
-        if opts.run.resume {
-            let e = CheckpointError::new(ckpt_dir, "no checkpoint to resume from");
-            return Err(RunError::Train(e.into()));
-        }
+    if !resumes(&opts.run, ckpt_dir)? {
         let model = model_config(opts, models, data)?;
         let trainer = Stage2Trainer::new(
             opts.config.clone(),

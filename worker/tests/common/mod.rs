@@ -1,5 +1,7 @@
-//! Support shared by the stage-1 tests.
+//! Support shared by the worker's tests (each test binary uses a part of it).
+#![allow(dead_code)]
 
+use burn::store::ModuleSnapshot;
 use taming_model::config::DdConfig;
 
 /// A small VQGAN shape for 32x32 RGB images: 32 base channels, two levels (f2), one residual
@@ -17,5 +19,41 @@ pub fn small_ddconfig(z_channels: usize, attn_resolutions: Vec<usize>) -> DdConf
         resolution: 32,
         z_channels,
         double_z: false,
+    }
+}
+
+/// Little-endian f32 bytes as numbers.
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// A module's parameters by name, in name order.
+pub fn params<M: ModuleSnapshot>(m: &M) -> Vec<(String, Vec<f32>)> {
+    let mut out: Vec<(String, Vec<f32>)> = m
+        .collect(None, None, false)
+        .into_iter()
+        .map(|t| (t.name.clone(), f32s(&t.into_bytes().unwrap())))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Parameters equal up to float summation order (1e-5 of each tensor's scale).
+pub fn assert_same(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) {
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(b) {
+        let scale = x.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        let worst = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-5 * scale,
+            "{name}: differs by {worst} (scale {scale})"
+        );
     }
 }
