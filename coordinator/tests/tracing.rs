@@ -1,7 +1,8 @@
 //! Traces across processes: `coordinator serve` and a `worker` export spans over OTLP/HTTP to
 //! a receiver in this test (decoded with opentelemetry-proto); a worker's step and the
 //! coordinator's handling of that step's progress report are one trace, parent and child. A
-//! collector that cannot be reached does not stop training.
+//! collector that cannot be reached does not stop training; an address that is not a URL stops
+//! every service at once.
 
 use taming_tests::process::{Proc, bin, root, spawn_announcing, succeed, tiny_config};
 
@@ -196,6 +197,41 @@ fn an_unreachable_collector_does_not_stop_training() {
             .arg(&out),
     );
     assert!(out.join("model/model.safetensors").is_file());
+}
+
+/// A collector address that is not a URL stops each service before it does anything, with one
+/// error line naming the flag and the address.
+#[test]
+fn a_malformed_collector_address_is_refused_by_every_service() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let out_arg = out.to_str().unwrap();
+    let commands = [
+        (
+            "coordinator",
+            vec!["status", "--coordinator", "http://127.0.0.1:9"],
+        ),
+        ("dataloader", vec!["serve", "--bind", "127.0.0.1:0"]),
+        (
+            "worker",
+            vec!["train", "--stage", "vqgan", "--out", out_arg],
+        ),
+    ];
+    for (name, args) in commands {
+        let run = Command::new(bin(name))
+            .args(["--otlp-endpoint", "http://bad host:4318"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.starts_with("error: telemetry: --otlp-endpoint")
+                && stderr.contains("\"http://bad host:4318\""),
+            "{name}: {stderr}"
+        );
+        assert!(!out.exists(), "{name} wrote its run folder");
+    }
 }
 
 /// On the local mini-cluster every service traces: the dataloader's shard reads,

@@ -11,6 +11,8 @@ pub use queue::dropped_spans;
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
+
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
@@ -87,7 +89,10 @@ pub fn init(opts: &Options) -> anyhow::Result<Telemetry> {
         .with_http()
         .with_endpoint(url)
         .with_timeout(std::time::Duration::from_secs(3))
-        .build()?;
+        .build()
+        .with_context(|| {
+            format!("--otlp-endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT) {endpoint:?}")
+        })?;
     let queue =
         queue::BoundedProcessor::new(exporter, QUEUE_SPANS, std::time::Duration::from_millis(500));
     let provider = SdkTracerProvider::builder()
