@@ -289,12 +289,13 @@ impl Stage1Trainer {
             self.acc_d.accumulate(&disc, grads);
             value
         });
-        let (flat, host) = flat_codes(out.quantized.indices.clone());
         if !self.micro_batch_done() {
             self.model = Some(model);
             self.disc = Some(disc);
             return Ok(None);
         }
+        // Codebook maintenance and perplexity see the step's last micro-batch.
+        let (flat, host) = flat_codes(out.quantized.indices);
         let grads_ae = self.acc_ae.grads();
         let grads_ae = self.synced(&model, grads_ae)?;
         let model = self.opt_ae.step(self.lr, model, grads_ae);
@@ -347,11 +348,11 @@ impl Stage1Trainer {
         };
         let grads = GradientsParams::from_grads(total.backward(), &model);
         self.acc_ae.accumulate(&model, grads);
-        let (flat, host) = flat_codes(out.quantized.indices.clone());
         if !self.micro_batch_done() {
             self.model = Some(model);
             return Ok(None);
         }
+        let (flat, host) = flat_codes(out.quantized.indices);
         let grads = self.acc_ae.grads();
         let grads = self.synced(&model, grads)?;
         let model = self.opt_ae.step(self.lr, model, grads);
