@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Everything CI checks, from a fresh clone: formatting, clippy with warnings as errors (with
 # the Vulkan backend compiled in, which is also CI's `cargo check` of that feature), and the
-# whole test suite. Needs the Rust toolchain and python3; installs rustfmt and clippy if
-# missing, moto (the S3 server the data tests start) into a cached virtualenv, and Debian's
-# chromium (the status-page test drives it headless) with apt when it can.
+# whole test suite. Needs the Rust toolchain, python3 and npm (installed with apt when
+# missing and root); installs rustfmt and clippy if missing, the storage servers the data
+# tests start (moto for S3 into a cached virtualenv, Azurite for Azure Blob with npm under
+# ~/.cache/taming-rs/node), and Debian's chromium (the status-page test drives it
+# headless) with apt when it can.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +14,12 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+# Installs Debian packages quietly, refreshing the package lists only when needed.
+apt_install() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null \
+        || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; }
+}
 
 pyenv=${TAMING_PYENV:-$HOME/.cache/taming-rs/pyenv}
 if [ ! -x "$pyenv/bin/moto_server" ]; then
@@ -29,11 +37,22 @@ if [ ! -f "$pyenv/pyvenv.cfg" ]; then
 fi
 export MOTO_SERVER="$pyenv/bin/moto_server"
 
+# Azurite, Microsoft's Azure Blob emulator (the az:// tests), from the npm registry.
+node=$HOME/.cache/taming-rs/node
+if [ ! -x "$node/node_modules/.bin/azurite-blob" ]; then
+    if ! command -v npm >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing nodejs and npm (apt)"
+        apt_install nodejs npm
+    fi
+    echo "== installing azurite into $node"
+    npm install --prefix "$node" azurite@3.35.0 --no-audit --no-fund --loglevel=error >/dev/null
+fi
+export AZURITE_BLOB="$node/node_modules/.bin/azurite-blob"
+
 if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "== installing chromium (apt)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
-            || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+        apt_install chromium
     else
         echo "warning: chromium is missing and cannot be installed here; the status-page test will fail" >&2
     fi

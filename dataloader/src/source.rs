@@ -131,17 +131,20 @@ fn build_store(url: &Url, id: &str) -> Result<Arc<dyn ObjectStore>, String> {
             check_aws_credentials()?;
             Arc::new(builder.build().map_err(err)?)
         }
-        "gs" => Arc::new(
-            GoogleCloudStorageBuilder::from_env()
-                .with_url(id)
-                .build()
-                .map_err(err)?,
-        ),
+        "gs" => {
+            check_gcp_credentials()?;
+            Arc::new(
+                GoogleCloudStorageBuilder::from_env()
+                    .with_url(id)
+                    .build()
+                    .map_err(err)?,
+            )
+        }
         "az" | "abfs" | "abfss" | "azure" => Arc::new(
             MicrosoftAzureBuilder::from_env()
                 .with_url(url.as_str())
                 .build()
-                .map_err(err)?,
+                .map_err(azure_hint)?,
         ),
         other => {
             return Err(format!(
@@ -164,26 +167,73 @@ const AWS_CREDENTIAL_VARS: [&str; 5] = [
 /// Refuses S3 at once, with what to set, when no credentials are configured and no instance
 /// metadata service answers (instead of a retried request to 169.254.169.254 failing later).
 fn check_aws_credentials() -> Result<(), String> {
-    if AWS_CREDENTIAL_VARS
-        .iter()
-        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
-    {
+    if AWS_CREDENTIAL_VARS.iter().any(|v| is_set(v)) {
         return Ok(());
     }
     let endpoint = std::env::var("AWS_METADATA_ENDPOINT")
         .unwrap_or_else(|_| "http://169.254.169.254".to_string());
-    match probe_metadata(&endpoint) {
-        Ok(()) => Ok(()),
-        Err(why) => Err(format!(
+    let request = "PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60";
+    probe_metadata(&endpoint, request).map_err(|why| {
+        format!(
             "no S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set (nor \
              AWS_WEB_IDENTITY_TOKEN_FILE, container credentials, or AWS_SKIP_SIGNATURE=true for \
              a public bucket), and no instance metadata service answers at {endpoint} ({why})"
-        )),
+        )
+    })
+}
+
+/// Environment variables through which GCS credentials are given.
+const GCP_CREDENTIAL_VARS: [&str; 6] = [
+    "GOOGLE_SERVICE_ACCOUNT",
+    "GOOGLE_SERVICE_ACCOUNT_PATH",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_BEARER_TOKEN",
+    "GOOGLE_SKIP_SIGNATURE",
+];
+
+/// Refuses GCS at once, with what to set, when no credentials are configured, there is no
+/// gcloud application-default login, and no GCE metadata server answers (instead of ten
+/// retried token requests failing later).
+fn check_gcp_credentials() -> Result<(), String> {
+    let adc = std::env::var_os("HOME").map(|home| {
+        std::path::Path::new(&home).join(".config/gcloud/application_default_credentials.json")
+    });
+    if GCP_CREDENTIAL_VARS.iter().any(|v| is_set(v)) || adc.is_some_and(|p| p.is_file()) {
+        return Ok(());
+    }
+    let host = std::env::var("GCE_METADATA_HOST").unwrap_or_else(|_| "169.254.169.254".into());
+    let request = "GET /computeMetadata/v1/ HTTP/1.1\r\nMetadata-Flavor: Google";
+    probe_metadata(&host, request).map_err(|why| {
+        format!(
+            "no GCS credentials: GOOGLE_APPLICATION_CREDENTIALS (or GOOGLE_SERVICE_ACCOUNT, \
+             GOOGLE_SERVICE_ACCOUNT_KEY, GOOGLE_BEARER_TOKEN, GOOGLE_SKIP_SIGNATURE=true for a \
+             public bucket) is not set, there is no `gcloud auth application-default login`, \
+             and no GCE metadata server answers at {host} ({why})"
+        )
+    })
+}
+
+/// Says what to set when the Azure client has no storage account.
+fn azure_hint(e: object_store::Error) -> String {
+    let text = e.to_string();
+    if text.contains("Account must be specified") {
+        format!(
+            "{text}: set AZURE_STORAGE_ACCOUNT_NAME (with AZURE_STORAGE_ACCOUNT_KEY, a SAS token \
+             or an Entra ID identity), or AZURE_STORAGE_USE_EMULATOR=true for Azurite"
+        )
+    } else {
+        text
     }
 }
 
-/// Asks the instance metadata service for a session token (IMDSv2), waiting at most a second.
-fn probe_metadata(endpoint: &str) -> Result<(), String> {
+fn is_set(var: &str) -> bool {
+    std::env::var_os(var).is_some_and(|x| !x.is_empty())
+}
+
+/// Sends `request` (its request line and extra headers) to an instance metadata service
+/// (`http://host[:port]` or `host[:port]`), waiting at most a second, and wants HTTP 200.
+fn probe_metadata(endpoint: &str, request: &str) -> Result<(), String> {
     use std::io::{Read, Write};
     use std::net::{TcpStream, ToSocketAddrs};
     use std::time::Duration;
@@ -206,8 +256,7 @@ fn probe_metadata(endpoint: &str) -> Result<(), String> {
     s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
     write!(
         s,
-        "PUT /latest/api/token HTTP/1.1\r\nHost: {host}\r\n\
-         X-aws-ec2-metadata-token-ttl-seconds: 60\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{request}\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .map_err(|e| e.to_string())?;
     let mut head = [0u8; 12];

@@ -4,13 +4,10 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
-use crate::process::free_port;
+use crate::server;
 
 /// The bucket every test uses.
 pub const BUCKET: &str = "taming";
@@ -26,36 +23,19 @@ pub fn aws_env() -> Vec<(&'static str, String)> {
     aws_env_for(s3())
 }
 
-fn moto_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("MOTO_SERVER") {
-        return p.into();
-    }
-    let cached = PathBuf::from(std::env::var("HOME").unwrap_or_default())
-        .join(".cache/taming-rs/pyenv/bin/moto_server");
-    if cached.exists() {
-        return cached;
-    }
-    PathBuf::from("moto_server")
-}
-
 fn start_moto() -> String {
-    let port = free_port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    // moto dies with the thread that started it (PR_SET_PDEATHSIG), so that thread lives
-    // as long as the test process.
-    std::thread::spawn(move || {
-        let mut child = spawn_moto(port);
-        tx.send(child.id()).unwrap();
-        let _ = child.wait();
+    let moto = server::program("MOTO_SERVER", "pyenv/bin/moto_server", "moto_server");
+    let port = server::start("moto_server", Command::new(moto), |port| {
+        vec![
+            "-H".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ]
     });
-    rx.recv().expect("moto started");
     let endpoint = format!("http://127.0.0.1:{port}");
-    wait_ready(port);
     http(port, "PUT", &format!("/{BUCKET}"), &[]);
-    for (k, v) in aws_env_for(&endpoint) {
-        // SAFETY: set once, before any S3 client of this process reads the environment.
-        unsafe { std::env::set_var(k, v) };
-    }
+    server::export(&aws_env_for(&endpoint));
     endpoint
 }
 
@@ -67,38 +47,6 @@ fn aws_env_for(endpoint: &str) -> Vec<(&'static str, String)> {
         ("AWS_REGION", "us-east-1".into()),
         ("AWS_ALLOW_HTTP", "true".into()),
     ]
-}
-
-fn spawn_moto(port: u16) -> Child {
-    let mut cmd = Command::new(moto_binary());
-    cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child when
-    // this thread goes away.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    cmd.spawn().unwrap_or_else(|e| {
-        panic!(
-            "cannot start moto_server ({e}); scripts/test.sh installs it into \
-             ~/.cache/taming-rs/pyenv, or set MOTO_SERVER"
-        )
-    })
-}
-
-fn wait_ready(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("moto_server did not start on port {port}");
 }
 
 /// A bare HTTP request (moto accepts unsigned bucket creation and uploads).

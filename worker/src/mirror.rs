@@ -418,6 +418,38 @@ mod tests {
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
+    /// On a real Azure Blob server (Azurite): the newest checkpoint is named in `latest`,
+    /// a checkpoint the local folder pruned is deleted from the copy, and an empty run folder
+    /// gets the newest one back.
+    #[test]
+    fn checkpoints_kept_in_azure_blob_storage_are_pruned_and_pulled_back() {
+        taming_tests::azure::azurite();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("run");
+        let mirror = RunMirror::open(&taming_tests::azure::url("mirror-run")).unwrap();
+        let first = run_with_checkpoint(&out, "ckpt-00000001", &[1u8; 1000]);
+        mirror.push_checkpoint(&out, &first).unwrap();
+        fs::remove_dir_all(&first).unwrap();
+        let second = run_with_checkpoint(&out, "ckpt-00000002", &[2u8; 1000]);
+        mirror.push_checkpoint(&out, &second).unwrap();
+        assert_eq!(mirror.latest().unwrap().as_deref(), Some("ckpt-00000002"));
+
+        let elsewhere = tmp.path().join("elsewhere");
+        assert!(mirror.pull(&elsewhere).unwrap());
+        let pulled = elsewhere.join("checkpoints/ckpt-00000002/model.bpk");
+        assert_eq!(fs::read(pulled).unwrap(), vec![2u8; 1000]);
+        let (store, pruned) = (
+            mirror.root.store.clone(),
+            mirror.path("checkpoints/ckpt-00000001"),
+        );
+        let listed =
+            runtime::block_on(async move { store.list(Some(&pruned)).collect::<Vec<_>>().await });
+        assert!(
+            listed.is_empty(),
+            "the pruned checkpoint is deleted: {listed:?}"
+        );
+    }
+
     #[test]
     fn a_failed_background_upload_is_reported_by_wait_naming_the_copy() {
         let tmp = tempfile::tempdir().unwrap();

@@ -1,0 +1,82 @@
+//! Storage servers the tests start (moto for S3, Azurite for Azure Blob): each once per test
+//! binary, on a free loopback port, killed with the test process.
+
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::process::free_port;
+
+/// The server program: `$VAR` when set, else `cached` under `~/.cache/taming-rs` (where
+/// scripts/test.sh installs it), else `name` from PATH.
+pub fn program(var: &str, cached: &str, name: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(var) {
+        return p.into();
+    }
+    let path = PathBuf::from(std::env::var("HOME").unwrap_or_default())
+        .join(".cache/taming-rs")
+        .join(cached);
+    if path.exists() {
+        return path;
+    }
+    PathBuf::from(name)
+}
+
+/// Starts `cmd` with the port `args` gives it and waits until it accepts connections;
+/// returns the port. The server dies with the thread that started it (PR_SET_PDEATHSIG),
+/// so that thread lives as long as the test process.
+pub fn start(what: &str, mut cmd: Command, args: impl FnOnce(u16) -> Vec<String>) -> u16 {
+    let port = free_port();
+    cmd.args(args(port))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child when
+    // this thread goes away.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || match cmd.spawn() {
+        Ok(mut child) => {
+            tx.send(Ok(())).unwrap();
+            let _ = child.wait();
+        }
+        Err(e) => tx
+            .send(Err(format!("{:?}: {e}", cmd.get_program())))
+            .unwrap(),
+    });
+    if let Err(e) = rx.recv().expect("the starting thread answers") {
+        panic!(
+            "cannot start {what} ({e}); scripts/test.sh installs it under \
+             ~/.cache/taming-rs"
+        );
+    }
+    wait_ready(what, port);
+    port
+}
+
+fn wait_ready(what: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what} did not start on port {port}");
+}
+
+/// Sets the variables in this process (so that the tests' own clients see them too).
+pub fn export(vars: &[(&'static str, String)]) {
+    for (k, v) in vars {
+        // SAFETY: set once, while the server starts and before any client of this process
+        // reads the environment.
+        unsafe { std::env::set_var(k, v) };
+    }
+}
