@@ -4,9 +4,11 @@
 //! `gs://` without credentials is refused at once with what to set (no GCS server that
 //! `object_store` can talk to installs offline: gcp-storage-emulator sends no ETag headers).
 
-use std::path::Path;
+mod common;
+
 use std::process::Command;
 
+use common::{code_rows, image_folder};
 use taming_dataloader::codes::{self, CodeRow};
 use taming_dataloader::shards::{list_split, resolve};
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
@@ -18,17 +20,6 @@ fn dataloader() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dataloader"));
     cmd.envs(azure_env());
     cmd
-}
-
-/// Two class folders of four 16x16 PNGs each.
-fn image_folder(dir: &Path) {
-    for class in ["a", "b"] {
-        std::fs::create_dir_all(dir.join(class)).unwrap();
-        for i in 0..4 {
-            let img = image::RgbImage::from_pixel(16, 16, image::Rgb([i * 40, 9, 9]));
-            img.save(dir.join(format!("{class}/{i}.png"))).unwrap();
-        }
-    }
 }
 
 /// Packs the folder into at least two shards under `prefix`, then reads every sample back
@@ -67,28 +58,6 @@ fn pack_and_read(prefix: &str) {
     assert!(loader.next_in_epoch().unwrap().is_none(), "one epoch of 8");
 }
 
-/// `n` rows of pseudo-random full-range codes (dictionary encoding cannot shrink them).
-fn code_rows(n: usize) -> Vec<CodeRow> {
-    let mut state = 12345u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state as i32
-    };
-    (0..n)
-        .map(|i| CodeRow {
-            key: format!("img{i:06}"),
-            codes: (0..256).map(|_| next()).collect(),
-            height: 16,
-            width: 16,
-            label: Some(i as i64 % 1000),
-            cond_codes: None,
-            shard: url("x/train-000000.tar"),
-        })
-        .collect()
-}
-
 fn parquet_round_trip(rows: &[CodeRow], name: &str) {
     let target = url(&format!("codes/{name}.parquet"));
     codes::write_codes(&target, rows).unwrap();
@@ -114,8 +83,8 @@ fn pack_is_refused(mut cmd: Command, out: &str, expect: &str) {
 #[test]
 fn azure_blob_shards_are_packed_listed_and_read_and_codes_go_up_whole_or_in_blocks() {
     pack_and_read("packed");
-    parquet_round_trip(&code_rows(20), "small");
-    let big = code_rows(6000);
+    parquet_round_trip(&code_rows(20, &url("x/train-000000.tar")), "small");
+    let big = code_rows(6000, &url("x/train-000000.tar"));
     let size = codes::encode_parquet(&big).unwrap().len();
     assert!(size > codes::PART_BYTES, "{size} bytes: a multipart upload");
     parquet_round_trip(&big, "big");

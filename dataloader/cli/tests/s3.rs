@@ -8,9 +8,9 @@ use std::collections::HashSet;
 use std::process::Stdio;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use common::{dataloader, s3, upload_fashion_mnist, url};
+use common::{code_rows, dataloader, image_folder, s3, upload_fashion_mnist, url};
 use taming_dataloader::client::RemoteLoader;
-use taming_dataloader::codes::{self, CodeRow};
+use taming_dataloader::codes;
 use taming_dataloader::shards::{list_split, resolve};
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
 use taming_model::checkpoint::native;
@@ -77,14 +77,7 @@ fn s3_shards_are_split_across_three_ranks_exactly_once_and_resume_exactly() {
 fn pack_writes_complete_shards_to_s3() {
     s3();
     let tmp = tempfile::tempdir().unwrap();
-    for class in ["a", "b"] {
-        std::fs::create_dir_all(tmp.path().join(class)).unwrap();
-        for i in 0..4 {
-            let img = image::RgbImage::from_pixel(16, 16, image::Rgb([i * 40, 9, 9]));
-            img.save(tmp.path().join(format!("{class}/{i}.png")))
-                .unwrap();
-        }
-    }
+    image_folder(tmp.path());
     succeed(
         dataloader()
             .args([
@@ -166,25 +159,7 @@ fn missing_credentials_get_one_clear_error_and_nothing_is_written() {
 #[test]
 fn large_code_parquet_goes_up_as_a_multipart_upload_and_reads_back() {
     s3();
-    let mut state = 12345u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        // Full-range values: dictionary encoding cannot shrink them below 4 bytes each.
-        state as i32
-    };
-    let rows: Vec<CodeRow> = (0..6000)
-        .map(|i| CodeRow {
-            key: format!("img{i:06}"),
-            codes: (0..256).map(|_| next()).collect(),
-            height: 16,
-            width: 16,
-            label: Some(i % 1000),
-            cond_codes: None,
-            shard: url("x/train-000000.tar"),
-        })
-        .collect();
+    let rows = code_rows(6000, &url("x/train-000000.tar"));
     let size = codes::encode_parquet(&rows).unwrap().len();
     assert!(
         size > codes::PART_BYTES,
