@@ -26,13 +26,16 @@ pub fn program(var: &str, cached: &str, name: &str) -> PathBuf {
 
 /// Starts `cmd` with the port `args` gives it and waits until it accepts connections;
 /// returns the port. The server dies with the thread that started it (PR_SET_PDEATHSIG),
-/// so that thread lives as long as the test process.
+/// so that thread lives as long as the test process. Its stderr goes to a log in the temp
+/// folder, shown when it exits or does not listen within a minute.
 pub fn start(what: &str, mut cmd: Command, args: impl FnOnce(u16) -> Vec<String>) -> u16 {
     let port = free_port();
+    let log = std::env::temp_dir().join(format!("taming-{what}-{}-{port}.log", std::process::id()));
+    let stderr = std::fs::File::create(&log).expect("a log file in the temp folder");
     cmd.args(args(port))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(stderr);
     // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child when
     // this thread goes away.
     unsafe {
@@ -44,32 +47,29 @@ pub fn start(what: &str, mut cmd: Command, args: impl FnOnce(u16) -> Vec<String>
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || match cmd.spawn() {
         Ok(mut child) => {
-            tx.send(Ok(())).unwrap();
-            let _ = child.wait();
+            let status = child
+                .wait()
+                .map_or_else(|e| e.to_string(), |s| s.to_string());
+            let _ = tx.send(format!("it exited ({status})"));
         }
-        Err(e) => tx
-            .send(Err(format!("{:?}: {e}", cmd.get_program())))
-            .unwrap(),
+        Err(e) => {
+            let _ = tx.send(format!("{:?}: {e}", cmd.get_program()));
+        }
     });
-    if let Err(e) = rx.recv().expect("the starting thread answers") {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        let why = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(why) => why,
+            Err(_) if Instant::now() > deadline => "it did not listen within a minute".into(),
+            Err(_) => continue,
+        };
         panic!(
-            "cannot start {what} ({e}); scripts/test.sh installs it under \
-             ~/.cache/taming-rs"
+            "cannot start {what} on port {port}: {why} (scripts/test.sh installs it under \
+             ~/.cache/taming-rs); its stderr: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
     }
-    wait_ready(what, port);
     port
-}
-
-fn wait_ready(what: &str, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{what} did not start on port {port}");
 }
 
 /// Sets the variables in this process (so that the tests' own clients see them too).
