@@ -57,7 +57,7 @@ pub fn start(what: &str, mut cmd: Command, args: impl FnOnce(u16) -> Vec<String>
         }
     });
     let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !listening(port) {
         let why = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(why) => why,
             Err(_) if Instant::now() > deadline => "it did not listen within a minute".into(),
@@ -70,6 +70,12 @@ pub fn start(what: &str, mut cmd: Command, args: impl FnOnce(u16) -> Vec<String>
         );
     }
     port
+}
+
+/// Whether something accepts connections on the loopback `port` (not counting a TCP
+/// self-connection, which a connect from an ephemeral port to itself makes).
+fn listening(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
 }
 
 /// Sets the variables in this process (so that the tests' own clients see them too).
