@@ -115,6 +115,6 @@ fn gcs_without_credentials_is_refused_at_once_with_what_to_set() {
         cmd.env_remove(var);
     }
     cmd.env("HOME", home.path())
-        .env("GCE_METADATA_HOST", &metadata);
+        .env("GCE_METADATA_HOST", metadata);
     pack_is_refused(cmd, "gs://taming/packed", "no GCS credentials");
 }
