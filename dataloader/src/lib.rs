@@ -22,6 +22,6 @@ pub mod stream;
 pub mod transform;
 
 pub use error::DataError;
-pub use loader::{BatchSource, ImageBatch, LoaderConfig, PixelBatch, ShardLoader};
+pub use loader::{Batch, BatchSource, ImageBatch, LoaderConfig, PixelBatch, ShardLoader};
 pub use reader::{LoaderState, ReaderConfig};
 pub use transform::Preprocess;

@@ -39,11 +39,12 @@ impl LoaderConfig {
     }
 }
 
-/// A batch of decoded pixels `[b, 3, size, size]` (bytes), with label maps, labels and keys.
+/// A batch of images `[b, 3, size, size]` with label maps, labels and keys: bytes as decoded
+/// ([`PixelBatch`]) or floats in [-1, 1] ([`ImageBatch`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct PixelBatch {
-    /// CHW pixels, concatenated.
-    pub pixels: Vec<u8>,
+pub struct Batch<T> {
+    /// CHW images, concatenated.
+    pub images: Vec<T>,
     /// `[b, 3, size, size]`.
     pub shape: [usize; 4],
     /// `[b, size, size]` label maps when every sample had one.
@@ -58,35 +59,30 @@ pub struct PixelBatch {
     pub state: LoaderState,
 }
 
-/// A batch of images `[b, 3, size, size]` in [-1, 1], with label maps, labels and keys.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ImageBatch {
-    /// CHW images, concatenated.
-    pub images: Vec<f32>,
-    /// `[b, 3, size, size]`.
-    pub shape: [usize; 4],
-    /// `[b, size, size]` label maps when every sample had one.
-    pub masks: Option<Vec<u8>>,
-    /// Class labels, when present.
-    pub labels: Vec<Option<i64>>,
-    /// Sample keys.
-    pub keys: Vec<String>,
-    /// The shard each sample came from.
-    pub sources: Vec<String>,
-    /// The loader's position after this batch.
-    pub state: LoaderState,
-}
+/// Decoded pixels (bytes), as the loader makes them and the service can send them.
+pub type PixelBatch = Batch<u8>;
+
+/// Model inputs: pixels as x / 127.5 - 1.
+pub type ImageBatch = Batch<f32>;
 
 impl From<PixelBatch> for ImageBatch {
     fn from(b: PixelBatch) -> Self {
-        Self {
-            images: normalize(&b.pixels),
-            shape: b.shape,
-            masks: b.masks,
-            labels: b.labels,
-            keys: b.keys,
-            sources: b.sources,
-            state: b.state,
+        let images = normalize(&b.images);
+        b.with_images(images)
+    }
+}
+
+impl<T> Batch<T> {
+    /// The same batch with other image data.
+    fn with_images<U>(self, images: Vec<U>) -> Batch<U> {
+        Batch {
+            images,
+            shape: self.shape,
+            masks: self.masks,
+            labels: self.labels,
+            keys: self.keys,
+            sources: self.sources,
+            state: self.state,
         }
     }
 }
@@ -248,7 +244,7 @@ impl ShardLoader {
         let size = self.cfg.preprocess.size;
         let all_masks = done.iter().all(|d| d.pixels.mask.is_some());
         let mut batch = PixelBatch {
-            pixels: Vec::with_capacity(done.len() * 3 * size * size),
+            images: Vec::with_capacity(done.len() * 3 * size * size),
             shape: [done.len(), 3, size, size],
             masks: all_masks.then(Vec::new),
             labels: Vec::with_capacity(done.len()),
@@ -257,7 +253,7 @@ impl ShardLoader {
             state: self.reader.state(),
         };
         for d in done {
-            batch.pixels.extend_from_slice(&d.pixels.image);
+            batch.images.extend_from_slice(&d.pixels.image);
             if let (Some(masks), Some(m)) = (batch.masks.as_mut(), d.pixels.mask) {
                 masks.extend(m);
             }

@@ -413,11 +413,11 @@ fn invalid(field: &str, why: String) -> Status {
 
 fn to_proto(b: PixelBatch, dtype: DType, skipped: u64) -> Batch {
     let data = match dtype {
-        DType::F32 => crate::transform::normalize(&b.pixels)
+        DType::F32 => crate::transform::normalize(&b.images)
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect(),
-        _ => b.pixels,
+        _ => b.images,
     };
     let [n, _, h, w] = b.shape;
     Batch {
