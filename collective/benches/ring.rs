@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use taming_collective::{AllReduce, RingConfig, TcpRing};
+use taming_collective::{AllReduce, TcpRing};
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -41,24 +41,7 @@ fn tcp_limit(bytes: usize) -> f64 {
 }
 
 fn rings(n: usize) -> Vec<TcpRing> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let cfg = RingConfig {
-                rank,
-                peers: peers.clone(),
-                job: 1,
-                timeout: Duration::from_secs(60),
-            };
-            std::thread::spawn(move || TcpRing::connect(l, &cfg).unwrap())
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    TcpRing::loopback(n, 1, Duration::from_secs(60)).unwrap()
 }
 
 fn main() {

@@ -35,6 +35,43 @@ pub struct TcpRing {
 const MAGIC: u32 = 0x7A61_6D31;
 
 impl TcpRing {
+    /// Connects an `n`-rank ring on loopback whose ranks all run in this process (threads of
+    /// a test, a benchmark or a one-machine job); returns the ranks in order.
+    pub fn loopback(n: usize, job: u64, timeout: Duration) -> Result<Vec<Self>, CollectiveError> {
+        let bind = |rank| {
+            let io = |source| CollectiveError::Io {
+                rank,
+                what: "binding a loopback listener".into(),
+                source,
+            };
+            let listener = TcpListener::bind("127.0.0.1:0").map_err(io)?;
+            let addr = listener.local_addr().map_err(io)?;
+            Ok((listener, addr))
+        };
+        let (listeners, peers): (Vec<_>, Vec<_>) = (0..n)
+            .map(bind)
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
+        let ranks: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let cfg = RingConfig {
+                    rank,
+                    peers: peers.clone(),
+                    job,
+                    timeout,
+                };
+                std::thread::spawn(move || Self::connect(listener, &cfg))
+            })
+            .collect();
+        ranks
+            .into_iter()
+            .map(|h| h.join().expect("a connecting thread does not panic"))
+            .collect()
+    }
+
     /// Joins the ring: accepts the predecessor on `listener` and connects to the successor.
     pub fn connect(listener: TcpListener, cfg: &RingConfig) -> Result<Self, CollectiveError> {
         let world = cfg.peers.len();

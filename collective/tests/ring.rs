@@ -9,24 +9,7 @@ use taming_collective::{AllReduce, RingConfig, TcpRing, all_reduce_mean, nccl};
 const LENGTHS: [usize; 5] = [1, 3, 7, 1001, 65_537];
 
 fn rings(n: usize, job: u64) -> Vec<TcpRing> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let cfg = RingConfig {
-                rank,
-                peers: peers.clone(),
-                job,
-                timeout: Duration::from_secs(20),
-            };
-            std::thread::spawn(move || TcpRing::connect(l, &cfg).unwrap())
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    TcpRing::loopback(n, job, Duration::from_secs(20)).unwrap()
 }
 
 /// A deterministic pseudo-random buffer per rank and length.

@@ -3,11 +3,10 @@
 //! averaging gradients over the loopback TCP ring.
 //! `cargo bench -p taming-worker --bench data_parallel -- [--steps 8]`
 
-use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
-use taming_collective::{RingConfig, TcpRing};
+use taming_collective::TcpRing;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
 use taming_worker::defaults::{default_data, parse_config};
@@ -25,28 +24,17 @@ fn main() {
     let trainers: Vec<Stage1Trainer> = (0..2)
         .map(|_| Stage1Trainer::new(config.clone(), 2, &device).unwrap())
         .collect();
-    let listeners: Vec<TcpListener> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let rings = TcpRing::loopback(2, 9, Duration::from_secs(120)).unwrap();
     let shards = list_split(default_data().unwrap(), "train").unwrap();
     let handles: Vec<_> = trainers
         .into_iter()
-        .zip(listeners)
+        .zip(rings)
         .enumerate()
-        .map(|(rank, (mut trainer, listener))| {
-            let cfg = RingConfig {
-                rank,
-                peers: peers.clone(),
-                job: 9,
-                timeout: Duration::from_secs(120),
-            };
+        .map(|(rank, (mut trainer, ring))| {
             let shards = shards.clone();
             let batch = config.batch_size;
             std::thread::spawn(move || {
-                trainer
-                    .join_group(Box::new(TcpRing::connect(listener, &cfg).unwrap()))
-                    .unwrap();
+                trainer.join_group(Box::new(ring)).unwrap();
                 let pre = Preprocess {
                     size: 32,
                     random_crop: true,

@@ -9,13 +9,12 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::time::Duration;
 
 use burn::store::ModuleSnapshot;
 use burn::tensor::{Device, Tensor, TensorData};
 use common::params;
-use taming_collective::{RingConfig, TcpRing};
+use taming_collective::TcpRing;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
 use taming_model::config::{QuantizerConfig, VqganConfig};
@@ -110,27 +109,14 @@ where
     T: Send + 'static,
     R: Send + 'static,
 {
-    let listeners: Vec<TcpListener> = items
-        .iter()
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let rings = TcpRing::loopback(items.len(), job, Duration::from_secs(60)).unwrap();
     let handles: Vec<_> = items
         .into_iter()
-        .zip(listeners)
+        .zip(rings)
         .enumerate()
-        .map(|(rank, (item, listener))| {
-            let cfg = RingConfig {
-                rank,
-                peers: peers.clone(),
-                job,
-                timeout: Duration::from_secs(60),
-            };
+        .map(|(rank, (item, ring))| {
             let work = work.clone();
-            std::thread::spawn(move || {
-                let ring = TcpRing::connect(listener, &cfg).unwrap();
-                work(rank, item, ring)
-            })
+            std::thread::spawn(move || work(rank, item, ring))
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
