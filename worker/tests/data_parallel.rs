@@ -167,29 +167,13 @@ fn stage2_two_ranks_with_batch_4_match_one_rank_with_batch_8() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     use taming_model::transformer::Conditioning;
     use taming_worker::stage2::data::CodeSample;
-    use taming_worker::stage2::{GptShape, Schedule, Stage2Config, Stage2Trainer};
+    use taming_worker::stage2::{Schedule, Stage2Config, Stage2Trainer};
     let cfg = |batch_size| Stage2Config {
-        gpt: GptShape {
-            n_layer: 2,
-            n_head: 2,
-            n_embd: 32,
-            embd_pdrop: 0.0,
-            resid_pdrop: 0.0,
-            attn_pdrop: 0.0,
-        },
-        window: None,
-        pkeep: 1.0,
-        permuter: Default::default(),
-        n_classes: Some(10),
-        base_learning_rate: 1e-4,
-        batch_size,
-        grad_accum: 1,
-        weight_decay: 0.01,
         warmup_steps: 0,
         schedule: Schedule::Constant,
         min_lr_ratio: 0.0,
-        grad_clip: None,
         seed: 4,
+        ..common::small_stage2_config(batch_size)
     };
     let model = cfg(8).model(64, [8, 8], Conditioning::Class { n_classes: 10 });
     let steps: Vec<Vec<CodeSample>> = (0..3)

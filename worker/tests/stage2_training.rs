@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use common::{assert_same, f32s};
+use common::{assert_same, f32s, small_stage2_config};
 use taming_dataloader::codes::{CodeRow, write_codes};
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
@@ -17,9 +17,7 @@ use taming_model::checkpoint::native;
 use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
 use taming_tests::process::root;
 use taming_worker::stage2::data::encode_batch;
-use taming_worker::stage2::{
-    CondKind, GptShape, Schedule, Stage2Config, Stage2Options, run_stage2,
-};
+use taming_worker::stage2::{CondKind, Stage2Config, Stage2Options, run_stage2};
 
 /// burn's random generator is process-global: tests (threads of one binary) that seed it and
 /// compare exact results must not run at the same time.
@@ -58,32 +56,6 @@ fn vqgan(dir: &Path, in_channels: usize, seed: u64) -> PathBuf {
     let out = dir.join(format!("vqgan-{in_channels}"));
     native::save_model(&out, &config, &model, &Default::default(), true).unwrap();
     out
-}
-
-fn config(batch_size: usize) -> Stage2Config {
-    Stage2Config {
-        gpt: GptShape {
-            n_layer: 2,
-            n_head: 2,
-            n_embd: 32,
-            embd_pdrop: 0.0,
-            resid_pdrop: 0.0,
-            attn_pdrop: 0.0,
-        },
-        window: None,
-        pkeep: 1.0,
-        permuter: Default::default(),
-        n_classes: Some(10),
-        base_learning_rate: 1e-4,
-        batch_size,
-        grad_accum: 1,
-        weight_decay: 0.01,
-        warmup_steps: 2,
-        schedule: Schedule::Cosine,
-        min_lr_ratio: 0.1,
-        grad_clip: None,
-        seed: 5,
-    }
 }
 
 /// Code rows of the first `n` training images, encoded by `vq` (and, for segmentation, the
@@ -148,7 +120,7 @@ fn class_conditional_training_from_parquet_learns_and_exports() {
     let codes = tmp.path().join("codes.parquet");
     write_codes(codes.to_str().unwrap(), &rows).unwrap();
     let out = tmp.path().join("run");
-    let mut o = options(config(16), &vq, CondKind::Class, &out, 30);
+    let mut o = options(small_stage2_config(16), &vq, CondKind::Class, &out, 30);
     o.codes = Some(codes.to_string_lossy().into_owned());
     let s = run_stage2(o).unwrap();
     assert_eq!(s.steps, 30);
@@ -202,7 +174,7 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     let codes = tmp.path().join("codes.parquet");
     write_codes(codes.to_str().unwrap(), &code_rows(&vq, 64)).unwrap();
     let opts = |out: &Path, resume: bool| {
-        let mut o = options(config(8), &vq, CondKind::None, out, 10);
+        let mut o = options(small_stage2_config(8), &vq, CondKind::None, out, 10);
         o.codes = Some(codes.to_string_lossy().into_owned());
         o.run.resume = resume;
         o
@@ -228,7 +200,14 @@ fn on_the_fly_encoding_trains_from_the_image_shards() {
     let tmp = tempfile::tempdir().unwrap();
     let vq = vqgan(tmp.path(), 3, 3);
     let out = tmp.path().join("run");
-    let s = run_stage2(options(config(16), &vq, CondKind::Class, &out, 12)).unwrap();
+    let s = run_stage2(options(
+        small_stage2_config(16),
+        &vq,
+        CondKind::Class,
+        &out,
+        12,
+    ))
+    .unwrap();
     assert!(s.last_val_loss < s.first_val_loss, "{s:?}");
     assert!(out.join("model/model.safetensors").is_file());
 }
@@ -247,7 +226,13 @@ fn segmentation_conditioning_trains_on_cond_codes() {
     let codes = tmp.path().join("codes.parquet");
     write_codes(codes.to_str().unwrap(), &rows).unwrap();
     let out = tmp.path().join("run");
-    let mut o = options(config(8), &vq, CondKind::Segmentation, &out, 10);
+    let mut o = options(
+        small_stage2_config(8),
+        &vq,
+        CondKind::Segmentation,
+        &out,
+        10,
+    );
     o.codes = Some(codes.to_string_lossy().into_owned());
     o.cond_vqgan = Some(cond_vq);
     let s = run_stage2(o).unwrap();
@@ -275,7 +260,7 @@ fn bad_code_files_are_refused_naming_file_and_field() {
     let codes = tmp.path().join("outside.parquet");
     write_codes(codes.to_str().unwrap(), &rows).unwrap();
     let out = tmp.path().join("run");
-    let mut o = options(config(4), &vq, CondKind::None, &out, 2);
+    let mut o = options(small_stage2_config(4), &vq, CondKind::None, &out, 2);
     o.codes = Some(codes.to_string_lossy().into_owned());
     let err = refused(o, &out);
     assert!(
@@ -297,7 +282,7 @@ fn bad_code_files_are_refused_naming_file_and_field() {
         w.write(&batch).unwrap();
         w.close().unwrap();
     }
-    let mut o = options(config(4), &vq, CondKind::None, &out, 2);
+    let mut o = options(small_stage2_config(4), &vq, CondKind::None, &out, 2);
     o.codes = Some(schema.to_string_lossy().into_owned());
     let err = refused(o, &out);
     assert!(
@@ -310,7 +295,7 @@ fn bad_code_files_are_refused_naming_file_and_field() {
     rows[0].label = None;
     let unlabeled = tmp.path().join("unlabeled.parquet");
     write_codes(unlabeled.to_str().unwrap(), &rows).unwrap();
-    let mut o = options(config(4), &vq, CondKind::Class, &out, 2);
+    let mut o = options(small_stage2_config(4), &vq, CondKind::Class, &out, 2);
     o.codes = Some(unlabeled.to_string_lossy().into_owned());
     let err = refused(o, &out);
     assert!(
@@ -319,7 +304,7 @@ fn bad_code_files_are_refused_naming_file_and_field() {
     );
 
     // Segmentation without codes.
-    let o = options(config(4), &vq, CondKind::Segmentation, &out, 2);
+    let o = options(small_stage2_config(4), &vq, CondKind::Segmentation, &out, 2);
     let err = refused(o, &out);
     assert!(err.contains("--cond-vqgan"), "{err}");
 }

@@ -3,6 +3,7 @@
 
 use burn::store::ModuleSnapshot;
 use taming_model::config::DdConfig;
+use taming_worker::stage2::{GptShape, Schedule, Stage2Config};
 
 /// A small VQGAN shape for 32x32 RGB images: 32 base channels, two levels (f2), one residual
 /// block per level, attention at `attn_resolutions`.
@@ -55,5 +56,33 @@ pub fn assert_same(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) {
             worst <= 1e-5 * scale,
             "{name}: differs by {worst} (scale {scale})"
         );
+    }
+}
+
+/// A 2-layer, 2-head, 32-wide class-conditional GPT (10 classes) with a cosine schedule after
+/// 2 warm-up steps, for the stage-2 tests.
+pub fn small_stage2_config(batch_size: usize) -> Stage2Config {
+    Stage2Config {
+        gpt: GptShape {
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 32,
+            embd_pdrop: 0.0,
+            resid_pdrop: 0.0,
+            attn_pdrop: 0.0,
+        },
+        window: None,
+        pkeep: 1.0,
+        permuter: Default::default(),
+        n_classes: Some(10),
+        base_learning_rate: 1e-4,
+        batch_size,
+        grad_accum: 1,
+        weight_decay: 0.01,
+        warmup_steps: 2,
+        schedule: Schedule::Cosine,
+        min_lr_ratio: 0.1,
+        grad_clip: None,
+        seed: 5,
     }
 }
