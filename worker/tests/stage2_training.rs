@@ -250,6 +250,46 @@ fn refused(o: Stage2Options, out: &Path) -> String {
     err
 }
 
+/// `--val-codes`: validation reads its own Parquet (without it, the first 64 training rows),
+/// and a bad row or a missing file there is named as such.
+#[test]
+fn validation_codes_come_from_their_own_parquet() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let vq = vqgan(tmp.path(), 3, 7);
+    let rows = code_rows(&vq, 128);
+    let write = |name: &str, rows: &[CodeRow]| {
+        let path = tmp.path().join(name).to_string_lossy().into_owned();
+        write_codes(&path, rows).unwrap();
+        path
+    };
+    let train = write("train.parquet", &rows);
+    let run = |val: Option<&str>, out: &str| {
+        let out = tmp.path().join(out);
+        let mut o = options(small_stage2_config(4), &vq, CondKind::Class, &out, 1);
+        o.codes = Some(train.clone());
+        o.val_codes = val.map(String::from);
+        (run_stage2(o), out)
+    };
+    let first_val = |val, out| run(val, out).0.unwrap().first_val_loss;
+    let default = first_val(None, "default");
+    let same_rows = write("val-head.parquet", &rows[..64]);
+    assert_eq!(first_val(Some(&same_rows), "head"), default);
+    let held_out = write("val-tail.parquet", &rows[64..]);
+    assert_ne!(first_val(Some(&held_out), "tail"), default);
+
+    let mut bad_rows = rows[64..].to_vec();
+    bad_rows[2].codes[0] = 64;
+    let bad = write("val-bad.parquet", &bad_rows);
+    let missing = tmp.path().join("val-missing.parquet");
+    for (val, expect) in [(bad.as_str(), "row 2"), (missing.to_str().unwrap(), "")] {
+        let (result, out) = run(Some(val), "refused");
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains(val) && err.contains(expect), "{err}");
+        assert!(!out.join("model").exists(), "nothing exported");
+    }
+}
+
 #[test]
 fn bad_code_files_are_refused_naming_file_and_field() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -243,19 +243,22 @@ struct Data {
     val: Vec<CodeSample>,
     /// Where the data came from (for errors).
     source: String,
+    /// Where the validation samples came from (for errors).
+    val_source: String,
 }
 
 fn read_data(opts: &Stage2Options, models: &Models, inner: &Device) -> Result<Data, RunError> {
     if let Some(url) = &opts.codes {
         let rows = read_code_set(url)?;
-        let val = match &opts.val_codes {
-            Some(v) => read_code_set(v)?,
-            None => rows.iter().take(64).cloned().collect(),
+        let (val, val_source) = match &opts.val_codes {
+            Some(v) => (read_code_set(v)?, v.clone()),
+            None => (rows.iter().take(64).cloned().collect(), url.clone()),
         };
         return Ok(Data {
             rows: Some(rows),
             val,
             source: url.clone(),
+            val_source,
         });
     }
     if opts.cond == CondKind::Segmentation {
@@ -278,6 +281,7 @@ fn read_data(opts: &Stage2Options, models: &Models, inner: &Device) -> Result<Da
         rows: None,
         val,
         source: opts.data.clone(),
+        val_source: opts.data.clone(),
     })
 }
 
@@ -291,7 +295,7 @@ fn model_config(
     let first = data
         .val
         .first()
-        .ok_or_else(|| output(Path::new(&data.source), "holds no samples"))?;
+        .ok_or_else(|| output(Path::new(&data.val_source), "holds no samples"))?;
     let window = opts.config.window.unwrap_or(first.grid);
     let cond = match opts.cond {
         CondKind::None => Conditioning::None { sos_token: 0 },
@@ -381,7 +385,7 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
     if let Some(rows) = &data.rows {
         check_samples(rows, &model, &data.source)?;
     }
-    check_samples(&data.val, &model, &data.source)?;
+    check_samples(&data.val, &model, &data.val_source)?;
     if let Some(group) = opts.run.group.take() {
         trainer.join_group(group)?;
     }
