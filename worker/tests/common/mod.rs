@@ -42,10 +42,12 @@ pub fn params<M: ModuleSnapshot>(m: &M) -> Vec<(String, Vec<f32>)> {
     out
 }
 
-/// Parameters equal up to float summation order (1e-5 of each tensor's scale).
+/// The same parameters (names and sizes), equal up to float summation order (1e-5 of each
+/// tensor's scale).
 pub fn assert_same(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) {
     assert_eq!(a.len(), b.len());
-    for ((name, x), (_, y)) in a.iter().zip(b) {
+    for ((name, x), (other, y)) in a.iter().zip(b) {
+        assert_eq!((name, x.len()), (other, y.len()), "the same parameter");
         let scale = x.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
         let worst = x
             .iter()
