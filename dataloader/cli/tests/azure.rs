@@ -22,8 +22,8 @@ fn dataloader() -> Command {
     cmd
 }
 
-/// Packs the folder into at least two shards under `prefix`, then reads every sample back
-/// through a brace-expanded shard list.
+/// Packs two class folders of four images into at least two shards under `prefix`, then
+/// reads every sample back through a brace-expanded shard list.
 fn pack_and_read(prefix: &str) {
     let tmp = tempfile::tempdir().unwrap();
     image_folder(tmp.path());
