@@ -3,9 +3,8 @@
 
 mod common;
 
-use common::{assert_same, params};
-
 use burn::tensor::Device;
+use common::{assert_same, params};
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
 use taming_model::config::{QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig};

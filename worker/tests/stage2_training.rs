@@ -117,11 +117,10 @@ fn class_conditional_training_from_parquet_learns_and_exports() {
     let tmp = tempfile::tempdir().unwrap();
     let vq = vqgan(tmp.path(), 3, 1);
     let rows = code_rows(&vq, 256);
-    let codes = tmp.path().join("codes.parquet");
-    write_codes(codes.to_str().unwrap(), &rows).unwrap();
+    let codes = write_parquet(tmp.path(), "codes.parquet", &rows);
     let out = tmp.path().join("run");
     let mut o = options(small_stage2_config(16), &vq, CondKind::Class, &out, 30);
-    o.codes = Some(codes.to_string_lossy().into_owned());
+    o.codes = Some(codes);
     let s = run_stage2(o).unwrap();
     assert_eq!(s.steps, 30);
     assert!(
@@ -171,11 +170,10 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let vq = vqgan(tmp.path(), 3, 2);
-    let codes = tmp.path().join("codes.parquet");
-    write_codes(codes.to_str().unwrap(), &code_rows(&vq, 64)).unwrap();
+    let codes = write_parquet(tmp.path(), "codes.parquet", &code_rows(&vq, 64));
     let opts = |out: &Path, resume: bool| {
         let mut o = options(small_stage2_config(8), &vq, CondKind::None, out, 10);
-        o.codes = Some(codes.to_string_lossy().into_owned());
+        o.codes = Some(codes.clone());
         o.run.resume = resume;
         o
     };
@@ -223,8 +221,7 @@ fn segmentation_conditioning_trains_on_cond_codes() {
     for r in &mut rows {
         r.cond_codes = Some(r.codes.iter().map(|c| (c * 7 + 3) % 64).collect());
     }
-    let codes = tmp.path().join("codes.parquet");
-    write_codes(codes.to_str().unwrap(), &rows).unwrap();
+    let codes = write_parquet(tmp.path(), "codes.parquet", &rows);
     let out = tmp.path().join("run");
     let mut o = options(
         small_stage2_config(8),
@@ -233,7 +230,7 @@ fn segmentation_conditioning_trains_on_cond_codes() {
         &out,
         10,
     );
-    o.codes = Some(codes.to_string_lossy().into_owned());
+    o.codes = Some(codes);
     o.cond_vqgan = Some(cond_vq);
     let s = run_stage2(o).unwrap();
     assert!(s.last_val_loss < s.first_val_loss, "{s:?}");
@@ -241,6 +238,13 @@ fn segmentation_conditioning_trains_on_cond_codes() {
     assert_eq!(cfg.cond_len(), 64);
     assert_eq!(cfg.gpt.block_size, 64 + 64 - 1);
     assert!(out.join("samples.png").is_file());
+}
+
+/// Writes `rows` as the code Parquet `dir/name`; returns its path.
+fn write_parquet(dir: &Path, name: &str, rows: &[CodeRow]) -> String {
+    let path = dir.join(name).to_string_lossy().into_owned();
+    write_codes(&path, rows).unwrap();
+    path
 }
 
 fn refused(o: Stage2Options, out: &Path) -> String {
@@ -258,12 +262,7 @@ fn validation_codes_come_from_their_own_parquet() {
     let tmp = tempfile::tempdir().unwrap();
     let vq = vqgan(tmp.path(), 3, 7);
     let rows = code_rows(&vq, 128);
-    let write = |name: &str, rows: &[CodeRow]| {
-        let path = tmp.path().join(name).to_string_lossy().into_owned();
-        write_codes(&path, rows).unwrap();
-        path
-    };
-    let train = write("train.parquet", &rows);
+    let train = write_parquet(tmp.path(), "train.parquet", &rows);
     let run = |val: Option<&str>, out: &str| {
         let out = tmp.path().join(out);
         let mut o = options(small_stage2_config(4), &vq, CondKind::Class, &out, 1);
@@ -273,14 +272,14 @@ fn validation_codes_come_from_their_own_parquet() {
     };
     let first_val = |val, out| run(val, out).0.unwrap().first_val_loss;
     let default = first_val(None, "default");
-    let same_rows = write("val-head.parquet", &rows[..64]);
+    let same_rows = write_parquet(tmp.path(), "val-head.parquet", &rows[..64]);
     assert_eq!(first_val(Some(&same_rows), "head"), default);
-    let held_out = write("val-tail.parquet", &rows[64..]);
+    let held_out = write_parquet(tmp.path(), "val-tail.parquet", &rows[64..]);
     assert_ne!(first_val(Some(&held_out), "tail"), default);
 
     let mut bad_rows = rows[64..].to_vec();
     bad_rows[2].codes[0] = 64;
-    let bad = write("val-bad.parquet", &bad_rows);
+    let bad = write_parquet(tmp.path(), "val-bad.parquet", &bad_rows);
     let missing = tmp.path().join("val-missing.parquet");
     for (val, expect) in [(bad.as_str(), "row 2"), (missing.to_str().unwrap(), "")] {
         let (result, out) = run(Some(val), "refused");
@@ -297,11 +296,10 @@ fn bad_code_files_are_refused_naming_file_and_field() {
     let vq = vqgan(tmp.path(), 3, 6);
     let mut rows = code_rows(&vq, 8);
     rows[3].codes[5] = 64;
-    let codes = tmp.path().join("outside.parquet");
-    write_codes(codes.to_str().unwrap(), &rows).unwrap();
+    let codes = write_parquet(tmp.path(), "outside.parquet", &rows);
     let out = tmp.path().join("run");
     let mut o = options(small_stage2_config(4), &vq, CondKind::None, &out, 2);
-    o.codes = Some(codes.to_string_lossy().into_owned());
+    o.codes = Some(codes);
     let err = refused(o, &out);
     assert!(
         err.contains("outside.parquet") && err.contains("row 3") && err.contains("64"),
@@ -333,10 +331,9 @@ fn bad_code_files_are_refused_naming_file_and_field() {
     // Class conditioning on rows without labels.
     let mut rows = code_rows(&vq, 8);
     rows[0].label = None;
-    let unlabeled = tmp.path().join("unlabeled.parquet");
-    write_codes(unlabeled.to_str().unwrap(), &rows).unwrap();
+    let unlabeled = write_parquet(tmp.path(), "unlabeled.parquet", &rows);
     let mut o = options(small_stage2_config(4), &vq, CondKind::Class, &out, 2);
-    o.codes = Some(unlabeled.to_string_lossy().into_owned());
+    o.codes = Some(unlabeled);
     let err = refused(o, &out);
     assert!(
         err.contains("unlabeled.parquet") && err.contains("`label`"),
