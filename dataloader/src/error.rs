@@ -57,4 +57,10 @@ pub enum DataError {
         /// What went wrong.
         reason: String,
     },
+    /// The thread making batches ahead stopped (see [`crate::prefetch`]).
+    #[error("batch prefetch thread: {reason}")]
+    Prefetch {
+        /// Why it stopped.
+        reason: String,
+    },
 }

@@ -12,6 +12,7 @@ pub mod codes;
 pub mod error;
 pub mod loader;
 pub mod pack;
+pub mod prefetch;
 pub mod reader;
 pub mod runtime;
 pub mod sample;
@@ -23,5 +24,6 @@ pub mod transform;
 
 pub use error::DataError;
 pub use loader::{Batch, BatchSource, ImageBatch, LoaderConfig, PixelBatch, ShardLoader};
+pub use prefetch::Prefetched;
 pub use reader::{LoaderState, ReaderConfig};
 pub use transform::Preprocess;

@@ -46,6 +46,8 @@ pub struct AgentOptions {
     pub device: Option<DeviceSpec>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     pub metrics_bind: Option<SocketAddr>,
+    /// Training batches decoded ahead (see [`RunSettings::prefetch`]).
+    pub prefetch: usize,
 }
 
 /// Runs the agent until the coordinator goes away.
@@ -271,6 +273,7 @@ fn run_assignment(
     settings.checkpoint_url = checkpoint_url;
     settings.eval_every = spec.eval_every.max(1);
     settings.checkpoint_every = spec.checkpoint_every.max(1);
+    settings.prefetch = opts.prefetch;
     settings.join(a.rank as usize, a.world_size as usize, group);
     if spec.stage == "transformer" {
         return run_transformer(spec, data, settings, reporter);

@@ -5,6 +5,10 @@ use std::path::PathBuf;
 
 use burn::tensor::Device;
 use taming_collective::AllReduce;
+use taming_dataloader::{BatchSource, Prefetched};
+
+/// Batches decoded ahead by default: enough to hide a slow batch behind a fast step.
+pub const DEFAULT_PREFETCH: usize = 2;
 
 /// The settings of a run that do not depend on its stage.
 pub struct RunSettings {
@@ -33,11 +37,14 @@ pub struct RunSettings {
     pub world: usize,
     /// The data-parallel group (with `world > 1`).
     pub group: Option<Box<dyn AllReduce>>,
+    /// Training batches decoded ahead on a background thread while a step runs (0: none;
+    /// local image shards only: the dataloader service already works ahead).
+    pub prefetch: usize,
 }
 
 impl RunSettings {
     /// A single-process run into `out` for `steps` steps on `device`: evaluation every 100
-    /// steps, a checkpoint every 200, two kept.
+    /// steps, a checkpoint every 200, two kept, [`DEFAULT_PREFETCH`] batches decoded ahead.
     pub fn single(out: PathBuf, steps: u64, device: Device) -> Self {
         Self {
             out,
@@ -52,6 +59,15 @@ impl RunSettings {
             rank: 0,
             world: 1,
             group: None,
+            prefetch: DEFAULT_PREFETCH,
+        }
+    }
+
+    /// `source`, with [`Self::prefetch`] batches made ahead on a background thread.
+    pub fn ahead(&self, source: Box<dyn BatchSource>) -> Box<dyn BatchSource> {
+        match self.prefetch {
+            0 => source,
+            depth => Box::new(Prefetched::new(source, depth)),
         }
     }
 

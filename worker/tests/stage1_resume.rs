@@ -4,14 +4,14 @@
 mod common;
 
 use burn::tensor::Device;
-use common::{assert_same, params};
+use common::{assert_same, exported_params, params};
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
 use taming_model::config::{QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig};
 use taming_model::loss::{DiscriminatorConfig, LossConfig};
 use taming_tests::process::root;
 use taming_worker::checkpoint::{self, CheckpointError, TrainState};
-use taming_worker::stage1::{Stage1Config, Stage1Trainer};
+use taming_worker::stage1::{RunOptions, Stage1Config, Stage1Trainer, run_stage1};
 
 /// burn seeds one process-wide generator: tests that train must not interleave their draws.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -142,4 +142,36 @@ fn an_interrupted_checkpoint_write_leaves_the_previous_one_loadable() {
     let (resumed, _) = Stage1Trainer::resume(tmp.path(), 1, &device).unwrap();
     assert_eq!(resumed.step(), 2);
     assert_same(&saved, &params(resumed.model()));
+}
+
+/// Through the whole run, with training batches decoded ahead on a background thread: a run
+/// stopped after step 3 and resumed from its checkpoint of step 2 ends with a straight run's
+/// weights, so the checkpoint kept the position of the batches trained on, not of those made
+/// ahead.
+#[test]
+fn a_run_stopped_and_resumed_with_batches_made_ahead_ends_as_a_straight_run() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root()
+        .join("data/fashion-mnist")
+        .to_string_lossy()
+        .into_owned();
+    let opts = |out: &std::path::Path, resume: bool| {
+        let device = Device::flex().autodiff();
+        let mut o = RunOptions::single(config(), data.clone(), out.to_path_buf(), 5, device);
+        o.run.checkpoint_every = 2;
+        o.run.eval_every = 5;
+        o.run.prefetch = 3;
+        o.run.resume = resume;
+        o
+    };
+    let straight = tmp.path().join("straight");
+    run_stage1(opts(&straight, false)).unwrap();
+    let split = tmp.path().join("split");
+    let mut first = opts(&split, false);
+    first.on_step = Some(Box::new(|row| row.step < 3));
+    let err = run_stage1(first).unwrap_err().to_string();
+    assert!(err.contains("step 3"), "{err}");
+    assert_eq!(run_stage1(opts(&split, true)).unwrap().steps, 5);
+    assert_same(&exported_params(&split), &exported_params(&straight));
 }

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use common::{assert_same, f32s, small_stage2_config};
+use common::{assert_same, exported_params, small_stage2_config};
 use taming_dataloader::codes::{CodeRow, write_codes};
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
@@ -152,19 +152,6 @@ fn class_conditional_training_from_parquet_learns_and_exports() {
     );
 }
 
-/// The exported GPT's parameters by name.
-fn gpt_params(run: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(run.join("model/model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<(String, Vec<f32>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, t)| (name, f32s(t.data())))
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
 #[test]
 fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -187,7 +174,7 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     assert!(err.contains("step 7"), "{err}");
     let s = run_stage2(opts(&split, true)).unwrap();
     assert_eq!(s.steps, 10);
-    assert_same(&gpt_params(&split), &gpt_params(&straight));
+    assert_same(&exported_params(&split), &exported_params(&straight));
     let metrics = std::fs::read_to_string(split.join("metrics.csv")).unwrap();
     assert_eq!(metrics.lines().count(), 11, "{metrics}");
 }

@@ -12,7 +12,7 @@ use taming_model::device::DeviceSpec;
 use taming_proto::auth::TOKEN_ENV;
 use taming_worker::agent::{AgentOptions, run_agent};
 use taming_worker::defaults::{default_data, parse_config, parse_stage2_config};
-use taming_worker::settings::RunSettings;
+use taming_worker::settings::{DEFAULT_PREFETCH, RunSettings};
 use taming_worker::stage1::{RunOptions, Stage1Config, run_stage1};
 use taming_worker::stage2::{CondKind, Stage2Config, Stage2Options, run_stage2};
 
@@ -43,6 +43,10 @@ struct Cli {
     /// CPU threads for compute (default: all).
     #[arg(long)]
     threads: Option<usize>,
+    /// Training batches decoded ahead on a background thread while a step runs, when
+    /// reading shards locally (0: decode in the step).
+    #[arg(long, default_value_t = DEFAULT_PREFETCH)]
+    prefetch: usize,
     /// Device for the jobs this worker runs (with --coordinator): cpu, cuda:N or vulkan:N.
     #[arg(long)]
     device: Option<DeviceSpec>,
@@ -169,6 +173,7 @@ fn run(cli: Cli) -> Result<()> {
                 collective_timeout: std::time::Duration::from_secs(300),
                 device: cli.device,
                 metrics_bind: cli.metrics,
+                prefetch: cli.prefetch,
             });
         }
         (Some(_), Some(_)) => {
@@ -222,6 +227,7 @@ fn run(cli: Cli) -> Result<()> {
     settings.eval_every = eval_every;
     settings.checkpoint_every = checkpoint_every;
     settings.nodes = nodes;
+    settings.prefetch = cli.prefetch;
     if let Stage::Transformer = stage {
         let config = read_stage2_config(config.as_deref())?;
         let vqgan = stage2

@@ -175,7 +175,8 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
     train_cfg.reader.rank = opts.run.rank;
     train_cfg.reader.world_size = opts.run.world;
     let mut loader: Box<dyn BatchSource> = if opts.dataloaders.is_empty() {
-        Box::new(ShardLoader::open(&train_shards, train_cfg, &state)?)
+        let local = ShardLoader::open(&train_shards, train_cfg, &state)?;
+        opts.run.ahead(Box::new(local))
     } else {
         Box::new(RemoteLoader::new(
             opts.dataloaders.clone(),

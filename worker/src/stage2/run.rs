@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use burn::tensor::Device;
 use taming_dataloader::shards::list_split;
-use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
+use taming_dataloader::{
+    BatchSource, LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader,
+};
 use taming_model::checkpoint::native;
 use taming_model::image_io::{tile, write_png};
 use taming_model::synthesis::{SynthCond, Synthesizer};
@@ -155,7 +157,7 @@ fn train_error(e: TrainError) -> RunError {
 /// Training batches: code rows, or image shards through the frozen VQGAN.
 enum Batches {
     Codes(CodeSampler),
-    Images(Box<(ShardLoader, Vqgan, Device)>),
+    Images(Box<(Box<dyn BatchSource>, Vqgan, Device)>),
 }
 
 impl Batches {
@@ -360,7 +362,7 @@ fn open_batches(
         true,
     )?;
     Ok(Batches::Images(Box::new((
-        loader,
+        opts.run.ahead(Box::new(loader)),
         models.vqgan.1.clone(),
         inner.clone(),
     ))))

@@ -42,6 +42,19 @@ pub fn params<M: ModuleSnapshot>(m: &M) -> Vec<(String, Vec<f32>)> {
     out
 }
 
+/// The parameters a run exported (`RUN/model/model.safetensors`) by name, in name order.
+pub fn exported_params(run: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(run.join("model/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| (name, f32s(t.data())))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 /// The same parameters (names and sizes), equal up to float summation order (1e-5 of each
 /// tensor's scale).
 pub fn assert_same(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) {
