@@ -11,7 +11,7 @@ use crate::error::DataError;
 use crate::reader::{LoaderState, RawSample, ReaderConfig, SampleReader, mix};
 use crate::sample;
 use crate::source::{Location, locate};
-use crate::transform::{Pixels, Preprocess, normalize};
+use crate::transform::{Channel, Preprocess, normalize};
 
 /// Loader settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,10 +98,11 @@ pub trait BatchSource: Send {
     fn skipped(&self) -> u64;
 }
 
+/// What a decoded sample brings besides its image, which went straight into the batch.
 struct Decoded {
     key: String,
     shard: usize,
-    pixels: Pixels,
+    mask: Option<Vec<u8>>,
     label: Option<i64>,
 }
 
@@ -159,19 +160,17 @@ impl ShardLoader {
 
     /// The next batch, moving on to the next epoch when one ends.
     pub fn next_batch(&mut self) -> Result<ImageBatch, DataError> {
-        self.next_pixels().map(ImageBatch::from)
+        self.next_wrapping()
     }
 
     /// The next batch as bytes, moving on to the next epoch when one ends.
     pub fn next_pixels(&mut self) -> Result<PixelBatch, DataError> {
-        self.collect(true)?.ok_or(DataError::Empty {
-            skipped: self.skipped,
-        })
+        self.next_wrapping()
     }
 
     /// The next batch of the current epoch (the last one may be short), `None` at its end.
     pub fn next_in_epoch(&mut self) -> Result<Option<ImageBatch>, DataError> {
-        Ok(self.collect(false)?.map(ImageBatch::from))
+        self.collect(false)
     }
 
     /// Like [`Self::next_in_epoch`], as bytes.
@@ -179,7 +178,17 @@ impl ShardLoader {
         self.collect(false)
     }
 
-    fn collect(&mut self, wrap: bool) -> Result<Option<PixelBatch>, DataError> {
+    fn next_wrapping<T: Channel>(&mut self) -> Result<Batch<T>, DataError> {
+        self.collect(true)?.ok_or(DataError::Empty {
+            skipped: self.skipped,
+        })
+    }
+
+    /// Decodes samples straight into the batch's image buffer until it is full (or, without
+    /// `wrap`, the epoch ends).
+    fn collect<T: Channel>(&mut self, wrap: bool) -> Result<Option<Batch<T>>, DataError> {
+        let len = self.cfg.preprocess.image_len();
+        let mut images = vec![T::default(); self.cfg.batch_size * len];
         let mut done: Vec<Decoded> = Vec::with_capacity(self.cfg.batch_size);
         while done.len() < self.cfg.batch_size {
             let raws = self.draw(self.cfg.batch_size - done.len())?;
@@ -190,11 +199,13 @@ impl ShardLoader {
                 self.next_epoch()?;
                 continue;
             }
-            let decoded = self.decode_all(raws);
+            let slots = &mut images[done.len() * len..(done.len() + raws.len()) * len];
+            let decoded = self.decode_all(raws, slots);
             self.usable_this_epoch |= !decoded.is_empty();
             done.extend(decoded);
         }
-        Ok((!done.is_empty()).then(|| self.assemble(done)))
+        images.truncate(done.len() * len);
+        Ok((!done.is_empty()).then(|| self.assemble(done, images)))
     }
 
     fn draw(&mut self, n: usize) -> Result<Vec<RawSample>, DataError> {
@@ -219,16 +230,26 @@ impl ShardLoader {
         Ok(())
     }
 
-    fn decode_all(&mut self, raws: Vec<RawSample>) -> Vec<Decoded> {
+    /// Decodes `raws` in parallel, each into its slot of `slots`; the images of the usable
+    /// ones end up at the front, in order.
+    fn decode_all<T: Channel>(&mut self, raws: Vec<RawSample>, slots: &mut [T]) -> Vec<Decoded> {
         let (pre, seed, epoch) = (self.cfg.preprocess, self.reader.seed(), self.reader.epoch());
+        let len = pre.image_len();
         let results: Vec<Result<Decoded, String>> = raws
             .par_iter()
-            .map(|raw| decode(raw, &pre, seed, epoch))
+            .zip(slots.par_chunks_mut(len))
+            .map(|(raw, slot)| decode(raw, &pre, (seed, epoch), slot))
             .collect();
         let mut out = Vec::with_capacity(results.len());
-        for (raw, result) in raws.iter().zip(results) {
+        for (i, (raw, result)) in raws.iter().zip(results).enumerate() {
             match result {
-                Ok(d) => out.push(d),
+                Ok(d) => {
+                    let kept = out.len();
+                    if kept != i {
+                        slots.copy_within(i * len..(i + 1) * len, kept * len);
+                    }
+                    out.push(d);
+                }
                 Err(why) => {
                     self.skipped += 1;
                     let key = raw.sample.key().unwrap_or("?");
@@ -240,11 +261,11 @@ impl ShardLoader {
         out
     }
 
-    fn assemble(&self, done: Vec<Decoded>) -> PixelBatch {
+    fn assemble<T>(&self, done: Vec<Decoded>, images: Vec<T>) -> Batch<T> {
         let size = self.cfg.preprocess.size;
-        let all_masks = done.iter().all(|d| d.pixels.mask.is_some());
-        let mut batch = PixelBatch {
-            images: Vec::with_capacity(done.len() * 3 * size * size),
+        let all_masks = done.iter().all(|d| d.mask.is_some());
+        let mut batch = Batch {
+            images,
             shape: [done.len(), 3, size, size],
             masks: all_masks.then(Vec::new),
             labels: Vec::with_capacity(done.len()),
@@ -253,8 +274,7 @@ impl ShardLoader {
             state: self.reader.state(),
         };
         for d in done {
-            batch.images.extend_from_slice(&d.pixels.image);
-            if let (Some(masks), Some(m)) = (batch.masks.as_mut(), d.pixels.mask) {
+            if let (Some(masks), Some(m)) = (batch.masks.as_mut(), d.mask) {
                 masks.extend(m);
             }
             batch.labels.push(d.label);
@@ -281,16 +301,23 @@ impl BatchSource for ShardLoader {
     }
 }
 
-fn decode(raw: &RawSample, pre: &Preprocess, seed: u64, epoch: u64) -> Result<Decoded, String> {
+/// Decodes one sample's image into `slot`, with the random stream of (seed, epoch, shard,
+/// index).
+fn decode<T: Channel>(
+    raw: &RawSample,
+    pre: &Preprocess,
+    (seed, epoch): (u64, u64),
+    slot: &mut [T],
+) -> Result<Decoded, String> {
     let s = &raw.sample;
     let key = sample::safe_key(s)?.to_string();
     let image = sample::image_bytes(s).ok_or("no image (.png, .jpg, .jpeg or .webp)")?;
     let mut rng = StdRng::seed_from_u64(mix(&[seed, epoch, raw.shard as u64, raw.index]));
-    let pixels = pre.apply_pixels(image, sample::mask_bytes(s), &mut rng)?;
+    let mask = pre.apply_into(image, sample::mask_bytes(s), &mut rng, slot)?;
     Ok(Decoded {
         key,
         shard: raw.shard,
-        pixels,
+        mask,
         label: sample::label(s),
     })
 }

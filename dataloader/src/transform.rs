@@ -17,30 +17,60 @@ pub struct Preprocess {
     pub flip: bool,
 }
 
-/// A decoded, cropped sample: CHW pixels and, when given, the label map cropped alike.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pixels {
-    /// `[3, size, size]` bytes.
-    pub image: Vec<u8>,
-    /// `[size, size]` label ids.
-    pub mask: Option<Vec<u8>>,
+/// A channel value the loader writes: the byte as decoded, or x / 127.5 - 1.
+pub trait Channel: Copy + Default + Send + Sync + 'static {
+    /// The value of byte `p`.
+    fn from_byte(p: u8) -> Self;
+}
+
+impl Channel for u8 {
+    fn from_byte(p: u8) -> Self {
+        p
+    }
+}
+
+/// x / 127.5 - 1 for every byte, computed once at compile time (the same numbers as at run
+/// time, without a division per element).
+const UNIT: [f32; 256] = {
+    let mut table = [0.0; 256];
+    let mut p = 0;
+    while p < 256 {
+        table[p] = p as f32 / 127.5 - 1.0;
+        p += 1;
+    }
+    table
+};
+
+impl Channel for f32 {
+    fn from_byte(p: u8) -> Self {
+        UNIT[p as usize]
+    }
 }
 
 impl Preprocess {
+    /// Values per image: `3 x size x size`.
+    pub fn image_len(&self) -> usize {
+        3 * self.size * self.size
+    }
+
     /// Decodes `bytes` (PNG, JPEG, WebP) and returns CHW floats in [-1, 1].
     pub fn apply(&self, bytes: &[u8], rng: &mut impl Rng) -> Result<Vec<f32>, String> {
-        Ok(normalize(&self.apply_pixels(bytes, None, rng)?.image))
+        let mut out = vec![0.0; self.image_len()];
+        self.apply_into(bytes, None, rng, &mut out)?;
+        Ok(out)
     }
 
     /// Decodes an image and optionally its label map (which must have the image's size),
-    /// resizes both on the shorter side (bilinear for the image, nearest for labels) and
-    /// crops and flips them identically.
-    pub fn apply_pixels(
+    /// resizes both on the shorter side (bilinear for the image, nearest for labels), crops
+    /// and flips them identically, writes the image into `out` (`[3, size, size]`) and
+    /// returns the label map (`[size, size]`).
+    pub fn apply_into<T: Channel>(
         &self,
         image: &[u8],
         mask: Option<&[u8]>,
         rng: &mut impl Rng,
-    ) -> Result<Pixels, String> {
+        out: &mut [T],
+    ) -> Result<Option<Vec<u8>>, String> {
         let img = image::load_from_memory(image)
             .map_err(|e| format!("image: {e}"))?
             .into_rgb8();
@@ -49,14 +79,13 @@ impl Preprocess {
         let (left, top) = self.crop_origin(img.dimensions(), rng);
         let flip = self.flip && rng.random_bool(0.5);
         let s = self.size as u32;
-        let image = crop_to_chw(&img, (left, top), self.size, flip);
-        let mask = mask.map(|m| {
+        crop_to_chw(&img, (left, top), (self.size, flip), out);
+        Ok(mask.map(|m| {
             let (w, h) = img_dims_after_resize(&m, self.size);
             let m = image::imageops::resize(&m, w, h, FilterType::Nearest);
             let m = image::imageops::crop_imm(&m, left, top, s, s).to_image();
             flip_rows(m.into_raw(), self.size, flip)
-        });
-        Ok(Pixels { image, mask })
+        }))
     }
 
     fn crop_origin(&self, (w, h): (u32, u32), rng: &mut impl Rng) -> (u32, u32) {
@@ -69,12 +98,9 @@ impl Preprocess {
     }
 }
 
-/// x / 127.5 - 1 (through a table of the 256 values: the same numbers, without a division
-/// per element).
+/// x / 127.5 - 1 for every byte.
 pub fn normalize(pixels: &[u8]) -> Vec<f32> {
-    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| std::array::from_fn(|p| p as f32 / 127.5 - 1.0));
-    pixels.iter().map(|&p| table[p as usize]).collect()
+    pixels.iter().map(|&p| f32::from_byte(p)).collect()
 }
 
 fn decode_mask(bytes: &[u8], image_dims: (u32, u32)) -> Result<GrayImage, String> {
@@ -132,13 +158,22 @@ pub fn resize_shorter(img: RgbImage, size: usize) -> RgbImage {
     RgbImage::from_raw(nw, nh, dst.into_vec()).expect("a buffer of the new size")
 }
 
-/// The `size` x `size` window of `img` at `(left, top)` as CHW planes, mirrored left-right
-/// when `flip`: one pass over the window's rows.
-fn crop_to_chw(img: &RgbImage, (left, top): (u32, u32), size: usize, flip: bool) -> Vec<u8> {
+/// The `size` x `size` window of `img` at `(left, top)` into `out` as CHW planes, mirrored
+/// left-right when `flip`: one pass over the window's rows.
+fn crop_to_chw<T: Channel>(
+    img: &RgbImage,
+    (left, top): (u32, u32),
+    (size, flip): (usize, bool),
+    out: &mut [T],
+) {
     let width = img.width() as usize;
     let (left, top) = (left as usize, top as usize);
     let plane = size * size;
-    let mut out = vec![0u8; 3 * plane];
+    assert_eq!(
+        out.len(),
+        3 * plane,
+        "room for one [3, {size}, {size}] image"
+    );
     let (r, rest) = out.split_at_mut(plane);
     let (g, b) = rest.split_at_mut(plane);
     let raw = img.as_raw();
@@ -156,16 +191,19 @@ fn crop_to_chw(img: &RgbImage, (left, top): (u32, u32), size: usize, flip: bool)
             deinterleave(row, planes);
         }
     }
-    out
 }
 
 /// Writes each pixel's three bytes into the three planes.
-fn deinterleave<'a, 'b>(
+fn deinterleave<'a, 'b, T: Channel>(
     pixels: impl Iterator<Item = &'a [u8]>,
-    planes: impl Iterator<Item = ((&'b mut u8, &'b mut u8), &'b mut u8)>,
+    planes: impl Iterator<Item = ((&'b mut T, &'b mut T), &'b mut T)>,
 ) {
     for (px, ((r, g), b)) in pixels.zip(planes) {
-        (*r, *g, *b) = (px[0], px[1], px[2]);
+        (*r, *g, *b) = (
+            T::from_byte(px[0]),
+            T::from_byte(px[1]),
+            T::from_byte(px[2]),
+        );
     }
 }
 
@@ -221,7 +259,8 @@ mod tests {
             image::Rgb([x as u8, y as u8, (10 * x + y) as u8])
         });
         for flip in [false, true] {
-            let out = crop_to_chw(&img, (2, 1), 3, flip);
+            let mut out = vec![0u8; 27];
+            crop_to_chw(&img, (2, 1), (3, flip), &mut out);
             for (c, y, x) in
                 (0..3).flat_map(|c| (0..3).flat_map(move |y| (0..3).map(move |x| (c, y, x))))
             {

@@ -5,10 +5,11 @@ mod common;
 use std::collections::HashSet;
 use std::path::Path;
 
-use common::{data_dir, png};
+use common::{data_dir, png, png_from};
 use taming_dataloader::reader::SampleReader;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::source::locate;
+use taming_dataloader::transform::normalize;
 use taming_dataloader::{DataError, LoaderConfig, LoaderState, Preprocess, ShardLoader};
 
 fn config(batch_size: usize, train: bool) -> LoaderConfig {
@@ -129,6 +130,7 @@ fn shard_with(path: &Path, files: &[(&str, &[u8])]) {
 fn corrupt_images_and_samples_without_image_are_skipped_and_counted() {
     let tmp = tempfile::tempdir().unwrap();
     let good = png();
+    let other = png_from(32, 32, |x, y| [y as u8 * 8, 200, x as u8]);
     shard_with(
         &tmp.path().join("train-000000.tar"),
         &[
@@ -137,7 +139,7 @@ fn corrupt_images_and_samples_without_image_are_skipped_and_counted() {
             ("b.png", b"\x89PNG truncated"),
             ("c.cls", b"1"),
             ("d.jpg", &good[..good.len() / 2]),
-            ("e.png", &good),
+            ("e.png", &other),
         ],
     );
     let shards = list_split(tmp.path(), "train").unwrap();
@@ -146,6 +148,32 @@ fn corrupt_images_and_samples_without_image_are_skipped_and_counted() {
     assert_eq!(batch.keys, vec!["a", "e"]);
     assert_eq!(batch.labels, vec![Some(3), None]);
     assert_eq!(loader.skipped(), 3);
+    // Each usable image sits in its own place, the skipped ones' places closed up.
+    let clean = tempfile::tempdir().unwrap();
+    shard_with(
+        &clean.path().join("train-000000.tar"),
+        &[("a.png", &good), ("e.png", &other)],
+    );
+    let shards = list_split(clean.path(), "train").unwrap();
+    let want = open(&shards, config(8, false), &LoaderState::default())
+        .next_in_epoch()
+        .unwrap()
+        .unwrap();
+    assert_eq!(batch.shape, [2, 3, 32, 32]);
+    assert_eq!(batch.images, want.images);
+}
+
+#[test]
+fn byte_batches_are_the_float_batches_before_scaling() {
+    let shards = list_split(data_dir(), "train").unwrap();
+    let start = LoaderState::default();
+    let mut floats = open(&shards, config(48, true), &start);
+    let mut bytes = open(&shards, config(48, true), &start);
+    for _ in 0..3 {
+        let (f, b) = (floats.next_batch().unwrap(), bytes.next_pixels().unwrap());
+        assert_eq!((f.shape, &f.keys, &f.state), (b.shape, &b.keys, &b.state));
+        assert_eq!(f.images, normalize(&b.images));
+    }
 }
 
 #[test]
