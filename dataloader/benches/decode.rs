@@ -4,11 +4,18 @@
 //! Python WebDataset + PIL peer (tools/bench/python_decode.py) on the same shards. With
 //! `--decode-only` it times JPEG decoding alone (the `image` crate, as the loader uses it) over
 //! the shards' images held in memory: the floor under the loader's time per sample.
+//!
+//! With `--step-ms MS [--prefetch N] [--batches B]` it is a trainer's view instead: batches of
+//! 32 taken by a loop whose step leaves the CPU free for MS milliseconds (it sleeps, as a host
+//! does while its accelerator computes), with N batches decoded ahead (0: inside the step);
+//! it prints the mean wait for a batch and the images per second that result.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use taming_dataloader::shards::list_split;
-use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
+use taming_dataloader::{
+    BatchSource, LoaderConfig, LoaderState, Prefetched, Preprocess, ShardLoader,
+};
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
     args.iter()
@@ -41,6 +48,21 @@ fn main() {
         random_crop: true,
         flip: true,
     };
+    if args.iter().any(|a| a == "--step-ms") {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .unwrap();
+        let step = Duration::from_millis(arg(&args, "--step-ms", 0) as u64);
+        overlap(
+            &shards,
+            pre,
+            step,
+            arg(&args, "--prefetch", 0),
+            arg(&args, "--batches", 40),
+        );
+        return;
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -94,5 +116,31 @@ fn decode_only(shards: &[String], passes: usize) {
     println!(
         "taming-rs decode only: {best:.1} img/s on 1 thread ({} images)",
         images.len()
+    );
+}
+
+/// Batches of 32 for `batches` steps that each leave the CPU free for `step`, with `depth`
+/// batches decoded ahead (0: none), after one batch of warm-up.
+fn overlap(shards: &[String], pre: Preprocess, step: Duration, depth: usize, batches: usize) {
+    let cfg = LoaderConfig::simple(32, pre, 0, true);
+    let loader = ShardLoader::open(shards, cfg, &LoaderState::default()).unwrap();
+    let mut source: Box<dyn BatchSource> = match depth {
+        0 => Box::new(loader),
+        d => Box::new(Prefetched::new(Box::new(loader), d)),
+    };
+    source.next_batch().unwrap();
+    let (start, mut waited) = (Instant::now(), Duration::ZERO);
+    for _ in 0..batches {
+        let asked = Instant::now();
+        let batch = std::hint::black_box(source.next_batch().unwrap());
+        waited += asked.elapsed();
+        drop(batch);
+        std::thread::sleep(step);
+    }
+    let ips = (32 * batches) as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "taming-rs step {} ms, {depth} ahead: waited {:.1} ms per batch, {ips:.1} img/s",
+        step.as_millis(),
+        waited.as_secs_f64() * 1e3 / batches as f64
     );
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Decode-and-crop throughput of taming-rs's shard loader and of Python WebDataset + PIL on the
-# same JPEG shards, one core each, one after the other.
-# usage: tools/bench/compare_dataloader.sh PYTHON   (PYTHON with webdataset, pillow, scikit-image)
+# same JPEG shards, one core each, one after the other; then both as a trainer sees them.
+# usage: tools/bench/compare_dataloader.sh PYTHON   (PYTHON with webdataset, pillow, scikit-image, torch)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 py=${1:?usage: compare_dataloader.sh PYTHON}
@@ -15,3 +15,13 @@ done
 cargo bench -q -p taming-dataloader --bench decode -- "$shards" --size 256 --threads 2 --passes 3
 cargo bench -q -p taming-dataloader --bench decode -- "$shards" --decode-only --passes 3
 "$py" tools/bench/python_decode.py "$shards" --decode-only --passes 3
+# A trainer's view: batches of 32 for a step that leaves the CPU free (sleeps) 0, 25 or 50 ms,
+# decoded inside the step or ahead (taming-rs: Prefetched, 2 ahead; torch: a DataLoader worker).
+for step in 0 25 50; do
+    for ahead in 0 2; do
+        cargo bench -q -p taming-dataloader --bench decode -- "$shards" --threads 1 --step-ms "$step" --prefetch "$ahead"
+    done
+    for workers in 0 1; do
+        "$py" tools/bench/python_decode.py "$shards" --step-ms "$step" --workers "$workers"
+    done
+done
