@@ -6,7 +6,7 @@
 //! has a timeout.
 
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use crate::{AllReduce, CollectiveError};
@@ -16,8 +16,8 @@ use crate::{AllReduce, CollectiveError};
 pub struct RingConfig {
     /// This rank.
     pub rank: usize,
-    /// Every rank's listening address, by rank.
-    pub peers: Vec<SocketAddr>,
+    /// Every rank's listening address (`host:port`, resolved when dialing), by rank.
+    pub peers: Vec<String>,
     /// Identifies the job: peers of another job are refused.
     pub job: u64,
     /// Longest wait for a peer (connect, send, receive).
@@ -46,7 +46,7 @@ impl TcpRing {
             };
             let listener = TcpListener::bind("127.0.0.1:0").map_err(io)?;
             let addr = listener.local_addr().map_err(io)?;
-            Ok((listener, addr))
+            Ok((listener, addr.to_string()))
         };
         let (listeners, peers): (Vec<_>, Vec<_>) = (0..n)
             .map(bind)
@@ -87,7 +87,7 @@ impl TcpRing {
             move |source| CollectiveError::Io { rank, what, source }
         };
         let succ = (rank + 1) % world;
-        let target = cfg.peers[succ];
+        let target = cfg.peers[succ].as_str();
         let job = cfg.job;
         let timeout = cfg.timeout;
         let mut hello = Vec::with_capacity(20);
@@ -106,8 +106,10 @@ impl TcpRing {
             (prev, next)
         });
         let (prev, next) = next;
-        let prev = prev?;
+        // The successor first: when both fail, the address this rank could not reach is the
+        // more useful half.
         let next = next.map_err(io(&format!("connecting to rank {succ} at {target}")))?;
+        let prev = prev?;
         next.set_write_timeout(Some(timeout))
             .map_err(io("socket option"))?;
         next.set_nodelay(true).map_err(io("socket option"))?;
@@ -220,15 +222,32 @@ fn protocol(rank: usize, reason: String) -> CollectiveError {
     CollectiveError::Protocol { rank, reason }
 }
 
-fn connect_retry(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+/// Connects to `addr` (`host:port`), retrying until `timeout`: a peer may not listen yet,
+/// and its DNS name may not resolve until its pod is up.
+fn connect_retry(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
     let deadline = Instant::now() + timeout;
     loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        match connect_once(addr) {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() >= deadline => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+/// Resolves `addr` and tries each of its addresses in turn.
+fn connect_once(addr: &str) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{addr} resolves to no address"),
+    );
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, Duration::from_secs(1)) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// Accepts the predecessor, refusing connections that do not greet with this job and rank.

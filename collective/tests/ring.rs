@@ -95,8 +95,8 @@ fn a_peer_of_another_job_is_refused() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let stranger_listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let peers = vec![
-        listener.local_addr().unwrap(),
-        stranger_listener.local_addr().unwrap(),
+        listener.local_addr().unwrap().to_string(),
+        stranger_listener.local_addr().unwrap().to_string(),
     ];
     let cfg = |rank, job| RingConfig {
         rank,
@@ -119,4 +119,56 @@ fn nccl_is_refused_clearly_without_cuda() {
     }
     let err = nccl::new_id().expect_err("no NCCL here").to_string();
     assert!(err.contains("libcuda") || err.contains("libnccl"), "{err}");
+}
+
+/// Peers named as clusters name them (a DNS name, here `localhost`), resolved when dialing.
+#[test]
+fn peers_named_by_host_name_form_a_ring() {
+    let listeners: Vec<TcpListener> = (0..3)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| format!("localhost:{}", l.local_addr().unwrap().port()))
+        .collect();
+    let ranks: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            let cfg = RingConfig {
+                rank,
+                peers: peers.clone(),
+                job: 9,
+                timeout: Duration::from_secs(10),
+            };
+            std::thread::spawn(move || {
+                let mut ring = TcpRing::connect(listener, &cfg).unwrap();
+                let mut v = vec![rank as f32 + 1.0; 5];
+                ring.all_reduce_sum(&mut v).unwrap();
+                v
+            })
+        })
+        .collect();
+    for r in ranks {
+        assert_eq!(r.join().unwrap(), vec![6.0; 5]);
+    }
+}
+
+#[test]
+fn a_peer_whose_name_does_not_resolve_is_named_in_the_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let cfg = RingConfig {
+        rank: 0,
+        peers: vec![
+            listener.local_addr().unwrap().to_string(),
+            "no-such-peer.invalid:7000".into(),
+        ],
+        job: 3,
+        timeout: Duration::from_secs(1),
+    };
+    let err = TcpRing::connect(listener, &cfg)
+        .err()
+        .expect("no peer")
+        .to_string();
+    assert!(err.contains("no-such-peer.invalid:7000"), "{err}");
 }

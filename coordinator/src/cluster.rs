@@ -163,9 +163,7 @@ impl Cluster {
                 "name, ring_addr (256 bytes) or devices (64) too long",
             ));
         }
-        ring_addr
-            .parse::<std::net::SocketAddr>()
-            .map_err(|e| invalid("ring_addr", format!("`{ring_addr}`: {e}")))?;
+        taming_proto::host_port(ring_addr).map_err(|e| invalid("ring_addr", e))?;
         self.next_worker += 1;
         let id = format!("w{:04}-{name}", self.next_worker);
         self.workers.insert(

@@ -34,6 +34,38 @@ pub fn endpoint_url(addr: &str) -> String {
     }
 }
 
+/// Checks a `host:port` address as workers advertise their ring: the host an IPv4 address,
+/// a bracketed IPv6 one or a DNS name (as Kubernetes and compose give pods and services),
+/// the port 1-65535.
+pub fn host_port(addr: &str) -> Result<(&str, u16), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{addr}` is not host:port"))?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| format!("`{addr}`: the port `{port}` is not 1-65535"))?;
+    let valid = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => host.len() <= 253 && host.split('.').all(dns_label),
+    };
+    if !valid {
+        return Err(format!(
+            "`{addr}`: the host `{host}` is not an IP address or DNS name"
+        ));
+    }
+    Ok((host, port))
+}
+
+/// One label of a DNS name: 1-63 letters, digits and inner hyphens.
+fn dns_label(label: &str) -> bool {
+    (1..=63).contains(&label.len())
+        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+}
+
 /// A coordinator client that sends the cluster token with every call.
 pub type CoordinatorClient = coordinator::coordinator_client::CoordinatorClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, auth::AttachToken>,
@@ -54,4 +86,45 @@ pub async fn connect_coordinator(
             auth::AttachToken::new(token),
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_port;
+
+    #[test]
+    fn ring_addresses_may_name_hosts_as_clusters_do() {
+        for (addr, host, port) in [
+            ("worker-0:7000", "worker-0", 7000),
+            (
+                "w-3.taming-worker.default.svc:7000",
+                "w-3.taming-worker.default.svc",
+                7000,
+            ),
+            ("10.0.0.3:7000", "10.0.0.3", 7000),
+            ("[::1]:7000", "[::1]", 7000),
+            ("localhost:1", "localhost", 1),
+        ] {
+            assert_eq!(host_port(addr), Ok((host, port)), "{addr}");
+        }
+    }
+
+    #[test]
+    fn malformed_ring_addresses_name_what_is_wrong() {
+        for (addr, wrong) in [
+            ("not an address", "host:port"),
+            ("worker-0", "host:port"),
+            ("worker-0:", "port"),
+            ("worker-0:0", "port"),
+            ("worker-0:70000", "port"),
+            (":7000", "host"),
+            ("bad host:7000", "host"),
+            ("-x.y:7000", "host"),
+            ("a..b:7000", "host"),
+            ("[::g]:7000", "host"),
+        ] {
+            let err = host_port(addr).unwrap_err();
+            assert!(err.contains(addr) && err.contains(wrong), "{addr}: {err}");
+        }
+    }
 }

@@ -3,7 +3,7 @@
 
 use taming_tests::http::metric;
 use taming_tests::process::{
-    Proc, bin, csv_steps, root, spawn_announcing, succeed, tiny_config, wait_for,
+    Proc, bin, csv_steps, free_port, root, spawn_announcing, succeed, tiny_config, wait_for,
 };
 
 use std::path::Path;
@@ -25,10 +25,15 @@ fn serve(state: &Path) -> (Proc, String) {
 }
 
 fn worker(addr: &str, name: &str, token: &str, log: &Path) -> Proc {
+    worker_with(addr, name, token, log, &[])
+}
+
+fn worker_with(addr: &str, name: &str, token: &str, log: &Path, extra: &[&str]) -> Proc {
     let log = std::fs::File::create(log).unwrap();
     Proc(
         Command::new(bin("worker"))
             .args(["--coordinator", addr, "--name", name])
+            .args(extra)
             .env("TAMING_CLUSTER_TOKEN", token)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -268,4 +273,64 @@ fn workers_and_clients_without_the_token_are_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing cluster token"));
+}
+
+/// Workers set up as compose and Kubernetes set them up (`--ring-bind 0.0.0.0:7000
+/// --advertise worker-0:7000`): each advertises its ring under a host name, here
+/// `localhost:PORT`, with one compute thread. The coordinator takes the names, the ranks dial
+/// them, and a two-node job trains.
+#[test]
+fn workers_advertising_host_names_train_a_two_node_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_coord, addr) = serve(&tmp.path().join("state"));
+    let _workers: Vec<Proc> = ["a", "b"]
+        .into_iter()
+        .map(|name| {
+            let port = free_port();
+            let (bind, advertise) = (format!("127.0.0.1:{port}"), format!("localhost:{port}"));
+            let log = tmp.path().join(format!("{name}.log"));
+            let ring = ["--ring-bind", &bind, "--advertise", &advertise];
+            worker_with(
+                &addr,
+                name,
+                TOKEN,
+                &log,
+                &[&ring[..], &["--threads", "1"]].concat(),
+            )
+        })
+        .collect();
+    let out = tmp.path().join("run");
+    let launch = succeed(
+        coordinator(&addr)
+            .args("launch --stage vqgan --nodes 2 --steps 3 --quiet".split_whitespace())
+            .args(["--eval-every", "3", "--checkpoint-every", "3"])
+            .args(["--coordinator", &addr])
+            .arg("--config")
+            .arg(tiny_config(tmp.path()))
+            .arg("--out")
+            .arg(&out),
+    );
+    let said = String::from_utf8_lossy(&launch.stdout);
+    assert!(said.contains("succeeded"), "{said}");
+    assert_eq!(csv_steps(&out.join("metrics.csv")), vec![1, 2, 3]);
+}
+
+#[test]
+fn a_malformed_advertised_address_stops_the_worker_naming_the_flag() {
+    let run = Command::new(bin("worker"))
+        .args([
+            "--coordinator",
+            "127.0.0.1:9",
+            "--advertise",
+            "bad host:7000",
+        ])
+        .env("TAMING_CLUSTER_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--advertise") && stderr.contains("bad host"),
+        "{stderr}"
+    );
 }

@@ -335,11 +335,7 @@ fn make_group(
     if spec.collective == "nccl" {
         return Ok(Some(Box::new(nccl_group(rt, client, a)?)));
     }
-    let peers = a
-        .peers
-        .iter()
-        .map(|p| p.parse().with_context(|| format!("peer address `{p}`")))
-        .collect::<Result<Vec<SocketAddr>>>()?;
+    let peers = a.peers.clone();
     let mut h = DefaultHasher::new();
     (&a.job_id, a.attempt).hash(&mut h);
     let cfg = RingConfig {

@@ -37,8 +37,9 @@ struct Cli {
     /// Address the all-reduce ring listens on.
     #[arg(long, default_value = "127.0.0.1:0")]
     ring_bind: std::net::SocketAddr,
-    /// Address peers reach the ring at (default: the bound address).
-    #[arg(long)]
+    /// Address peers reach the ring at, `host:port` (a DNS name or an IP; default: the bound
+    /// address).
+    #[arg(long, value_parser = host_port)]
     advertise: Option<String>,
     /// CPU threads for compute (default: all).
     #[arg(long)]
@@ -298,6 +299,11 @@ fn read_stage2_config(path: Option<&Path>) -> Result<Stage2Config> {
         }
         None => parse_stage2_config("", ""),
     }
+}
+
+/// `--advertise`: an address peers can dial.
+fn host_port(addr: &str) -> Result<String, String> {
+    taming_proto::host_port(addr).map(|_| addr.to_string())
 }
 
 fn rayon_threads(n: usize) -> Result<()> {
