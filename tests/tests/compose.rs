@@ -1,8 +1,10 @@
 //! `infra/compose/compose.yaml` and `infra/docker/Dockerfile` without a Docker engine: the
-//! compose services' commands run as local processes, each service name and container port
-//! mapped to a loopback port and each container path to its place here (the image's working
-//! directory, from the Dockerfile, to the checkout; named volumes to temporary folders), and
-//! the `launch` service's job must succeed on the two workers through the two dataloaders.
+//! compose services' commands run as local processes, each container port mapped to a
+//! loopback port, each service name (`worker-0:7000`) to a host name with that port
+//! (`localhost:PORT`: a name to resolve, as compose's are) and each container path to its
+//! place here (the image's working directory, from the Dockerfile, to the checkout; named
+//! volumes to temporary folders), and the `launch` service's job must succeed on the two
+//! workers through the two dataloaders.
 
 use std::collections::HashMap;
 use std::net::TcpStream;
@@ -119,7 +121,7 @@ impl Network {
             .map(|part| match part.split_once(':') {
                 Some((host, port)) if self.ports.contains_key(&(host.into(), port.into())) => {
                     format!(
-                        "127.0.0.1:{}",
+                        "localhost:{}",
                         self.ports[&(host.to_string(), port.to_string())]
                     )
                 }
