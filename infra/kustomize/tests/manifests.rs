@@ -140,6 +140,25 @@ fn has_port(t: &PodTemplateSpec, port: &IntOrString) -> bool {
         })
 }
 
+/// `arg` with `$(VAR)` references to the container's environment expanded, as the kubelet does
+/// before starting it: a pod's own name (`metadata.name`) as a StatefulSet's first pod has
+/// it, other references from the downward API or secrets as a placeholder word.
+fn expand(arg: &str, workload: &str, c: &Container) -> String {
+    let mut out = arg.to_string();
+    for var in c.env.iter().flatten() {
+        let value = match (&var.value, &var.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                Some("metadata.name") => format!("{workload}-0"),
+                _ => "placeholder".into(),
+            },
+            (None, None) => String::new(),
+        };
+        out = out.replace(&format!("$({})", var.name), &value);
+    }
+    out
+}
+
 /// The workspace binary a container runs, accepting its arguments (`--help` appended: clap
 /// refuses an unknown flag or a bad value before it gets there).
 fn check_command(workload: &str, c: &Container) {
@@ -160,7 +179,12 @@ fn check_command(workload: &str, c: &Container) {
         "{} missing: run with `cargo test --workspace`",
         path.display()
     );
-    let args = c.args.clone().unwrap_or_default();
+    let args: Vec<String> = c
+        .args
+        .iter()
+        .flatten()
+        .map(|a| expand(a, workload, c))
+        .collect();
     let out = Command::new(&path)
         .args(&args)
         .arg("--help")
