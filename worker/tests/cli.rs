@@ -1,5 +1,5 @@
 //! The `worker` binary: decoding batches ahead (`--prefetch`) changes when batches are made,
-//! not which ones a run trains on.
+//! not which ones a run trains on; a device the build lacks is refused before any work.
 
 mod common;
 
@@ -30,4 +30,30 @@ fn runs_with_and_without_batches_made_ahead_train_the_same_weights() {
     train(&config, &inline, "0");
     train(&config, &ahead, "3");
     assert_same(&exported_params(&ahead), &exported_params(&inline));
+}
+
+/// `--device` naming a GPU backend this build was compiled without: one error naming the
+/// device and the cargo feature to rebuild with, exit 1, no run folder.
+#[cfg(not(any(feature = "cuda", feature = "vulkan")))]
+#[test]
+fn a_device_this_build_lacks_is_refused_naming_the_feature() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (device, feature) in [
+        ("cuda:0", "--features cuda"),
+        ("vulkan:1", "--features vulkan"),
+    ] {
+        let out = tmp.path().join(device.replace(':', "-"));
+        let run = Command::new(bin("worker"))
+            .args(["train", "--steps", "1", "--device", device, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(device) && stderr.contains(feature),
+            "{stderr}"
+        );
+        assert!(!out.exists(), "{device}: nothing written");
+    }
 }
