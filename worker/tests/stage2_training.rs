@@ -259,10 +259,8 @@ fn validation_codes_come_from_their_own_parquet() {
     };
     let first_val = |val, out| run(val, out).0.unwrap().first_val_loss;
     let default = first_val(None, "default");
-    let same_rows = write_parquet(tmp.path(), "val-head.parquet", &rows[..64]);
-    assert_eq!(first_val(Some(&same_rows), "head"), default);
-    let held_out = write_parquet(tmp.path(), "val-tail.parquet", &rows[64..]);
-    assert_ne!(first_val(Some(&held_out), "tail"), default);
+    let other = write_parquet(tmp.path(), "val-tail.parquet", &rows[64..]);
+    assert_ne!(first_val(Some(&other), "tail"), default);
 
     let mut bad_rows = rows[64..].to_vec();
     bad_rows[2].codes[0] = 64;
@@ -274,6 +272,37 @@ fn validation_codes_come_from_their_own_parquet() {
         assert!(err.contains(val) && err.contains(expect), "{err}");
         assert!(!out.join("model").exists(), "nothing exported");
     }
+}
+
+/// Without `--val-codes` a tenth of the rows (here 12 of 128: every tenth, the 10th, 20th,
+/// ...) is held out: the run trains and validates exactly as one given the other 116 rows as
+/// `--codes` and those 12 as `--val-codes`.
+#[test]
+fn without_validation_codes_every_tenth_row_is_held_out_of_training() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let vq = vqgan(tmp.path(), 3, 8);
+    let rows = code_rows(&vq, 128);
+    let (held, kept): (Vec<_>, Vec<_>) = rows
+        .iter()
+        .cloned()
+        .enumerate()
+        .partition(|(i, _)| i % 10 == 9);
+    let strip = |v: Vec<(usize, CodeRow)>| v.into_iter().map(|(_, r)| r).collect::<Vec<_>>();
+    let (held, kept) = (strip(held), strip(kept));
+    assert_eq!(held.len(), 12);
+    let run = |codes: &[CodeRow], val: Option<&[CodeRow]>, name: &str| {
+        let out = tmp.path().join(name);
+        let mut o = options(small_stage2_config(4), &vq, CondKind::Class, &out, 6);
+        o.codes = Some(write_parquet(tmp.path(), &format!("{name}.parquet"), codes));
+        o.val_codes = val.map(|v| write_parquet(tmp.path(), &format!("{name}-val.parquet"), v));
+        (run_stage2(o).unwrap(), out)
+    };
+    let (default, default_out) = run(&rows, None, "default");
+    let (split, split_out) = run(&kept, Some(&held), "split");
+    assert_eq!(default.first_val_loss, split.first_val_loss);
+    assert_eq!(default.last_val_loss, split.last_val_loss);
+    assert_same(&exported_params(&default_out), &exported_params(&split_out));
 }
 
 #[test]

@@ -142,7 +142,8 @@ struct Stage2Args {
     /// _manifest.json); without it the images of --data are encoded on the fly.
     #[arg(long)]
     codes: Option<String>,
-    /// Validation code Parquet (default: the first 64 training rows).
+    /// Validation code Parquet (default: a tenth of the --codes rows, at most 64, held out of
+    /// training).
     #[arg(long)]
     val_codes: Option<String>,
     /// The cond-stage VQGAN (with --cond segmentation).

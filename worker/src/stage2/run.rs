@@ -252,9 +252,12 @@ struct Data {
 fn read_data(opts: &Stage2Options, models: &Models, inner: &Device) -> Result<Data, RunError> {
     if let Some(url) = &opts.codes {
         let rows = read_code_set(url)?;
-        let (val, val_source) = match &opts.val_codes {
-            Some(v) => (read_code_set(v)?, v.clone()),
-            None => (rows.iter().take(64).cloned().collect(), url.clone()),
+        let (rows, val, val_source) = match &opts.val_codes {
+            Some(v) => (rows, read_code_set(v)?, v.clone()),
+            None => {
+                let (train, val) = hold_out(rows);
+                (train, val, url.clone())
+            }
         };
         return Ok(Data {
             rows: Some(rows),
@@ -285,6 +288,31 @@ fn read_data(opts: &Stage2Options, models: &Models, inner: &Device) -> Result<Da
         source: opts.data.clone(),
         val_source: opts.data.clone(),
     })
+}
+
+/// Most code rows held out for validation when no `--val-codes` is given.
+const HELD_OUT_ROWS: usize = 64;
+
+/// Splits validation rows off the training rows: a tenth of them, at most [`HELD_OUT_ROWS`]
+/// and at least one, evenly spaced (every `len / k`-th row, the last of each stretch) so that
+/// they come from every part of the set. A single row is kept for both.
+fn hold_out(rows: Vec<CodeSample>) -> (Vec<CodeSample>, Vec<CodeSample>) {
+    let len = rows.len();
+    if len < 2 {
+        tracing::warn!("{len} code row(s): none to hold out, validating on the training rows");
+        return (rows.clone(), rows);
+    }
+    let k = (len / 10).clamp(1, HELD_OUT_ROWS);
+    let stride = len / k;
+    let (mut train, mut val) = (Vec::with_capacity(len - k), Vec::with_capacity(k));
+    for (i, row) in rows.into_iter().enumerate() {
+        if i % stride == stride - 1 && val.len() < k {
+            val.push(row);
+        } else {
+            train.push(row);
+        }
+    }
+    (train, val)
 }
 
 /// The transformer a fresh run builds: the VQGAN's codebook, the window (configured, else
