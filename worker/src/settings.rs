@@ -37,8 +37,8 @@ pub struct RunSettings {
     pub world: usize,
     /// The data-parallel group (with `world > 1`).
     pub group: Option<Box<dyn AllReduce>>,
-    /// Training batches decoded ahead on a background thread while a step runs (0: none;
-    /// local image shards only: the dataloader service already works ahead).
+    /// Training batches made ahead on a background thread while a step runs (0: none):
+    /// decoded from local shards, or received from the dataloader service and converted.
     pub prefetch: usize,
 }
 

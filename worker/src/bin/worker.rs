@@ -44,8 +44,8 @@ struct Cli {
     /// CPU threads for compute (default: all).
     #[arg(long)]
     threads: Option<usize>,
-    /// Training batches decoded ahead on a background thread while a step runs, when
-    /// reading shards locally (0: decode in the step).
+    /// Training batches made ahead on a background thread while a step runs: decoded from
+    /// the shards, or received from dataloader services (0: inside the step).
     #[arg(long, default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
     /// Device for the jobs this worker runs (with --coordinator): cpu, cuda:N or vulkan:N.

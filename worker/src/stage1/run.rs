@@ -174,9 +174,8 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
     let mut train_cfg = loader_cfg(opts.config.batch_size, true);
     train_cfg.reader.rank = opts.run.rank;
     train_cfg.reader.world_size = opts.run.world;
-    let mut loader: Box<dyn BatchSource> = if opts.dataloaders.is_empty() {
-        let local = ShardLoader::open(&train_shards, train_cfg, &state)?;
-        opts.run.ahead(Box::new(local))
+    let source: Box<dyn BatchSource> = if opts.dataloaders.is_empty() {
+        Box::new(ShardLoader::open(&train_shards, train_cfg, &state)?)
     } else {
         Box::new(RemoteLoader::new(
             opts.dataloaders.clone(),
@@ -185,6 +184,7 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
             state,
         ))
     };
+    let mut loader = opts.run.ahead(source);
     let val = ShardLoader::open(&val_shards, loader_cfg(16, false), &LoaderState::default())?
         .next_in_epoch()?
         .ok_or_else(|| {
