@@ -53,13 +53,24 @@ impl TcpRing {
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .unzip();
+        Self::connect_all(listeners, &peers, job, timeout)
+    }
+
+    /// Connects every rank of a ring whose ranks all run in this process, rank r listening
+    /// on `listeners[r]` and reached at `peers[r]`; returns the ranks in order.
+    pub fn connect_all(
+        listeners: Vec<TcpListener>,
+        peers: &[String],
+        job: u64,
+        timeout: Duration,
+    ) -> Result<Vec<Self>, CollectiveError> {
         let ranks: Vec<_> = listeners
             .into_iter()
             .enumerate()
             .map(|(rank, listener)| {
                 let cfg = RingConfig {
                     rank,
-                    peers: peers.clone(),
+                    peers: peers.to_vec(),
                     job,
                     timeout,
                 };

@@ -131,26 +131,20 @@ fn peers_named_by_host_name_form_a_ring() {
         .iter()
         .map(|l| format!("localhost:{}", l.local_addr().unwrap().port()))
         .collect();
-    let ranks: Vec<_> = listeners
+    let ranks = TcpRing::connect_all(listeners, &peers, 9, Duration::from_secs(10)).unwrap();
+    let sums: Vec<_> = ranks
         .into_iter()
         .enumerate()
-        .map(|(rank, listener)| {
-            let cfg = RingConfig {
-                rank,
-                peers: peers.clone(),
-                job: 9,
-                timeout: Duration::from_secs(10),
-            };
+        .map(|(rank, mut ring)| {
             std::thread::spawn(move || {
-                let mut ring = TcpRing::connect(listener, &cfg).unwrap();
                 let mut v = vec![rank as f32 + 1.0; 5];
                 ring.all_reduce_sum(&mut v).unwrap();
                 v
             })
         })
         .collect();
-    for r in ranks {
-        assert_eq!(r.join().unwrap(), vec![6.0; 5]);
+    for sum in sums {
+        assert_eq!(sum.join().unwrap(), vec![6.0; 5]);
     }
 }
 

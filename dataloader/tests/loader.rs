@@ -13,12 +13,7 @@ use taming_dataloader::transform::normalize;
 use taming_dataloader::{DataError, LoaderConfig, LoaderState, Preprocess, ShardLoader};
 
 fn config(batch_size: usize, train: bool) -> LoaderConfig {
-    let preprocess = Preprocess {
-        size: 32,
-        random_crop: train,
-        flip: train,
-    };
-    LoaderConfig::simple(batch_size, preprocess, 7, train)
+    common::crops(batch_size, train, 7)
 }
 
 fn open(shards: &[String], cfg: LoaderConfig, state: &LoaderState) -> ShardLoader {

@@ -10,17 +10,11 @@ use std::time::{Duration, Instant};
 use common::{data_dir, png};
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{
-    BatchSource, DataError, ImageBatch, LoaderConfig, LoaderState, Prefetched, Preprocess,
-    ShardLoader,
+    BatchSource, DataError, ImageBatch, LoaderConfig, LoaderState, Prefetched, ShardLoader,
 };
 
 fn config(batch_size: usize, train: bool) -> LoaderConfig {
-    let preprocess = Preprocess {
-        size: 32,
-        random_crop: train,
-        flip: train,
-    };
-    LoaderConfig::simple(batch_size, preprocess, 11, train)
+    common::crops(batch_size, train, 11)
 }
 
 fn loader(dir: &std::path::Path, cfg: LoaderConfig, state: &LoaderState) -> ShardLoader {

@@ -87,3 +87,14 @@ pub fn config(batch_size: usize, reader: ReaderConfig) -> LoaderConfig {
         reader,
     }
 }
+
+/// Loader settings for the 32 x 32 embedded images: random crop and flip when `train`
+/// (shards shuffled per epoch), centre crop otherwise.
+pub fn crops(batch_size: usize, train: bool, seed: u64) -> LoaderConfig {
+    let preprocess = Preprocess {
+        size: 32,
+        random_crop: train,
+        flip: train,
+    };
+    LoaderConfig::simple(batch_size, preprocess, seed, train)
+}
