@@ -7,39 +7,77 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 use crate::error::DataError;
-use crate::loader::{BatchSource, ImageBatch};
+use crate::loader::{BatchSource, ImageBatch, ShardLoader};
 use crate::reader::LoaderState;
 
-/// A batch made ahead, with the source's skip count after making it.
+/// A batch made ahead (`None`: the end of a single epoch), with the source's skip count
+/// after making it.
 struct Ahead {
-    batch: Result<ImageBatch, DataError>,
+    batch: Result<Option<ImageBatch>, DataError>,
     skipped: u64,
 }
 
-/// A [`BatchSource`] whose batches are made on a background thread, at most `depth` of
-/// them waiting (and one more being made).
+/// Batches made on a background thread, at most `depth` of them waiting (and one more
+/// being made).
 pub struct Prefetched {
     queue: Receiver<Ahead>,
     producer: Option<JoinHandle<()>>,
     state: LoaderState,
     skipped: u64,
+    ended: bool,
 }
 
 impl Prefetched {
     /// Starts making batches of `source` ahead, keeping up to `depth` (at least 1) ready.
-    pub fn new(source: Box<dyn BatchSource>, depth: usize) -> Self {
-        let (state, skipped) = (source.state(), source.skipped());
+    pub fn new(mut source: Box<dyn BatchSource>, depth: usize) -> Self {
+        let start = (source.state(), source.skipped());
+        Self::start(start, depth, move || {
+            (source.next_batch().map(Some), source.skipped())
+        })
+    }
+
+    /// Makes the batches of `loader`'s current epoch ahead; [`Self::next_in_epoch`] gives
+    /// `None` once they are all handed out.
+    pub fn epoch(mut loader: ShardLoader, depth: usize) -> Self {
+        let start = (loader.state(), loader.skipped());
+        Self::start(start, depth, move || {
+            (loader.next_in_epoch(), loader.skipped())
+        })
+    }
+
+    fn start<F>((state, skipped): (LoaderState, u64), depth: usize, make: F) -> Self
+    where
+        F: FnMut() -> (Result<Option<ImageBatch>, DataError>, u64) + Send + 'static,
+    {
         let (tx, queue) = sync_channel(depth.max(1));
         let producer = std::thread::Builder::new()
             .name("batch-prefetch".into())
-            .spawn(move || produce(source, &tx))
+            .spawn(move || produce(make, &tx))
             .expect("spawning the batch prefetch thread");
         Self {
             queue,
             producer: Some(producer),
             state,
             skipped,
+            ended: false,
         }
+    }
+
+    /// The next batch; `None` at the end of an [`Self::epoch`].
+    pub fn next_in_epoch(&mut self) -> Result<Option<ImageBatch>, DataError> {
+        if self.ended {
+            return Ok(None);
+        }
+        let Ok(ahead) = self.queue.recv() else {
+            return Err(self.stopped());
+        };
+        self.skipped = ahead.skipped;
+        let Some(batch) = ahead.batch? else {
+            self.ended = true;
+            return Ok(None);
+        };
+        self.state = batch.state.clone();
+        Ok(Some(batch))
     }
 
     /// Why no more batches come once the producer is gone: its panic, if it panicked.
@@ -58,16 +96,15 @@ impl Prefetched {
     }
 }
 
-/// Sends batches until the queue's reader is gone or the source fails.
-fn produce(mut source: Box<dyn BatchSource>, tx: &SyncSender<Ahead>) {
+/// Sends batches until the queue's reader is gone, the source fails or its epoch ends.
+fn produce<F>(mut make: F, tx: &SyncSender<Ahead>)
+where
+    F: FnMut() -> (Result<Option<ImageBatch>, DataError>, u64),
+{
     loop {
-        let batch = source.next_batch();
-        let failed = batch.is_err();
-        let ahead = Ahead {
-            batch,
-            skipped: source.skipped(),
-        };
-        if tx.send(ahead).is_err() || failed {
+        let (batch, skipped) = make();
+        let last = !matches!(batch, Ok(Some(_)));
+        if tx.send(Ahead { batch, skipped }).is_err() || last {
             return;
         }
     }
@@ -75,13 +112,9 @@ fn produce(mut source: Box<dyn BatchSource>, tx: &SyncSender<Ahead>) {
 
 impl BatchSource for Prefetched {
     fn next_batch(&mut self) -> Result<ImageBatch, DataError> {
-        let Ok(ahead) = self.queue.recv() else {
-            return Err(self.stopped());
-        };
-        self.skipped = ahead.skipped;
-        let batch = ahead.batch?;
-        self.state = batch.state.clone();
-        Ok(batch)
+        self.next_in_epoch()?.ok_or_else(|| DataError::Prefetch {
+            reason: "its single epoch has ended".into(),
+        })
     }
 
     /// The position after the last batch handed out (not after those made ahead).

@@ -183,3 +183,24 @@ fn a_panic_in_the_producer_becomes_an_error_naming_it() {
     let err = ahead.next_batch().unwrap_err().to_string();
     assert!(err.contains("decoder bug at key k7"), "{err}");
 }
+
+#[test]
+fn one_epoch_made_ahead_is_the_loaders_epoch_then_none() {
+    let start = LoaderState::default();
+    let mut plain = loader(&data_dir(), config(96, false), &start);
+    let mut ahead = Prefetched::epoch(loader(&data_dir(), config(96, false), &start), 2);
+    while let Some(want) = plain.next_in_epoch().unwrap() {
+        let got = ahead.next_in_epoch().unwrap().expect("as many batches");
+        assert_eq!((&got.keys, &got.images), (&want.keys, &want.images));
+        assert_eq!(ahead.state(), want.state);
+    }
+    assert!(ahead.next_in_epoch().unwrap().is_none(), "the end");
+    assert!(ahead.next_in_epoch().unwrap().is_none(), "still the end");
+    assert!(
+        ahead
+            .next_batch()
+            .unwrap_err()
+            .to_string()
+            .contains("epoch has ended")
+    );
+}

@@ -4,14 +4,15 @@
 //! writes `_manifest.json`, last.
 
 use std::path::PathBuf;
-use std::sync::mpsc;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use taming_dataloader::codes::{self, CodeRow, ManifestFile};
 use taming_dataloader::shards::resolve;
-use taming_dataloader::{ImageBatch, LoaderConfig, Preprocess, ReaderConfig, ShardLoader};
+use taming_dataloader::{
+    BatchSource, ImageBatch, LoaderConfig, Prefetched, Preprocess, ReaderConfig, ShardLoader,
+};
 use taming_model::Vqgan;
 use taming_model::checkpoint::native;
 use taming_model::device::DeviceSpec;
@@ -99,30 +100,14 @@ pub fn run(args: Args) -> Result<()> {
             ..ReaderConfig::default()
         },
     };
-    let mut loader = ShardLoader::open(&shards, cfg, &Default::default())?;
-    let (tx, rx) = mpsc::sync_channel::<Result<ImageBatch, taming_dataloader::DataError>>(2);
-    let reader = std::thread::spawn(move || {
-        loop {
-            match loader.next_in_epoch() {
-                Ok(Some(b)) => {
-                    if tx.send(Ok(b)).is_err() {
-                        return loader.skipped();
-                    }
-                }
-                Ok(None) => return loader.skipped(),
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return loader.skipped();
-                }
-            }
-        }
-    });
+    let loader = ShardLoader::open(&shards, cfg, &Default::default())?;
+    // Decoding the next batches overlaps encoding this one.
+    let mut batches = Prefetched::epoch(loader, 2);
     let mut writer = FileWriter::new(&args);
-    for batch in rx {
-        let rows = encode_batch(&models, &batch?)?;
-        writer.push(rows)?;
+    while let Some(batch) = batches.next_in_epoch()? {
+        writer.push(encode_batch(&models, &batch)?)?;
     }
-    let skipped = reader.join().expect("reader thread");
+    let skipped = batches.skipped();
     let files = writer.finish()?;
     let total: u64 = files.iter().map(|f| f.rows).sum();
     write_part(&args, files)?;
