@@ -1,5 +1,6 @@
 //! The `worker` binary: decoding batches ahead (`--prefetch`) changes when batches are made,
-//! not which ones a run trains on; a device the build lacks is refused before any work.
+//! not which ones a run trains on; a device the build lacks is refused before any work;
+//! `--threads` sizes the compute pool.
 
 mod common;
 
@@ -56,4 +57,47 @@ fn a_device_this_build_lacks_is_refused_naming_the_feature() {
         );
         assert!(!out.exists(), "{device}: nothing written");
     }
+}
+
+/// The names of a process's threads.
+#[cfg(target_os = "linux")]
+fn thread_names(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
+/// A worker waiting for its coordinator already has its compute pool: `--threads 3` gives
+/// three threads named compute-0 to compute-2.
+#[cfg(target_os = "linux")]
+#[test]
+fn threads_sets_the_size_of_the_named_compute_pool() {
+    let worker = taming_tests::process::Proc(
+        Command::new(bin("worker"))
+            .args(["--threads", "3", "--coordinator", "127.0.0.1:9"])
+            .env("TAMING_CLUSTER_TOKEN", "t")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = worker.0.id();
+    let mut compute = Vec::new();
+    taming_tests::process::wait_for(
+        "the compute pool",
+        std::time::Duration::from_secs(20),
+        || {
+            compute = thread_names(pid)
+                .into_iter()
+                .filter(|n| n.starts_with("compute-"))
+                .collect();
+            compute.len() >= 3
+        },
+    );
+    compute.sort();
+    assert_eq!(compute, ["compute-0", "compute-1", "compute-2"]);
 }

@@ -41,7 +41,7 @@ struct Cli {
     /// address).
     #[arg(long, value_parser = host_port)]
     advertise: Option<String>,
-    /// CPU threads for compute (default: all).
+    /// CPU threads for compute, named compute-N (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
     /// Training batches made ahead on a background thread while a step runs: decoded from
@@ -160,9 +160,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if let Some(t) = cli.threads {
-        rayon_threads(t)?;
-    }
+    compute_threads(cli.threads)?;
     let command = match (cli.command, cli.coordinator) {
         (Some(c), None) => c,
         (None, Some(coordinator)) => {
@@ -307,9 +305,12 @@ fn host_port(addr: &str) -> Result<String, String> {
     taming_proto::host_port(addr).map(|_| addr.to_string())
 }
 
-fn rayon_threads(n: usize) -> Result<()> {
+/// The compute thread pool: `threads` threads (default: one per core), named `compute-N`
+/// so that `top -H` and profilers tell them from the I/O and prefetch threads.
+fn compute_threads(threads: Option<usize>) -> Result<()> {
     rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
+        .num_threads(threads.unwrap_or(0))
+        .thread_name(|i| format!("compute-{i}"))
         .build_global()
         .context("setting --threads")
 }
