@@ -6,7 +6,9 @@ use anyhow::{Context, Result};
 use burn::tensor::{Tensor, TensorData};
 use serde::Serialize;
 use taming_dataloader::shards::list_split;
-use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
+use taming_dataloader::{
+    BatchSource, LoaderConfig, LoaderState, Prefetched, Preprocess, ShardLoader,
+};
 use taming_model::checkpoint::native;
 use taming_model::device::DeviceSpec;
 use taming_model::loss::{Lpips, LpipsConfig};
@@ -53,7 +55,9 @@ pub fn run(
         flip: false,
     };
     let cfg = LoaderConfig::simple(batch_size.max(1), preprocess, 0, false);
-    let mut loader = ShardLoader::open(&shards, cfg, &LoaderState::default())?;
+    // Decoding the next batches overlaps the model's work on this one.
+    let mut loader =
+        Prefetched::epoch(ShardLoader::open(&shards, cfg, &LoaderState::default())?, 2);
     let (mut l1, mut psnr, mut ssim, mut perceptual) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut used = vec![false; config.n_embed];
