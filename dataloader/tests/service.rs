@@ -9,6 +9,8 @@ use taming_dataloader::client::RemoteLoader;
 use taming_dataloader::runtime;
 use taming_dataloader::service::serve_listener;
 use taming_dataloader::{BatchSource, DataError, LoaderState, ReaderConfig, ShardLoader};
+use taming_proto::dataloader::dataloader_client::DataloaderClient;
+use taming_proto::dataloader::{DType, StreamRequest};
 
 /// Starts an instance on a free port; aborting the handle kills it.
 fn start() -> (String, tokio::task::JoinHandle<()>) {
@@ -31,20 +33,61 @@ fn reader() -> ReaderConfig {
     }
 }
 
+/// Sent as bytes (converted by the client) or as f32 tensors (converted by the service).
 #[test]
-fn remote_batches_equal_local_ones() {
+fn remote_batches_equal_local_ones_as_bytes_or_floats() {
     let urls = numbered_shards("memory://svc-equal/d", &[4, 5, 3]);
     let (addr, _server) = start();
     let cfg = config(3, reader());
-    let mut local = ShardLoader::open(&urls, cfg, &LoaderState::default()).unwrap();
-    let mut remote = RemoteLoader::new(vec![addr], urls, cfg, LoaderState::default());
-    for _ in 0..6 {
-        let (l, r) = (local.next_batch().unwrap(), remote.next_batch().unwrap());
-        assert_eq!(l.keys, r.keys);
-        assert_eq!(l.images, r.images);
-        assert_eq!(l.labels, r.labels);
-        assert_eq!(l.state, r.state);
+    for floats in [false, true] {
+        let mut local = ShardLoader::open(&urls, cfg, &LoaderState::default()).unwrap();
+        let remote = RemoteLoader::new(
+            vec![addr.clone()],
+            urls.clone(),
+            cfg,
+            LoaderState::default(),
+        );
+        let mut remote = if floats { remote.floats() } else { remote };
+        for _ in 0..6 {
+            let (l, r) = (local.next_batch().unwrap(), remote.next_batch().unwrap());
+            assert_eq!(l.keys, r.keys);
+            assert_eq!(l.images, r.images, "floats: {floats}");
+            assert_eq!(l.labels, r.labels);
+            assert_eq!(l.state, r.state);
+        }
     }
+    // What `floats` asks for, on the wire: f32 tensors of the local loader's values.
+    let mut client =
+        runtime::block_on(DataloaderClient::connect(format!("http://{addr}"))).unwrap();
+    let request_shards = urls.clone();
+    let request = StreamRequest {
+        shards: urls,
+        world_size: 1,
+        batch_size: 3,
+        size: 8,
+        shuffle: true,
+        dtype: DType::F32 as i32,
+        max_batches: 1,
+        ..Default::default()
+    };
+    let mut stream = runtime::block_on(client.stream_batches(request))
+        .unwrap()
+        .into_inner();
+    let batch = runtime::block_on(stream.message())
+        .unwrap()
+        .expect("a batch");
+    let images = batch.images.expect("images");
+    assert_eq!(images.dtype, DType::F32 as i32);
+    assert_eq!(images.shape, [3, 3, 8, 8]);
+    let values: Vec<f32> = images
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    // The same request as a local loader: shards shuffled with seed 0, one read slot.
+    let config = config(3, ReaderConfig::default());
+    let mut local = ShardLoader::open(&request_shards, config, &LoaderState::default()).unwrap();
+    assert_eq!(values, local.next_batch().unwrap().images);
 }
 
 #[test]
