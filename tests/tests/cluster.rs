@@ -334,3 +334,22 @@ fn a_malformed_advertised_address_stops_the_worker_naming_the_flag() {
         "{stderr}"
     );
 }
+
+/// A ring bound to every interface without `--advertise` is registered as `0.0.0.0:PORT`,
+/// which peers on other machines cannot dial: the worker says so as it starts.
+#[test]
+fn a_ring_on_every_interface_without_advertise_is_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("w.log");
+    let _w = worker_with(
+        "127.0.0.1:9",
+        "w",
+        TOKEN,
+        &log,
+        &["--ring-bind", "0.0.0.0:0"],
+    );
+    wait_for("the warning", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("without --advertise") && text.contains("0.0.0.0:")
+    });
+}

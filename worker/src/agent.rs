@@ -50,6 +50,19 @@ pub struct AgentOptions {
     pub prefetch: usize,
 }
 
+/// The ring listener's own address, advertised when `--advertise` is absent; a warning when
+/// it is every interface (`0.0.0.0`), which peers on other machines cannot dial.
+fn bound_ring_addr(listener: &TcpListener) -> Result<String> {
+    let bound = listener.local_addr()?;
+    if bound.ip().is_unspecified() {
+        tracing::warn!(
+            "the ring listens on {bound} without --advertise: peers on other machines cannot \
+             dial that address; give --advertise HOST:PORT"
+        );
+    }
+    Ok(bound.to_string())
+}
+
 /// Runs the agent until the coordinator goes away.
 pub fn run_agent(opts: AgentOptions) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
@@ -57,7 +70,7 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
         TcpListener::bind(opts.ring_bind).with_context(|| format!("binding {}", opts.ring_bind))?;
     let ring_addr = match &opts.advertise {
         Some(a) => a.clone(),
-        None => listener.local_addr()?.to_string(),
+        None => bound_ring_addr(&listener)?,
     };
     let metrics = Arc::new(WorkerMetrics::default());
     if let Some(addr) = opts.metrics_bind {
