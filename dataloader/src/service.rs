@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::loader::{LoaderConfig, PixelBatch, ShardLoader};
 use crate::reader::{LoaderState, ReaderConfig};
 use crate::shards::resolve;
-use crate::transform::Preprocess;
+use crate::transform::{Channel, Preprocess};
 
 /// Batches queued per stream ahead of the client.
 pub const QUEUED_BATCHES: usize = 2;
@@ -413,9 +413,10 @@ fn invalid(field: &str, why: String) -> Status {
 
 fn to_proto(b: PixelBatch, dtype: DType, skipped: u64) -> Batch {
     let data = match dtype {
-        DType::F32 => crate::transform::normalize(&b.images)
+        DType::F32 => b
+            .images
             .iter()
-            .flat_map(|v| v.to_le_bytes())
+            .flat_map(|&p| f32::from_byte(p).to_le_bytes())
             .collect(),
         _ => b.images,
     };

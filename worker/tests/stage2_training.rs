@@ -241,8 +241,8 @@ fn refused(o: Stage2Options, out: &Path) -> String {
     err
 }
 
-/// `--val-codes`: validation reads its own Parquet (without it, the first 64 training rows),
-/// and a bad row or a missing file there is named as such.
+/// `--val-codes`: validation reads its own Parquet (without it, rows held out of the training
+/// ones), and a bad row or a missing file there is named as such.
 #[test]
 fn validation_codes_come_from_their_own_parquet() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
