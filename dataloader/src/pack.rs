@@ -13,8 +13,8 @@ use bytes::Bytes;
 use crate::codes::{join, upload};
 use crate::error::DataError;
 
-/// Image extensions packed.
-const IMAGE_EXTS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "JPEG"];
+/// Image extensions packed, in any letter case (`.JPEG`, `.JPG`, `.Png`, ...).
+const IMAGE_EXTS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 
 /// How the input folder is laid out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,14 +177,26 @@ impl Planned {
     }
 }
 
+/// The extension an image is stored under (lower case, `.jpeg` as `.jpg`), or None for a
+/// file that is not an image.
 fn extension(p: &Path) -> Option<String> {
-    let ext = p.extension()?.to_str()?;
+    let ext = p.extension()?.to_str()?.to_ascii_lowercase();
     IMAGE_EXTS
-        .contains(&ext)
-        .then(|| match ext.to_ascii_lowercase().as_str() {
-            "jpeg" => "jpg".to_string(),
-            e => e.to_string(),
-        })
+        .contains(&ext.as_str())
+        .then(|| if ext == "jpeg" { "jpg".into() } else { ext })
+}
+
+/// Keeps the first image of each key: two files that map to one key (`a.jpg` beside `a.png`,
+/// or `a.b.png` beside `a_b.png`) would otherwise become one sample. Each dropped file is
+/// warned about and counted.
+fn unique_keys(plan: Vec<Planned>) -> (Vec<Planned>, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let (kept, dropped): (Vec<_>, Vec<_>) =
+        plan.into_iter().partition(|p| seen.insert(p.key.clone()));
+    for p in &dropped {
+        tracing::warn!(input = %p.source.display(), key = %p.key, "skipping: another image has the same key");
+    }
+    (kept, dropped.len())
 }
 
 fn plan(opts: &PackOptions) -> Result<(Vec<Planned>, usize), DataError> {
@@ -253,6 +265,8 @@ fn plan(opts: &PackOptions) -> Result<(Vec<Planned>, usize), DataError> {
             plan
         }
     };
+    let (plan, duplicates) = unique_keys(plan);
+    skipped += duplicates;
     if plan.is_empty() {
         return Err(DataError::NoShards {
             dir: opts.input.clone(),

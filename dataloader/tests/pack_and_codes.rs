@@ -108,6 +108,32 @@ fn pairs_pack_label_maps_beside_images_and_skip_images_without_one() {
     assert!(batch.masks.unwrap().iter().all(|&m| m == 3));
 }
 
+/// A plain folder: every image below it in any letter case of its extension, keyed by its
+/// path; files that would share a key are packed once, the rest skipped and counted.
+#[test]
+fn a_plain_folder_packs_every_image_below_it_once_per_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("photos");
+    write(&input.join("a.png"), &png());
+    write(&input.join("a.JPG"), &jpeg());
+    write(&input.join("trip/b.Png"), &png());
+    write(&input.join("trip/day.2/c.jpeg"), &jpeg());
+    write(&input.join("trip/day_2/c.png"), &png());
+    write(&input.join("notes.txt"), b"not an image");
+    let report = pack(&PackOptions {
+        input,
+        layout: Layout::Plain,
+        out: "memory://packed-plain/ds".into(),
+        prefix: "train".into(),
+        shard_bytes: 1 << 20,
+    })
+    .unwrap();
+    assert_eq!((report.samples, report.skipped), (3, 2));
+    let batch = read_all("memory://packed-plain/ds");
+    assert_eq!(batch.keys, ["a", "trip/b", "trip/day_2/c"]);
+    assert!(batch.labels.iter().all(Option::is_none));
+}
+
 #[test]
 fn packing_into_an_unwritable_place_fails_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
