@@ -10,6 +10,7 @@
 pub mod client;
 pub mod codes;
 pub mod error;
+pub mod label_map;
 pub mod loader;
 pub mod pack;
 pub mod prefetch;

@@ -104,9 +104,7 @@ pub fn normalize(pixels: &[u8]) -> Vec<f32> {
 }
 
 fn decode_mask(bytes: &[u8], image_dims: (u32, u32)) -> Result<GrayImage, String> {
-    let mask = image::load_from_memory(bytes)
-        .map_err(|e| format!("mask: {e}"))?
-        .to_luma8();
+    let mask = crate::label_map::decode(bytes)?;
     if mask.dimensions() != image_dims {
         return Err(format!(
             "mask is {}x{} but its image is {}x{}",

@@ -432,6 +432,25 @@ fn sample_draws_class_conditional_grids_and_slides_past_the_window() {
     assert!(e.contains("class 12"), "{e}");
 }
 
+/// An 8-bit palette PNG of `w` x `h` indices from `f`, with colours unlike the indices.
+fn palette_png(w: u32, h: u32, f: impl Fn(u32, u32) -> u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, w, h);
+    enc.set_color(png::ColorType::Indexed);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.set_palette(
+        (0..=255u8)
+            .flat_map(|i| [255 - i, i.wrapping_mul(91), 40])
+            .collect::<Vec<u8>>(),
+    );
+    let data: Vec<u8> = (0..h)
+        .flat_map(|y| (0..w).map(move |x| (x, y)))
+        .map(|(x, y)| f(x, y))
+        .collect();
+    enc.write_header().unwrap().write_image_data(&data).unwrap();
+    out
+}
+
 #[test]
 fn sample_follows_a_segmentation_map_through_the_cond_stage() {
     let tmp = tempfile::tempdir().unwrap();
@@ -459,6 +478,26 @@ fn sample_follows_a_segmentation_map_through_the_cond_stage() {
     ];
     ok(vqgan(&args));
     assert_eq!(png_size(&out), (3 * 4 + 4, 4));
+    // The same labels as a palette PNG (VOC style: indices with colours) draw the same grid.
+    let palette_map = tmp.path().join("palette.png");
+    std::fs::write(&palette_map, palette_png(4, 4, |x, y| ((x + y) % 5) as u8)).unwrap();
+    let palette_out = tmp.path().join("seg_palette.png");
+    let mut palette_args = args;
+    (palette_args[8], palette_args[12]) = (s(&palette_map), s(&palette_out));
+    ok(vqgan(&palette_args));
+    assert_eq!(
+        std::fs::read(&palette_out).unwrap(),
+        std::fs::read(&out).unwrap()
+    );
+    // A colour image is not a label map.
+    let rgb = tmp.path().join("rgb.png");
+    image::RgbImage::new(4, 4).save(&rgb).unwrap();
+    palette_args[8] = s(&rgb);
+    let e = fails(vqgan(&palette_args));
+    assert!(
+        e.contains("rgb.png") && e.contains("label map is RGB"),
+        "{e}"
+    );
     // A label the cond stage does not know.
     let bad = tmp.path().join("bad.png");
     image::GrayImage::from_fn(4, 4, |x, _| image::Luma([if x == 2 { 7 } else { 0 }]))

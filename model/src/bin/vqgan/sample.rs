@@ -73,9 +73,11 @@ fn parse_size(text: &str) -> Result<[usize; 2]> {
 }
 
 fn read_map(path: &Path) -> Result<SynthCond> {
-    let img = image::open(path)
-        .with_context(|| format!("reading segmentation map {}", path.display()))?
-        .into_luma8();
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("reading segmentation map {}", path.display()))?;
+    let img = taming_dataloader::label_map::decode(&bytes)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("reading segmentation map {}", path.display()))?;
     let size = [img.height() as usize, img.width() as usize];
     Ok(SynthCond::Map {
         labels: img.into_raw(),
