@@ -58,6 +58,7 @@ impl RemoteLoader {
             dtype: DType::Uint8 as i32,
             max_batches: 0,
             single_epoch: false,
+            require_masks: cfg.require_masks,
         };
         let addrs = addrs
             .iter()

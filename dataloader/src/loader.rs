@@ -22,6 +22,9 @@ pub struct LoaderConfig {
     pub preprocess: Preprocess,
     /// Rank split, read slots, shuffling and seed.
     pub reader: ReaderConfig,
+    /// Skip (with a count and a warning) samples without a label map: for consumers that
+    /// need one per sample. Otherwise a batch has label maps only when all its samples do.
+    pub require_masks: bool,
 }
 
 impl LoaderConfig {
@@ -35,6 +38,7 @@ impl LoaderConfig {
                 seed,
                 ..ReaderConfig::default()
             },
+            require_masks: false,
         }
     }
 }
@@ -233,12 +237,12 @@ impl ShardLoader {
     /// Decodes `raws` in parallel, each into its slot of `slots`; the images of the usable
     /// ones end up at the front, in order.
     fn decode_all<T: Channel>(&mut self, raws: Vec<RawSample>, slots: &mut [T]) -> Vec<Decoded> {
-        let (pre, seed, epoch) = (self.cfg.preprocess, self.reader.seed(), self.reader.epoch());
-        let len = pre.image_len();
+        let (cfg, seed, epoch) = (self.cfg, self.reader.seed(), self.reader.epoch());
+        let len = cfg.preprocess.image_len();
         let results: Vec<Result<Decoded, String>> = raws
             .par_iter()
             .zip(slots.par_chunks_mut(len))
-            .map(|(raw, slot)| decode(raw, &pre, (seed, epoch), slot))
+            .map(|(raw, slot)| decode(raw, &cfg, (seed, epoch), slot))
             .collect();
         let mut out = Vec::with_capacity(results.len());
         for (i, (raw, result)) in raws.iter().zip(results).enumerate() {
@@ -305,15 +309,19 @@ impl BatchSource for ShardLoader {
 /// index).
 fn decode<T: Channel>(
     raw: &RawSample,
-    pre: &Preprocess,
+    cfg: &LoaderConfig,
     (seed, epoch): (u64, u64),
     slot: &mut [T],
 ) -> Result<Decoded, String> {
     let s = &raw.sample;
     let key = sample::safe_key(s)?.to_string();
     let image = sample::image_bytes(s).ok_or("no image (.png, .jpg, .jpeg or .webp)")?;
+    let mask = sample::mask_bytes(s);
+    if cfg.require_masks && mask.is_none() {
+        return Err("no label map (.seg.png, .mask.png or .label.png)".into());
+    }
     let mut rng = StdRng::seed_from_u64(mix(&[seed, epoch, raw.shard as u64, raw.index]));
-    let mask = pre.apply_into(image, sample::mask_bytes(s), &mut rng, slot)?;
+    let mask = cfg.preprocess.apply_into(image, mask, &mut rng, slot)?;
     Ok(Decoded {
         key,
         shard: raw.shard,

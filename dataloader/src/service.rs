@@ -323,6 +323,7 @@ impl Job {
                 shuffle_shards: r.shuffle,
                 seed: r.seed,
             },
+            require_masks: r.require_masks,
         };
         Ok(Self {
             shards,

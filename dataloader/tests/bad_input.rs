@@ -100,6 +100,44 @@ fn masks_are_cropped_and_flipped_with_their_image() {
     );
 }
 
+/// A sample without a label map: where every sample needs one it is skipped and counted;
+/// otherwise it is kept and the batch goes without label maps.
+#[test]
+fn samples_without_a_label_map_are_skipped_only_where_maps_are_required() {
+    let (img, seg) = (
+        png_from(8, 8, |x, _| [x as u8, 0, 0]),
+        mask_png(8, 8, |x, _| x as u8),
+    );
+    put_shard(
+        "memory://no-mask/train-0.tar",
+        &[
+            ("a.png", &img),
+            ("a.seg.png", &seg),
+            ("b.png", &img),
+            ("c.png", &img),
+            ("c.seg.png", &seg),
+        ],
+    );
+    let urls = vec!["memory://no-mask/train-0.tar".to_string()];
+    let read = |require_masks| {
+        let cfg = taming_dataloader::LoaderConfig {
+            require_masks,
+            ..config(3, sequential())
+        };
+        let mut loader = ShardLoader::open(&urls, cfg, &LoaderState::default()).unwrap();
+        let batch = loader.next_in_epoch().unwrap().unwrap();
+        (batch, loader.skipped())
+    };
+    let (batch, skipped) = read(true);
+    assert_eq!(batch.keys, ["a", "c"]);
+    assert_eq!(skipped, 1);
+    assert_eq!(batch.masks.unwrap().len(), 2 * 64);
+    let (batch, skipped) = read(false);
+    assert_eq!(batch.keys, ["a", "b", "c"]);
+    assert_eq!(skipped, 0);
+    assert!(batch.masks.is_none());
+}
+
 #[test]
 fn webp_and_jpeg_samples_decode_like_png() {
     let img = image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([x as u8 * 30, y as u8 * 30, 90]));

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{config, numbered_shards};
+use common::{config, mask_png, numbered_shards, png_from, put_shard};
 use taming_dataloader::client::RemoteLoader;
 use taming_dataloader::runtime;
 use taming_dataloader::service::serve_listener;
@@ -88,6 +88,37 @@ fn remote_batches_equal_local_ones_as_bytes_or_floats() {
     let config = config(3, ReaderConfig::default());
     let mut local = ShardLoader::open(&request_shards, config, &LoaderState::default()).unwrap();
     assert_eq!(values, local.next_batch().unwrap().images);
+}
+
+/// A trainer that needs label maps gets them through the service too: samples without one
+/// are skipped by the instance and counted for the client.
+#[test]
+fn required_label_maps_are_kept_and_samples_without_one_skipped_remotely() {
+    let (img, seg) = (
+        png_from(8, 8, |x, y| [x as u8, y as u8, 0]),
+        mask_png(8, 8, |_, y| y as u8),
+    );
+    let files = [
+        ("a.png", &img),
+        ("a.seg.png", &seg),
+        ("b.png", &img),
+        ("c.png", &img),
+        ("c.seg.png", &seg),
+    ];
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (*n, &d[..])).collect();
+    put_shard("memory://svc-masks/train-0.tar", &files);
+    let urls = vec!["memory://svc-masks/train-0.tar".to_string()];
+    let (addr, _server) = start();
+    let cfg = taming_dataloader::LoaderConfig {
+        require_masks: true,
+        ..config(2, ReaderConfig::default())
+    };
+    let mut remote = RemoteLoader::new(vec![addr], urls, cfg, LoaderState::default());
+    let batch = remote.next_batch().unwrap();
+    assert_eq!(batch.keys, ["a", "c"]);
+    let rows: Vec<u8> = (0..8u8).flat_map(|y| [y; 8]).collect();
+    assert_eq!(batch.masks.unwrap(), [rows.clone(), rows].concat());
+    assert_eq!(remote.skipped(), 1);
 }
 
 #[test]

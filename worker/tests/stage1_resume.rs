@@ -67,6 +67,7 @@ fn loader(state: LoaderState) -> ShardLoader {
             shuffle_buffer: 64,
             ..ReaderConfig::default()
         },
+        require_masks: false,
     };
     ShardLoader::open(&shards, cfg, &state).unwrap()
 }

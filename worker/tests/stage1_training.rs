@@ -58,6 +58,7 @@ fn loader(split: &str, batch: usize, train: bool) -> ShardLoader {
             shuffle_shards: train,
             ..ReaderConfig::default()
         },
+        require_masks: false,
     };
     ShardLoader::open(&shards, cfg, &LoaderState::default()).unwrap()
 }
@@ -119,6 +120,10 @@ fn segmentation_objective_learns_the_silhouette_maps() {
         std::fs::read_to_string(root().join("configs/stage1/fashion_mnist_seg.yaml")).unwrap();
     let mut cfg = taming_worker::defaults::parse_config(&text, "seg.yaml").unwrap();
     assert_eq!(cfg.objective, Objective::Segmentation);
+    assert!(
+        cfg.needs_label_maps(),
+        "samples without a map are skipped, not fatal"
+    );
     cfg.model.ddconfig.ch_mult = vec![1, 2];
     cfg.model.ddconfig.attn_resolutions = vec![16];
     cfg.batch_size = 8;
@@ -167,7 +172,9 @@ fn segmentation_objective_learns_the_silhouette_maps() {
 fn conditional_discriminator_trains_on_images_with_their_label_maps() {
     use taming_worker::stage1::{RunOptions, run_stage1};
     let mut cfg = small_config(0);
+    assert!(!cfg.needs_label_maps());
     cfg.loss.disc_conditional = true;
+    assert!(cfg.needs_label_maps());
     let err = cfg.validate().unwrap_err().to_string();
     assert!(err.contains("loss.discriminator.in_channels"), "{err}");
     cfg.loss.discriminator.in_channels = 3 + 11;

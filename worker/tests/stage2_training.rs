@@ -72,6 +72,7 @@ fn code_rows(vq: &Path, n: usize) -> Vec<CodeRow> {
             flip: false,
         },
         reader: ReaderConfig::default(),
+        require_masks: false,
     };
     let mut loader = ShardLoader::open(&shards, cfg, &LoaderState::default()).unwrap();
     let mut rows = Vec::new();

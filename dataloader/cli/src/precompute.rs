@@ -31,7 +31,8 @@ pub struct Args {
     /// Output directory URL or path.
     #[arg(long)]
     out: String,
-    /// Cond-stage VQGAN for segmentation maps (`.seg.png` of each sample, one-hot encoded).
+    /// Cond-stage VQGAN for segmentation maps (`.seg.png` of each sample, one-hot encoded;
+    /// samples without one are skipped with a warning).
     #[arg(long)]
     cond_vqgan: Option<PathBuf>,
     /// Image side fed to the VQGAN (default: the model's resolution).
@@ -99,6 +100,7 @@ pub fn run(args: Args) -> Result<()> {
             shuffle_shards: false,
             ..ReaderConfig::default()
         },
+        require_masks: args.cond_vqgan.is_some(),
     };
     let loader = ShardLoader::open(&shards, cfg, &Default::default())?;
     // Decoding the next batches overlaps encoding this one.

@@ -50,6 +50,7 @@ fn pack_and_read(prefix: &str) {
             shuffle_shards: false,
             ..ReaderConfig::default()
         },
+        require_masks: false,
     };
     let mut loader = ShardLoader::open(&shards, cfg, &LoaderState::default()).unwrap();
     let batch = loader.next_in_epoch().unwrap().unwrap();

@@ -74,6 +74,7 @@ fn metrics_count_samples_errors_and_clients() {
             flip: false,
         },
         reader: ReaderConfig::default(),
+        require_masks: false,
     };
     let mut client =
         RemoteLoader::new(vec![grpc], shards, cfg, LoaderState::default()).single_epoch();

@@ -27,6 +27,7 @@ fn cfg(batch: usize, reader: ReaderConfig) -> LoaderConfig {
             flip: true,
         },
         reader,
+        require_masks: false,
     }
 }
 
@@ -267,6 +268,7 @@ fn precompute_over_two_ranks_writes_code_parquet_and_the_manifest_last() {
             shuffle_shards: false,
             ..ReaderConfig::default()
         },
+        require_masks: false,
     };
     let batch = ShardLoader::open(&shard, plain, &LoaderState::default())
         .unwrap()
@@ -350,6 +352,8 @@ fn precompute_with_a_cond_stage_vqgan_writes_segmentation_codes() {
         files.push((format!("{i:04}.png"), png.into_inner()));
         files.push((format!("{i:04}.seg.png"), seg.into_inner()));
     }
+    // An image without its label map: skipped with a warning naming it, not the whole batch.
+    files.push(("0006.png".into(), files[0].1.clone()));
     let mut tar = tar::Builder::new(Vec::new());
     for (name, data) in &files {
         let mut h = tar::Header::new_gnu();
@@ -366,7 +370,7 @@ fn precompute_with_a_cond_stage_vqgan_writes_segmentation_codes() {
     tiny_vqgan(&tmp.path().join("image"), 3);
     tiny_vqgan(&tmp.path().join("cond"), 4);
     let out = url("seg-codes");
-    succeed(
+    let run = succeed(
         dataloader()
             .args(["precompute-codes", "--out", &out, "--data"])
             .arg(url("seg/train-000000.tar"))
@@ -378,8 +382,14 @@ fn precompute_with_a_cond_stage_vqgan_writes_segmentation_codes() {
     let manifest = codes::read_manifest(&out).unwrap();
     let rows = codes::read_codes(&codes::join(&out, &manifest.files[0].path)).unwrap();
     assert_eq!(rows.len(), 6);
+    assert!(rows.iter().all(|r| r.key != "0006"));
     assert!(
         rows.iter()
             .all(|r| r.cond_codes.as_ref().is_some_and(|c| c.len() == 256))
+    );
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        log.contains("0006") && log.contains("no label map"),
+        "{log}"
     );
 }

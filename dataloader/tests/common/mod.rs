@@ -85,6 +85,7 @@ pub fn config(batch_size: usize, reader: ReaderConfig) -> LoaderConfig {
             flip: false,
         },
         reader,
+        require_masks: false,
     }
 }
 

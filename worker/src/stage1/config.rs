@@ -63,6 +63,12 @@ impl Stage1Config {
         self.base_learning_rate * (self.batch_size * nodes * self.grad_accum) as f64
     }
 
+    /// Whether every sample must bring a label map: the segmentation objective learns them,
+    /// a conditional discriminator is given them.
+    pub fn needs_label_maps(&self) -> bool {
+        self.objective == Objective::Segmentation || self.loss.disc_conditional
+    }
+
     /// Refuses impossible settings before any work; errors name the key.
     pub fn validate(&self) -> Result<(), ModelError> {
         self.model.validate()?;

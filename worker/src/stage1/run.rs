@@ -170,6 +170,7 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
             seed: opts.config.seed,
             ..ReaderConfig::default()
         },
+        require_masks: opts.config.needs_label_maps(),
     };
     let mut train_cfg = loader_cfg(opts.config.batch_size, true);
     train_cfg.reader.rank = opts.run.rank;

@@ -233,6 +233,7 @@ fn image_loader(
             flip: false,
         },
         reader,
+        require_masks: false,
     };
     Ok(ShardLoader::open(&shards, cfg, state)?)
 }
