@@ -4,7 +4,8 @@
 //! Layouts: `imagefolder` (one folder per class, ImageNet style: `.cls` is the class's index
 //! in sorted folder order, `.json` holds the class name), `pairs` (COCO-Stuff / ADE20K:
 //! images and label maps with the same stem in two folders; the map becomes `.seg.png`) and
-//! `plain` (every image below a folder). Files are stored as they are, not re-encoded.
+//! `plain` (every image below a folder). Files are stored as they are, not re-encoded, except
+//! label maps given a label offset (COCO-Stuff's `+1`).
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,10 @@ pub enum Layout {
     Pairs {
         /// The label-map folder.
         masks: PathBuf,
+        /// Added to every label id, wrapping at 256 (COCO-Stuff: 1, so that its unlabeled
+        /// 255 becomes 0 and classes 0..=181 become 1..=182, as the reference's loader
+        /// shifts them); the maps are then stored re-encoded as 8-bit grayscale PNGs.
+        label_offset: u8,
     },
     /// Every image below the root.
     Plain,
@@ -150,6 +155,7 @@ struct Planned {
     key: String,
     source: PathBuf,
     mask: Option<PathBuf>,
+    label_offset: u8,
     class: Option<(usize, String)>,
 }
 
@@ -163,7 +169,12 @@ impl Planned {
         let ext = extension(&self.source).ok_or("no image extension")?;
         let mut files = vec![(ext, read(&self.source)?)];
         if let Some(mask) = &self.mask {
-            files.push(("seg.png".into(), read(mask)?));
+            let mut bytes = read(mask)?;
+            if self.label_offset != 0 {
+                bytes = shift_labels(&bytes, self.label_offset)
+                    .map_err(|e| format!("{}: {e}", mask.display()))?;
+            }
+            files.push(("seg.png".into(), bytes));
         }
         if let Some((index, name)) = &self.class {
             files.push(("cls".into(), Bytes::from(index.to_string())));
@@ -179,6 +190,16 @@ impl Planned {
 
 /// The extension an image is stored under (lower case, `.jpeg` as `.jpg`), or None for a
 /// file that is not an image.
+/// The label map with `offset` added to every id (wrapping), as an 8-bit grayscale PNG.
+fn shift_labels(png: &[u8], offset: u8) -> Result<Bytes, String> {
+    let mut map = crate::label_map::decode(png)?;
+    map.iter_mut().for_each(|v| *v = v.wrapping_add(offset));
+    let mut out = std::io::Cursor::new(Vec::new());
+    map.write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| format!("label map: {e}"))?;
+    Ok(out.into_inner().into())
+}
+
 fn extension(p: &Path) -> Option<String> {
     let ext = p.extension()?.to_str()?.to_ascii_lowercase();
     IMAGE_EXTS
@@ -218,6 +239,7 @@ fn plan(opts: &PackOptions) -> Result<(Vec<Planned>, usize), DataError> {
                 key: key_of(&opts.input, &p),
                 source: p,
                 mask: None,
+                label_offset: 0,
                 class: None,
             })
             .collect(),
@@ -236,13 +258,17 @@ fn plan(opts: &PackOptions) -> Result<(Vec<Planned>, usize), DataError> {
                         key,
                         source: p,
                         mask: None,
+                        label_offset: 0,
                         class: Some((index, name.clone())),
                     });
                 }
             }
             plan
         }
-        Layout::Pairs { masks } => {
+        Layout::Pairs {
+            masks,
+            label_offset,
+        } => {
             let mut plan = Vec::new();
             for p in images(&opts.input)? {
                 let rel = p
@@ -259,6 +285,7 @@ fn plan(opts: &PackOptions) -> Result<(Vec<Planned>, usize), DataError> {
                     key: key_of(&opts.input, &p),
                     source: p,
                     mask: Some(mask),
+                    label_offset: *label_offset,
                     class: None,
                 });
             }

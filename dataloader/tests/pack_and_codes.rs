@@ -93,6 +93,7 @@ fn pairs_pack_label_maps_beside_images_and_skip_images_without_one() {
         input: tmp.path().join("images"),
         layout: Layout::Pairs {
             masks: tmp.path().join("labels"),
+            label_offset: 0,
         },
         out: "memory://packed-pairs/ds".into(),
         prefix: "train".into(),
@@ -106,6 +107,46 @@ fn pairs_pack_label_maps_beside_images_and_skip_images_without_one() {
     let batch = read_all("memory://packed-pairs/ds");
     assert_eq!(batch.keys, ["0", "1"]);
     assert!(batch.masks.unwrap().iter().all(|&m| m == 3));
+}
+
+/// COCO-Stuff's label maps (classes 0..=181, unlabeled 255) packed with `label_offset: 1`
+/// hold the reference's ids: unlabeled 0, classes 1..=182; a map that is not ids (colour)
+/// is skipped and counted.
+#[test]
+fn a_label_offset_shifts_coco_stuff_ids_as_the_reference_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = png_from(6, 4, |x, _| [x as u8 * 40, 0, 0]);
+    let ids = |x: u32, y: u32| [0u8, 5, 181, 255][((x + y) % 4) as usize];
+    for i in 0..2 {
+        write(&tmp.path().join(format!("images/{i}.png")), &img);
+    }
+    write(&tmp.path().join("labels/0.png"), &mask_png(6, 4, ids));
+    write(&tmp.path().join("labels/1.png"), &img);
+    let report = pack(&PackOptions {
+        input: tmp.path().join("images"),
+        layout: Layout::Pairs {
+            masks: tmp.path().join("labels"),
+            label_offset: 1,
+        },
+        out: "memory://packed-coco/ds".into(),
+        prefix: "train".into(),
+        shard_bytes: 1 << 20,
+    })
+    .unwrap();
+    assert_eq!((report.samples, report.skipped), (1, 1));
+    let shards = list_split("memory://packed-coco/ds", "train").unwrap();
+    let mut cfg = config(4, ReaderConfig::default());
+    cfg.preprocess.size = 4;
+    let batch = ShardLoader::open(&shards, cfg, &LoaderState::default())
+        .unwrap()
+        .next_in_epoch()
+        .unwrap()
+        .unwrap();
+    // The centre 4x4 crop of the 6x4 map: columns 1..5.
+    let want: Vec<u8> = (0..4)
+        .flat_map(|y| (1..5).map(move |x| ids(x, y).wrapping_add(1)))
+        .collect();
+    assert_eq!(batch.masks.unwrap(), want);
 }
 
 /// A plain folder: every image below it in any letter case of its extension, keyed by its

@@ -58,6 +58,10 @@ enum Command {
         /// Label-map folder (`pairs` only).
         #[arg(long)]
         masks: Option<PathBuf>,
+        /// Added to every label id, wrapping at 256 (`pairs` only). COCO-Stuff: 1, so that
+        /// unlabeled (255) becomes 0 and its 182 classes 1..=182, as the reference shifts them.
+        #[arg(long)]
+        label_offset: Option<u8>,
         /// Output directory: path or URL (s3://bucket/prefix, ...).
         #[arg(long)]
         out: String,
@@ -87,14 +91,21 @@ fn run(cli: Cli) -> Result<()> {
             input,
             layout,
             masks,
+            label_offset,
             out,
             prefix,
             shard_mb,
         } => {
             let layout = match (layout, masks) {
-                (LayoutArg::Pairs, Some(masks)) => Layout::Pairs { masks },
+                (LayoutArg::Pairs, Some(masks)) => Layout::Pairs {
+                    masks,
+                    label_offset: label_offset.unwrap_or(0),
+                },
                 (LayoutArg::Pairs, None) => anyhow::bail!("--layout pairs needs --masks DIR"),
                 (_, Some(_)) => anyhow::bail!("--masks is only for --layout pairs"),
+                (_, None) if label_offset.is_some() => {
+                    anyhow::bail!("--label-offset is only for --layout pairs")
+                }
                 (LayoutArg::Imagefolder, None) => Layout::ImageFolder,
                 (LayoutArg::Plain, None) => Layout::Plain,
             };

@@ -114,6 +114,16 @@ fn pack_writes_complete_shards_to_s3() {
         !bad.status.success() && err.contains("s3://no-such-bucket/x/train-000000.tar"),
         "{err}"
     );
+    let misplaced = dataloader()
+        .args(["pack", "--label-offset", "1", "--out", &url("x"), "--input"])
+        .arg(tmp.path().join("a"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&misplaced.stderr);
+    assert!(
+        !misplaced.status.success() && err.contains("--label-offset is only for --layout pairs"),
+        "{err}"
+    );
 }
 
 /// Without credentials (and no instance metadata service) S3 is refused at once with one
