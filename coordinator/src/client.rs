@@ -61,13 +61,18 @@ pub async fn follow(client: &mut Client, job_id: &str, show: bool) -> Result<Job
     }
 }
 
-/// One line about a job: state, attempt, workers, losses, images/s, message.
+/// One line about a job: state, attempt, workers, losses, throughput (images/s for stage 1,
+/// tokens/s for the transformer), message.
 pub fn line(job: &Job) -> String {
     let mut losses: Vec<_> = job.losses.iter().collect();
     losses.sort_by(|a, b| a.0.cmp(b.0));
     let losses: Vec<String> = losses.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+    let unit = match job.spec.as_ref().map(|s| s.stage.as_str()) {
+        Some("transformer") => "tokens/s",
+        _ => "img/s",
+    };
     format!(
-        "{} attempt {} on {} worker(s) | {} | {:.1} img/s | {}",
+        "{} attempt {} on {} worker(s) | {} | {:.1} {unit} | {}",
         job.state,
         job.attempt,
         job.workers.len(),

@@ -141,7 +141,9 @@ fn two_nodes_on_the_local_mini_cluster_train_both_stages() {
     );
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
-        stdout.contains("succeeded") && stdout.contains("on 2 worker(s)"),
+        stdout.contains("succeeded")
+            && stdout.contains("on 2 worker(s)")
+            && stdout.contains(" img/s |"),
         "{stdout}"
     );
     for file in [
@@ -176,7 +178,8 @@ fn two_nodes_on_the_local_mini_cluster_train_both_stages() {
     assert!(
         stdout.contains("succeeded")
             && stdout.contains("on 2 worker(s)")
-            && stdout.contains("loss"),
+            && stdout.contains("loss")
+            && stdout.contains(" tokens/s |"),
         "{stdout}"
     );
     for file in [
