@@ -489,6 +489,22 @@ fn sample_follows_a_segmentation_map_through_the_cond_stage() {
         std::fs::read(&palette_out).unwrap(),
         std::fs::read(&out).unwrap()
     );
+    // COCO-Stuff style ids, one lower (unlabeled 255), with --label-offset 1: the same grid.
+    let coco = tmp.path().join("coco.png");
+    image::GrayImage::from_fn(4, 4, |x, y| {
+        image::Luma([(((x + y) % 5) as u8).wrapping_sub(1)])
+    })
+    .save(&coco)
+    .unwrap();
+    let coco_out = tmp.path().join("seg_coco.png");
+    let mut coco_args = args.to_vec();
+    (coco_args[8], coco_args[12]) = (s(&coco), s(&coco_out));
+    coco_args.extend(["--label-offset", "1"]);
+    ok(vqgan(&coco_args));
+    assert_eq!(
+        std::fs::read(&coco_out).unwrap(),
+        std::fs::read(&out).unwrap()
+    );
     // A colour image is not a label map.
     let rgb = tmp.path().join("rgb.png");
     image::RgbImage::new(4, 4).save(&rgb).unwrap();

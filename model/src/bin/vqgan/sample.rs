@@ -27,9 +27,13 @@ pub struct SampleArgs {
     /// Class label (class-conditional transformers).
     #[arg(long, conflicts_with = "segmentation")]
     class: Option<i64>,
-    /// Segmentation map: a PNG whose gray levels are class labels.
+    /// Segmentation map: a PNG of class ids (gray levels, or palette indices).
     #[arg(long)]
     segmentation: Option<PathBuf>,
+    /// Added to every id of the segmentation map, wrapping at 256, as `dataloader pack
+    /// --label-offset` did to the training maps (COCO-Stuff: 1).
+    #[arg(long, default_value_t = 0, requires = "segmentation")]
+    label_offset: u8,
     /// Images to sample.
     #[arg(long, default_value_t = 8)]
     n: usize,
@@ -72,15 +76,16 @@ fn parse_size(text: &str) -> Result<[usize; 2]> {
     Ok([num(h)?, num(w)?])
 }
 
-fn read_map(path: &Path) -> Result<SynthCond> {
+fn read_map(path: &Path, offset: u8) -> Result<SynthCond> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("reading segmentation map {}", path.display()))?;
     let img = taming_dataloader::label_map::decode(&bytes)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("reading segmentation map {}", path.display()))?;
     let size = [img.height() as usize, img.width() as usize];
+    let labels = img.into_raw().into_iter().map(|v| v.wrapping_add(offset));
     Ok(SynthCond::Map {
-        labels: img.into_raw(),
+        labels: labels.collect(),
         size,
         source: path.display().to_string(),
     })
@@ -111,7 +116,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     synth.check()?;
     let f = synth.factor();
     let cond = match (&args.segmentation, args.class) {
-        (Some(map), _) => read_map(map)?,
+        (Some(map), _) => read_map(map, args.label_offset)?,
         (None, Some(c)) => SynthCond::Class(c),
         (None, None) => SynthCond::None,
     };
