@@ -2,6 +2,8 @@
 //! ImageNet, PNGs with alpha or a palette) decode to what PIL's `convert("RGB")`, the
 //! reference's loading, makes of them. Fixtures: tools/fixtures/make_image_fixtures.py.
 
+mod common;
+
 use std::path::PathBuf;
 
 use rand::SeedableRng;
@@ -54,4 +56,40 @@ fn cmyk_gray_alpha_and_palette_images_decode_as_pil_converts_them() {
             }
         }
     }
+}
+
+/// A file whose extension lies about its format (ImageNet's training set holds a PNG named
+/// `.JPEG`) decodes by its content, through the loader.
+#[test]
+fn images_decode_by_their_content_not_their_extension() {
+    let bytes = |name: &str| std::fs::read(fixtures().join(name)).unwrap();
+    let (png, jpg) = (bytes("rgba.png"), bytes("gray.jpg"));
+    let read = |url: &str, files: &[(&str, &[u8])]| {
+        common::put_shard(url, files);
+        let cfg = taming_dataloader::LoaderConfig::simple(
+            2,
+            Preprocess {
+                size: 12,
+                random_crop: false,
+                flip: false,
+            },
+            0,
+            false,
+        );
+        let urls = vec![url.to_string()];
+        let mut loader =
+            taming_dataloader::ShardLoader::open(&urls, cfg, &Default::default()).unwrap();
+        let batch = loader.next_in_epoch().unwrap().unwrap();
+        assert_eq!(loader.skipped(), 0);
+        batch.images
+    };
+    let named = read(
+        "memory://formats/named.tar",
+        &[("a.png", &png), ("b.jpg", &jpg)],
+    );
+    let swapped = read(
+        "memory://formats/swapped.tar",
+        &[("a.jpg", &png), ("b.png", &jpg)],
+    );
+    assert_eq!(named, swapped);
 }
