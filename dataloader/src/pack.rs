@@ -188,8 +188,6 @@ impl Planned {
     }
 }
 
-/// The extension an image is stored under (lower case, `.jpeg` as `.jpg`), or None for a
-/// file that is not an image.
 /// The label map with `offset` added to every id (wrapping), as an 8-bit grayscale PNG.
 fn shift_labels(png: &[u8], offset: u8) -> Result<Bytes, String> {
     let mut map = crate::label_map::decode(png)?;
@@ -200,6 +198,8 @@ fn shift_labels(png: &[u8], offset: u8) -> Result<Bytes, String> {
     Ok(out.into_inner().into())
 }
 
+/// The extension an image is stored under (lower case, `.jpeg` as `.jpg`), or None for a
+/// file that is not an image.
 fn extension(p: &Path) -> Option<String> {
     let ext = p.extension()?.to_str()?.to_ascii_lowercase();
     IMAGE_EXTS
