@@ -150,7 +150,8 @@ fn a_label_offset_shifts_coco_stuff_ids_as_the_reference_does() {
 }
 
 /// A plain folder: every image below it in any letter case of its extension, keyed by its
-/// path; files that would share a key are packed once, the rest skipped and counted.
+/// path (also past the tar header's 100 bytes); files that would share a key are packed once,
+/// the rest skipped and counted.
 #[test]
 fn a_plain_folder_packs_every_image_below_it_once_per_key() {
     let tmp = tempfile::tempdir().unwrap();
@@ -160,6 +161,9 @@ fn a_plain_folder_packs_every_image_below_it_once_per_key() {
     write(&input.join("trip/b.Png"), &png());
     write(&input.join("trip/day.2/c.jpeg"), &jpeg());
     write(&input.join("trip/day_2/c.png"), &png());
+    // A path past the tar header's 100 bytes (a GNU long-name entry).
+    let deep = format!("{}/d.png", ["a_rather_long_folder_name"; 5].join("/"));
+    write(&input.join(&deep), &png());
     write(&input.join("notes.txt"), b"not an image");
     let report = pack(&PackOptions {
         input,
@@ -169,9 +173,10 @@ fn a_plain_folder_packs_every_image_below_it_once_per_key() {
         shard_bytes: 1 << 20,
     })
     .unwrap();
-    assert_eq!((report.samples, report.skipped), (3, 2));
+    assert_eq!((report.samples, report.skipped), (4, 2));
     let batch = read_all("memory://packed-plain/ds");
-    assert_eq!(batch.keys, ["a", "trip/b", "trip/day_2/c"]);
+    let deep_key = deep.trim_end_matches(".png");
+    assert_eq!(batch.keys, ["a", deep_key, "trip/b", "trip/day_2/c"]);
     assert!(batch.labels.iter().all(Option::is_none));
 }
 
