@@ -3,7 +3,8 @@
 # the Vulkan backend compiled in, which is also CI's `cargo check` of that feature), and the
 # whole test suite. Needs the Rust toolchain, python3 and npm (installed with apt when
 # missing and root); installs rustfmt and clippy if missing, the storage servers the data
-# tests start (moto for S3 into a cached virtualenv, Azurite for Azure Blob with npm under
+# tests start (moto for S3 into a cached virtualenv, with the PyPI webdataset package that
+# the interoperability tests run; Azurite for Azure Blob with npm under
 # ~/.cache/taming-rs/node), and Debian's chromium (the status-page test drives it
 # headless) with apt when it can.
 set -euo pipefail
@@ -36,6 +37,21 @@ if [ ! -f "$pyenv/pyvenv.cfg" ]; then
     export PYTHONPATH
 fi
 export MOTO_SERVER="$pyenv/bin/moto_server"
+# Python's WebDataset, which the interoperability tests run against our shards.
+if [ -f "$pyenv/pyvenv.cfg" ]; then
+    export TAMING_PYTHON="$pyenv/bin/python"
+else
+    TAMING_PYTHON=$(command -v python3)
+    export TAMING_PYTHON
+fi
+if ! "$TAMING_PYTHON" -c 'import webdataset' 2>/dev/null; then
+    echo "== installing webdataset into $pyenv"
+    if [ -f "$pyenv/pyvenv.cfg" ]; then
+        "$pyenv/bin/pip" install --quiet webdataset
+    else
+        python3 -m pip install --quiet --prefix "$pyenv" webdataset
+    fi
+fi
 
 # Azurite, Microsoft's Azure Blob emulator (the az:// tests), from the npm registry.
 node=$HOME/.cache/taming-rs/node

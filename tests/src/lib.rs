@@ -6,5 +6,6 @@
 pub mod azure;
 pub mod http;
 pub mod process;
+pub mod python;
 pub mod s3;
 pub mod server;
