@@ -222,6 +222,46 @@ fn conditional_discriminator_trains_on_images_with_their_label_maps() {
     );
 }
 
+/// A training shard where every other sample lacks its label map: with the conditional
+/// discriminator those samples are skipped, and the run trains on the rest (before, one such
+/// sample dropped the maps of its whole batch and failed the run).
+#[test]
+fn samples_without_a_label_map_are_skipped_where_training_needs_maps() {
+    use taming_worker::stage1::{RunOptions, run_stage1};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let embedded = root().join("data/fashion-mnist");
+    std::fs::copy(embedded.join("val-000000.tar"), data.join("val-000000.tar")).unwrap();
+    let mut source =
+        tar::Archive::new(std::fs::File::open(embedded.join("train-000000.tar")).unwrap());
+    let mut shard =
+        tar::Builder::new(std::fs::File::create(data.join("train-000000.tar")).unwrap());
+    for entry in source.entries().unwrap().take(3 * 40) {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        let index: u32 = name["train".len()..name.find('.').unwrap()]
+            .parse()
+            .unwrap();
+        if name.ends_with(".seg.png") && index % 2 == 1 {
+            continue;
+        }
+        let mut header = entry.header().clone();
+        shard.append_data(&mut header, &name, &mut entry).unwrap();
+    }
+    shard.finish().unwrap();
+
+    let mut cfg = small_config(0);
+    cfg.loss.disc_conditional = true;
+    cfg.loss.discriminator.in_channels = 3 + 11;
+    let out = tmp.path().join("run");
+    let data = data.to_string_lossy().into_owned();
+    let mut opts = RunOptions::single(cfg, data, out, 2, Device::flex().autodiff());
+    opts.run.eval_every = 2;
+    opts.run.checkpoint_every = 2;
+    assert_eq!(run_stage1(opts).unwrap().steps, 2);
+}
+
 /// `configs/stage1/photo_crops.yaml` trains on the embedded photo crops (64x64 JPEG) through
 /// the whole run: a few steps, a checkpoint and the model export.
 #[test]
