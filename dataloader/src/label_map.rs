@@ -42,6 +42,16 @@ pub fn decode(bytes: &[u8]) -> Result<GrayImage, String> {
     Ok(GrayImage::from_raw(w as u32, h as u32, values).expect("one value per pixel"))
 }
 
+/// [`decode`], with `offset` added to every id, wrapping at 256 (`--label-offset`: COCO-Stuff's
+/// `+1` turns unlabeled 255 into 0).
+pub fn decode_with_offset(bytes: &[u8], offset: u8) -> Result<GrayImage, String> {
+    let mut map = decode(bytes)?;
+    if offset != 0 {
+        map.iter_mut().for_each(|v| *v = v.wrapping_add(offset));
+    }
+    Ok(map)
+}
+
 /// The `w` values of a row packed at `bits` (1, 2, 4 or 8) per value, high bits first.
 fn unpack(row: &[u8], bits: usize, w: usize) -> impl Iterator<Item = u8> + '_ {
     let per_byte = 8 / bits;

@@ -190,8 +190,7 @@ impl Planned {
 
 /// The label map with `offset` added to every id (wrapping), as an 8-bit grayscale PNG.
 fn shift_labels(png: &[u8], offset: u8) -> Result<Bytes, String> {
-    let mut map = crate::label_map::decode(png)?;
-    map.iter_mut().for_each(|v| *v = v.wrapping_add(offset));
+    let map = crate::label_map::decode_with_offset(png, offset)?;
     let mut out = std::io::Cursor::new(Vec::new());
     map.write_to(&mut out, image::ImageFormat::Png)
         .map_err(|e| format!("label map: {e}"))?;

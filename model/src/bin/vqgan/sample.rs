@@ -79,13 +79,12 @@ fn parse_size(text: &str) -> Result<[usize; 2]> {
 fn read_map(path: &Path, offset: u8) -> Result<SynthCond> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("reading segmentation map {}", path.display()))?;
-    let img = taming_dataloader::label_map::decode(&bytes)
+    let img = taming_dataloader::label_map::decode_with_offset(&bytes, offset)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("reading segmentation map {}", path.display()))?;
     let size = [img.height() as usize, img.width() as usize];
-    let labels = img.into_raw().into_iter().map(|v| v.wrapping_add(offset));
     Ok(SynthCond::Map {
-        labels: labels.collect(),
+        labels: img.into_raw(),
         size,
         source: path.display().to_string(),
     })
