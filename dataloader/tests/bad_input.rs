@@ -3,16 +3,9 @@
 
 mod common;
 
-use common::{config, mask_png, png, png_from, put_shard, tar_bytes};
+use common::{config, mask_png, png, png_from, put_shard, sequential, tar_bytes};
 use taming_dataloader::codes::upload;
-use taming_dataloader::{LoaderState, ReaderConfig, ShardLoader};
-
-fn sequential() -> ReaderConfig {
-    ReaderConfig {
-        shuffle_shards: false,
-        ..ReaderConfig::default()
-    }
-}
+use taming_dataloader::{LoaderState, ShardLoader};
 
 #[test]
 fn bad_entries_and_broken_shards_are_skipped_and_counted() {

@@ -4,10 +4,10 @@
 
 mod common;
 
-use common::{config, png_from, put_shard};
+use common::{config, png_from, put_shard, sequential};
 use png::{BitDepth, ColorType};
 use taming_dataloader::label_map::decode;
-use taming_dataloader::{LoaderState, ReaderConfig, ShardLoader};
+use taming_dataloader::{LoaderState, ShardLoader};
 
 /// A PNG of `w` x `h` with `rows` already packed as the PNG stores them.
 fn encode(w: u32, h: u32, color: ColorType, depth: BitDepth, rows: &[u8]) -> Vec<u8> {
@@ -141,12 +141,9 @@ fn the_loader_reads_palette_label_maps_as_indices() {
             ("b.seg.png", &rgb_seg),
         ],
     );
-    let reader = ReaderConfig {
-        shuffle_shards: false,
-        ..ReaderConfig::default()
-    };
     let urls = vec!["memory://palette/train-0.tar".to_string()];
-    let mut loader = ShardLoader::open(&urls, config(2, reader), &LoaderState::default()).unwrap();
+    let mut loader =
+        ShardLoader::open(&urls, config(2, sequential()), &LoaderState::default()).unwrap();
     let batch = loader.next_in_epoch().unwrap().unwrap();
     assert_eq!(batch.keys, ["a"]);
     assert_eq!(batch.masks.unwrap(), want);

@@ -4,11 +4,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{config, mask_png, png, png_from};
+use common::{config, mask_png, png, png_from, sequential};
 use taming_dataloader::codes::{self, CodeRow, ManifestFile};
 use taming_dataloader::pack::{Layout, PackOptions, pack};
 use taming_dataloader::shards::list_split;
-use taming_dataloader::{LoaderState, ReaderConfig, ShardLoader};
+use taming_dataloader::{LoaderState, ShardLoader};
 
 fn write(path: &Path, data: &[u8]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -24,14 +24,7 @@ fn jpeg() -> Vec<u8> {
 
 fn read_all(dir: &str) -> taming_dataloader::ImageBatch {
     let shards = list_split(dir, "train").unwrap();
-    let cfg = config(
-        64,
-        ReaderConfig {
-            shuffle_shards: false,
-            ..ReaderConfig::default()
-        },
-    );
-    ShardLoader::open(&shards, cfg, &LoaderState::default())
+    ShardLoader::open(&shards, config(64, sequential()), &LoaderState::default())
         .unwrap()
         .next_in_epoch()
         .unwrap()
@@ -115,12 +108,12 @@ fn pairs_pack_label_maps_beside_images_and_skip_images_without_one() {
 #[test]
 fn a_label_offset_shifts_coco_stuff_ids_as_the_reference_does() {
     let tmp = tempfile::tempdir().unwrap();
-    let img = png_from(6, 4, |x, _| [x as u8 * 40, 0, 0]);
+    let img = png_from(10, 8, |x, _| [x as u8 * 20, 0, 0]);
     let ids = |x: u32, y: u32| [0u8, 5, 181, 255][((x + y) % 4) as usize];
     for i in 0..2 {
         write(&tmp.path().join(format!("images/{i}.png")), &img);
     }
-    write(&tmp.path().join("labels/0.png"), &mask_png(6, 4, ids));
+    write(&tmp.path().join("labels/0.png"), &mask_png(10, 8, ids));
     write(&tmp.path().join("labels/1.png"), &img);
     let report = pack(&PackOptions {
         input: tmp.path().join("images"),
@@ -134,17 +127,10 @@ fn a_label_offset_shifts_coco_stuff_ids_as_the_reference_does() {
     })
     .unwrap();
     assert_eq!((report.samples, report.skipped), (1, 1));
-    let shards = list_split("memory://packed-coco/ds", "train").unwrap();
-    let mut cfg = config(4, ReaderConfig::default());
-    cfg.preprocess.size = 4;
-    let batch = ShardLoader::open(&shards, cfg, &LoaderState::default())
-        .unwrap()
-        .next_in_epoch()
-        .unwrap()
-        .unwrap();
-    // The centre 4x4 crop of the 6x4 map: columns 1..5.
-    let want: Vec<u8> = (0..4)
-        .flat_map(|y| (1..5).map(move |x| ids(x, y).wrapping_add(1)))
+    let batch = read_all("memory://packed-coco/ds");
+    // The centre 8x8 crop of the 10x8 map: columns 1..9.
+    let want: Vec<u8> = (0..8)
+        .flat_map(|y| (1..9).map(move |x| ids(x, y).wrapping_add(1)))
         .collect();
     assert_eq!(batch.masks.unwrap(), want);
 }

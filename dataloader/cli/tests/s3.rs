@@ -104,24 +104,26 @@ fn pack_writes_complete_shards_to_s3() {
     assert_eq!(batch.keys.len(), 8);
     assert_eq!(batch.labels.iter().filter(|l| **l == Some(1)).count(), 4);
 
-    let bad = dataloader()
-        .args(["pack", "--out", "s3://no-such-bucket/x", "--input"])
-        .arg(tmp.path().join("a"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&bad.stderr);
+    // Packing class folder `a` with `args` fails; its stderr.
+    let refused = |args: &[&str]| {
+        let run = dataloader()
+            .arg("pack")
+            .args(args)
+            .arg("--input")
+            .arg(tmp.path().join("a"))
+            .output()
+            .unwrap();
+        assert!(!run.status.success(), "pack {args:?} succeeded");
+        String::from_utf8_lossy(&run.stderr).into_owned()
+    };
+    let err = refused(&["--out", "s3://no-such-bucket/x"]);
     assert!(
-        !bad.status.success() && err.contains("s3://no-such-bucket/x/train-000000.tar"),
+        err.contains("s3://no-such-bucket/x/train-000000.tar"),
         "{err}"
     );
-    let misplaced = dataloader()
-        .args(["pack", "--label-offset", "1", "--out", &url("x"), "--input"])
-        .arg(tmp.path().join("a"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&misplaced.stderr);
+    let err = refused(&["--label-offset", "1", "--out", &url("x")]);
     assert!(
-        !misplaced.status.success() && err.contains("--label-offset is only for --layout pairs"),
+        err.contains("--label-offset is only for --layout pairs"),
         "{err}"
     );
 }

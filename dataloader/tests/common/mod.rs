@@ -89,6 +89,14 @@ pub fn config(batch_size: usize, reader: ReaderConfig) -> LoaderConfig {
     }
 }
 
+/// One rank reading its shards in the order given, with no sample buffer.
+pub fn sequential() -> ReaderConfig {
+    ReaderConfig {
+        shuffle_shards: false,
+        ..ReaderConfig::default()
+    }
+}
+
 /// Loader settings for the 32 x 32 embedded images: random crop and flip when `train`
 /// (shards shuffled per epoch), centre crop otherwise.
 pub fn crops(batch_size: usize, train: bool, seed: u64) -> LoaderConfig {
