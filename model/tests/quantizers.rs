@@ -210,6 +210,40 @@ fn dead_codes_restart_from_batch_samples() {
     assert_eq!(&codes[..2], &[100.0, 100.0], "the used code stays");
 }
 
+/// A codebook 64 times larger than the batch's latents: every dead code restarts from one of
+/// the batch's few latents, and the used code stays.
+#[test]
+fn dead_codes_restart_when_codes_outnumber_the_batch_latents() {
+    let device = Device::flex();
+    let (x, _) = clustered(1, &device);
+    let cfg = VectorQuantizerConfig {
+        dead_code_restart: Some(RestartConfig {
+            threshold: 0.6,
+            decay: 0.5,
+        }),
+        ..Default::default()
+    };
+    let n = 256;
+    let far: Vec<f32> = (0..n).flat_map(|k| [100.0 + k as f32; 2]).collect();
+    let far = Tensor::<2>::from_data(TensorData::new(far, [n, 2]), &device);
+    let q = vq(n, 2, cfg.clone(), &device).with_codebook(far);
+    let mut maint = CodebookMaintainer::new(&cfg, n, 3);
+    let out = q.forward(x);
+    let idx = out.indices.reshape([4]);
+    let (q, report) = maint.step(q, out.lookup_latents.clone(), idx);
+    assert_eq!(report.restarted, (1..n).collect::<Vec<_>>());
+    let codes = values(q.codebook());
+    let latents = values(out.lookup_latents);
+    for k in 1..n {
+        let code = &codes[2 * k..2 * k + 2];
+        assert!(
+            latents.chunks(2).any(|p| p == code),
+            "code {k} {code:?} is not a batch sample"
+        );
+    }
+    assert_eq!(&codes[..2], &[100.0, 100.0], "the used code stays");
+}
+
 #[test]
 fn usage_window_counts_distinct_codes_of_recent_tokens_only() {
     let mut w = UsageWindow::new(10, 4);

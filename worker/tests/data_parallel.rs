@@ -17,7 +17,7 @@ use common::params;
 use taming_collective::TcpRing;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
-use taming_model::config::{QuantizerConfig, VqganConfig};
+use taming_model::config::{QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig};
 use taming_model::loss::{DiscriminatorConfig, LossConfig};
 use taming_tests::process::root;
 use taming_worker::stage1::{Stage1Config, Stage1Trainer};
@@ -158,6 +158,45 @@ fn two_ranks_with_batch_4_match_one_rank_with_batch_8() {
     let diff = relative_difference(&after, &results[0].0);
     assert!(moved > 1e-4, "training moved the parameters ({moved})");
     assert!(diff < 1e-4, "2 x 4 vs 1 x 8: relative difference {diff}");
+}
+
+/// Two ranks restarting dead codes of a codebook twice the size of a rank's latents (one
+/// 32x32 image each: 256): rank 0's codebook is everyone's, so both ranks end identical.
+#[test]
+fn codebook_restarts_across_two_ranks_keep_them_identical() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex().autodiff();
+    let data = batches();
+    let mut cfg = config(1);
+    cfg.model.n_embed = 512;
+    cfg.model.quantizer = QuantizerConfig::Vector(VectorQuantizerConfig {
+        dead_code_restart: Some(RestartConfig {
+            threshold: 0.9,
+            decay: 0.5,
+        }),
+        ..Default::default()
+    });
+    let ranks: Vec<Stage1Trainer> = (0..2)
+        .map(|_| Stage1Trainer::new(cfg.clone(), 2, &device).unwrap())
+        .collect();
+    let results = in_a_ring(3, ranks, move |rank, mut trainer, ring| {
+        trainer.join_group(Box::new(ring)).unwrap();
+        let mut restarted = 0;
+        for b in &data {
+            let one = half(b, rank).narrow(0, 0, 1);
+            let report = trainer.try_train_batch(one).unwrap().expect("a step");
+            restarted += report.restarted;
+        }
+        (flat(trainer.model()), restarted)
+    });
+    assert!(
+        results.iter().all(|r| r.1 > 0),
+        "codes restarted on each rank"
+    );
+    assert_eq!(
+        results[0].0, results[1].0,
+        "both ranks hold identical parameters"
+    );
 }
 
 /// Stage 2 the same way: two ranks with 4 code grids each against one rank with all 8

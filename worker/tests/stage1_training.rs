@@ -6,7 +6,7 @@ mod common;
 use burn::tensor::Device;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
-use taming_model::config::{QuantizerConfig, VqganConfig};
+use taming_model::config::{QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig};
 use taming_model::loss::{DiscriminatorConfig, LossConfig, LpipsConfig};
 use taming_tests::process::root;
 use taming_worker::stage1::{Stage1Config, Stage1Trainer};
@@ -282,4 +282,37 @@ fn the_photo_crop_default_trains_end_to_end() {
     assert!(s.first_val_l1.is_finite() && s.last_val_l1.is_finite());
     assert!(out.join("model/model.safetensors").is_file());
     assert!(out.join("val_grid.png").is_file());
+}
+
+/// Dead-code restart through the trainer with codebooks 1x, 2x and 64x the batch's latents
+/// (one 32x32 image: 16x16 = 256 latents): each step trains and restarts the unused codes.
+#[test]
+fn dead_code_restart_trains_with_codebooks_larger_than_the_batch() {
+    let device = Device::flex().autodiff();
+    let latents = 16 * 16;
+    for factor in [1, 2, 64] {
+        let mut config = small_config(1000);
+        config.batch_size = 1;
+        config.loss.perceptual_weight = 0.0;
+        config.loss.lpips = None;
+        config.model.n_embed = factor * latents;
+        config.model.quantizer = QuantizerConfig::Vector(VectorQuantizerConfig {
+            dead_code_restart: Some(RestartConfig {
+                threshold: 0.9,
+                decay: 0.5,
+            }),
+            ..Default::default()
+        });
+        let mut trainer = Stage1Trainer::new(config, 1, &device).unwrap();
+        let mut train = loader("train", 1, true);
+        for step in 1..=2 {
+            let x = trainer.to_tensor(&train.next_batch().unwrap());
+            let report = trainer.train_batch(x).expect("a step report");
+            assert_eq!(report.step, step);
+            assert!(
+                report.restarted > 0,
+                "{factor}x: unused codes restart at step {step}"
+            );
+        }
+    }
 }

@@ -212,26 +212,39 @@ impl CodebookMaintainer {
         }
     }
 
-    /// Replaces each dead code with a randomly chosen latent of the batch.
+    /// Replaces each dead code with a randomly chosen latent of the batch. Only the dead
+    /// codes' rows are drawn from the batch, so any ratio of codes to latents works.
     fn restart(
         &mut self,
         q: VectorQuantizer,
         latents: Tensor<2>,
         dead: &[usize],
     ) -> VectorQuantizer {
-        let [rows, _] = latents.dims();
+        let [rows, d] = latents.dims();
         let device = latents.device();
         let n = q.n_embed();
-        let mut picks: Vec<i64> = (0..n as i64).collect();
         let mut keep = vec![1.0f32; n];
+        let mut picks = Vec::with_capacity(dead.len());
         for &c in dead {
-            picks[c] = self.rng.random_range(0..rows) as i64;
+            picks.push(self.rng.random_range(0..rows) as i64);
             keep[c] = 0.0;
             self.use_ema[c] = 1.0;
         }
-        let samples = latents.select(0, Tensor::from_data(TensorData::new(picks, [n]), &device));
+        let ints = |v: Vec<i64>| {
+            let len = v.len();
+            Tensor::<1, Int>::from_data(TensorData::new(v, [len]), &device)
+        };
+        let samples = latents.select(0, ints(picks));
+        let dead_rows = ints(dead.iter().map(|&c| c as i64).collect());
+        // The samples at their codes' rows, zero elsewhere: w * keep + placed is exact.
+        let placed = Tensor::<2>::zeros([n, d], &device).select_assign(
+            0,
+            dead_rows,
+            samples,
+            burn::tensor::IndexingUpdateOp::Add,
+        );
         let keep = Tensor::<2>::from_data(TensorData::new(keep, [n, 1]), &device);
-        let codes = q.embedding.weight.val() * keep.clone() + samples * keep.neg().add_scalar(1.0);
+        let codes = q.embedding.weight.val() * keep + placed;
         q.with_codebook(codes.detach())
     }
 }

@@ -51,6 +51,8 @@ pub struct StepReport {
     pub usage: Option<f64>,
     /// Per-batch perplexity of the codes.
     pub perplexity: f64,
+    /// Codes restarted from the batch by dead-code restart in this step.
+    pub restarted: usize,
 }
 
 /// Stage-1 trainer state: models, optimizers, step.
@@ -306,7 +308,7 @@ impl Stage1Trainer {
         } else {
             disc
         };
-        let (model, usage) = self.maintain(model, out.quantized.lookup_latents, flat);
+        let (model, usage, restarted) = self.maintain(model, out.quantized.lookup_latents, flat);
         let model = self.sync_codebook(model)?;
         self.model = Some(model);
         self.disc = Some(disc);
@@ -317,6 +319,7 @@ impl Stage1Trainer {
             d_loss,
             usage,
             perplexity: perplexity(&host, self.config.model.n_embed),
+            restarted,
         }))
     }
 
@@ -356,7 +359,7 @@ impl Stage1Trainer {
         let grads = self.acc_ae.grads();
         let grads = self.synced(&model, grads)?;
         let model = self.opt_ae.step(self.lr, model, grads);
-        let (model, usage) = self.maintain(model, out.quantized.lookup_latents, flat);
+        let (model, usage, restarted) = self.maintain(model, out.quantized.lookup_latents, flat);
         self.model = Some(self.sync_codebook(model)?);
         self.step += 1;
         Ok(Some(StepReport {
@@ -365,6 +368,7 @@ impl Stage1Trainer {
             d_loss: None,
             usage,
             perplexity: perplexity(&host, self.config.model.n_embed),
+            restarted,
         }))
     }
 
@@ -423,21 +427,26 @@ impl Stage1Trainer {
         }
     }
 
-    /// Codebook maintenance after the optimizer step (vector quantizers).
+    /// Codebook maintenance after the optimizer step (vector quantizers): the model, the
+    /// codebook usage and the number of codes restarted.
     fn maintain(
         &mut self,
         model: Vqgan,
         latents: Tensor<2>,
         indices: Tensor<1, Int>,
-    ) -> (Vqgan, Option<f64>) {
+    ) -> (Vqgan, Option<f64>, usize) {
         let Some(maintainer) = self.maintainer.as_mut() else {
-            return (model, None);
+            return (model, None, 0);
         };
-        let quantize = match model.quantize {
-            Quantizer::Vector(vq) => Quantizer::Vector(maintainer.step(vq, latents, indices).0),
-            other => other,
+        let (quantize, restarted) = match model.quantize {
+            Quantizer::Vector(vq) => {
+                let (vq, report) = maintainer.step(vq, latents, indices);
+                (Quantizer::Vector(vq), report.restarted.len())
+            }
+            other => (other, 0),
         };
-        (Vqgan { quantize, ..model }, Some(maintainer.usage()))
+        let usage = Some(maintainer.usage());
+        (Vqgan { quantize, ..model }, usage, restarted)
     }
 
     /// Writes a checkpoint of this step into the run folder `run` (keeping the newest `keep`);
