@@ -9,7 +9,7 @@
 pub mod nccl;
 pub mod ring;
 
-pub use ring::{RingConfig, TcpRing};
+pub use ring::{RingConfig, RingSecret, TcpRing, random_secret};
 
 /// What can go wrong in a collective.
 #[derive(Debug, thiserror::Error)]

@@ -4,10 +4,22 @@
 //! 2(n-1)/n of the buffer whatever n is. Sends run on a scoped thread while the receive runs
 //! on the caller's, so full socket buffers never deadlock the ring. Every socket operation
 //! has a timeout.
+//!
+//! Joining is authenticated: every rank of one attempt holds the same random secret (issued
+//! by the coordinator over its authenticated channel), and a rank proves it to its successor,
+//! and the successor to it, by an HMAC-SHA256 challenge-response over fresh nonces. The secret
+//! itself never crosses the ring. Handshakes run on threads of their own with a short
+//! deadline, so silent or wrong peers neither take the predecessor's place nor delay it.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 use crate::{AllReduce, CollectiveError};
 
@@ -20,8 +32,18 @@ pub struct RingConfig {
     pub peers: Vec<String>,
     /// Identifies the job: peers of another job are refused.
     pub job: u64,
+    /// The attempt's shared secret: peers that cannot prove they hold it are refused.
+    pub secret: RingSecret,
     /// Longest wait for a peer (connect, send, receive).
     pub timeout: Duration,
+}
+
+/// The secret every rank of one ring holds.
+pub type RingSecret = [u8; 32];
+
+/// A fresh random ring secret.
+pub fn random_secret() -> RingSecret {
+    rand::random()
 }
 
 /// A connected ring.
@@ -32,7 +54,13 @@ pub struct TcpRing {
     prev: BufReader<TcpStream>,
 }
 
-const MAGIC: u32 = 0x7A61_6D31;
+const MAGIC: u32 = 0x7A61_6D32;
+
+/// Longest a joining peer may take over its handshake (it retries after).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes in progress at once; connections beyond are closed at once.
+const MAX_HANDSHAKES: usize = 32;
 
 impl TcpRing {
     /// Connects an `n`-rank ring on loopback whose ranks all run in this process (threads of
@@ -57,13 +85,15 @@ impl TcpRing {
     }
 
     /// Connects every rank of a ring whose ranks all run in this process, rank r listening
-    /// on `listeners[r]` and reached at `peers[r]`; returns the ranks in order.
+    /// on `listeners[r]` and reached at `peers[r]`, with a fresh secret; returns the ranks in
+    /// order.
     pub fn connect_all(
         listeners: Vec<TcpListener>,
         peers: &[String],
         job: u64,
         timeout: Duration,
     ) -> Result<Vec<Self>, CollectiveError> {
+        let secret = random_secret();
         let ranks: Vec<_> = listeners
             .into_iter()
             .enumerate()
@@ -72,6 +102,7 @@ impl TcpRing {
                     rank,
                     peers: peers.to_vec(),
                     job,
+                    secret,
                     timeout,
                 };
                 std::thread::spawn(move || Self::connect(listener, &cfg))
@@ -99,28 +130,29 @@ impl TcpRing {
         };
         let succ = (rank + 1) % world;
         let target = cfg.peers[succ].as_str();
-        let job = cfg.job;
         let timeout = cfg.timeout;
-        let mut hello = Vec::with_capacity(20);
-        hello.extend(MAGIC.to_le_bytes());
-        hello.extend(job.to_le_bytes());
-        hello.extend((rank as u64).to_le_bytes());
-        // Connect to (and greet) the successor on a thread while accepting the predecessor.
+        let who = Handshake {
+            job: cfg.job,
+            secret: cfg.secret,
+            rank,
+            world,
+        };
+        // Connect to (and prove ourselves to) the successor on a thread while accepting the
+        // predecessor.
         let next = std::thread::scope(|s| {
-            let connector = s.spawn(move || {
-                let mut stream = connect_retry(target, timeout)?;
-                stream.write_all(&hello)?;
-                Ok::<_, std::io::Error>(stream)
-            });
-            let prev = accept(&listener, rank, world, job, timeout);
+            let connector = s.spawn(move || who.join_successor(target, timeout));
+            let prev = accept(&listener, who, timeout);
             let next = connector.join().expect("connector thread");
             (prev, next)
         });
         let (prev, next) = next;
-        // The successor first: when both fail, the address this rank could not reach is the
-        // more useful half.
-        let next = next.map_err(io(&format!("connecting to rank {succ} at {target}")))?;
-        let prev = prev?;
+        let next = next.map_err(io(&format!("connecting to rank {succ} at {target}")));
+        let (next, prev) = match (next, prev) {
+            (Ok(next), Ok(prev)) => (next, prev),
+            (Err(e), Ok(_)) | (Ok(_), Err(e)) => return Err(e),
+            // Both halves: the address this rank could not join, and who never joined it.
+            (Err(next), Err(prev)) => return Err(protocol(rank, format!("{next}; {prev}"))),
+        };
         next.set_write_timeout(Some(timeout))
             .map_err(io("socket option"))?;
         next.set_nodelay(true).map_err(io("socket option"))?;
@@ -233,16 +265,107 @@ fn protocol(rank: usize, reason: String) -> CollectiveError {
     CollectiveError::Protocol { rank, reason }
 }
 
-/// Connects to `addr` (`host:port`), retrying until `timeout`: a peer may not listen yet,
-/// and its DNS name may not resolve until its pod is up.
-fn connect_retry(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match connect_once(addr) {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+/// One rank's side of the ring handshake.
+#[derive(Clone, Copy)]
+struct Handshake {
+    job: u64,
+    secret: RingSecret,
+    rank: usize,
+    world: usize,
+}
+
+/// What the acceptor sends first: magic, job, its nonce.
+const CHALLENGE: usize = 4 + 8 + 16;
+/// The joining peer's answer: magic, job, rank, its nonce, its MAC.
+const RESPONSE: usize = 4 + 8 + 8 + 16 + 32;
+
+impl Handshake {
+    /// HMAC-SHA256 under the secret of a role label, the job, a rank and two nonces.
+    fn mac(&self, role: &[u8], rank: usize, first: &[u8], second: &[u8]) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("any key length");
+        mac.update(role);
+        mac.update(&self.job.to_le_bytes());
+        mac.update(&(rank as u64).to_le_bytes());
+        mac.update(first);
+        mac.update(second);
+        mac
+    }
+
+    /// Connects to the successor at `addr` and completes the handshake, retrying both until
+    /// `timeout`: a peer may not listen yet, its DNS name may not resolve until its pod is
+    /// up, and a refused handshake may be a listener of an older attempt.
+    fn join_successor(&self, addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match connect_once(addr).and_then(|s| self.prove(s)) {
+                Ok(s) => return Ok(s),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
         }
+    }
+
+    /// The joining side: answers the successor's challenge and checks its proof.
+    fn prove(&self, mut s: TcpStream) -> std::io::Result<TcpStream> {
+        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        let mut challenge = [0u8; CHALLENGE];
+        s.read_exact(&mut challenge)?;
+        let refused =
+            |why: &str| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why.to_string());
+        if challenge[..4] != MAGIC.to_le_bytes() || challenge[4..12] != self.job.to_le_bytes() {
+            return Err(refused("the successor is not a rank of this job's ring"));
+        }
+        let theirs = &challenge[12..];
+        let ours: [u8; 16] = rand::random();
+        let mac = self.mac(b"taming-ring/join", self.rank, theirs, &ours);
+        let mut response = Vec::with_capacity(RESPONSE);
+        response.extend(MAGIC.to_le_bytes());
+        response.extend(self.job.to_le_bytes());
+        response.extend((self.rank as u64).to_le_bytes());
+        response.extend(ours);
+        response.extend(mac.finalize().into_bytes());
+        s.write_all(&response)?;
+        let mut proof = [0u8; 32];
+        s.read_exact(&mut proof)?;
+        let succ = (self.rank + 1) % self.world;
+        self.mac(b"taming-ring/accept", succ, &ours, theirs)
+            .verify_slice(&proof)
+            .map_err(|_| refused("the successor does not hold the ring's secret"))?;
+        s.set_read_timeout(None)?;
+        Ok(s)
+    }
+
+    /// The accepting side: challenges a connection and keeps it only when it proves to be
+    /// the predecessor holding the secret; then proves itself in turn.
+    fn verify(&self, mut s: TcpStream) -> Result<TcpStream, String> {
+        let io = |e: std::io::Error| e.to_string();
+        s.set_nonblocking(false).map_err(io)?;
+        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
+        s.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
+        let ours: [u8; 16] = rand::random();
+        let mut challenge = Vec::with_capacity(CHALLENGE);
+        challenge.extend(MAGIC.to_le_bytes());
+        challenge.extend(self.job.to_le_bytes());
+        challenge.extend(ours);
+        s.write_all(&challenge).map_err(io)?;
+        let mut r = [0u8; RESPONSE];
+        s.read_exact(&mut r).map_err(io)?;
+        let pred = (self.rank + self.world - 1) % self.world;
+        let their_rank = u64::from_le_bytes(r[12..20].try_into().expect("8"));
+        if r[..4] != MAGIC.to_le_bytes() || r[4..12] != self.job.to_le_bytes() {
+            return Err("a peer of another ring".into());
+        }
+        if their_rank != pred as u64 {
+            return Err(format!("rank {their_rank}, not the predecessor {pred}"));
+        }
+        let theirs = &r[20..36];
+        self.mac(b"taming-ring/join", pred, &ours, theirs)
+            .verify_slice(&r[36..])
+            .map_err(|_| "a peer without the ring's secret".to_string())?;
+        let proof = self.mac(b"taming-ring/accept", self.rank, theirs, &ours);
+        s.write_all(&proof.finalize().into_bytes()).map_err(io)?;
+        Ok(s)
     }
 }
 
@@ -261,38 +384,46 @@ fn connect_once(addr: &str) -> std::io::Result<TcpStream> {
     Err(last)
 }
 
-/// Accepts the predecessor, refusing connections that do not greet with this job and rank.
+/// Accepts the predecessor: each connection is challenged on a thread of its own (at most
+/// [`MAX_HANDSHAKES`] at once), and the first that proves to be the predecessor wins.
 fn accept(
     listener: &TcpListener,
-    rank: usize,
-    world: usize,
-    job: u64,
+    who: Handshake,
     timeout: Duration,
 ) -> Result<TcpStream, CollectiveError> {
+    let rank = who.rank;
     let io = |what: &str| {
         let what = what.to_string();
         move |source| CollectiveError::Io { rank, what, source }
     };
-    let pred = (rank + world - 1) % world;
+    let pred = (rank + who.world - 1) % who.world;
     let deadline = Instant::now() + timeout;
+    let (tx, rx) = mpsc::channel::<TcpStream>();
+    let busy = Arc::new(AtomicUsize::new(0));
     listener.set_nonblocking(true).map_err(io("listener"))?;
     loop {
+        if let Ok(s) = rx.try_recv() {
+            s.set_read_timeout(Some(timeout))
+                .map_err(io("socket option"))?;
+            return Ok(s);
+        }
         match listener.accept() {
-            Ok((mut s, from)) => {
-                s.set_nonblocking(false).map_err(io("socket option"))?;
-                s.set_read_timeout(Some(timeout))
-                    .map_err(io("socket option"))?;
-                let mut hello = [0u8; 20];
-                if s.read_exact(&mut hello).is_err() {
+            Ok((s, from)) => {
+                if busy.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!(%from, "too many ring handshakes at once; closing");
                     continue;
                 }
-                let magic = u32::from_le_bytes(hello[..4].try_into().expect("4"));
-                let their_job = u64::from_le_bytes(hello[4..12].try_into().expect("8"));
-                let their_rank = u64::from_le_bytes(hello[12..].try_into().expect("8"));
-                if magic == MAGIC && their_job == job && their_rank == pred as u64 {
-                    return Ok(s);
-                }
-                tracing::warn!(%from, their_job, their_rank, "refusing a peer of another ring");
+                let (tx, busy) = (tx.clone(), busy.clone());
+                std::thread::spawn(move || {
+                    match who.verify(s) {
+                        Ok(s) => {
+                            let _ = tx.send(s);
+                        }
+                        Err(why) => tracing::warn!(%from, "refusing a ring peer: {why}"),
+                    }
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {

@@ -1,10 +1,12 @@
 //! The TCP ring against a plain sum, for odd buffer sizes and 2 to 5 ranks; broadcast and
-//! mean; strangers refused; NCCL refused clearly without CUDA.
+//! mean; strangers, impostors without the secret and silent sockets refused without
+//! blocking the ring; NCCL refused clearly without CUDA.
 
-use std::net::TcpListener;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-use taming_collective::{AllReduce, RingConfig, TcpRing, all_reduce_mean, nccl};
+use taming_collective::{AllReduce, RingConfig, TcpRing, all_reduce_mean, nccl, random_secret};
 
 const LENGTHS: [usize; 5] = [1, 3, 7, 1001, 65_537];
 
@@ -98,10 +100,12 @@ fn a_peer_of_another_job_is_refused() {
         listener.local_addr().unwrap().to_string(),
         stranger_listener.local_addr().unwrap().to_string(),
     ];
+    let secret = random_secret();
     let cfg = |rank, job| RingConfig {
         rank,
         peers: peers.clone(),
         job,
+        secret,
         timeout: Duration::from_secs(2),
     };
     let (mine, theirs) = (cfg(0, 1), cfg(1, 2));
@@ -158,6 +162,7 @@ fn a_peer_whose_name_does_not_resolve_is_named_in_the_error() {
             "no-such-peer.invalid:7000".into(),
         ],
         job: 3,
+        secret: random_secret(),
         timeout: Duration::from_secs(1),
     };
     let err = TcpRing::connect(listener, &cfg)
@@ -165,4 +170,71 @@ fn a_peer_whose_name_does_not_resolve_is_named_in_the_error() {
         .expect("no peer")
         .to_string();
     assert!(err.contains("no-such-peer.invalid:7000"), "{err}");
+}
+
+/// A peer that knows the job and its predecessor's rank but not the attempt's secret is
+/// refused, whichever side it plays.
+#[test]
+fn a_peer_without_the_secret_is_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let impostor_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let peers = vec![
+        listener.local_addr().unwrap().to_string(),
+        impostor_listener.local_addr().unwrap().to_string(),
+    ];
+    let cfg = |rank, secret| RingConfig {
+        rank,
+        peers: peers.clone(),
+        job: 7,
+        secret,
+        timeout: Duration::from_secs(2),
+    };
+    let (mine, theirs) = (cfg(0, random_secret()), cfg(1, random_secret()));
+    let impostor =
+        std::thread::spawn(move || TcpRing::connect(impostor_listener, &theirs).map(|_| ()));
+    let err = TcpRing::connect(listener, &mine).err().expect("refused");
+    assert!(err.to_string().contains("did not connect"), "{err}");
+    assert!(impostor.join().unwrap().is_err());
+}
+
+/// Silent connections to every rank's listener (held open throughout) and an impostor's
+/// hello do not keep the real predecessors out: the ring forms and sums.
+#[test]
+fn silent_sockets_and_impostors_do_not_block_the_ring() {
+    let listeners: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let mut silent = Vec::new();
+    for addr in &peers {
+        for _ in 0..3 {
+            silent.push(TcpStream::connect(addr).unwrap());
+        }
+        // The old, unauthenticated hello of rank 1 for job 4: magic, job, rank.
+        let mut old = TcpStream::connect(addr).unwrap();
+        let mut hello = 0x7A61_6D31u32.to_le_bytes().to_vec();
+        hello.extend(4u64.to_le_bytes());
+        hello.extend(1u64.to_le_bytes());
+        old.write_all(&hello).unwrap();
+        silent.push(old);
+    }
+    let ranks = TcpRing::connect_all(listeners, &peers, 4, Duration::from_secs(60)).unwrap();
+    let sums: Vec<_> = ranks
+        .into_iter()
+        .enumerate()
+        .map(|(rank, mut ring)| {
+            std::thread::spawn(move || {
+                let mut v = vec![rank as f32 + 1.0; 3];
+                ring.all_reduce_sum(&mut v).unwrap();
+                v
+            })
+        })
+        .collect();
+    for sum in sums {
+        assert_eq!(sum.join().unwrap(), vec![3.0; 3]);
+    }
+    drop(silent);
 }

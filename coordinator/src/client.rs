@@ -9,14 +9,17 @@ use taming_proto::coordinator::{
     CancelRequest, Job, JobSpec, JobStatusRequest, ListJobsRequest, SubmitRequest,
 };
 
+use taming_proto::tls::Transport;
+
 use crate::cluster::{CANCELLED, FAILED, SUCCEEDED};
 
 /// A connected client.
 pub type Client = taming_proto::CoordinatorClient;
 
-/// Connects to `addr` (`host:port` or a URL), sending `token` with every call.
-pub async fn connect(addr: &str, token: Option<&str>) -> Result<Client> {
-    taming_proto::connect_coordinator(addr, token)
+/// Connects to `addr` (`host:port` or a URL) over `transport`, sending `token` with every
+/// call.
+pub async fn connect(addr: &str, token: Option<&str>, transport: &Transport) -> Result<Client> {
+    taming_proto::connect_coordinator(addr, token, transport)
         .await
         .with_context(|| format!("connecting to the coordinator at {addr}"))
 }
@@ -30,7 +33,8 @@ pub async fn submit(client: &mut Client, spec: JobSpec) -> Result<String> {
     Ok(reply.into_inner().job_id)
 }
 
-/// Follows a job until it ends, drawing a progress bar; returns its final state.
+/// Follows a job until it ends, drawing a progress bar (when `show`) and printing why each
+/// failed attempt ended (always, on stderr); returns its final state.
 pub async fn follow(client: &mut Client, job_id: &str, show: bool) -> Result<Job> {
     let bar = if show {
         ProgressBar::new(0)
@@ -41,6 +45,7 @@ pub async fn follow(client: &mut Client, job_id: &str, show: bool) -> Result<Job
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed} < {eta}] {msg}")
             .expect("template"),
     );
+    let mut printed = std::collections::HashSet::new();
     loop {
         let job = client
             .job_status(JobStatusRequest {
@@ -53,6 +58,12 @@ pub async fn follow(client: &mut Client, job_id: &str, show: bool) -> Result<Job
         bar.set_length(steps);
         bar.set_position(job.step);
         bar.set_message(line(&job));
+        // Each failure names its attempt, so the texts are distinct.
+        for f in &job.failures {
+            if printed.insert(f.clone()) {
+                bar.suspend(|| eprintln!("{job_id}: {f}"));
+            }
+        }
         if [SUCCEEDED, FAILED, CANCELLED].contains(&job.state.as_str()) {
             bar.finish();
             return Ok(job);

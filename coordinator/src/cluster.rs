@@ -66,14 +66,29 @@ pub struct JobRecord {
     /// Latest step reported.
     pub step: u64,
     /// Latest losses.
+    #[serde(with = "float_text::map")]
     pub losses: BTreeMap<String, f64>,
     /// Latest throughput (rank 0).
+    #[serde(with = "float_text")]
     pub images_per_s: f64,
     /// Why it failed or what it is waiting for.
     pub message: String,
     /// Losses reported so far, by step (thinned to at most [`HISTORY_POINTS`]).
     #[serde(default)]
     pub history: Vec<HistoryPoint>,
+    /// Why each ended attempt ended, oldest first (the latest [`FAILURES_KEPT`]).
+    #[serde(default)]
+    pub failures: Vec<String>,
+    /// Failed attempts so far (each one restarted the job, but the last when it failed).
+    #[serde(default)]
+    pub failed_attempts: u32,
+}
+
+impl JobRecord {
+    /// Restarts allowed after failed attempts (the spec's, else [`DEFAULT_MAX_RESTARTS`]).
+    pub fn max_restarts(&self) -> u32 {
+        self.spec.max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS)
+    }
 }
 
 /// One reported step of a job.
@@ -84,6 +99,7 @@ pub struct HistoryPoint {
     /// When it was reported, in seconds since the Unix epoch.
     pub at: f64,
     /// Its losses.
+    #[serde(with = "float_text::map")]
     pub losses: BTreeMap<String, f64>,
 }
 
@@ -130,12 +146,27 @@ pub struct Cluster {
     /// have stopped heartbeating and are not placed again.
     pub restart_delay: Duration,
     not_before: BTreeMap<String, Instant>,
+    pending_since: BTreeMap<String, Instant>,
+    /// The jobs as last written to the state file (what a failed save rolls back to).
+    saved: Option<Vec<u8>>,
+    /// A rank of a running job that reports no step for this long (or for 20 of its job's
+    /// recent step times, when longer) is taken for hung: its worker is dropped and the
+    /// attempt fails. Zero: never.
+    pub progress_timeout: Duration,
+    /// Per running job: each rank's latest reported step and when it came.
+    progress_seen: BTreeMap<String, Vec<(u64, Instant)>>,
+    /// Per running job: seconds per step of rank 0, smoothed.
+    step_seconds: BTreeMap<String, f64>,
     next_worker: u64,
     next_job: u64,
 }
 
-/// Attempts before a job whose ranks keep failing is given up.
-pub const MAX_ATTEMPTS: u32 = 8;
+/// Restarts after failed attempts before a job is given up, when its spec does not say (as
+/// torchrun's `--max-restarts` default).
+pub const DEFAULT_MAX_RESTARTS: u32 = 3;
+
+/// Attempt failures a job keeps for `status`.
+pub const FAILURES_KEPT: usize = 16;
 
 /// Most ranks a job may ask for.
 pub const MAX_NODES: u32 = 4096;
@@ -257,6 +288,8 @@ impl Cluster {
                 images_per_s: 0.0,
                 message: String::new(),
                 history: Vec::new(),
+                failures: Vec::new(),
+                failed_attempts: 0,
             },
         );
         Ok(id)
@@ -267,6 +300,9 @@ impl Cluster {
     pub fn schedule(&mut self, now: Instant) -> Vec<(String, Assignment)> {
         let mut out = Vec::new();
         self.not_before.retain(|_, t| *t > now);
+        let jobs = &self.jobs;
+        self.pending_since
+            .retain(|id, _| jobs.get(id).is_some_and(|j| j.state == PENDING));
         let pending: Vec<String> = self
             .jobs
             .values()
@@ -288,12 +324,25 @@ impl Cluster {
                 job.spec.min_nodes
             } as usize;
             if idle.len() < need {
-                job.message = format!(
+                let since = *self.pending_since.entry(id.clone()).or_insert(now);
+                let waited = now.duration_since(since).as_secs();
+                let waiting = format!(
                     "waiting for {need} idle worker(s) with a {kind} device; {} idle",
                     idle.len()
                 );
+                let limit = job.spec.placement_timeout_s;
+                if limit > 0 && waited >= limit {
+                    job.state = FAILED.into();
+                    job.message = format!("not placed within {limit} s: {waiting}");
+                    self.pending_since.remove(&id);
+                } else if waited > 0 {
+                    job.message = format!("pending for {waited} s: {waiting}");
+                } else {
+                    job.message = waiting;
+                }
                 continue;
             }
+            self.pending_since.remove(&id);
             let take = idle.len().min(job.spec.nodes as usize);
             let chosen: Vec<String> = idle.into_iter().take(take).collect();
             let peers: Vec<String> = chosen
@@ -301,11 +350,15 @@ impl Cluster {
                 .map(|w| self.workers[w].ring_addr.clone())
                 .collect();
             let resume = job.attempt > 0 || job.spec.resume;
+            let ring_secret = rand::random::<[u8; 32]>().to_vec();
             job.attempt += 1;
             job.state = RUNNING.into();
             job.workers = chosen.clone();
             job.done.clear();
             job.message = format!("attempt {} on {} worker(s)", job.attempt, chosen.len());
+            self.progress_seen
+                .insert(id.clone(), vec![(0, now); chosen.len()]);
+            self.step_seconds.remove(&id);
             for (rank, w) in chosen.iter().enumerate() {
                 self.workers.get_mut(w).expect("idle").job = Some(id.clone());
                 out.push((
@@ -318,6 +371,7 @@ impl Cluster {
                         peers: peers.clone(),
                         spec: Some(job.spec.clone()),
                         resume,
+                        ring_secret: ring_secret.clone(),
                     },
                 ));
             }
@@ -343,6 +397,17 @@ impl Cluster {
         if r.attempt != job.attempt || job.state != RUNNING {
             return Ok(true);
         }
+        if job.workers.get(r.rank as usize) != Some(&r.worker_id) {
+            return Err(invalid(
+                "progress.rank",
+                format!(
+                    "worker `{}` is not rank {} of {} attempt {}",
+                    r.worker_id, r.rank, r.job_id, r.attempt
+                ),
+            ));
+        }
+        self.note_progress(&r.job_id, r.rank as usize, r.step, Instant::now());
+        let job = self.jobs.get_mut(&r.job_id).expect("known");
         if r.rank == 0 && !r.losses.is_empty() {
             job.step = r.step;
             job.losses = r.losses.iter().map(|(k, v)| (k.clone(), *v)).collect();
@@ -372,15 +437,13 @@ impl Cluster {
                     job.message = format!("finished at step {}", job.step);
                 }
             }
-            "failed" if r.retryable && job.attempt < MAX_ATTEMPTS => {
-                let message = format!("rank {} failed: {}", r.rank, r.message);
-                self.fail_attempt(&r.job_id, &message);
-            }
             "failed" => {
-                job.state = FAILED.into();
-                job.message = format!("rank {} failed: {}", r.rank, r.message);
-                let workers = std::mem::take(&mut job.workers);
-                workers.iter().for_each(|w| self.release_worker(w));
+                let message = format!("rank {} failed: {}", r.rank, r.message);
+                if r.retryable {
+                    self.fail_attempt(&r.job_id, &message);
+                } else {
+                    self.fail_job(&r.job_id, &message);
+                }
             }
             _ => {}
         }
@@ -402,7 +465,9 @@ impl Cluster {
         Ok(self.jobs[id].state.clone())
     }
 
-    /// Drops workers silent for longer than `timeout`; their jobs' attempts fail.
+    /// Drops workers silent for longer than `timeout`, and the workers of ranks that report
+    /// no step within the progress timeout (hung, though their heartbeat thread lives on);
+    /// their jobs' attempts fail.
     pub fn expire(&mut self, now: Instant, timeout: Duration) -> Vec<String> {
         let dead: Vec<String> = self
             .workers
@@ -416,11 +481,97 @@ impl Cluster {
                 self.fail_attempt(&job, &format!("worker {id} stopped heartbeating"));
             }
         }
-        dead
+        let mut dropped = dead;
+        for (job, ranks, why) in self.hung(now) {
+            for rank in ranks {
+                let worker = self.jobs[&job].workers.get(rank).cloned();
+                if let Some(w) = worker.and_then(|w| self.workers.remove(&w)) {
+                    dropped.push(w.id);
+                }
+            }
+            self.fail_attempt(&job, &why);
+        }
+        dropped
+    }
+
+    /// Records that `rank` of `job` reported `step` at `now`; rank 0's reports also time the
+    /// job's steps.
+    fn note_progress(&mut self, job: &str, rank: usize, step: u64, now: Instant) {
+        let Some(seen) = self
+            .progress_seen
+            .get_mut(job)
+            .and_then(|s| s.get_mut(rank))
+        else {
+            return;
+        };
+        let (last_step, last_at) = *seen;
+        *seen = (step.max(last_step), now);
+        if rank == 0 && step > last_step && last_step > 0 {
+            let per_step = now.duration_since(last_at).as_secs_f64() / (step - last_step) as f64;
+            let smoothed = self.step_seconds.entry(job.to_string()).or_insert(per_step);
+            *smoothed = 0.8 * *smoothed + 0.2 * per_step;
+        }
+    }
+
+    /// Running jobs with ranks silent past the progress timeout: (job, the lagging ranks,
+    /// why). Of the silent ranks, those behind the furthest rank are blamed (the others wait
+    /// for them in a collective); when all are level, all of them.
+    fn hung(&self, now: Instant) -> Vec<(String, Vec<usize>, String)> {
+        if self.progress_timeout.is_zero() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (id, seen) in &self.progress_seen {
+            if self.jobs.get(id).is_none_or(|j| j.state != RUNNING) {
+                continue;
+            }
+            let scaled = self.step_seconds.get(id).map_or(0.0, |s| 20.0 * s);
+            let limit = self.progress_timeout.max(Duration::from_secs_f64(scaled));
+            let silent: Vec<usize> = (0..seen.len())
+                .filter(|&r| now.duration_since(seen[r].1) > limit)
+                .collect();
+            if silent.is_empty() {
+                continue;
+            }
+            let furthest = seen.iter().map(|s| s.0).max().unwrap_or(0);
+            let behind: Vec<usize> = silent
+                .iter()
+                .copied()
+                .filter(|&r| seen[r].0 < furthest)
+                .collect();
+            let blamed = if behind.is_empty() { silent } else { behind };
+            let why = format!(
+                "rank(s) {blamed:?} reported no step for {} s (hung; the limit is {} s): their worker(s) are dropped",
+                now.duration_since(seen[blamed[0]].1).as_secs(),
+                limit.as_secs()
+            );
+            out.push((id.clone(), blamed, why));
+        }
+        out
+    }
+
+    /// Drops the workers registered under `name` (a process the local mini-cluster saw exit,
+    /// `why` saying how); a job one of them ran fails its attempt. Returns whether any was
+    /// registered.
+    pub fn worker_exited(&mut self, name: &str, why: &str) -> bool {
+        let gone: Vec<Worker> = self
+            .workers
+            .values()
+            .filter(|w| w.name == name)
+            .cloned()
+            .collect();
+        for w in &gone {
+            self.workers.remove(&w.id);
+            if let Some(job) = &w.job {
+                self.fail_attempt(job, why);
+            }
+        }
+        !gone.is_empty()
     }
 
     /// Ends the current attempt of a running job: its workers are released and the job is
-    /// queued again to resume from its last checkpoint.
+    /// queued again to resume from its last checkpoint, or fails once it has used its
+    /// restarts.
     fn fail_attempt(&mut self, id: &str, why: &str) {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
@@ -429,11 +580,32 @@ impl Cluster {
             return;
         }
         tracing::warn!(job = id, attempt = job.attempt, "attempt failed: {why}");
+        job.failed_attempts += 1;
+        let (used, max) = (job.failed_attempts, job.max_restarts());
+        if used > max {
+            let why = format!("failed after {max} restart(s): {why}");
+            self.fail_job(id, &why);
+            return;
+        }
+        record_failure(job, why);
         job.state = PENDING.into();
-        job.message = format!("restarting after: {why}");
+        job.message = format!("restarting ({used} of {max}) after: {why}");
         let workers = std::mem::take(&mut job.workers);
         self.not_before
             .insert(id.to_string(), Instant::now() + self.restart_delay);
+        workers.iter().for_each(|w| self.release_worker(w));
+    }
+
+    /// Fails a job for good with `why`, releasing its workers.
+    pub fn fail_job(&mut self, id: &str, why: &str) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        tracing::error!(job = id, attempt = job.attempt, "job failed: {why}");
+        record_failure(job, why);
+        job.state = FAILED.into();
+        job.message = why.to_string();
+        let workers = std::mem::take(&mut job.workers);
         workers.iter().for_each(|w| self.release_worker(w));
     }
 
@@ -459,22 +631,45 @@ impl Cluster {
             losses: j.losses.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             images_per_s: j.images_per_s,
             message: j.message.clone(),
+            failures: j.failures.clone(),
         })
     }
 
-    /// Writes the jobs to `dir/jobs.json` (temporary file, then rename).
-    pub fn save(&self, dir: &Path) -> Result<(), ClusterError> {
-        let path = dir.join("jobs.json");
-        let err = |e: std::io::Error| ClusterError::State {
-            path: path.clone(),
-            reason: e.to_string(),
-        };
+    /// Writes the jobs to `dir/jobs.json` when they changed since the last save: a
+    /// temporary file, flushed to disk, renamed over the old one, and the directory flushed,
+    /// so that a crash leaves the old or the new state whole.
+    pub fn save(&mut self, dir: &Path) -> Result<(), ClusterError> {
         let json = serde_json::to_vec_pretty(&self.jobs.values().collect::<Vec<_>>())
             .expect("jobs serialize");
-        std::fs::create_dir_all(dir).map_err(err)?;
-        let tmp = dir.join(".jobs.json.tmp");
-        std::fs::write(&tmp, json).map_err(err)?;
-        std::fs::rename(&tmp, &path).map_err(err)
+        if self.saved.as_ref() == Some(&json) {
+            return Ok(());
+        }
+        write_durably(dir, &json)?;
+        self.saved = Some(json);
+        Ok(())
+    }
+
+    /// Undoes the changes since the last save (after it failed): the jobs are read back from
+    /// what was last written, and workers leave jobs that no longer hold them.
+    pub fn rollback(&mut self) {
+        self.jobs = match &self.saved {
+            Some(json) => serde_json::from_slice::<Vec<JobRecord>>(json)
+                .expect("jobs written by save")
+                .into_iter()
+                .map(|j| (j.id.clone(), j))
+                .collect(),
+            None => BTreeMap::new(),
+        };
+        for w in self.workers.values_mut() {
+            let held = w
+                .job
+                .as_ref()
+                .and_then(|j| self.jobs.get(j))
+                .is_some_and(|j| j.state == RUNNING && j.workers.contains(&w.id));
+            if !held {
+                w.job = None;
+            }
+        }
     }
 
     /// Reads the jobs saved in `dir` (none when the file does not exist). Jobs that were
@@ -497,6 +692,7 @@ impl Cluster {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
+        cluster.saved = Some(text.into_bytes());
         for mut job in jobs {
             if job.state == RUNNING {
                 job.state = PENDING.into();
@@ -510,6 +706,105 @@ impl Cluster {
         }
         Ok(cluster)
     }
+}
+
+/// Writes `dir/jobs.json` through a flushed temporary file and a rename, then flushes the
+/// directory.
+fn write_durably(dir: &Path, json: &[u8]) -> Result<(), ClusterError> {
+    use std::io::Write;
+    let path = dir.join("jobs.json");
+    let err = |e: std::io::Error| ClusterError::State {
+        path: path.clone(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let tmp = dir.join(".jobs.json.tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(err)?;
+    file.write_all(json).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    drop(file);
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err)
+}
+
+/// f64 in the state file: finite values as JSON numbers, NaN and the infinities (a diverged
+/// loss) as the strings `NaN`, `inf` and `-inf`, which JSON numbers cannot hold; `null`
+/// (how they were once written) reads as NaN.
+mod float_text {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Number(f64),
+        Text(String),
+        Null(()),
+    }
+
+    fn to_repr(v: f64) -> Repr {
+        match v {
+            v if v.is_finite() => Repr::Number(v),
+            v if v.is_nan() => Repr::Text("NaN".into()),
+            v if v > 0.0 => Repr::Text("inf".into()),
+            _ => Repr::Text("-inf".into()),
+        }
+    }
+
+    fn from_repr<E: serde::de::Error>(r: Repr) -> Result<f64, E> {
+        match r {
+            Repr::Number(v) => Ok(v),
+            Repr::Null(()) => Ok(f64::NAN),
+            Repr::Text(t) => match t.as_str() {
+                "NaN" => Ok(f64::NAN),
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                other => Err(E::custom(format!("`{other}` is not a number"))),
+            },
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        to_repr(*v).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        from_repr(Repr::deserialize(d)?)
+    }
+
+    /// The same for every value of a map.
+    pub mod map {
+        use std::collections::BTreeMap;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        use super::{Repr, from_repr, to_repr};
+
+        pub fn serialize<S: Serializer>(
+            m: &BTreeMap<String, f64>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            s.collect_map(m.iter().map(|(k, v)| (k, to_repr(*v))))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<BTreeMap<String, f64>, D::Error> {
+            BTreeMap::<String, Repr>::deserialize(d)?
+                .into_iter()
+                .map(|(k, r)| Ok((k, from_repr(r)?)))
+                .collect()
+        }
+    }
+}
+
+/// Keeps why an attempt of `job` ended, with its number, dropping the oldest beyond
+/// [`FAILURES_KEPT`].
+fn record_failure(job: &mut JobRecord, why: &str) {
+    job.failures.push(format!("attempt {}: {why}", job.attempt));
+    let extra = job.failures.len().saturating_sub(FAILURES_KEPT);
+    job.failures.drain(..extra);
 }
 
 #[cfg(test)]
@@ -557,6 +852,12 @@ mod tests {
         assert!(
             a.iter()
                 .all(|(_, a)| a.world_size == 3 && a.peers.len() == 3 && !a.resume)
+        );
+        let secret = &a[0].1.ring_secret;
+        assert_eq!(secret.len(), 32);
+        assert!(
+            a.iter().all(|(_, a)| &a.ring_secret == secret),
+            "one secret per attempt"
         );
     }
 
@@ -624,6 +925,155 @@ mod tests {
     }
 
     #[test]
+    fn a_job_failing_past_its_restarts_fails_with_every_reason_kept() {
+        let now = Instant::now();
+        let (mut c, ids) = cluster_with(1, now);
+        let id = c
+            .submit(JobSpec {
+                max_restarts: Some(1),
+                ..spec(1, 1)
+            })
+            .unwrap();
+        let failed = |attempt| ProgressReport {
+            worker_id: ids[0].clone(),
+            job_id: id.clone(),
+            attempt,
+            state: "failed".into(),
+            message: "panicked: boom".into(),
+            retryable: true,
+            ..Default::default()
+        };
+        assert_eq!(c.schedule(now).len(), 1);
+        c.progress(&failed(1)).unwrap();
+        assert_eq!(c.jobs[&id].state, PENDING);
+        assert!(
+            c.jobs[&id]
+                .message
+                .starts_with("restarting (1 of 1) after: rank 0 failed: panicked")
+        );
+        assert_eq!(c.schedule(now + Duration::from_secs(1)).len(), 1);
+        c.progress(&failed(2)).unwrap();
+        let job = c.job(&id).unwrap();
+        assert_eq!(job.state, FAILED);
+        assert_eq!(
+            job.message,
+            "failed after 1 restart(s): rank 0 failed: panicked: boom"
+        );
+        assert_eq!(job.failures.len(), 2, "{:?}", job.failures);
+        assert!(job.failures[0].starts_with("attempt 1: rank 0 failed: panicked: boom"));
+        assert!(c.workers[&ids[0]].job.is_none(), "the worker is free again");
+    }
+
+    #[test]
+    fn an_exited_worker_fails_its_attempt_at_once() {
+        let now = Instant::now();
+        let (mut c, ids) = cluster_with(1, now);
+        let id = c.submit(spec(1, 1)).unwrap();
+        assert_eq!(c.schedule(now).len(), 1);
+        assert!(c.worker_exited("h0", "killed by signal 9 (SIGKILL)"));
+        assert!(
+            !c.workers.contains_key(&ids[0]),
+            "dropped from the registry"
+        );
+        let job = &c.jobs[&id];
+        assert_eq!(job.state, PENDING);
+        assert!(
+            job.message.contains("killed by signal 9"),
+            "{}",
+            job.message
+        );
+        assert!(
+            !c.worker_exited("h0", "again"),
+            "nothing left under that name"
+        );
+    }
+
+    #[test]
+    fn a_rank_that_stops_reporting_is_dropped_and_the_job_restarts_on_the_rest() {
+        let now = Instant::now();
+        let (mut c, ids) = cluster_with(3, now);
+        c.progress_timeout = Duration::from_secs(60);
+        let id = c.submit(spec(2, 1)).unwrap();
+        let a = c.schedule(now);
+        let report = |rank: usize, step| ProgressReport {
+            worker_id: a[rank].0.clone(),
+            job_id: id.clone(),
+            attempt: 1,
+            rank: rank as u32,
+            step,
+            state: "running".into(),
+            ..Default::default()
+        };
+        c.progress(&report(0, 1)).unwrap();
+        c.progress(&report(1, 1)).unwrap();
+        c.progress(&report(0, 2)).unwrap();
+        // Rank 1 hangs at step 1, rank 0 waits for it in the all-reduce of step 3.
+        let later = now + Duration::from_secs(120);
+        for w in &ids {
+            c.heartbeat(w, later).unwrap();
+        }
+        let dropped = c.expire(later, Duration::from_secs(10));
+        assert_eq!(dropped, vec![a[1].0.clone()], "only the lagging rank");
+        let job = &c.jobs[&id];
+        assert_eq!(job.state, PENDING);
+        assert!(
+            job.message.contains("rank(s) [1] reported no step"),
+            "{}",
+            job.message
+        );
+        let again = c.schedule(later + Duration::from_secs(1));
+        assert_eq!(again.len(), 2, "on the two workers left");
+        assert!(again.iter().all(|(w, _)| *w != a[1].0));
+    }
+
+    #[test]
+    fn a_report_for_another_workers_rank_is_refused() {
+        let now = Instant::now();
+        let (mut c, ids) = cluster_with(2, now);
+        let id = c.submit(spec(2, 2)).unwrap();
+        let a = c.schedule(now);
+        let other = if a[0].0 == ids[0] { &ids[1] } else { &ids[0] };
+        let forged = ProgressReport {
+            worker_id: other.clone(),
+            job_id: id.clone(),
+            attempt: 1,
+            rank: 0,
+            state: "failed".into(),
+            ..Default::default()
+        };
+        let e = c.progress(&forged).unwrap_err().to_string();
+        assert!(e.contains("progress.rank"), "{e}");
+        assert_eq!(c.jobs[&id].state, RUNNING);
+    }
+
+    #[test]
+    fn a_job_not_placed_within_its_timeout_fails_saying_so() {
+        let now = Instant::now();
+        let mut c = Cluster::default();
+        let id = c
+            .submit(JobSpec {
+                placement_timeout_s: 5,
+                ..spec(2, 2)
+            })
+            .unwrap();
+        c.schedule(now);
+        c.schedule(now + Duration::from_secs(3));
+        assert_eq!(c.jobs[&id].state, PENDING);
+        assert!(
+            c.jobs[&id]
+                .message
+                .starts_with("pending for 3 s: waiting for 2 idle")
+        );
+        c.schedule(now + Duration::from_secs(5));
+        let job = &c.jobs[&id];
+        assert_eq!(job.state, FAILED);
+        assert_eq!(
+            job.message,
+            "not placed within 5 s: waiting for 2 idle worker(s) with a cpu device; 0 idle"
+        );
+    }
+
+    #[test]
     fn jobs_survive_a_restart_and_running_ones_resume() {
         let now = Instant::now();
         let (mut c, _) = cluster_with(1, now);
@@ -637,6 +1087,58 @@ mod tests {
         let a = back.schedule(now);
         assert!(a[0].1.resume);
         assert_eq!(back.submit(spec(1, 1)).unwrap(), "job-0002");
+    }
+
+    #[test]
+    fn non_finite_losses_are_saved_and_read_back() {
+        let now = Instant::now();
+        let (mut c, ids) = cluster_with(1, now);
+        let id = c.submit(spec(1, 1)).unwrap();
+        c.schedule(now);
+        let report = ProgressReport {
+            worker_id: ids[0].clone(),
+            job_id: id.clone(),
+            attempt: 1,
+            step: 7,
+            losses: [("total".into(), f64::NAN), ("g".into(), f64::NEG_INFINITY)].into(),
+            images_per_s: f64::INFINITY,
+            state: "running".into(),
+            ..Default::default()
+        };
+        c.progress(&report).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        c.save(tmp.path()).unwrap();
+        let back = Cluster::load(tmp.path()).unwrap();
+        let job = &back.jobs[&id];
+        assert!(job.losses["total"].is_nan() && job.history[0].losses["total"].is_nan());
+        assert_eq!(job.losses["g"], f64::NEG_INFINITY);
+        assert_eq!(job.images_per_s, f64::INFINITY);
+        // A state file written with nulls (how serde_json writes NaN) loads too.
+        let text = std::fs::read_to_string(tmp.path().join("jobs.json")).unwrap();
+        std::fs::write(
+            tmp.path().join("jobs.json"),
+            text.replace("\"NaN\"", "null"),
+        )
+        .unwrap();
+        assert!(Cluster::load(tmp.path()).unwrap().jobs[&id].losses["total"].is_nan());
+    }
+
+    #[test]
+    fn a_failed_save_rolls_the_jobs_back_to_what_is_on_disk() {
+        let now = Instant::now();
+        let (mut c, ids) = cluster_with(1, now);
+        let tmp = tempfile::tempdir().unwrap();
+        c.save(tmp.path()).unwrap();
+        let id = c.submit(spec(1, 1)).unwrap();
+        assert_eq!(c.schedule(now).len(), 1);
+        // A directory where the temporary file goes: the write fails (even as root).
+        std::fs::create_dir(tmp.path().join(".jobs.json.tmp")).unwrap();
+        let e = c.save(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains("jobs.json"), "{e}");
+        c.rollback();
+        assert!(!c.jobs.contains_key(&id), "the unsaved job is gone");
+        assert!(c.workers[&ids[0]].job.is_none(), "its worker is idle again");
+        assert!(Cluster::load(tmp.path()).unwrap().jobs.is_empty());
     }
 
     #[test]

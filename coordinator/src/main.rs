@@ -3,10 +3,9 @@
 //! N worker processes and a dataloader service on loopback), `status` and `cancel`.
 //! Computes nothing and does not link burn.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -15,8 +14,10 @@ use taming_coordinator::client;
 use taming_coordinator::cluster::SUCCEEDED;
 use taming_coordinator::http::serve_http;
 use taming_coordinator::service::{CoordinatorService, ServeOptions, serve};
+use taming_coordinator::standalone::{StandaloneOptions, launch_local, sibling};
 use taming_proto::auth::TOKEN_ENV;
 use taming_proto::coordinator::JobSpec;
+use taming_proto::tls::TlsArgs;
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +31,8 @@ struct Cli {
     token: Option<String>,
     #[command(flatten)]
     telemetry: taming_telemetry::TelemetryArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -58,6 +61,10 @@ enum Cmd {
         /// Also serve the status page and /metrics (Prometheus) over HTTP on this address.
         #[arg(long)]
         http: Option<SocketAddr>,
+        /// Seconds a rank may go without reporting a step (at least 20 of its job's recent
+        /// step times) before it is taken for hung and its attempt fails; 0: never.
+        #[arg(long, default_value_t = taming_coordinator::service::DEFAULT_PROGRESS_TIMEOUT_S)]
+        progress_timeout: u64,
     },
     /// Run a training job and follow it.
     Launch {
@@ -129,6 +136,26 @@ enum Cmd {
         /// Dataloader services the local mini-cluster starts (0: workers read the shards).
         #[arg(long, default_value_t = 1)]
         dataloaders: usize,
+        /// Restarts after failed attempts (a rank's error or panic, a lost worker) before the
+        /// job fails, as torchrun's.
+        #[arg(long, default_value_t = taming_coordinator::cluster::DEFAULT_MAX_RESTARTS)]
+        max_restarts: u32,
+        /// Fail the job when it waits longer than this many seconds for workers.
+        #[arg(long, value_name = "SECONDS")]
+        placement_timeout: Option<u64>,
+    },
+    /// Make a cluster CA and a certificate per name (mutual TLS for every service).
+    Certs {
+        /// Folder for ca.pem, ca.key, NAME.pem, NAME.key and secret.yaml (a Kubernetes Secret).
+        #[arg(long)]
+        out: PathBuf,
+        /// The names the services are reached by (DNS names or IPs; `localhost` also covers
+        /// 127.0.0.1 and ::1), one certificate each.
+        #[arg(long, value_delimiter = ',', required = true)]
+        names: Vec<String>,
+        /// Days the certificates are valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
     /// List the jobs of a running coordinator.
     Status {
@@ -155,18 +182,23 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let token = cli.token;
+    let transport = cli.tls.load()?;
     match cli.command {
         Cmd::Serve {
             bind,
             state,
             heartbeat_timeout,
             http,
+            progress_timeout,
         } => {
+            let tls = transport.server(bind, "the coordinator")?;
+            transport.check_token(bind, token.is_some(), "the coordinator")?;
             let service = CoordinatorService::new(ServeOptions {
                 state_dir: state,
                 heartbeat_timeout: Duration::from_secs(heartbeat_timeout),
                 heartbeat_interval: Duration::from_secs(1),
                 token,
+                progress_timeout: Duration::from_secs(progress_timeout),
             })?;
             let listener = tokio::net::TcpListener::bind(bind)
                 .await
@@ -182,14 +214,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     let _ = tokio::signal::ctrl_c().await;
                 }));
             }
-            serve(service, listener, async {
+            serve(service, listener, tls, async {
                 let _ = tokio::signal::ctrl_c().await;
             })
             .await?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Certs { out, names, days } => {
+            for f in taming_coordinator::certs::write_certs(&out, &names, days)? {
+                println!("{}", f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Status { coordinator } => {
-            let mut c = client::connect(&coordinator, token.as_deref()).await?;
+            let mut c = client::connect(&coordinator, token.as_deref(), &transport).await?;
             for job in client::list(&mut c).await? {
                 println!(
                     "{}  step {:>7}  {}",
@@ -197,11 +235,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     job.step,
                     client::line(&job)
                 );
+                for f in &job.failures {
+                    println!("    {f}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cancel { job, coordinator } => {
-            let mut c = client::connect(&coordinator, token.as_deref()).await?;
+            let mut c = client::connect(&coordinator, token.as_deref(), &transport).await?;
             println!("{job}: {}", client::cancel(&mut c, &job).await?);
             Ok(ExitCode::SUCCESS)
         }
@@ -227,6 +268,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             val_codes,
             cond_vqgan,
             dataloader_addrs,
+            max_restarts,
+            placement_timeout,
         } => {
             let transformer = stage == Stage::Transformer;
             if transformer && vqgan.is_none() {
@@ -273,10 +316,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 val_codes: val_codes.map(absolute_if_local).unwrap_or_default(),
                 cond_vqgan: path_text(cond_vqgan)?,
                 checkpoint_url: checkpoint_url.map(absolute_if_local).unwrap_or_default(),
+                max_restarts: Some(max_restarts),
+                placement_timeout_s: placement_timeout.unwrap_or(0),
             };
             match coordinator {
-                Some(addr) => launch_remote(&addr, token.as_deref(), spec, !quiet).await,
-                None => launch_local(spec, dataloaders, !quiet).await,
+                Some(addr) => {
+                    launch_remote(&addr, token.as_deref(), &transport, spec, !quiet).await
+                }
+                None => {
+                    let opts = StandaloneOptions {
+                        dataloaders,
+                        show: !quiet,
+                    };
+                    finish(launch_local(spec, opts).await?)
+                }
             }
         }
     }
@@ -294,10 +347,11 @@ fn absolute_if_local(data: String) -> String {
 async fn launch_remote(
     addr: &str,
     token: Option<&str>,
+    transport: &taming_proto::tls::Transport,
     spec: JobSpec,
     show: bool,
 ) -> Result<ExitCode> {
-    let mut c = client::connect(addr, token).await?;
+    let mut c = client::connect(addr, token, transport).await?;
     let id = client::submit(&mut c, spec).await?;
     eprintln!("submitted {id}");
     finish(client::follow(&mut c, &id, show).await?)
@@ -310,99 +364,6 @@ fn finish(job: taming_proto::coordinator::Job) -> Result<ExitCode> {
     } else {
         bail!("{} {}: {}", job.job_id, job.state, job.message)
     }
-}
-
-/// Children killed when dropped.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// A coordinator in this process, a dataloader service and `nodes` workers on loopback.
-async fn launch_local(mut spec: JobSpec, dataloaders: usize, show: bool) -> Result<ExitCode> {
-    let out = PathBuf::from(&spec.out);
-    let logs = out.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    let token = random_token()?;
-    let service = CoordinatorService::new(ServeOptions {
-        state_dir: out.join(".coordinator"),
-        heartbeat_timeout: Duration::from_secs(10),
-        heartbeat_interval: Duration::from_secs(1),
-        token: Some(token.clone()),
-    })?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?.to_string();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(service, listener, async {
-        let _ = stop_rx.await;
-    }));
-    let mut children = Children(Vec::new());
-    for i in 0..dataloaders {
-        match start_dataloader(&logs, i) {
-            Ok((child, dl)) => {
-                children.0.push(child);
-                spec.dataloaders.push(dl);
-            }
-            Err(e) => {
-                eprintln!("note: no dataloader service ({e:#}); workers read the shards");
-                break;
-            }
-        }
-    }
-    let worker = sibling("worker")?;
-    for i in 0..spec.nodes {
-        let log = std::fs::File::create(logs.join(format!("worker-{i}.log")))?;
-        let child = Command::new(&worker)
-            .args(["--coordinator", &addr, "--name", &format!("local-{i}")])
-            .env(TOKEN_ENV, &token)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", worker.display()))?;
-        children.0.push(child);
-    }
-    let mut c = client::connect(&addr, Some(&token)).await?;
-    let id = client::submit(&mut c, spec).await?;
-    let job = tokio::select! {
-        job = client::follow(&mut c, &id, show) => job,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; {id} stopped with its workers (continue with --resume)")),
-    };
-    drop(children);
-    let _ = stop_tx.send(());
-    let _ = server.await;
-    finish(job?)
-}
-
-/// 128 random bits, hex, for the mini-cluster's token.
-fn random_token() -> Result<String> {
-    let mut bytes = [0u8; 16];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Starts `dataloader serve` on a free loopback port; returns it and its address.
-fn start_dataloader(logs: &Path, i: usize) -> Result<(Child, String)> {
-    let bin = sibling("dataloader")?;
-    let log = std::fs::File::create(logs.join(format!("dataloader-{i}.log")))?;
-    let mut child = Command::new(&bin)
-        .args(["serve", "--bind", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .context("the dataloader did not start")?;
-    Ok((child, addr.to_string()))
 }
 
 /// Refuses a config the worker would refuse, before anything starts (needs the `worker`
@@ -429,21 +390,4 @@ fn check_config(stage: Stage, config: Option<&Path>) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A binary beside this one (or named by `$TAMING_<NAME>_BIN`).
-fn sibling(name: &str) -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os(format!("TAMING_{}_BIN", name.to_uppercase())) {
-        return Ok(PathBuf::from(path));
-    }
-    let me = std::env::current_exe().context("locating this executable")?;
-    let bin = me.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    if !bin.is_file() {
-        bail!(
-            "{} not found: build the workspace (same profile), or set TAMING_{}_BIN",
-            bin.display(),
-            name.to_uppercase()
-        );
-    }
-    Ok(bin)
 }

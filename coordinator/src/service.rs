@@ -17,6 +17,9 @@ use tonic::{Request, Response, Status};
 use crate::cluster::{Cluster, ClusterError};
 use taming_proto::auth::RequireToken;
 
+/// The progress timeout of `coordinator serve` and the local mini-cluster, in seconds.
+pub const DEFAULT_PROGRESS_TIMEOUT_S: u64 = 300;
+
 /// Service settings.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -28,6 +31,9 @@ pub struct ServeOptions {
     pub heartbeat_interval: Duration,
     /// Required cluster token.
     pub token: Option<String>,
+    /// A rank that reports no step for this long (or 20 step times) is taken for hung; zero:
+    /// never.
+    pub progress_timeout: Duration,
 }
 
 /// What the coordinator knows at one moment.
@@ -70,6 +76,7 @@ impl CoordinatorService {
     pub fn new(opts: ServeOptions) -> Result<Self, ClusterError> {
         let mut cluster = Cluster::load(&opts.state_dir)?;
         cluster.restart_delay = opts.heartbeat_timeout + Duration::from_secs(1);
+        cluster.progress_timeout = opts.progress_timeout;
         Ok(Self {
             shared: Arc::new(Shared {
                 cluster: Mutex::new(cluster),
@@ -97,7 +104,8 @@ impl CoordinatorService {
         InterceptedService::new(CoordinatorServer::new(self), token)
     }
 
-    /// Runs `f` on the cluster, then schedules, dispatches and saves.
+    /// Runs `f` on the cluster, schedules, saves, then dispatches; when the save fails the
+    /// change is rolled back and the caller gets the error.
     fn change<T>(
         &self,
         f: impl FnOnce(&mut Cluster) -> Result<T, ClusterError>,
@@ -106,7 +114,12 @@ impl CoordinatorService {
             let mut c = self.shared.cluster.lock().expect("cluster");
             let out = f(&mut c).map_err(status)?;
             let assignments = c.schedule(Instant::now());
-            c.save(&self.shared.opts.state_dir).map_err(status)?;
+            if let Err(e) = c.save(&self.shared.opts.state_dir) {
+                // Nothing is dispatched that the state file does not hold.
+                tracing::error!("{e}; the change is undone");
+                c.rollback();
+                return Err(status(e));
+            }
             (out, assignments)
         };
         self.dispatch(assignments);
@@ -131,6 +144,34 @@ impl CoordinatorService {
         }
     }
 
+    /// Drops the workers registered as `name`, whose process exited (`why`: how); the
+    /// attempt one of them ran fails at once instead of after the heartbeat timeout.
+    pub fn worker_exited(&self, name: &str, why: &str) -> bool {
+        self.change(|c| Ok(c.worker_exited(name, why)))
+            .unwrap_or(false)
+    }
+
+    /// Fails a job for good (its workers are told at their next heartbeat).
+    pub fn fail_job(&self, id: &str, why: &str) {
+        let _ = self.change(|c| {
+            c.fail_job(id, why);
+            Ok(())
+        });
+    }
+
+    /// Whether the job has ended (succeeded, failed or cancelled) or is unknown.
+    pub fn job_ended(&self, id: &str) -> bool {
+        let cluster = self.shared.cluster.lock().expect("cluster lock");
+        cluster.jobs.get(id).is_none_or(|j| {
+            [
+                crate::cluster::SUCCEEDED,
+                crate::cluster::FAILED,
+                crate::cluster::CANCELLED,
+            ]
+            .contains(&j.state.as_str())
+        })
+    }
+
     /// Expires silent workers (called every second by [`serve`]).
     pub fn monitor_tick(&self) {
         let timeout = self.shared.opts.heartbeat_timeout;
@@ -143,10 +184,12 @@ impl CoordinatorService {
     }
 }
 
-/// Serves on a bound listener until `shutdown`, with the expiry monitor.
+/// Serves on a bound listener (over TLS with `tls`) until `shutdown`, with the expiry
+/// monitor.
 pub async fn serve(
     service: CoordinatorService,
     listener: tokio::net::TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let monitor = service.clone();
@@ -162,7 +205,13 @@ pub async fn serve(
     reporter
         .set_serving::<CoordinatorServer<CoordinatorService>>()
         .await;
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let result = builder
         .add_service(health)
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(

@@ -1,10 +1,13 @@
 //! `coordinator launch` as a user runs it: a short stage-1 job on the embedded data through a
 //! real worker process, and the refusals.
 
-use taming_tests::process::{bin, csv_steps, root, succeed};
+use taming_tests::process::{
+    bin, children_named, csv_steps, finish_within, root, spawn_announcing, succeed, wait_for,
+};
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 fn coordinator() -> Command {
     Command::new(env!("CARGO_BIN_EXE_coordinator"))
@@ -299,4 +302,129 @@ fn segmentation_conditioning_runs_through_the_whole_pipeline() {
         "{config}"
     );
     assert!(out.join("samples.png").is_file());
+}
+
+/// A one-node local launch whose worker is killed by a signal after its first checkpoint:
+/// the mini-cluster starts the worker again, the job resumes, and the run ends with one
+/// continuous step count; launch says how the first attempt ended.
+#[test]
+fn a_killed_local_worker_is_restarted_and_the_run_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let launch = coordinator()
+        .args(
+            "launch --stage vqgan --nodes 1 --steps 24 --quiet --dataloaders 0".split_whitespace(),
+        )
+        .args(["--checkpoint-every", "3", "--eval-every", "12"])
+        .arg("--config")
+        .arg(tiny_config(tmp.path()))
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("a checkpoint", Duration::from_secs(240), || {
+        out.join("checkpoints/latest").exists()
+    });
+    let workers = children_named(launch.id(), "worker");
+    assert_eq!(workers.len(), 1, "one worker process: {workers:?}");
+    let killed = Command::new("kill")
+        .args(["-9", &workers[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let run = finish_within(launch, Duration::from_secs(400));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "attempt 1: worker local-0 (pid {}) was killed by signal 9 (SIGKILL)",
+            workers[0]
+        )),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("succeeded attempt 2"), "{stdout}");
+    assert_eq!(
+        csv_steps(&out.join("metrics.csv")),
+        (1..=24).collect::<Vec<_>>(),
+        "one continuous step count"
+    );
+}
+
+/// A deterministic failure (the test failpoint panics at step 3 of every attempt) fails the
+/// job after --max-restarts restarts, with the panic's message shown by launch.
+#[test]
+fn a_failure_that_repeats_fails_the_job_after_its_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let launch = coordinator()
+        .args("launch --stage vqgan --nodes 1 --steps 6 --quiet --dataloaders 0".split_whitespace())
+        .args([
+            "--max-restarts",
+            "1",
+            "--checkpoint-every",
+            "2",
+            "--eval-every",
+            "6",
+        ])
+        .arg("--config")
+        .arg(tiny_config(tmp.path()))
+        .arg("--out")
+        .arg(&out)
+        .env("TAMING_FAILPOINT", "panic-at-step:3")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = finish_within(launch, Duration::from_secs(400));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    let injected = "injected failure at step 3 (TAMING_FAILPOINT)";
+    assert!(
+        stderr.contains("attempt 1: rank 0 failed: panicked at") && stderr.contains(injected),
+        "the first attempt's end is shown: {stderr}"
+    );
+    assert!(
+        stderr.contains("failed after 1 restart(s): rank 0 failed: panicked at"),
+        "{stderr}"
+    );
+    let log = std::fs::read_to_string(out.join("logs/worker-0.log")).unwrap();
+    assert_eq!(
+        log.matches(injected).count(),
+        2,
+        "two attempts, each on a fresh worker process: {log}"
+    );
+}
+
+/// A job no worker can take fails after --placement-timeout, saying what it waited for.
+#[test]
+fn a_job_that_cannot_be_placed_fails_after_the_placement_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_coord, said) = spawn_announcing(
+        Command::new(bin("coordinator"))
+            .args(["serve", "--bind", "127.0.0.1:0", "--state"])
+            .arg(tmp.path().join("state"))
+            .stderr(Stdio::null()),
+        &["coordinator listening on "],
+    );
+    let run = coordinator()
+        .args(
+            "launch --stage vqgan --nodes 2 --steps 2 --quiet --placement-timeout 2"
+                .split_whitespace(),
+        )
+        .args(["--coordinator", &said[0]])
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains(
+            "not placed within 2 s: waiting for 2 idle worker(s) with a cpu device; 0 idle"
+        ),
+        "{err}"
+    );
 }

@@ -1,10 +1,11 @@
 //! The wire formats of taming-rs services, generated from `proto/*.proto`.
 //!
-//! This crate computes nothing: it holds messages, tonic clients/servers and the token
-//! interceptors every service shares.
+//! This crate computes nothing: it holds messages, tonic clients/servers, the token
+//! interceptors and the TLS settings every service shares.
 
 pub mod auth;
 pub mod metrics;
+pub mod tls;
 
 /// The dataloader service: ready batches streamed to trainers.
 pub mod dataloader {
@@ -71,15 +72,70 @@ pub type CoordinatorClient = coordinator::coordinator_client::CoordinatorClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, auth::AttachToken>,
 >;
 
-/// Connects to the coordinator at `addr` (`host:port` or a URL) within 5 seconds.
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TLS settings, or plaintext refused.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The transport failed (no answer, TLS handshake refused).
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A channel to `addr` (`host:port` or a URL) over `transport` (TLS, or plaintext where
+/// allowed), connected within 5 seconds; calls time out after `deadline`, and HTTP/2
+/// keepalives probe the connection every 30 seconds.
+pub async fn channel(
+    addr: &str,
+    transport: &tls::Transport,
+    deadline: Option<std::time::Duration>,
+) -> Result<tonic::transport::Channel, ConnectError> {
+    let tls = transport.client(addr)?;
+    let mut endpoint = tonic::transport::Endpoint::from_shared(transport.url(addr))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    if let Some(d) = deadline {
+        endpoint = endpoint.timeout(d);
+    }
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(endpoint.connect().await?)
+}
+
+/// How long a unary coordinator call may take.
+pub const COORDINATOR_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Connects to the coordinator at `addr` (`host:port` or a URL) within 5 seconds, for
+/// unary calls: each fails after [`COORDINATOR_DEADLINE`].
 pub async fn connect_coordinator(
     addr: &str,
     token: Option<&str>,
-) -> Result<CoordinatorClient, tonic::transport::Error> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint_url(addr))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect()
-        .await?;
+    transport: &tls::Transport,
+) -> Result<CoordinatorClient, ConnectError> {
+    coordinator_client(addr, token, transport, Some(COORDINATOR_DEADLINE)).await
+}
+
+/// Like [`connect_coordinator`], for the long-lived assignment stream (no deadline; the
+/// keepalives notice a dead peer).
+pub async fn connect_coordinator_stream(
+    addr: &str,
+    token: Option<&str>,
+    transport: &tls::Transport,
+) -> Result<CoordinatorClient, ConnectError> {
+    coordinator_client(addr, token, transport, None).await
+}
+
+async fn coordinator_client(
+    addr: &str,
+    token: Option<&str>,
+    transport: &tls::Transport,
+    deadline: Option<std::time::Duration>,
+) -> Result<CoordinatorClient, ConnectError> {
+    let channel = channel(addr, transport, deadline).await?;
     Ok(
         coordinator::coordinator_client::CoordinatorClient::with_interceptor(
             channel,

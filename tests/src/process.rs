@@ -138,3 +138,42 @@ pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The pids of `parent`'s child processes whose command name is `name` (from `/proc`).
+pub fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            // /proc/PID/stat: `pid (comm) state ppid ...`; comm may hold spaces.
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                    return false;
+                };
+                let ppid = stat[close + 1..].split_whitespace().nth(1);
+                &stat[open + 1..close] == name && ppid == Some(&parent.to_string())
+            })
+        })
+        .collect()
+}
+
+/// Waits for `child` to exit within `timeout` (killing it and failing the test otherwise)
+/// and returns its output, stdout and stderr read whole (pipe them).
+pub fn finish_within(child: Child, timeout: Duration) -> Output {
+    let pid = child.id();
+    let waiter = std::thread::spawn(move || child.wait_with_output());
+    let deadline = Instant::now() + timeout;
+    while !waiter.is_finished() {
+        if Instant::now() > deadline {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("process {pid} still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    waiter
+        .join()
+        .expect("waiter")
+        .expect("the process's output")
+}

@@ -13,10 +13,15 @@ use std::time::Duration;
 const TOKEN: &str = "test-token";
 
 fn serve(state: &Path) -> (Proc, String) {
+    serve_with(state, &[])
+}
+
+fn serve_with(state: &Path, extra: &[&str]) -> (Proc, String) {
     let (proc, said) = spawn_announcing(
         Command::new(bin("coordinator"))
             .args("serve --bind 127.0.0.1:0 --heartbeat-timeout 3 --state".split_whitespace())
             .arg(state)
+            .args(extra)
             .env("TAMING_CLUSTER_TOKEN", TOKEN)
             .stderr(Stdio::null()),
         &["coordinator listening on "],
@@ -95,6 +100,69 @@ fn a_job_survives_a_killed_worker_and_finishes_with_one_continuous_step_count() 
         "one continuous step count"
     );
     assert!(out.join("model/model.safetensors").is_file());
+}
+
+/// A rank that hangs (its training stops at step 3 while its heartbeat thread goes on) is
+/// taken for hung after the progress timeout: its worker is dropped, and the job resumes on
+/// the other worker from its checkpoint, with one continuous step count.
+#[test]
+fn a_hung_worker_is_dropped_and_the_job_finishes_on_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_coord, addr) = serve_with(&tmp.path().join("state"), &["--progress-timeout", "8"]);
+    let quick = ["--collective-timeout", "10"];
+    let hung_log = tmp.path().join("hung.log");
+    let _hung = {
+        let log = std::fs::File::create(&hung_log).unwrap();
+        Proc(
+            Command::new(bin("worker"))
+                .args(["--coordinator", &addr, "--name", "hung"])
+                .args(quick)
+                .env("TAMING_CLUSTER_TOKEN", TOKEN)
+                .env("TAMING_FAILPOINT", "hang-at-step:3")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _ok = worker_with(&addr, "ok", TOKEN, &tmp.path().join("ok.log"), &quick);
+    let out = tmp.path().join("run");
+    let launch = coordinator(&addr)
+        .args("launch --stage vqgan --nodes 2 --min-nodes 1 --steps 8 --quiet".split_whitespace())
+        .args([
+            "--checkpoint-every",
+            "2",
+            "--eval-every",
+            "8",
+            "--coordinator",
+            &addr,
+        ])
+        .arg("--config")
+        .arg(tiny_config(tmp.path()))
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let result = launch.wait_with_output_timeout();
+    assert!(result.0, "launch failed:\n{}\n{}", result.1, result.2);
+    assert!(
+        result.2.contains("reported no step for") && result.2.contains("(hung;"),
+        "launch says why the first attempt ended: {}",
+        result.2
+    );
+    assert!(
+        result.1.contains("succeeded attempt 2 on 1 worker(s)"),
+        "{}",
+        result.1
+    );
+    let hung = std::fs::read_to_string(&hung_log).unwrap();
+    assert!(hung.contains("hanging at step 3"), "{hung}");
+    assert_eq!(
+        csv_steps(&out.join("metrics.csv")),
+        (1..=8).collect::<Vec<u64>>()
+    );
 }
 
 /// A `dataloader serve` process, its address and its metrics address.

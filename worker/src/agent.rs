@@ -6,14 +6,16 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use taming_collective::{AllReduce, RingConfig, TcpRing, nccl};
 use taming_model::device::DeviceSpec;
 use taming_proto::coordinator::*;
+use taming_proto::tls::Transport;
 
 use crate::checkpoint::LATEST;
 use crate::defaults::{default_data, parse_config, parse_stage2_config};
@@ -48,6 +50,8 @@ pub struct AgentOptions {
     pub metrics_bind: Option<SocketAddr>,
     /// Training batches decoded ahead (see [`RunSettings::prefetch`]).
     pub prefetch: usize,
+    /// TLS (or plaintext, where allowed) to the coordinator and the dataloader services.
+    pub transport: Transport,
 }
 
 /// The ring listener's own address, advertised when `--advertise` is absent; a warning when
@@ -63,8 +67,12 @@ fn bound_ring_addr(listener: &TcpListener) -> Result<String> {
     Ok(bound.to_string())
 }
 
-/// Runs the agent until the coordinator goes away.
+/// Runs the agent until the coordinator goes away. A panic while running an assignment is
+/// reported to the coordinator as the attempt's failure, then ends the process (exit status
+/// 101, as an uncaught panic), since its state can no longer be trusted.
 pub fn run_agent(opts: AgentOptions) -> Result<()> {
+    crate::failpoint::configured().map_err(anyhow::Error::msg)?;
+    record_panics();
     let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
     let listener =
         TcpListener::bind(opts.ring_bind).with_context(|| format!("binding {}", opts.ring_bind))?;
@@ -104,9 +112,18 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
         stop.clone(),
     ));
     let mut stream = rt
-        .block_on(client.watch_assignments(WatchRequest {
-            worker_id: id.clone(),
-        }))
+        .block_on(async {
+            let mut c = taming_proto::connect_coordinator_stream(
+                &opts.coordinator,
+                opts.token.as_deref(),
+                &opts.transport,
+            )
+            .await?;
+            let watch = WatchRequest {
+                worker_id: id.clone(),
+            };
+            Ok::<_, anyhow::Error>(c.watch_assignments(watch).await?)
+        })
         .context("watching assignments")?
         .into_inner();
     while let Some(a) = rt.block_on(stream.message()).context("assignment stream")? {
@@ -118,17 +135,21 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
             "assignment"
         );
         let started = Instant::now();
-        let result = run_assignment(
-            &rt,
-            &client,
-            &id,
-            &a,
-            &listener,
-            &opts,
-            &offered,
-            stop.clone(),
-            metrics.clone(),
-        );
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            run_assignment(
+                &rt,
+                &client,
+                &id,
+                &a,
+                &listener,
+                &opts,
+                &offered,
+                stop.clone(),
+                metrics.clone(),
+            )
+        }));
+        let panicked = outcome.is_err();
+        let result = outcome.unwrap_or_else(|_| Err(anyhow::anyhow!("{}", last_panic())));
         let (state, message) = match &result {
             Ok(()) => (
                 "succeeded",
@@ -136,7 +157,7 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
             ),
             Err(e) => ("failed", format!("{e:#}")),
         };
-        let retryable = result.as_ref().err().is_some_and(retryable);
+        let retryable = panicked || result.as_ref().err().is_some_and(retryable);
         if let Err(e) = &result {
             tracing::error!(job = a.job_id, "{e:#}");
         }
@@ -151,8 +172,42 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
             ..Default::default()
         };
         let _ = rt.block_on(client.report_progress(report));
+        if panicked {
+            std::process::exit(101);
+        }
     }
     Ok(())
+}
+
+/// The latest panic of this process, as `panicked at FILE:LINE:COL: MESSAGE`.
+static LAST_PANIC: Mutex<String> = Mutex::new(String::new());
+
+/// Keeps each panic's message and place for [`last_panic`], then prints it as Rust does.
+fn record_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        if let Ok(mut last) = LAST_PANIC.lock() {
+            *last = format!("panicked{place}: {message}");
+        }
+        default(info);
+    }));
+}
+
+fn last_panic() -> String {
+    LAST_PANIC
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_else(|_| "panicked".into())
 }
 
 /// How long a worker waits for a coordinator that is not up yet (started at the same time,
@@ -169,7 +224,8 @@ fn register(
     let deadline = Instant::now() + COORDINATOR_WAIT;
     loop {
         let attempt = rt.block_on(async {
-            let mut client = connect(&opts.coordinator, opts.token.as_deref()).await?;
+            let mut client =
+                connect(&opts.coordinator, opts.token.as_deref(), &opts.transport).await?;
             let reply = client
                 .register_worker(request.clone())
                 .await
@@ -190,6 +246,10 @@ fn register(
 fn unreachable(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<tonic::transport::Error>().is_some()
+            || matches!(
+                c.downcast_ref::<taming_proto::ConnectError>(),
+                Some(taming_proto::ConnectError::Transport(_))
+            )
             || c.downcast_ref::<tonic::Status>()
                 .is_some_and(|s| s.code() == tonic::Code::Unavailable)
     })
@@ -207,8 +267,8 @@ fn retryable(e: &anyhow::Error) -> bool {
     })
 }
 
-async fn connect(addr: &str, token: Option<&str>) -> Result<Client> {
-    taming_proto::connect_coordinator(addr, token)
+async fn connect(addr: &str, token: Option<&str>, transport: &Transport) -> Result<Client> {
+    taming_proto::connect_coordinator(addr, token, transport)
         .await
         .with_context(|| format!("connecting to the coordinator at {addr}"))
 }
@@ -351,10 +411,17 @@ fn make_group(
     let peers = a.peers.clone();
     let mut h = DefaultHasher::new();
     (&a.job_id, a.attempt).hash(&mut h);
+    let secret = a.ring_secret.as_slice().try_into().map_err(|_| {
+        anyhow::anyhow!(
+            "assignment.ring_secret: {} bytes, not 32 (a coordinator of another version?)",
+            a.ring_secret.len()
+        )
+    })?;
     let cfg = RingConfig {
         rank: a.rank as usize,
         peers,
         job: h.finish(),
+        secret,
         timeout: opts.collective_timeout,
     };
     Ok(Some(Box::new(TcpRing::connect(
@@ -431,6 +498,7 @@ impl Reporter {
     /// Reports a step's losses and throughput (to the coordinator and the metrics); says
     /// whether to go on.
     fn send(&self, step: u64, losses: &[(&str, f64)], rate: f64, timing: StepTiming) -> bool {
+        crate::failpoint::at_step(step);
         self.metrics
             .record(&self.a.job_id, &self.stage, step, rate, timing);
         let losses = losses.iter().map(|(k, v)| (k.to_string(), *v)).collect();

@@ -102,7 +102,7 @@ pub fn write<C: Serialize, S: Serialize + HasStep>(
     fs::create_dir_all(run).map_err(|e| CheckpointError::new(run, e))?;
     let name = format!("ckpt-{:08}", state.step());
     let final_dir = run.join(&name);
-    let staging = run.join(format!(".{name}.partial-{}", std::process::id()));
+    let staging = run.join(format!(".{name}.partial-{}", unique_suffix()));
     let _ = fs::remove_dir_all(&staging);
     let result = (|| {
         fs::create_dir_all(&staging).map_err(|e| CheckpointError::new(&staging, e))?;
@@ -122,11 +122,39 @@ pub fn write<C: Serialize, S: Serialize + HasStep>(
     Ok(final_dir)
 }
 
+/// A name for a staging file or folder that no other process picks, even one with the same
+/// PID in another container sharing the run folder: the PID and 64 random bits.
+pub fn unique_suffix() -> String {
+    format!("{}-{:016x}", std::process::id(), rand::random::<u64>())
+}
+
+/// Checks a checkpoint name read from a `latest` pointer (local or remote): `ckpt-` and
+/// digits, one path component, so that a forged pointer cannot name a path outside the run.
+pub fn checkpoint_name<'a>(pointer: &Path, name: &'a str) -> Result<&'a str, CheckpointError> {
+    let name = name.trim();
+    match name.strip_prefix("ckpt-") {
+        Some(digits)
+            if !digits.is_empty()
+                && digits.len() <= 20
+                && digits.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            Ok(name)
+        }
+        _ => Err(CheckpointError::new(
+            pointer,
+            format!(
+                "names `{}`, not a checkpoint (ckpt-NNNNNNNN)",
+                name.escape_debug()
+            ),
+        )),
+    }
+}
+
 /// The newest complete checkpoint of `run`.
 pub fn latest(run: &Path) -> Result<PathBuf, CheckpointError> {
     let pointer = run.join(LATEST);
     let name = fs::read_to_string(&pointer).map_err(|e| CheckpointError::new(&pointer, e))?;
-    let dir = run.join(name.trim());
+    let dir = run.join(checkpoint_name(&pointer, &name)?);
     if !dir.is_dir() {
         return Err(CheckpointError::new(&dir, "named by `latest` but missing"));
     }

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod defaults;
 pub mod devices;
 pub mod distributed;
+pub mod failpoint;
 pub mod metrics;
 pub mod mirror;
 pub mod settings;

@@ -19,7 +19,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use taming_dataloader::runtime;
 use taming_dataloader::source::{Location, locate};
 
-use crate::checkpoint::{CheckpointError, LATEST};
+use crate::checkpoint::{CheckpointError, LATEST, checkpoint_name, unique_suffix};
 
 /// Objects above this size are uploaded in parts of this size.
 const PART_BYTES: usize = 16 << 20;
@@ -60,7 +60,11 @@ impl RunMirror {
         let store = self.root.store.clone();
         let got = runtime::block_on(async move { store.get(&path).await?.bytes().await });
         match got {
-            Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).trim().to_string())),
+            Ok(bytes) => {
+                let name = String::from_utf8_lossy(&bytes);
+                let pointer = std::path::PathBuf::from(format!("{}/{rel}", self.root.url));
+                Ok(Some(checkpoint_name(&pointer, &name)?.to_string()))
+            }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.error(&rel, e)),
         }
@@ -170,7 +174,7 @@ impl RunMirror {
         let staging = parent.join(format!(
             ".{}.pulling-{}",
             dest.file_name().expect("named").to_string_lossy(),
-            std::process::id()
+            unique_suffix()
         ));
         let _ = fs::remove_dir_all(&staging);
         let result = self.pull_prefix(rel, &staging).and_then(|()| {
@@ -203,7 +207,7 @@ impl RunMirror {
     fn pull_file(&self, rel: &str, dest: &Path) -> Result<(), CheckpointError> {
         let path = self.path(rel);
         let store = self.root.store.clone();
-        let tmp = dest.with_extension(format!("partial-{}", std::process::id()));
+        let tmp = dest.with_extension(format!("partial-{}", unique_suffix()));
         let got = runtime::block_on(get_file(store.as_ref(), &path, &tmp));
         match got {
             Ok(true) => fs::rename(&tmp, dest).map_err(|e| CheckpointError::new(dest, e)),
@@ -386,6 +390,27 @@ mod tests {
         fs::write(out.join("checkpoints").join(LATEST), name).unwrap();
         fs::write(out.join("metrics.csv"), "step\n1\n").unwrap();
         dir
+    }
+
+    /// A remote `latest` naming a path outside the run (`../x`) is refused, naming the
+    /// pointer, and nothing is pulled.
+    #[test]
+    fn a_forged_remote_latest_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let remote = tmp.path().join("remote");
+        fs::create_dir_all(remote.join("checkpoints")).unwrap();
+        let mirror = RunMirror::open(&remote.to_string_lossy()).unwrap();
+        for forged in ["../x", "ckpt-1/../../etc", "/etc", "ckpt-", "latest"] {
+            fs::write(remote.join("checkpoints").join(LATEST), forged).unwrap();
+            let e = mirror.latest().unwrap_err().to_string();
+            assert!(
+                e.contains("checkpoints/latest") && e.contains("not a checkpoint"),
+                "{e}"
+            );
+            let out = tmp.path().join("out");
+            assert!(mirror.pull(&out).is_err());
+            assert!(!tmp.path().join("x").exists() && !out.join("checkpoints").exists());
+        }
     }
 
     #[test]

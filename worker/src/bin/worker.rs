@@ -25,6 +25,8 @@ use taming_worker::stage2::{CondKind, Stage2Config, Stage2Options, run_stage2};
 struct Cli {
     #[command(flatten)]
     telemetry: taming_telemetry::TelemetryArgs,
+    #[command(flatten)]
+    tls: taming_proto::tls::TlsArgs,
     /// Join the cluster of this coordinator and run its assignments.
     #[arg(long)]
     coordinator: Option<String>,
@@ -55,6 +57,10 @@ struct Cli {
     /// step time split into data wait, compute and all-reduce.
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+    /// Seconds a rank waits on a ring peer (joining, sending, receiving) before the attempt
+    /// fails.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    collective_timeout: u64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -170,10 +176,11 @@ fn run(cli: Cli) -> Result<()> {
                 token: cli.token,
                 ring_bind: cli.ring_bind,
                 advertise: cli.advertise,
-                collective_timeout: std::time::Duration::from_secs(300),
+                collective_timeout: std::time::Duration::from_secs(cli.collective_timeout),
                 device: cli.device,
                 metrics_bind: cli.metrics,
                 prefetch: cli.prefetch,
+                transport: cli.tls.load()?,
             });
         }
         (Some(_), Some(_)) => {

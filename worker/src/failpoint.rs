@@ -1,0 +1,73 @@
+//! Faults injected on purpose, for testing recovery through the real binaries:
+//! `TAMING_FAILPOINT=panic-at-step:N` makes a cluster worker panic when it reports step N
+//! (every attempt that reaches step N panics again, as a deterministic bug would);
+//! `hang-at-step:N` makes it stop there for good while its heartbeat goes on (a hung rank).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The environment variable that sets the failpoint.
+pub const FAILPOINT_ENV: &str = "TAMING_FAILPOINT";
+
+/// A configured fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failpoint {
+    /// Panic when step N is reported.
+    PanicAtStep(u64),
+    /// Stop (sleep forever) when step N is reported.
+    HangAtStep(u64),
+}
+
+/// The failpoint set by [`FAILPOINT_ENV`], if any; an error naming the variable when its
+/// value is not `panic-at-step:N` or `hang-at-step:N`.
+pub fn configured() -> Result<Option<Failpoint>, String> {
+    static POINT: OnceLock<Result<Option<Failpoint>, String>> = OnceLock::new();
+    POINT
+        .get_or_init(|| match std::env::var(FAILPOINT_ENV) {
+            Err(_) => Ok(None),
+            Ok(v) => parse(&v).map(Some).ok_or_else(|| {
+                format!("{FAILPOINT_ENV}=`{v}`: expected panic-at-step:N or hang-at-step:N")
+            }),
+        })
+        .clone()
+}
+
+fn parse(v: &str) -> Option<Failpoint> {
+    let (kind, step) = v.split_once(':')?;
+    let step = step.parse().ok()?;
+    match kind {
+        "panic-at-step" => Some(Failpoint::PanicAtStep(step)),
+        "hang-at-step" => Some(Failpoint::HangAtStep(step)),
+        _ => None,
+    }
+}
+
+/// Panics or hangs when the failpoint names `step`.
+pub fn at_step(step: u64) {
+    match configured() {
+        Ok(Some(Failpoint::PanicAtStep(n))) if n == step => {
+            panic!("injected failure at step {step} ({FAILPOINT_ENV})")
+        }
+        Ok(Some(Failpoint::HangAtStep(n))) if n == step => {
+            tracing::warn!("{FAILPOINT_ENV}: hanging at step {step}");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failpoints_parse_or_are_refused() {
+        assert_eq!(parse("panic-at-step:3"), Some(Failpoint::PanicAtStep(3)));
+        assert_eq!(parse("hang-at-step:12"), Some(Failpoint::HangAtStep(12)));
+        for bad in ["panic-at-step", "panic-at-step:x", "explode-at-step:3", ""] {
+            assert_eq!(parse(bad), None, "{bad}");
+        }
+    }
+}
