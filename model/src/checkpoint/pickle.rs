@@ -4,6 +4,10 @@
 //! keyed by classes. This reader builds a plain value tree instead: any value may be a dict
 //! key, unknown classes stay symbolic ([`Value::Global`], [`Value::Call`]) and nothing is
 //! executed. Tensor data is not in the pickle; persistent ids point into the zip archive.
+//!
+//! Streams are untrusted: values nest at most [`MAX_DEPTH`] levels, everything decoded (the
+//! copies the memo and DUP make included) is charged against [`MAX_MEMORY`], and every length
+//! read from the stream is checked against the bytes left before anything is allocated.
 
 use std::collections::HashMap;
 
@@ -50,12 +54,53 @@ pub enum Value {
     PersistentId(Box<Value>),
 }
 
+/// Deepest nesting of containers, calls and persistent ids a stream may build. Python's own
+/// pickler stops near its recursion limit of 1000, and much deeper values would overflow the
+/// stack when dropped or copied.
+pub const MAX_DEPTH: u32 = 1000;
+
+/// Most memory, in bytes, the values decoded from one stream may take, copies made for the
+/// memo and DUP included. A Lightning checkpoint's pickle decodes to a few MiB; the limit stops
+/// a small stream that copies a nested value over and over from growing without bound.
+pub const MAX_MEMORY: usize = 256 << 20;
+
+/// What one value costs against [`MAX_MEMORY`], besides the bytes of its strings: the value
+/// and its depth entry.
+const NODE: usize = size_of::<Value>() + size_of::<u32>();
+
 /// Why a pickle stream could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum PickleError {
     /// The stream ended inside an opcode.
     #[error("pickle stream ends early at byte {0}")]
     Truncated(usize),
+    /// A length read from the stream runs past its end.
+    #[error(
+        "pickle opcode at byte {at} declares {declared} bytes, but only {remaining} remain in the stream"
+    )]
+    Length {
+        /// Position of the opcode.
+        at: usize,
+        /// The length it declares.
+        declared: u64,
+        /// Bytes left after the length field.
+        remaining: usize,
+    },
+    /// Values nest deeper than [`MAX_DEPTH`].
+    #[error("pickle nests values deeper than {MAX_DEPTH} levels at byte {at}; refused")]
+    TooDeep {
+        /// Position of the opcode.
+        at: usize,
+    },
+    /// Decoding would take more than [`MAX_MEMORY`].
+    #[error(
+        "pickle values would take more than {} MiB at byte {at} (memo and DUP copies included); refused",
+        MAX_MEMORY >> 20
+    )]
+    TooLarge {
+        /// Position of the opcode.
+        at: usize,
+    },
     /// An opcode this reader does not handle.
     #[error("unsupported pickle opcode 0x{op:02x} at byte {at}")]
     Unsupported {
@@ -108,7 +153,8 @@ impl Value {
     }
 }
 
-/// Reads one pickle stream into a [`Value`].
+/// Reads one pickle stream into a [`Value`]. Values nest at most [`MAX_DEPTH`] levels and
+/// take at most about [`MAX_MEMORY`] bytes, or the stream is refused.
 pub fn read(bytes: &[u8]) -> Result<Value, PickleError> {
     Machine::new(bytes).run()
 }
@@ -116,9 +162,13 @@ pub fn read(bytes: &[u8]) -> Result<Value, PickleError> {
 struct Machine<'a> {
     bytes: &'a [u8],
     pos: usize,
+    /// Values and, alongside, how deeply each nests (a scalar is 1).
     stack: Vec<Value>,
+    depths: Vec<u32>,
     marks: Vec<usize>,
-    memo: HashMap<u32, Value>,
+    memo: HashMap<u32, (Value, u32)>,
+    /// Bytes charged against [`MAX_MEMORY`] so far (never refunded).
+    used: usize,
 }
 
 impl<'a> Machine<'a> {
@@ -127,8 +177,10 @@ impl<'a> Machine<'a> {
             bytes,
             pos: 0,
             stack: Vec::new(),
+            depths: Vec::new(),
             marks: Vec::new(),
             memo: HashMap::new(),
+            used: 0,
         }
     }
 
@@ -138,6 +190,19 @@ impl<'a> Machine<'a> {
         let out = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(out)
+    }
+
+    /// Takes `n` bytes for the opcode at `at`, whose length field declared `n`.
+    fn take_declared(&mut self, n: u64, at: usize) -> Result<&'a [u8], PickleError> {
+        let remaining = self.bytes.len() - self.pos;
+        match usize::try_from(n) {
+            Ok(n) if n <= remaining => self.take(n),
+            _ => Err(PickleError::Length {
+                at,
+                declared: n,
+                remaining,
+            }),
+        }
     }
 
     fn u8(&mut self) -> Result<u8, PickleError> {
@@ -167,19 +232,44 @@ impl<'a> Machine<'a> {
         Ok(text)
     }
 
-    fn text(&mut self, n: usize, at: usize) -> Result<Value, PickleError> {
-        let raw = self.take(n)?;
+    fn text(&mut self, n: u64, at: usize) -> Result<Value, PickleError> {
+        let raw = self.take_declared(n, at)?;
         let s = std::str::from_utf8(raw).map_err(|e| malformed(at, e.to_string()))?;
         Ok(Value::Str(s.to_string()))
     }
 
-    fn pop(&mut self, at: usize) -> Result<Value, PickleError> {
-        self.stack
-            .pop()
-            .ok_or_else(|| malformed(at, "stack underflow".into()))
+    fn bytes(&mut self, n: u64, at: usize) -> Result<Value, PickleError> {
+        Ok(Value::Bytes(self.take_declared(n, at)?.to_vec()))
     }
 
-    fn pop_mark(&mut self, at: usize) -> Result<Vec<Value>, PickleError> {
+    fn charge(&mut self, n: usize, at: usize) -> Result<(), PickleError> {
+        charge(&mut self.used, n, at)
+    }
+
+    /// Pushes a new value that nests `depth` levels; charges it, not its children.
+    fn push(&mut self, value: Value, depth: u32, at: usize) -> Result<(), PickleError> {
+        self.charge(own_cost(&value), at)?;
+        self.push_charged(value, depth, at)
+    }
+
+    fn push_charged(&mut self, value: Value, depth: u32, at: usize) -> Result<(), PickleError> {
+        if depth > MAX_DEPTH {
+            return Err(PickleError::TooDeep { at });
+        }
+        self.stack.push(value);
+        self.depths.push(depth);
+        Ok(())
+    }
+
+    fn pop(&mut self, at: usize) -> Result<(Value, u32), PickleError> {
+        match (self.stack.pop(), self.depths.pop()) {
+            (Some(v), Some(d)) => Ok((v, d)),
+            _ => Err(malformed(at, "stack underflow".into())),
+        }
+    }
+
+    /// Pops everything above the last MARK; returns it and its deepest nesting (0 if empty).
+    fn pop_mark(&mut self, at: usize) -> Result<(Vec<Value>, u32), PickleError> {
         let mark = self
             .marks
             .pop()
@@ -187,7 +277,8 @@ impl<'a> Machine<'a> {
         if mark > self.stack.len() {
             return Err(malformed(at, "MARK above stack".into()));
         }
-        Ok(self.stack.split_off(mark))
+        let depth = self.depths.split_off(mark).into_iter().max().unwrap_or(0);
+        Ok((self.stack.split_off(mark), depth))
     }
 
     fn top(&mut self, at: usize) -> Result<&mut Value, PickleError> {
@@ -196,20 +287,32 @@ impl<'a> Machine<'a> {
             .ok_or_else(|| malformed(at, "stack underflow".into()))
     }
 
-    fn memo_get(&self, key: u32, at: usize) -> Result<Value, PickleError> {
-        self.memo
+    /// Records that the top value now holds something nesting `depth` levels.
+    fn deepen_top(&mut self, depth: u32, at: usize) -> Result<(), PickleError> {
+        if depth > MAX_DEPTH {
+            return Err(PickleError::TooDeep { at });
+        }
+        if let Some(d) = self.depths.last_mut() {
+            *d = (*d).max(depth);
+        }
+        Ok(())
+    }
+
+    fn memo_get(&mut self, key: u32, at: usize) -> Result<(), PickleError> {
+        let (value, depth) = self
+            .memo
             .get(&key)
-            .cloned()
-            .ok_or_else(|| malformed(at, format!("memo key {key} not set")))
+            .ok_or_else(|| malformed(at, format!("memo key {key} not set")))?;
+        let (value, depth) = (copy(value, &mut self.used, at)?, *depth);
+        self.push_charged(value, depth, at)
     }
 
     fn memo_put(&mut self, key: u32, at: usize) -> Result<(), PickleError> {
-        let value = self
-            .stack
-            .last()
-            .cloned()
-            .ok_or_else(|| malformed(at, "empty stack".into()))?;
-        self.memo.insert(key, value);
+        let (Some(value), Some(&depth)) = (self.stack.last(), self.depths.last()) else {
+            return Err(malformed(at, "empty stack".into()));
+        };
+        let value = copy(value, &mut self.used, at)?;
+        self.memo.insert(key, (value, depth));
         Ok(())
     }
 
@@ -218,7 +321,7 @@ impl<'a> Machine<'a> {
             let at = self.pos;
             let op = self.u8()?;
             if op == b'.' {
-                return self.pop(at);
+                return self.pop(at).map(|(v, _)| v);
             }
             self.step(op, at)?;
         }
@@ -227,14 +330,17 @@ impl<'a> Machine<'a> {
     fn step(&mut self, op: u8, at: usize) -> Result<(), PickleError> {
         match op {
             0x80 => drop(self.u8()?),  // PROTO
-            0x95 => drop(self.u64()?), // FRAME
-            b'(' => self.marks.push(self.stack.len()),
-            b'}' => self.stack.push(Value::Dict(Vec::new())),
-            b']' | 0x8f => self.stack.push(Value::List(Vec::new())),
-            b')' => self.stack.push(Value::Tuple(Vec::new())),
-            b'N' => self.stack.push(Value::None),
-            0x88 => self.stack.push(Value::Bool(true)),
-            0x89 => self.stack.push(Value::Bool(false)),
+            0x95 => drop(self.u64()?), // FRAME: the length is only a hint; nothing is reserved
+            b'(' => {
+                self.charge(size_of::<usize>(), at)?;
+                self.marks.push(self.stack.len());
+            }
+            b'}' => self.push(Value::Dict(Vec::new()), 1, at)?,
+            b']' | 0x8f => self.push(Value::List(Vec::new()), 1, at)?,
+            b')' => self.push(Value::Tuple(Vec::new()), 1, at)?,
+            b'N' => self.push(Value::None, 1, at)?,
+            0x88 => self.push(Value::Bool(true), 1, at)?,
+            0x89 => self.push(Value::Bool(false), 1, at)?,
             _ => return self.step_scalar(op, at),
         }
         Ok(())
@@ -246,12 +352,12 @@ impl<'a> Machine<'a> {
             b'K' => Value::Int(self.u8()? as i64),
             b'M' => Value::Int(u16::from_le_bytes(self.take(2)?.try_into().expect("2")) as i64),
             0x8a => {
-                let n = self.u8()? as usize;
-                long_from_le(self.take(n)?)
+                let n = self.u8()?;
+                long_from_le(self.take_declared(n.into(), at)?)
             }
             0x8b => {
-                let n = self.u32()? as usize;
-                long_from_le(self.take(n)?)
+                let n = self.u32()?;
+                long_from_le(self.take_declared(n.into(), at)?)
             }
             b'G' => Value::Float(f64::from_be_bytes(self.take(8)?.try_into().expect("8"))),
             b'I' => int_line(&self.line()?, at)?,
@@ -260,33 +366,32 @@ impl<'a> Machine<'a> {
                 Value::Float(line.trim().parse().map_err(|_| malformed(at, line))?)
             }
             b'X' => {
-                let n = self.u32()? as usize;
-                self.text(n, at)?
+                let n = self.u32()?;
+                self.text(n.into(), at)?
             }
             0x8c => {
-                let n = self.u8()? as usize;
-                self.text(n, at)?
+                let n = self.u8()?;
+                self.text(n.into(), at)?
             }
             0x8d => {
-                let n = self.u64()? as usize;
+                let n = self.u64()?;
                 self.text(n, at)?
             }
             b'T' | b'B' => {
-                let n = self.u32()? as usize;
-                Value::Bytes(self.take(n)?.to_vec())
+                let n = self.u32()?;
+                self.bytes(n.into(), at)?
             }
             b'U' | b'C' => {
-                let n = self.u8()? as usize;
-                Value::Bytes(self.take(n)?.to_vec())
+                let n = self.u8()?;
+                self.bytes(n.into(), at)?
             }
             0x8e => {
-                let n = self.u64()? as usize;
-                Value::Bytes(self.take(n)?.to_vec())
+                let n = self.u64()?;
+                self.bytes(n, at)?
             }
             _ => return self.step_memo(op, at),
         };
-        self.stack.push(value);
-        Ok(())
+        self.push(value, 1, at)
     }
 
     fn step_memo(&mut self, op: u8, at: usize) -> Result<(), PickleError> {
@@ -305,106 +410,170 @@ impl<'a> Machine<'a> {
             }
             b'h' => {
                 let k = self.u8()? as u32;
-                let v = self.memo_get(k, at)?;
-                self.stack.push(v);
-                Ok(())
+                self.memo_get(k, at)
             }
             b'j' => {
                 let k = self.u32()?;
-                let v = self.memo_get(k, at)?;
-                self.stack.push(v);
-                Ok(())
+                self.memo_get(k, at)
             }
             _ => self.step_build(op, at),
         }
     }
 
     fn step_build(&mut self, op: u8, at: usize) -> Result<(), PickleError> {
-        let value = match op {
-            b't' => Value::Tuple(self.pop_mark(at)?),
+        let (value, depth) = match op {
+            b't' => {
+                let (items, d) = self.pop_mark(at)?;
+                (Value::Tuple(items), d)
+            }
             0x85 => {
-                let a = self.pop(at)?;
-                Value::Tuple(vec![a])
+                let (a, d) = self.pop(at)?;
+                (Value::Tuple(vec![a]), d)
             }
             0x86 => {
-                let b = self.pop(at)?;
-                let a = self.pop(at)?;
-                Value::Tuple(vec![a, b])
+                let (b, db) = self.pop(at)?;
+                let (a, da) = self.pop(at)?;
+                (Value::Tuple(vec![a, b]), da.max(db))
             }
             0x87 => {
-                let c = self.pop(at)?;
-                let b = self.pop(at)?;
-                let a = self.pop(at)?;
-                Value::Tuple(vec![a, b, c])
+                let (c, dc) = self.pop(at)?;
+                let (b, db) = self.pop(at)?;
+                let (a, da) = self.pop(at)?;
+                (Value::Tuple(vec![a, b, c]), da.max(db).max(dc))
             }
-            b'l' => Value::List(self.pop_mark(at)?),
-            b'd' => Value::Dict(pairs(self.pop_mark(at)?, at)?),
-            0x91 => Value::List(self.pop_mark(at)?),
+            b'l' | 0x91 => {
+                let (items, d) = self.pop_mark(at)?;
+                (Value::List(items), d)
+            }
+            b'd' => {
+                let (items, d) = self.pop_mark(at)?;
+                (Value::Dict(pairs(items, at)?), d)
+            }
             b'c' => {
                 let module = self.line()?;
                 let name = self.line()?;
-                Value::Global { module, name }
+                (Value::Global { module, name }, 0)
             }
             0x93 => {
-                let name = self.pop(at)?;
-                let module = self.pop(at)?;
+                let (name, _) = self.pop(at)?;
+                let (module, _) = self.pop(at)?;
                 match (module, name) {
-                    (Value::Str(module), Value::Str(name)) => Value::Global { module, name },
+                    (Value::Str(module), Value::Str(name)) => (Value::Global { module, name }, 0),
                     _ => return Err(malformed(at, "STACK_GLOBAL needs two strings".into())),
                 }
             }
-            b'Q' => Value::PersistentId(Box::new(self.pop(at)?)),
+            b'Q' => {
+                let (id, d) = self.pop(at)?;
+                (Value::PersistentId(Box::new(id)), d)
+            }
             b'R' | 0x81 => {
-                let args = self.pop(at)?;
-                let func = self.pop(at)?;
-                call(func, args)
+                let (args, da) = self.pop(at)?;
+                let (func, df) = self.pop(at)?;
+                (call(func, args), da.max(df))
             }
             0x92 => {
                 let _kwargs = self.pop(at)?;
-                let args = self.pop(at)?;
-                let func = self.pop(at)?;
-                call(func, args)
+                let (args, da) = self.pop(at)?;
+                let (func, df) = self.pop(at)?;
+                (call(func, args), da.max(df))
             }
             _ => return self.step_mutate(op, at),
         };
-        self.stack.push(value);
-        Ok(())
+        self.push(value, depth + 1, at)
     }
 
     fn step_mutate(&mut self, op: u8, at: usize) -> Result<(), PickleError> {
         match op {
             b's' => {
-                let v = self.pop(at)?;
-                let k = self.pop(at)?;
-                dict_items(self.top(at)?, vec![(k, v)], at)
+                let (v, dv) = self.pop(at)?;
+                let (k, dk) = self.pop(at)?;
+                let level = dict_items(self.top(at)?, vec![(k, v)], at)?;
+                self.deepen_top(level + dk.max(dv), at)
             }
             b'u' => {
-                let items = pairs(self.pop_mark(at)?, at)?;
-                dict_items(self.top(at)?, items, at)
+                let (items, d) = self.pop_mark(at)?;
+                let items = pairs(items, at)?;
+                let level = dict_items(self.top(at)?, items, at)?;
+                self.deepen_top(level + d, at)
             }
             b'a' => {
-                let v = self.pop(at)?;
-                list_items(self.top(at)?, vec![v], at)
+                let (v, d) = self.pop(at)?;
+                list_items(self.top(at)?, vec![v], at)?;
+                self.deepen_top(d + 1, at)
             }
             b'e' | 0x90 => {
-                let items = self.pop_mark(at)?;
-                list_items(self.top(at)?, items, at)
+                let (items, d) = self.pop_mark(at)?;
+                list_items(self.top(at)?, items, at)?;
+                self.deepen_top(d + 1, at)
             }
             b'b' => {
-                let state = self.pop(at)?;
-                build(self.top(at)?, state);
+                let (state, d) = self.pop(at)?;
+                if build(self.top(at)?, state) {
+                    self.deepen_top(d + 1, at)?;
+                }
                 Ok(())
             }
             b'0' => self.pop(at).map(drop),
             b'1' => self.pop_mark(at).map(drop),
             b'2' => {
-                let v = self.top(at)?.clone();
-                self.stack.push(v);
-                Ok(())
+                let (Some(value), Some(&depth)) = (self.stack.last(), self.depths.last()) else {
+                    return Err(malformed(at, "DUP on an empty stack".into()));
+                };
+                let value = copy(value, &mut self.used, at)?;
+                self.push_charged(value, depth, at)
             }
             _ => Err(PickleError::Unsupported { op, at }),
         }
     }
+}
+
+fn charge(used: &mut usize, n: usize, at: usize) -> Result<(), PickleError> {
+    *used = used.saturating_add(n);
+    if *used > MAX_MEMORY {
+        return Err(PickleError::TooLarge { at });
+    }
+    Ok(())
+}
+
+/// What `value` itself costs: its node, boxes and text, not its children.
+fn own_cost(value: &Value) -> usize {
+    NODE + match value {
+        Value::BigInt(b) | Value::Bytes(b) => b.len(),
+        Value::Str(s) => s.len(),
+        Value::Global { module, name } => module.len() + name.len(),
+        Value::Call { .. } => 2 * NODE,
+        Value::PersistentId(_) => NODE,
+        _ => 0,
+    }
+}
+
+/// A deep copy of `value`, charged node by node before anything is allocated, so that
+/// copying stops once [`MAX_MEMORY`] is spent. Recursion is bounded by [`MAX_DEPTH`].
+fn copy(value: &Value, used: &mut usize, at: usize) -> Result<Value, PickleError> {
+    charge(used, own_cost(value), at)?;
+    let all = |items: &[Value], used: &mut usize| -> Result<Vec<Value>, PickleError> {
+        items.iter().map(|v| copy(v, used, at)).collect()
+    };
+    Ok(match value {
+        Value::List(items) => Value::List(all(items, used)?),
+        Value::Tuple(items) => Value::Tuple(all(items, used)?),
+        Value::Dict(items) => Value::Dict(
+            items
+                .iter()
+                .map(|(k, v)| Ok((copy(k, used, at)?, copy(v, used, at)?)))
+                .collect::<Result<_, PickleError>>()?,
+        ),
+        Value::Call { func, args, state } => Value::Call {
+            func: Box::new(copy(func, used, at)?),
+            args: Box::new(copy(args, used, at)?),
+            state: match state {
+                Some(s) => Some(Box::new(copy(s, used, at)?)),
+                None => None,
+            },
+        },
+        Value::PersistentId(id) => Value::PersistentId(Box::new(copy(id, used, at)?)),
+        scalar => scalar.clone(),
+    })
 }
 
 fn malformed(at: usize, reason: String) -> PickleError {
@@ -458,20 +627,22 @@ fn call(func: Value, args: Value) -> Value {
     }
 }
 
+/// SETITEM(S): adds `items` to the dict `target`, or to an object's state dict. Returns how
+/// many levels below `target` the items now sit.
 fn dict_items(
     target: &mut Value,
     items: Vec<(Value, Value)>,
     at: usize,
-) -> Result<(), PickleError> {
+) -> Result<u32, PickleError> {
     match target {
         Value::Dict(d) => {
             d.extend(items);
-            Ok(())
+            Ok(1)
         }
         // Items set on an object (e.g. a dict subclass): keep them as its state.
         Value::Call { state, .. } => {
             let entry = state.get_or_insert_with(|| Box::new(Value::Dict(Vec::new())));
-            dict_items(entry, items, at)
+            Ok(1 + dict_items(entry, items, at)?)
         }
         other => Err(malformed(at, format!("SETITEM on {}", kind(other)))),
     }
@@ -488,10 +659,13 @@ fn list_items(target: &mut Value, items: Vec<Value>, at: usize) -> Result<(), Pi
 }
 
 /// BUILD: dicts keep their items (an OrderedDict's `_metadata` is dropped); objects keep state.
-fn build(target: &mut Value, new_state: Value) {
+/// Returns whether the state was kept.
+fn build(target: &mut Value, new_state: Value) -> bool {
     if let Value::Call { state, .. } = target {
         *state = Some(Box::new(new_state));
+        return true;
     }
+    false
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -557,7 +731,157 @@ mod tests {
     #[test]
     fn truncated_stream_is_an_error() {
         let p = [0x80, 2, b'X', 10, 0, 0, 0, b'a'];
-        assert!(matches!(read(&p), Err(PickleError::Truncated(_))));
+        assert!(matches!(read(&p), Err(PickleError::Length { .. })));
+        let p = [0x80, 2, b'J', 1, 0];
+        assert!(matches!(read(&p), Err(PickleError::Truncated(3))));
+    }
+
+    /// `[]` memoized as key 0, then key k+1 = (key k, key k): a DAG of `n` levels whose tree
+    /// has 2^n leaves.
+    fn memo_bomb(levels: u8) -> Vec<u8> {
+        let mut p = vec![0x80, 4, b']', b'q', 0];
+        for k in 0..levels {
+            p.extend_from_slice(&[b'h', k, b'h', k, 0x86, b'q', k + 1]);
+        }
+        p.push(b'.');
+        p
+    }
+
+    #[test]
+    fn memo_copies_stop_at_the_memory_limit() {
+        // 64 levels would be 2^64 nodes; a few hundred bytes of stream.
+        let p = memo_bomb(64);
+        assert!(p.len() < 500);
+        let err = read(&p).unwrap_err();
+        assert!(matches!(err, PickleError::TooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("MiB"), "{err}");
+        // A few levels are fine.
+        assert!(read(&memo_bomb(8)).is_ok());
+    }
+
+    #[test]
+    fn dup_copies_stop_at_the_memory_limit() {
+        // (x, x) built by DUP, 64 times over.
+        let mut p = vec![0x80, 2, b'N'];
+        for _ in 0..64 {
+            p.extend_from_slice(&[b'2', 0x86]);
+        }
+        p.push(b'.');
+        let err = read(&p).unwrap_err();
+        assert!(matches!(err, PickleError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn nesting_is_refused_past_the_limit() {
+        // None wrapped in 300k one-tuples.
+        let mut p = vec![0x80, 2, b'N'];
+        p.extend(std::iter::repeat_n(0x85, 300_000));
+        p.push(b'.');
+        let err = read(&p).unwrap_err();
+        assert!(matches!(err, PickleError::TooDeep { .. }), "{err}");
+        assert!(err.to_string().contains("1000"), "{err}");
+        // 300k empty lists, each appended into the one below.
+        let mut p = vec![0x80, 2];
+        p.extend(std::iter::repeat_n(b']', 300_000));
+        p.extend(std::iter::repeat_n(b'a', 299_999));
+        p.push(b'.');
+        assert!(matches!(read(&p), Err(PickleError::TooDeep { .. })));
+        // 300k MARKs closed by TUPLE.
+        let mut p = vec![0x80, 2];
+        p.extend(std::iter::repeat_n(b'(', 300_000));
+        p.extend(std::iter::repeat_n(b't', 300_000));
+        p.push(b'.');
+        assert!(matches!(read(&p), Err(PickleError::TooDeep { .. })));
+    }
+
+    #[test]
+    fn nesting_up_to_the_limit_is_read() {
+        let mut p = vec![0x80, 2, b'N'];
+        p.extend(std::iter::repeat_n(0x85, MAX_DEPTH as usize - 1));
+        p.push(b'.');
+        let mut v = &read(&p).unwrap();
+        let mut depth = 1;
+        while let Value::Tuple(items) = v {
+            v = &items[0];
+            depth += 1;
+        }
+        assert_eq!(depth, MAX_DEPTH);
+    }
+
+    #[test]
+    fn a_value_at_the_limit_is_copied_and_dropped_on_a_test_thread_stack() {
+        // memo put, memo get and DUP of a 1000-deep value: recursion bounded by MAX_DEPTH.
+        let mut p = vec![0x80, 2, b'N'];
+        p.extend(std::iter::repeat_n(0x85, MAX_DEPTH as usize - 1));
+        p.extend_from_slice(&[b'q', 0, b'h', 0, b'2', 0x87, b'.']);
+        let err = read(&p).unwrap_err();
+        assert!(matches!(err, PickleError::TooDeep { .. }), "{err}");
+        p.truncate(p.len() - 2);
+        p.extend_from_slice(b"00.");
+        assert!(matches!(read(&p), Ok(Value::Tuple(_))));
+    }
+
+    #[test]
+    fn nesting_through_setitem_and_build_counts() {
+        let obj = b"cm\nC\n)R";
+        // {1: {1: {1: ...}}}: dicts and keys pushed outside in, then SETITEM 2000 times.
+        let mut dicts = vec![0x80, 2, b'}'];
+        // obj.__setstate__(obj.__setstate__(...)): BUILD 2000 times.
+        let mut builds = vec![0x80, 2];
+        builds.extend_from_slice(obj);
+        // obj[1] = obj[1] = ...: SETITEM on objects keeps the items as their state.
+        let mut states = builds.clone();
+        for _ in 0..2000 {
+            dicts.extend_from_slice(&[b'K', 1, b'}']);
+            builds.extend_from_slice(obj);
+            states.extend_from_slice(&[b'K', 1]);
+            states.extend_from_slice(obj);
+        }
+        dicts.extend(std::iter::repeat_n(b's', 2000));
+        builds.extend(std::iter::repeat_n(b'b', 2000));
+        states.extend(std::iter::repeat_n(b's', 2000));
+        for p in [dicts, builds, states] {
+            let mut p = p;
+            p.push(b'.');
+            let err = read(&p).unwrap_err();
+            assert!(matches!(err, PickleError::TooDeep { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn declared_lengths_past_the_end_are_refused_before_reading() {
+        for (op, width) in [(0x8e, 8), (0x8d, 8), (b'B', 4), (b'X', 4), (0x8b, 4)] {
+            let mut p = vec![0x80, 4, op];
+            p.extend_from_slice(&u64::MAX.to_le_bytes()[..width]);
+            p.extend_from_slice(b"abc.");
+            let err = read(&p).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    PickleError::Length {
+                        at: 2,
+                        remaining: 4,
+                        ..
+                    }
+                ),
+                "opcode 0x{op:02x}: {err}"
+            );
+            assert!(err.to_string().contains("declares"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_memo_copy_is_independent_of_later_changes() {
+        // l = []; memo 0 = l; l.append(1); [memo 0] is the list as it was memoized.
+        let p = [0x80, 2, b']', b'q', 0, b'K', 1, b'a', b'h', 0, 0x86, b'.'];
+        let v = read(&p).unwrap();
+        assert_eq!(
+            v,
+            Value::Tuple(vec![
+                Value::List(vec![Value::Int(1)]),
+                Value::List(Vec::new())
+            ])
+        );
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //!
 //! The pickle is read by [`super::pickle`]; each `_rebuild_tensor_v2` call found in the state
 //! dict is materialized from its storage entry in the archive, honouring offset and strides.
+//!
+//! Nothing is allocated from a size the file merely declares: entries are read only if their
+//! declared size fits the archive on disk and a cap, and tensors only if their element count
+//! fits their storage and a budget tied to the archive's size.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -10,6 +14,25 @@ use std::path::Path;
 
 use super::pickle::{self, Value};
 use crate::error::ModelError;
+
+/// Largest `data.pkl` read. A Lightning checkpoint's pickle, optimizer state included, is well
+/// under 1 MiB; decoding is bounded further by [`pickle::MAX_MEMORY`].
+pub const MAX_PICKLE_BYTES: u64 = 64 << 20;
+
+/// Largest storage entry read. Reference checkpoints' largest storages are a few hundred MiB.
+pub const MAX_STORAGE_BYTES: u64 = 16 << 30;
+
+/// Most bytes a view may materialize beyond what its storage holds (a stride-0 expansion).
+/// `torch.save` of a state dict writes contiguous tensors; small broadcast buffers still load.
+pub const MAX_EXPANDED_BYTES: usize = 16 << 20;
+
+/// Headroom, over four times the archive's size, for the tensors of one state dict together
+/// (as f32 or i64). Four times covers f16 storages widened to f32 and weights that share a
+/// storage; it stops many views of one storage from multiplying it.
+pub const TENSOR_SLACK_BYTES: u64 = 256 << 20;
+
+/// How far deflate can expand (its limit is about 1032:1).
+const MAX_DEFLATE_RATIO: u64 = 1032;
 
 /// Tensor values after conversion: floats as f32, integers as i64.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +71,8 @@ pub struct TorchCheckpoint {
     prefix: String,
     root: Value,
     path: std::path::PathBuf,
+    /// The archive's size on disk.
+    len: u64,
 }
 
 #[derive(Debug)]
@@ -99,6 +124,14 @@ impl StorageType {
         }
     }
 
+    /// Bytes per element once converted ([`RawData`]).
+    fn converted_size(self) -> usize {
+        match self {
+            Self::F64 | Self::F32 | Self::F16 | Self::BF16 => 4,
+            _ => 8,
+        }
+    }
+
     fn convert(self, bytes: &[u8], picks: impl Iterator<Item = usize>) -> RawData {
         let at = |i: usize, n: usize| &bytes[i * n..(i + 1) * n];
         macro_rules! ints {
@@ -146,6 +179,7 @@ impl TorchCheckpoint {
     /// Opens a zip-format PyTorch file and decodes its pickle.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
         let not_torch = |why: String| {
             ModelError::file(
                 path,
@@ -159,18 +193,22 @@ impl TorchCheckpoint {
             .find(|n| n.ends_with("data.pkl") && n.matches('/').count() == 1)
             .ok_or_else(|| not_torch("no data.pkl entry".into()))?;
         let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
-        let bytes = read_entry(&mut archive, &pkl_name).map_err(&not_torch)?;
-        let root = pickle::read(&bytes).map_err(|e| not_torch(e.to_string()))?;
-        if let Ok(order) = read_entry(&mut archive, &format!("{prefix}byteorder"))
-            && order != b"little"
-        {
-            return Err(not_torch("big-endian checkpoints are not supported".into()));
+        let bytes =
+            read_entry(&mut archive, &pkl_name, len, MAX_PICKLE_BYTES).map_err(&not_torch)?;
+        let root = pickle::read(&bytes).map_err(|e| not_torch(format!("entry {pkl_name}: {e}")))?;
+        let order_name = format!("{prefix}byteorder");
+        if archive.index_for_name(&order_name).is_some() {
+            let order = read_entry(&mut archive, &order_name, len, 64).map_err(&not_torch)?;
+            if order != b"little" {
+                return Err(not_torch("big-endian checkpoints are not supported".into()));
+            }
         }
         Ok(Self {
             archive,
             prefix,
             root,
             path: path.to_path_buf(),
+            len,
         })
     }
 
@@ -180,11 +218,12 @@ impl TorchCheckpoint {
     }
 
     /// Reads every tensor of the state dict: `state_dict` of a Lightning checkpoint, or the
-    /// top-level dict of a plain `torch.save(model.state_dict())` file.
+    /// top-level dict of a plain `torch.save(model.state_dict())` file. All of them together
+    /// may take at most four times the archive's size plus [`TENSOR_SLACK_BYTES`].
     pub fn state_dict(&mut self) -> Result<BTreeMap<String, RawTensor>, ModelError> {
         let dict = match self.root.get("state_dict") {
-            Some(inner @ Value::Dict(_)) => inner.clone(),
-            _ => self.root.clone(),
+            Some(inner @ Value::Dict(_)) => inner,
+            _ => &self.root,
         };
         let Value::Dict(items) = dict else {
             return Err(ModelError::file(
@@ -192,55 +231,137 @@ impl TorchCheckpoint {
                 "the checkpoint holds no state dict",
             ));
         };
+        let specs: Vec<(String, TensorSpec)> = items
+            .iter()
+            .filter_map(|(key, value)| Some((key.as_str()?.to_string(), tensor_spec(value)?)))
+            .collect();
+        let mut budget = self
+            .len
+            .saturating_mul(4)
+            .saturating_add(TENSOR_SLACK_BYTES);
         let mut out = BTreeMap::new();
-        for (key, value) in items {
-            let (Some(name), Some(spec)) = (key.as_str(), tensor_spec(&value)) else {
-                continue;
-            };
-            let tensor = self.materialize(name, &spec)?;
-            out.insert(name.to_string(), tensor);
+        for (name, spec) in specs {
+            let tensor = self.materialize(&name, &spec, &mut budget)?;
+            out.insert(name, tensor);
         }
         Ok(out)
     }
 
-    fn materialize(&mut self, name: &str, spec: &TensorSpec) -> Result<RawTensor, ModelError> {
-        let entry = format!("{}data/{}", self.prefix, spec.storage_key);
-        let bytes = read_entry(&mut self.archive, &entry).map_err(|e| {
-            ModelError::file(&self.path, format!("storage of tensor `{name}`: {e}"))
-        })?;
-        let available = bytes.len() / spec.dtype.size();
-        let needed = spec.offset
-            + spec
-                .size
-                .iter()
-                .zip(&spec.stride)
-                .map(|(&n, &s)| n.saturating_sub(1) * s)
-                .sum::<usize>()
-            + 1;
-        let numel: usize = spec.size.iter().product();
-        if numel > 0 && needed > available {
-            return Err(ModelError::tensor(
-                name,
-                format!("its storage holds {available} elements, the view needs {needed}"),
-            ));
+    /// Reads one tensor, after checking that its view fits its storage and that its
+    /// converted size fits what is left of `budget` (which it then takes).
+    fn materialize(
+        &mut self,
+        name: &str,
+        spec: &TensorSpec,
+        budget: &mut u64,
+    ) -> Result<RawTensor, ModelError> {
+        let path = &self.path;
+        let refuse = |why: String| ModelError::file(path, format!("tensor `{name}`: {why}"));
+        let (size, stride) = (&spec.size, &spec.stride);
+        if size.len() != stride.len() {
+            return Err(refuse(format!(
+                "shape {size:?} and strides {stride:?} differ in rank"
+            )));
         }
-        let picks = StridedIndices::new(spec.offset, &spec.size, &spec.stride);
+        let bytes_out = size
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|numel| Some((numel, numel.checked_mul(spec.dtype.converted_size())?)));
+        let Some((numel, bytes_out)) = bytes_out else {
+            return Err(refuse(format!(
+                "shape {size:?} has more elements than memory can hold; refused"
+            )));
+        };
+        if bytes_out as u64 > *budget {
+            return Err(refuse(format!(
+                "shape {size:?} takes {bytes_out} bytes, more than the {budget} left of what the \
+                 checkpoint's tensors may take (4x its {} bytes plus {} MiB); refused",
+                self.len,
+                TENSOR_SLACK_BYTES >> 20
+            )));
+        }
+        let entry = format!("{}data/{}", self.prefix, spec.storage_key);
+        let bytes = read_entry(&mut self.archive, &entry, self.len, MAX_STORAGE_BYTES)
+            .map_err(|e| refuse(format!("storage: {e}")))?;
+        let available = bytes.len() / spec.dtype.size();
+        if numel > 0 {
+            // The last element a view touches: offset + sum((n - 1) * stride).
+            let last = size
+                .iter()
+                .zip(stride)
+                .try_fold(spec.offset, |at, (&n, &s)| {
+                    (n - 1).checked_mul(s).and_then(|d| at.checked_add(d))
+                });
+            if last.is_none_or(|last| last >= available) {
+                let needed = last.map_or("more than memory can hold".into(), |l| {
+                    (l as u128 + 1).to_string()
+                });
+                return Err(refuse(format!(
+                    "its storage holds {available} elements, the view (offset {}, shape \
+                     {size:?}, strides {stride:?}) needs {needed}",
+                    spec.offset
+                )));
+            }
+            if numel > available && bytes_out > MAX_EXPANDED_BYTES {
+                return Err(refuse(format!(
+                    "shape {size:?} with strides {stride:?} repeats a storage of {available} \
+                     elements into {numel}; views larger than their storage are read only up \
+                     to {} MiB; refused",
+                    MAX_EXPANDED_BYTES >> 20
+                )));
+            }
+        }
+        *budget -= bytes_out as u64;
+        let picks = StridedIndices::new(spec.offset, size, stride);
         let data = spec.dtype.convert(&bytes, picks.take(numel));
         Ok(RawTensor {
-            shape: spec.size.clone(),
+            shape: size.clone(),
             data,
         })
     }
 }
 
-fn read_entry(archive: &mut zip::ZipArchive<File>, name: &str) -> Result<Vec<u8>, String> {
+/// Reads entry `name` whole. Its declared size must be at most `cap` and no more than its
+/// compressed bytes, which must lie within the archive's `archive_len`, can hold; the buffer
+/// grows with what is read, never beyond the archive's size on a declaration alone.
+fn read_entry(
+    archive: &mut zip::ZipArchive<File>,
+    name: &str,
+    archive_len: u64,
+    cap: u64,
+) -> Result<Vec<u8>, String> {
     let mut entry = archive
         .by_name(name)
         .map_err(|e| format!("entry {name}: {e}"))?;
-    let mut bytes = Vec::with_capacity(entry.size() as usize);
+    let (declared, packed) = (entry.size(), entry.compressed_size());
+    let most = match entry.compression() {
+        zip::CompressionMethod::Stored => packed,
+        _ => packed.saturating_mul(MAX_DEFLATE_RATIO),
+    };
+    if packed > archive_len || declared > most {
+        return Err(format!(
+            "entry {name} declares {declared} bytes ({packed} compressed), more than the \
+             archive's {archive_len} bytes can hold; refused"
+        ));
+    }
+    if declared > cap {
+        return Err(format!(
+            "entry {name} declares {declared} bytes, more than the {cap} accepted; refused"
+        ));
+    }
+    let capacity = usize::try_from(declared.min(archive_len)).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::with_capacity(capacity);
     entry
+        .by_ref()
+        .take(declared.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(|e| format!("entry {name}: {e}"))?;
+    if bytes.len() as u64 != declared {
+        return Err(format!(
+            "entry {name} holds {} bytes, its header declares {declared}",
+            bytes.len()
+        ));
+    }
     Ok(bytes)
 }
 
