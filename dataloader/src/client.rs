@@ -1,9 +1,11 @@
 //! The trainer's side of the dataloader service: a [`BatchSource`] that streams batches from
 //! one of several service instances and, when its instance dies, reconnects to the next and
 //! resumes from the state of the last batch it received, so nothing is duplicated or lost.
+//! Every call carries the cluster token (from `TAMING_CLUSTER_TOKEN`, or [`RemoteLoader::token`]).
 
 use std::time::Duration;
 
+use taming_proto::auth::{AttachToken, TOKEN_ENV};
 use taming_proto::dataloader::dataloader_client::DataloaderClient;
 use taming_proto::dataloader::{Batch, DType, StreamRequest};
 use tonic::transport::{Channel, Endpoint};
@@ -23,6 +25,7 @@ const ROUNDS: usize = 3;
 pub struct RemoteLoader {
     addrs: Vec<String>,
     request: StreamRequest,
+    token: Option<String>,
     state: LoaderState,
     current: usize,
     stream: Option<Streaming<Batch>>,
@@ -33,7 +36,8 @@ pub struct RemoteLoader {
 
 impl RemoteLoader {
     /// A client for `shards` with `cfg`, trying `addrs` in order (`http://host:port` or
-    /// `host:port`), starting at `state`.
+    /// `host:port`), starting at `state`, sending the cluster token of `TAMING_CLUSTER_TOKEN`
+    /// when it is set.
     pub fn new(
         addrs: Vec<String>,
         shards: Vec<String>,
@@ -64,9 +68,11 @@ impl RemoteLoader {
             .iter()
             .map(|a| taming_proto::endpoint_url(a))
             .collect();
+        let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
         Self {
             addrs,
             request,
+            token,
             state,
             current: 0,
             stream: None,
@@ -85,6 +91,12 @@ impl RemoteLoader {
     /// the traffic, no conversion on this side.
     pub fn floats(mut self) -> Self {
         self.request.dtype = DType::F32 as i32;
+        self
+    }
+
+    /// Send `token` as the cluster token (`None`: none), instead of `TAMING_CLUSTER_TOKEN`'s.
+    pub fn token(mut self, token: Option<&str>) -> Self {
+        self.token = token.map(str::to_string);
         self
     }
 
@@ -137,7 +149,7 @@ impl RemoteLoader {
                 Ok(None)
             }
             Ok(None) => Err(Failure::Retry("stream ended early".into())),
-            Err(s) if matches!(s.code(), Code::InvalidArgument | Code::FailedPrecondition) => {
+            Err(s) if fatal(s.code()) => {
                 Err(Failure::Fatal(self.service_error(s.message().to_string())))
             }
             Err(s) => Err(Failure::Retry(s.to_string())),
@@ -148,6 +160,16 @@ impl RemoteLoader {
         let mut request = self.request.clone();
         request.state = serde_json::to_string(&self.state).expect("state serializes");
         let addr = self.addrs[self.current].clone();
+        if let Some(t) = &self.token
+            && format!("Bearer {t}")
+                .parse::<tonic::metadata::AsciiMetadataValue>()
+                .is_err()
+        {
+            return Err(Failure::Fatal(self.service_error(
+                "the cluster token is not a valid header value (visible ASCII only)".into(),
+            )));
+        }
+        let token = AttachToken::new(self.token.as_deref());
         let result = runtime::block_on(async move {
             let channel: Channel = Endpoint::from_shared(addr)
                 .map_err(|e| {
@@ -160,20 +182,21 @@ impl RemoteLoader {
                 .connect()
                 .await
                 .map_err(|e| Failure::Retry(format!("connect: {e}")))?;
-            let mut client =
-                DataloaderClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+            let mut client = DataloaderClient::with_interceptor(channel, token)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES);
             client
                 .stream_batches(request)
                 .await
                 .map(|r| r.into_inner())
-                .map_err(|s| match s.code() {
-                    Code::InvalidArgument | Code::FailedPrecondition => {
+                .map_err(|s| {
+                    if fatal(s.code()) {
                         Failure::Fatal(DataError::Service {
                             addr: String::new(),
                             reason: s.message().to_string(),
                         })
+                    } else {
+                        Failure::Retry(s.to_string())
                     }
-                    _ => Failure::Retry(s.to_string()),
                 })
         });
         result.map_err(|f| match f {
@@ -224,6 +247,14 @@ impl RemoteLoader {
             state,
         })
     }
+}
+
+/// Refusals another instance would repeat: a bad request, or a missing or wrong token.
+fn fatal(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::Unauthenticated
+    )
 }
 
 enum Failure {

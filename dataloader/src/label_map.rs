@@ -6,13 +6,36 @@
 use image::GrayImage;
 use png::{BitDepth, ColorType, Transformations};
 
+use crate::transform::check_pixels;
+
 /// Decodes a PNG label map to one class index (byte) per pixel. Grayscale and palette maps
 /// of any bit depth are read as they are stored; 16-bit maps only when every value fits a
 /// byte (classes 0..=255).
+///
+/// The size is checked from the header before any pixel buffer is made: at most
+/// [`MAX_IMAGE_PIXELS`](crate::transform::MAX_IMAGE_PIXELS).
 pub fn decode(bytes: &[u8]) -> Result<GrayImage, String> {
+    decode_checked(bytes, None)
+}
+
+/// [`decode`], refused from the header unless the map is `w` x `h` (its image's size).
+pub fn decode_sized(bytes: &[u8], (w, h): (u32, u32)) -> Result<GrayImage, String> {
+    decode_checked(bytes, Some((w, h)))
+}
+
+fn decode_checked(bytes: &[u8], expect: Option<(u32, u32)>) -> Result<GrayImage, String> {
     let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
     decoder.set_transformations(Transformations::IDENTITY);
     let mut reader = decoder.read_info().map_err(|e| format!("label map: {e}"))?;
+    let (width, height) = (reader.info().width, reader.info().height);
+    if let Some((w, h)) = expect
+        && (width, height) != (w, h)
+    {
+        return Err(format!(
+            "label map is {width}x{height} but its image is {w}x{h}"
+        ));
+    }
+    check_pixels("label map", width, height)?;
     let size = reader
         .output_buffer_size()
         .ok_or("label map: too large to decode")?;

@@ -2,31 +2,54 @@
 //! resume state; every request is checked before any work. Batches are produced on a
 //! blocking thread per stream with a bounded queue, so a slow client holds at most
 //! [`QUEUED_BATCHES`] batches in memory.
+//!
+//! What a request may ask for is bounded before anything is allocated: calls must carry the
+//! cluster token when the service has one ([`ServiceOptions::token`]); at most
+//! [`ServiceOptions::max_streams`] streams run at once; a batch holds at most
+//! [`MAX_BATCH_BYTES`]; shard lists expand to at most [`MAX_SHARDS`] names; local shards are
+//! read only below [`ServiceOptions::data_roots`]. Refusals name the request field.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use taming_proto::auth::RequireToken;
 use taming_proto::dataloader::dataloader_server::{Dataloader, DataloaderServer};
 use taming_proto::dataloader::{Batch, DType, HealthReply, HealthRequest, StreamRequest, Tensor};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::loader::{LoaderConfig, PixelBatch, ShardLoader};
 use crate::reader::{LoaderState, ReaderConfig};
-use crate::shards::resolve;
+use crate::shards::{DataRoots, resolve};
+use crate::source::brace_expansion;
 use crate::transform::{Channel, Preprocess};
+
+/// The environment variable holding the cluster token (re-exported for the binary).
+pub use taming_proto::auth::TOKEN_ENV;
 
 /// Batches queued per stream ahead of the client.
 pub const QUEUED_BATCHES: usize = 2;
 /// Largest message either side accepts (a 64 x 3 x 512 x 512 f32 batch is 201 MB).
 pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
 
+/// Streams one instance serves at once unless told otherwise (`dataloader serve
+/// --max-streams`); each has a thread and up to [`QUEUED_BATCHES`] + 2 batches in memory.
+pub const DEFAULT_MAX_STREAMS: usize = 32;
+/// Most bytes one batch may hold: `batch_size x size x size x (3 x dtype bytes + 1)`, images
+/// at the requested dtype plus label maps, so that a batch with its keys and state fits in a
+/// [`MAX_MESSAGE_BYTES`] message (64 x 3 x 512 x 512 as f32 with maps is 218 MB).
+pub const MAX_BATCH_BYTES: u64 = 448 << 20;
+/// Most shards a request's list may name, after brace patterns and directories expand.
+pub const MAX_SHARDS: usize = 1 << 20;
+/// Most bytes the expanded shard names of a request may take together.
+pub const MAX_SHARD_LIST_BYTES: u64 = 64 << 20;
+
 /// Limits on request fields.
 const MAX_BATCH: u32 = 4096;
 const MAX_SIZE: u32 = 4096;
-const MAX_SHARDS: usize = 1 << 20;
 const MAX_URL: usize = 4096;
 const MAX_STATE: usize = 64 << 20;
 
@@ -120,23 +143,71 @@ impl ServiceStats {
     }
 }
 
+/// How an instance serves.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// The cluster token every call must carry (`authorization: Bearer <token>`); `None`
+    /// checks nothing. The standard gRPC health service answers without it.
+    pub token: Option<String>,
+    /// Streams served at once; one more is refused with RESOURCE_EXHAUSTED until one ends
+    /// or its client goes away.
+    pub max_streams: usize,
+    /// Where local shards may be read from (none: object-store URLs only).
+    pub data_roots: DataRoots,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        Self {
+            token: None,
+            max_streams: DEFAULT_MAX_STREAMS,
+            data_roots: DataRoots::default(),
+        }
+    }
+}
+
 /// The service implementation.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DataloaderService {
     stats: Arc<ServiceStats>,
+    token: Option<String>,
+    max_streams: usize,
+    streams: Arc<Semaphore>,
+    data_roots: Arc<DataRoots>,
+}
+
+impl Default for DataloaderService {
+    /// No token, [`DEFAULT_MAX_STREAMS`], object-store URLs only.
+    fn default() -> Self {
+        Self::new(ServiceOptions::default())
+    }
 }
 
 impl DataloaderService {
+    /// An instance with `opts`.
+    pub fn new(opts: ServiceOptions) -> Self {
+        Self {
+            stats: Arc::default(),
+            token: opts.token,
+            max_streams: opts.max_streams,
+            streams: Arc::new(Semaphore::new(opts.max_streams)),
+            data_roots: Arc::new(opts.data_roots),
+        }
+    }
+
     /// This instance's counters.
     pub fn stats(&self) -> Arc<ServiceStats> {
         self.stats.clone()
     }
 
-    /// The tonic server around this service, with message limits raised for batches.
-    pub fn into_server(self) -> DataloaderServer<Self> {
-        DataloaderServer::new(self)
+    /// The tonic server around this service, with message limits raised for batches and
+    /// calls checked for the token.
+    pub fn into_server(self) -> InterceptedService<DataloaderServer<Self>, RequireToken> {
+        let token = RequireToken::new(self.token.clone());
+        let server = DataloaderServer::new(self)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
-            .max_decoding_message_size(MAX_STATE + (MAX_SHARDS * 64))
+            .max_decoding_message_size(MAX_STATE + (MAX_SHARDS * 64));
+        InterceptedService::new(server, token)
     }
 }
 
@@ -219,18 +290,36 @@ impl Dataloader for DataloaderService {
             rank = request.get_ref().rank
         );
         taming_telemetry::adopt(&span, request.metadata());
-        let job = Job::check(request.into_inner())?;
+        // Held by the stream's thread: released when the stream ends, fails, or its client
+        // goes away (the next send fails and the thread returns).
+        let slot = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "streams: {0} open, at most {0} at once on this instance (max_streams)",
+                self.max_streams
+            ))
+        })?;
+        let roots = self.data_roots.clone();
+        let request = request.into_inner();
+        // Checking may expand patterns and look at the file system: off the async workers.
+        let job = tokio::task::spawn_blocking(move || Job::check(request, &roots))
+            .await
+            .map_err(|e| Status::internal(format!("checking the request: {e}")))??;
         let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
         let stats = self.stats.clone();
         stats.active.fetch_add(1, Ordering::Relaxed);
+        let thread_stats = stats.clone();
         std::thread::Builder::new()
             .name("taming-batches".into())
             .spawn(move || {
                 let _in_stream = span.enter();
-                job.produce(&tx, &stats);
-                stats.active.fetch_sub(1, Ordering::Relaxed);
+                job.produce(&tx, &thread_stats);
+                thread_stats.active.fetch_sub(1, Ordering::Relaxed);
+                drop(slot);
             })
-            .map_err(|e| Status::resource_exhausted(format!("no thread for the stream: {e}")))?;
+            .map_err(|e| {
+                stats.active.fetch_sub(1, Ordering::Relaxed);
+                Status::resource_exhausted(format!("no thread for the stream: {e}"))
+            })?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -253,7 +342,7 @@ struct Job {
 }
 
 impl Job {
-    fn check(r: StreamRequest) -> Result<Self, Status> {
+    fn check(r: StreamRequest, roots: &DataRoots) -> Result<Self, Status> {
         let bad = |field: &str, why: String| Err(invalid(field, why));
         if r.shards.is_empty() || r.shards.len() > MAX_SHARDS {
             return bad(
@@ -276,6 +365,21 @@ impl Job {
         if r.size == 0 || r.size > MAX_SIZE {
             return bad("size", format!("{} not in 1..={MAX_SIZE}", r.size));
         }
+        let dtype = match DType::try_from(r.dtype) {
+            Ok(DType::F32) => DType::F32,
+            Ok(_) => DType::Uint8,
+            Err(_) => return bad("dtype", format!("unknown value {}", r.dtype)),
+        };
+        let value_bytes = if dtype == DType::F32 { 4 } else { 1 };
+        let pixels = r.batch_size as u64 * r.size as u64 * r.size as u64;
+        let batch_bytes = pixels * (3 * value_bytes + 1);
+        if batch_bytes > MAX_BATCH_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "batch_size/size: {} x {1} x {1} images as {dtype:?} (with label maps) would be \
+                 {batch_bytes} bytes a batch; at most {MAX_BATCH_BYTES}",
+                r.batch_size, r.size
+            )));
+        }
         if r.world_size == 0 || r.rank >= r.world_size {
             return bad(
                 "rank",
@@ -294,20 +398,23 @@ impl Job {
                 format!("{} bytes (at most {MAX_STATE})", r.state.len()),
             );
         }
-        let state = if r.state.is_empty() {
+        let state: LoaderState = if r.state.is_empty() {
             LoaderState::default()
         } else {
             serde_json::from_str(&r.state).map_err(|e| invalid("state", e.to_string()))?
         };
-        let dtype = match DType::try_from(r.dtype) {
-            Ok(DType::F32) => DType::F32,
-            Ok(_) => DType::Uint8,
-            Err(_) => return bad("dtype", format!("unknown value {}", r.dtype)),
-        };
-        let mut shards = Vec::new();
-        for spec in &r.shards {
-            shards.extend(resolve(spec).map_err(|e| invalid("shards", e.to_string()))?);
+        // The reader's buffer never holds more: more would be read back into memory.
+        if state.pending.len() > r.shuffle_buffer as usize {
+            return bad(
+                "state",
+                format!(
+                    "{} pending samples with a shuffle_buffer of {}",
+                    state.pending.len(),
+                    r.shuffle_buffer
+                ),
+            );
         }
+        let shards = shard_list(&r.shards, roots)?;
         let cfg = LoaderConfig {
             batch_size: r.batch_size as usize,
             preprocess: Preprocess {
@@ -406,6 +513,42 @@ impl Drop for QueueDepth<'_> {
     fn drop(&mut self) {
         self.set(0);
     }
+}
+
+/// The shards `specs` name, each local one checked against `roots` before the file system
+/// is touched, and the expanded list bounded before it is built.
+fn shard_list(specs: &[String], roots: &DataRoots) -> Result<Vec<String>, Status> {
+    let too_many = |names: u64, bytes: u64| {
+        Status::resource_exhausted(format!(
+            "shards: the list expands to {names} names ({bytes} bytes); at most {MAX_SHARDS} \
+             names of {MAX_SHARD_LIST_BYTES} bytes in all"
+        ))
+    };
+    let (mut names, mut bytes) = (0u64, 0u64);
+    for spec in specs {
+        let size = brace_expansion(spec).map_err(|e| invalid("shards", e.to_string()))?;
+        names = names.saturating_add(size.names);
+        bytes = bytes.saturating_add(size.bytes);
+    }
+    if names > MAX_SHARDS as u64 || bytes > MAX_SHARD_LIST_BYTES {
+        return Err(too_many(names, bytes));
+    }
+    let mut shards = Vec::new();
+    let mut bytes = 0;
+    for spec in specs {
+        if !spec.contains('{') {
+            roots.check(spec).map_err(|e| invalid("shards", e))?;
+        }
+        for shard in resolve(spec).map_err(|e| invalid("shards", e.to_string()))? {
+            roots.check(&shard).map_err(|e| invalid("shards", e))?;
+            bytes += shard.len() as u64;
+            shards.push(shard);
+        }
+        if shards.len() > MAX_SHARDS || bytes > MAX_SHARD_LIST_BYTES {
+            return Err(too_many(shards.len() as u64, bytes));
+        }
+    }
+    Ok(shards)
 }
 
 fn invalid(field: &str, why: String) -> Status {

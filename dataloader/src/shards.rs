@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::DataError;
 use crate::runtime;
-use crate::source::{expand_braces, locate};
+use crate::source::{expand_braces, local_path, locate};
 
 /// The `{split}-*.tar` shards under a local directory or an object-store prefix, sorted.
 pub fn list_split(dir: impl AsRef<Path>, split: &str) -> Result<Vec<String>, DataError> {
@@ -38,6 +38,84 @@ pub fn resolve(spec: &str) -> Result<Vec<String>, DataError> {
         });
     }
     Ok(shards)
+}
+
+/// The local directories a dataloader service may read shards from for its clients. Shards
+/// at object-store URLs (`s3://`, `gs://`, `az://`, `memory://`) are always allowed; local
+/// paths and `file://` URLs only inside one of these directories, after `..` and symbolic
+/// links are resolved. With none, a service reads no local file for a request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataRoots {
+    roots: Vec<PathBuf>,
+}
+
+impl DataRoots {
+    /// These directories (each must exist).
+    pub fn new(dirs: impl IntoIterator<Item = PathBuf>) -> Result<Self, DataError> {
+        let roots = dirs
+            .into_iter()
+            .map(|dir| {
+                match std::fs::canonicalize(&dir) {
+                    Ok(c) if c.is_dir() => Ok(c),
+                    Ok(_) => Err("not a directory".to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+                .map_err(|reason| DataError::Url {
+                    url: dir.display().to_string(),
+                    reason: format!("data root: {reason}"),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { roots })
+    }
+
+    /// The directories, resolved.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.roots
+    }
+
+    /// Refuses `url` when it names a local file outside the roots. The same answer whether
+    /// such a file exists or not.
+    pub fn check(&self, url: &str) -> Result<(), String> {
+        let Some(path) = local_path(url).map_err(|e| e.to_string())? else {
+            return Ok(());
+        };
+        if self.roots.is_empty() {
+            return Err(format!(
+                "`{url}` is a local path, and this service reads no local files (object-store \
+                 URLs only; `dataloader serve --data-root DIR` allows the shards below DIR)"
+            ));
+        }
+        let real = resolve_links(&path);
+        if self.roots.iter().any(|root| real.starts_with(root)) {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{url}` is outside the data roots this service reads ({})",
+                self.roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        }
+    }
+}
+
+/// `path` (absolute, without `..`) with the symbolic links of its longest existing ancestor
+/// resolved, and the rest (which does not exist) appended as it is.
+fn resolve_links(path: &Path) -> PathBuf {
+    for ancestor in path.ancestors() {
+        if let Ok(real) = std::fs::canonicalize(ancestor) {
+            let rest = path.strip_prefix(ancestor).expect("an ancestor");
+            return if rest.as_os_str().is_empty() {
+                real
+            } else {
+                real.join(rest)
+            };
+        }
+    }
+    path.to_path_buf()
 }
 
 /// `*.tar` objects directly under `dir` whose names start with `prefix`, as URLs (or paths

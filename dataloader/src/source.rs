@@ -40,16 +40,15 @@ pub fn locate(url: &str) -> Result<Location, DataError> {
         url: url.to_string(),
         reason,
     };
-    let parsed = match Url::parse(url) {
-        Ok(u) if u.scheme().len() > 1 => u,
-        _ => return locate_local(url),
-    };
-    if parsed.scheme() == "file" {
-        let path = parsed
-            .to_file_path()
-            .map_err(|_| bad("not a local file URL".into()))?;
-        return locate_local(&path.to_string_lossy());
+    if let Some(abs) = local_path(url)? {
+        let store_path = StorePath::from_absolute_path(&abs).map_err(|e| bad(e.to_string()))?;
+        return Ok(Location {
+            store: local_store(),
+            path: store_path,
+            url: url.to_string(),
+        });
     }
+    let parsed = Url::parse(url).map_err(|e| bad(e.to_string()))?;
     let store = store_for(&parsed).map_err(bad)?;
     let path = StorePath::from_url_path(parsed.path()).map_err(|e| bad(e.to_string()))?;
     Ok(Location {
@@ -59,21 +58,22 @@ pub fn locate(url: &str) -> Result<Location, DataError> {
     })
 }
 
-fn locate_local(path: &str) -> Result<Location, DataError> {
-    let abs = std::path::absolute(path).map_err(|e| DataError::Url {
-        url: path.to_string(),
-        reason: e.to_string(),
-    })?;
-    let abs = lexical_normalize(&abs);
-    let store_path = StorePath::from_absolute_path(&abs).map_err(|e| DataError::Url {
-        url: path.to_string(),
-        reason: e.to_string(),
-    })?;
-    Ok(Location {
-        store: local_store(),
-        path: store_path,
-        url: path.to_string(),
-    })
+/// The local file a URL or path names (absolute, `.` and `..` resolved without touching the
+/// file system: the path [`locate`] opens), or `None` for an object-store URL.
+pub fn local_path(url: &str) -> Result<Option<std::path::PathBuf>, DataError> {
+    let bad = |reason: String| DataError::Url {
+        url: url.to_string(),
+        reason,
+    };
+    let path = match Url::parse(url) {
+        Ok(u) if u.scheme() == "file" => u
+            .to_file_path()
+            .map_err(|_| bad("not a local file URL".into()))?,
+        Ok(u) if u.scheme().len() > 1 => return Ok(None),
+        _ => std::path::PathBuf::from(url),
+    };
+    let abs = std::path::absolute(&path).map_err(|e| bad(e.to_string()))?;
+    Ok(Some(lexical_normalize(&abs)))
 }
 
 /// Resolves `.` and `..` without touching the file system (the path may not exist yet).
@@ -269,37 +269,127 @@ fn probe_metadata(endpoint: &str, request: &str) -> Result<(), String> {
     }
 }
 
-/// Expands `{a..b}` numeric ranges (zero padding kept from `a`) and `{x,y,z}` alternatives,
-/// as WebDataset and braceexpand do; several groups multiply.
-pub fn expand_braces(pattern: &str) -> Result<Vec<String>, DataError> {
-    let bad = |reason: &str| DataError::Url {
-        url: pattern.to_string(),
-        reason: reason.to_string(),
-    };
-    let Some(open) = pattern.find('{') else {
-        return Ok(vec![pattern.to_string()]);
-    };
-    let close = pattern[open..]
-        .find('}')
-        .map(|i| open + i)
-        .ok_or_else(|| bad("unclosed `{`"))?;
-    let (head, body, tail) = (
-        &pattern[..open],
-        &pattern[open + 1..close],
-        &pattern[close + 1..],
-    );
-    let choices = brace_choices(body).map_err(|r| bad(&r))?;
-    let tails = expand_braces(tail)?;
-    let mut out = Vec::with_capacity(choices.len() * tails.len());
-    for c in &choices {
-        for rest in &tails {
-            out.push(format!("{head}{c}{rest}"));
-        }
-    }
-    Ok(out)
+/// Most names one brace pattern may expand to (`{000000..999999}` is a million shards).
+pub const MAX_EXPANSION: u64 = 1 << 20;
+/// Most bytes the names of one brace pattern may take together.
+pub const MAX_EXPANSION_BYTES: u64 = 64 << 20;
+
+/// What a brace pattern expands to, computed from the pattern alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expansion {
+    /// Names.
+    pub names: u64,
+    /// Bytes of all names together, at most (names times the longest name).
+    pub bytes: u64,
 }
 
-fn brace_choices(body: &str) -> Result<Vec<String>, String> {
+/// The size of [`expand_braces`]'s result, without expanding anything: the product of the
+/// groups' sizes (saturating at `u64::MAX`).
+pub fn brace_expansion(pattern: &str) -> Result<Expansion, DataError> {
+    let parts = parse_braces(pattern)?;
+    let (names, longest) = parts.iter().fold((1u64, 0u64), |(n, len), part| {
+        (n.saturating_mul(part.count()), len + part.longest() as u64)
+    });
+    Ok(Expansion {
+        names,
+        bytes: names.saturating_mul(longest),
+    })
+}
+
+/// Expands `{a..b}` numeric ranges (zero padding kept from `a`) and `{x,y,z}` alternatives,
+/// as WebDataset and braceexpand do; several groups multiply. The size is checked before
+/// anything is allocated: at most [`MAX_EXPANSION`] names of [`MAX_EXPANSION_BYTES`] in all.
+pub fn expand_braces(pattern: &str) -> Result<Vec<String>, DataError> {
+    let size = brace_expansion(pattern)?;
+    if size.names > MAX_EXPANSION || size.bytes > MAX_EXPANSION_BYTES {
+        return Err(DataError::Url {
+            url: pattern.to_string(),
+            reason: format!(
+                "expands to {} names ({} bytes); at most {MAX_EXPANSION} names of \
+                 {MAX_EXPANSION_BYTES} bytes in all",
+                size.names, size.bytes
+            ),
+        });
+    }
+    let mut names = vec![String::new()];
+    for part in parse_braces(pattern)? {
+        names = match part {
+            Part::Text(text) => names.into_iter().map(|n| n + text).collect(),
+            part => names
+                .iter()
+                .flat_map(|n| part.choices().map(move |c| format!("{n}{c}")))
+                .collect(),
+        };
+    }
+    Ok(names)
+}
+
+/// A piece of a brace pattern.
+enum Part<'a> {
+    Text(&'a str),
+    /// `{lo..hi}`, numbers padded to `width` digits.
+    Range {
+        lo: u64,
+        hi: u64,
+        width: usize,
+    },
+    List(Vec<&'a str>),
+}
+
+impl Part<'_> {
+    fn count(&self) -> u64 {
+        match self {
+            Part::Text(_) => 1,
+            Part::Range { lo, hi, .. } => (hi - lo).saturating_add(1),
+            Part::List(items) => items.len() as u64,
+        }
+    }
+
+    fn longest(&self) -> usize {
+        match self {
+            Part::Text(text) => text.len(),
+            Part::Range { hi, width, .. } => hi.to_string().len().max(*width),
+            Part::List(items) => items.iter().map(|i| i.len()).max().unwrap_or(0),
+        }
+    }
+
+    fn choices(&self) -> Box<dyn Iterator<Item = String> + '_> {
+        match self {
+            Part::Text(text) => Box::new(std::iter::once(text.to_string())),
+            Part::Range { lo, hi, width } => {
+                let width = *width;
+                Box::new((*lo..=*hi).map(move |i| format!("{i:0width$}")))
+            }
+            Part::List(items) => Box::new(items.iter().map(|i| i.to_string())),
+        }
+    }
+}
+
+fn parse_braces(pattern: &str) -> Result<Vec<Part<'_>>, DataError> {
+    let bad = |reason: String| DataError::Url {
+        url: pattern.to_string(),
+        reason,
+    };
+    let mut parts = Vec::new();
+    let mut rest = pattern;
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..]
+            .find('}')
+            .map(|i| open + i)
+            .ok_or_else(|| bad("unclosed `{`".into()))?;
+        if open > 0 {
+            parts.push(Part::Text(&rest[..open]));
+        }
+        parts.push(brace_group(&rest[open + 1..close]).map_err(bad)?);
+        rest = &rest[close + 1..];
+    }
+    if !rest.is_empty() {
+        parts.push(Part::Text(rest));
+    }
+    Ok(parts)
+}
+
+fn brace_group(body: &str) -> Result<Part<'_>, String> {
     if let Some((a, b)) = body.split_once("..") {
         let (lo, hi): (u64, u64) = (
             a.parse().map_err(|_| format!("`{a}` is not a number"))?,
@@ -308,14 +398,11 @@ fn brace_choices(body: &str) -> Result<Vec<String>, String> {
         if lo > hi {
             return Err(format!("empty range {{{body}}}"));
         }
-        if hi - lo > 10_000_000 {
-            return Err(format!("range {{{body}}} is too large"));
-        }
         let width = if a.starts_with('0') { a.len() } else { 0 };
-        return Ok((lo..=hi).map(|i| format!("{i:0width$}")).collect());
+        return Ok(Part::Range { lo, hi, width });
     }
     if body.contains(',') {
-        return Ok(body.split(',').map(str::to_string).collect());
+        return Ok(Part::List(body.split(',').collect()));
     }
     Err(format!("`{{{body}}}` is neither a range nor a list"))
 }
@@ -340,6 +427,27 @@ mod tests {
             let e = expand_braces(p).unwrap_err().to_string();
             assert!(e.contains(p), "{e}");
         }
+    }
+
+    /// `{0..9999999}{0..9999999}` would be 10^14 names: refused from the pattern alone,
+    /// before anything is allocated.
+    #[test]
+    fn huge_expansions_are_refused_before_expanding() {
+        let p = "s3://b/{0..9999999}{0..9999999}.tar";
+        assert_eq!(brace_expansion(p).unwrap().names, 100_000_000_000_000);
+        let e = expand_braces(p).unwrap_err().to_string();
+        assert!(e.contains(p) && e.contains("100000000000000 names"), "{e}");
+        let all = "x{0..18446744073709551615}{0..18446744073709551615}";
+        assert_eq!(brace_expansion(all).unwrap().names, u64::MAX);
+        assert!(expand_braces(all).is_err());
+        // Few names, but long ones: the bytes are capped too.
+        let long = format!("{}{{0..99999}}", "a".repeat(4000));
+        let e = expand_braces(&long).unwrap_err().to_string();
+        assert!(e.contains("bytes"), "{e}");
+        assert_eq!(
+            expand_braces("{0..1048575}").unwrap().len(),
+            MAX_EXPANSION as usize
+        );
     }
 
     #[test]

@@ -1,10 +1,18 @@
 //! Decoding and augmentation: the reference's preprocessing (shorter side to `size`, random
 //! crop for training or center crop for validation, x/127.5 - 1) plus an optional
 //! horizontal flip.
+//!
+//! Image and label-map sizes are read from their headers and checked before any pixel buffer
+//! is made: at most [`MAX_IMAGE_PIXELS`] decoded, and at most as many after the resize (a
+//! 1 x 100000 image resized to a shorter side of 256 would be 256 x 25600000).
 
 use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
 use rand::Rng;
+
+/// Most pixels an image or label map may have, as decoded and as resized: Pillow's
+/// `MAX_IMAGE_PIXELS` (1024 x 1024 x 1024 / 4 / 3, a 256 MiB RGB buffer).
+pub const MAX_IMAGE_PIXELS: u64 = 89_478_485;
 
 /// How images become model inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,10 +79,10 @@ impl Preprocess {
         rng: &mut impl Rng,
         out: &mut [T],
     ) -> Result<Option<Vec<u8>>, String> {
-        let img = image::load_from_memory(image)
-            .map_err(|e| format!("image: {e}"))?
-            .into_rgb8();
-        let mask = mask.map(|m| decode_mask(m, img.dimensions())).transpose()?;
+        let img = self.decode_image(image)?;
+        let mask = mask
+            .map(|m| crate::label_map::decode_sized(m, img.dimensions()))
+            .transpose()?;
         let img = resize_shorter(img, self.size);
         let (left, top) = self.crop_origin(img.dimensions(), rng);
         let flip = self.flip && rng.random_bool(0.5);
@@ -86,6 +94,31 @@ impl Preprocess {
             let m = image::imageops::crop_imm(&m, left, top, s, s).to_image();
             flip_rows(m.into_raw(), self.size, flip)
         }))
+    }
+
+    /// Decodes an image whose header says it fits [`MAX_IMAGE_PIXELS`], decoded and resized.
+    fn decode_image(&self, bytes: &[u8]) -> Result<RgbImage, String> {
+        let reader = || {
+            image::ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .expect("reading from memory")
+        };
+        let (w, h) = reader()
+            .into_dimensions()
+            .map_err(|e| format!("image: {e}"))?;
+        check_pixels("image", w, h)?;
+        let (nw, nh) = resized_dims(w, h, self.size);
+        if nw as u64 * nh as u64 > MAX_IMAGE_PIXELS {
+            return Err(format!(
+                "image: {w}x{h} would be {nw}x{nh} with its shorter side resized to {}, over \
+                 {MAX_IMAGE_PIXELS} pixels",
+                self.size
+            ));
+        }
+        Ok(reader()
+            .decode()
+            .map_err(|e| format!("image: {e}"))?
+            .into_rgb8())
     }
 
     fn crop_origin(&self, (w, h): (u32, u32), rng: &mut impl Rng) -> (u32, u32) {
@@ -103,18 +136,15 @@ pub fn normalize(pixels: &[u8]) -> Vec<f32> {
     pixels.iter().map(|&p| f32::from_byte(p)).collect()
 }
 
-fn decode_mask(bytes: &[u8], image_dims: (u32, u32)) -> Result<GrayImage, String> {
-    let mask = crate::label_map::decode(bytes)?;
-    if mask.dimensions() != image_dims {
+/// Refuses a `w` x `h` `what` (image, label map) with no pixel or over [`MAX_IMAGE_PIXELS`].
+pub(crate) fn check_pixels(what: &str, w: u32, h: u32) -> Result<(), String> {
+    let pixels = w as u64 * h as u64;
+    if pixels == 0 || pixels > MAX_IMAGE_PIXELS {
         return Err(format!(
-            "mask is {}x{} but its image is {}x{}",
-            mask.width(),
-            mask.height(),
-            image_dims.0,
-            image_dims.1
+            "{what}: {w}x{h} is {pixels} pixels; 1..={MAX_IMAGE_PIXELS} allowed"
         ));
     }
-    Ok(mask)
+    Ok(())
 }
 
 fn img_dims_after_resize(img: &GrayImage, size: usize) -> (u32, u32) {
@@ -271,6 +301,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Both found from the header: a decode over the cap, and a small image whose resize
+    /// would be over it (1 x 100000 to a shorter side of 256: 6.5 G pixels).
+    #[test]
+    fn oversized_images_are_refused_before_decoding_or_resizing() {
+        let p = Preprocess {
+            size: 256,
+            random_crop: false,
+            flip: false,
+        };
+        let tall = image::GrayImage::new(1, 100_000);
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        tall.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+        let e = p
+            .apply(&bytes.into_inner(), &mut StdRng::seed_from_u64(0))
+            .unwrap_err();
+        assert!(e.contains("1x100000") && e.contains("256x25600000"), "{e}");
+        let e = check_pixels("image", 60_000, 60_000).unwrap_err();
+        assert!(e.contains("60000x60000"), "{e}");
+        assert!(check_pixels("image", 9459, 9459).is_ok());
+        assert!(check_pixels("image", 0, 5).is_err());
     }
 
     #[test]

@@ -29,13 +29,23 @@ impl Interceptor for RequireToken {
             return Ok(request);
         };
         match request.metadata().get("authorization") {
-            Some(v) if v.as_bytes() == expected.as_bytes() => Ok(request),
+            Some(v) if same_bytes(v.as_bytes(), expected.as_bytes()) => Ok(request),
             Some(_) => Err(Status::unauthenticated("wrong cluster token")),
             None => Err(Status::unauthenticated(
                 "missing cluster token (authorization: Bearer ...)",
             )),
         }
     }
+}
+
+/// Whether `a` and `b` are equal, in time that depends on their lengths only (not on where
+/// they first differ), so that a caller cannot guess the token byte by byte from timings.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
 }
 
 /// Adds the token to outgoing calls.
@@ -59,5 +69,53 @@ impl Interceptor for AttachToken {
             request.metadata_mut().insert("authorization", h.clone());
         }
         Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(token: Option<&str>, sent: Option<&str>) -> Result<(), tonic::Code> {
+        let mut request = Request::new(());
+        if let Some(s) = sent {
+            request
+                .metadata_mut()
+                .insert("authorization", s.parse().unwrap());
+        }
+        RequireToken::new(token.map(str::to_string))
+            .call(request)
+            .map(drop)
+            .map_err(|s| s.code())
+    }
+
+    #[test]
+    fn only_the_exact_token_passes() {
+        assert_eq!(call(Some("s3cret"), Some("Bearer s3cret")), Ok(()));
+        for wrong in [
+            "Bearer s3cres",
+            "Bearer s3cret2",
+            "Bearer s3cre",
+            "s3cret",
+            "",
+        ] {
+            assert_eq!(
+                call(Some("s3cret"), Some(wrong)),
+                Err(tonic::Code::Unauthenticated),
+                "{wrong:?}"
+            );
+        }
+        assert_eq!(
+            call(Some("s3cret"), None),
+            Err(tonic::Code::Unauthenticated)
+        );
+        assert_eq!(call(None, None), Ok(()), "no token configured: no check");
+    }
+
+    #[test]
+    fn attached_tokens_are_the_ones_required() {
+        let mut request = Request::new(());
+        request = AttachToken::new(Some("abc")).call(request).unwrap();
+        assert!(RequireToken::new(Some("abc".into())).call(request).is_ok());
     }
 }

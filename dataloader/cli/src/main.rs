@@ -10,6 +10,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use taming_dataloader::pack::{Layout, PackOptions, pack};
+use taming_dataloader::service::{DEFAULT_MAX_STREAMS, TOKEN_ENV};
+use taming_dataloader::shards::DataRoots;
 use taming_model::device::DeviceSpec;
 
 #[derive(Parser)]
@@ -38,15 +40,7 @@ enum LayoutArg {
 #[derive(Subcommand)]
 enum Command {
     /// Serve batches (StreamBatches) until interrupted.
-    Serve {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:50061")]
-        bind: SocketAddr,
-        /// Also serve Prometheus metrics at http://ADDR/metrics (samples/s, decode errors,
-        /// queue depth, clients).
-        #[arg(long)]
-        metrics: Option<SocketAddr>,
-    },
+    Serve(ServeArgs),
     /// Pack an image folder into WebDataset shards at any object-store URL.
     Pack {
         /// Input folder (the images, for `pairs`).
@@ -76,6 +70,32 @@ enum Command {
     PrecomputeCodes(precompute::Args),
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50061")]
+    bind: SocketAddr,
+    /// Also serve Prometheus metrics at http://ADDR/metrics (samples/s, decode errors,
+    /// queue depth, clients).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Cluster token every call must carry (the gRPC health service answers without it).
+    /// Required on an address other than loopback, unless --insecure.
+    #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
+    token: Option<String>,
+    /// Serve on an address other than loopback without a token: anyone who reaches it can
+    /// read the shards this service can.
+    #[arg(long)]
+    insecure: bool,
+    /// Streams served at once; more are refused (RESOURCE_EXHAUSTED) until one ends.
+    #[arg(long, default_value_t = DEFAULT_MAX_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_streams: u32,
+    /// A local directory whose shards requests may name (repeatable). Without one, requests
+    /// may name object-store URLs only (s3://, gs://, az://), no local path.
+    #[arg(long = "data-root", value_name = "DIR")]
+    data_roots: Vec<PathBuf>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let telemetry = cli.telemetry.clone();
@@ -86,7 +106,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve { bind, metrics } => serve(bind, metrics),
+        Command::Serve(args) => serve(args),
         Command::Pack {
             input,
             layout,
@@ -130,8 +150,36 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn serve(bind: SocketAddr, metrics: Option<SocketAddr>) -> Result<()> {
-    use taming_dataloader::service::{DataloaderService, serve_metrics, serve_service};
+fn serve(args: ServeArgs) -> Result<()> {
+    use taming_dataloader::service::{
+        DataloaderService, ServiceOptions, serve_metrics, serve_service,
+    };
+    let ServeArgs {
+        bind,
+        metrics,
+        token,
+        insecure,
+        max_streams,
+        data_roots,
+    } = args;
+    let token = token.filter(|t| !t.is_empty());
+    if token.is_none() && !bind.ip().is_loopback() {
+        anyhow::ensure!(
+            insecure,
+            "refusing to serve on {bind} without a cluster token: anyone who reaches it could \
+             read the shards this service can. Give --token or {TOKEN_ENV} (the workers send \
+             theirs), bind a loopback address, or pass --insecure"
+        );
+        tracing::warn!(%bind, "serving without a cluster token on an address other than loopback (--insecure): anyone who reaches it can stream the shards this service can read");
+    } else if token.is_none() {
+        tracing::warn!(%bind, "serving without a cluster token: any local process can stream batches (give --token or {TOKEN_ENV})");
+    }
+    let data_roots = DataRoots::new(data_roots).context("--data-root")?;
+    let service = DataloaderService::new(ServiceOptions {
+        token,
+        max_streams: max_streams as usize,
+        data_roots,
+    });
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(bind)
@@ -140,7 +188,6 @@ fn serve(bind: SocketAddr, metrics: Option<SocketAddr>) -> Result<()> {
         let addr = listener.local_addr()?;
         // The line tests and launchers wait for.
         println!("listening on {addr}");
-        let service = DataloaderService::default();
         if let Some(m) = metrics {
             let http = tokio::net::TcpListener::bind(m)
                 .await

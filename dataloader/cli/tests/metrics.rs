@@ -44,9 +44,15 @@ fn shard_with_bad_samples(dir: &std::path::Path) -> String {
 
 #[test]
 fn metrics_count_samples_errors_and_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let (_service, said) = spawn_announcing(
         Command::new(env!("CARGO_BIN_EXE_dataloader"))
             .args(["serve", "--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+            .arg("--data-root")
+            .arg(tmp.path())
+            .arg("--data-root")
+            .arg(root.join("data"))
             .stderr(Stdio::null()),
         &["listening on ", "metrics on http://"],
     );
@@ -58,8 +64,6 @@ fn metrics_count_samples_errors_and_clients() {
     assert_eq!(value(&before, "taming_dataloader_samples_total"), 0.0);
     assert_eq!(value(&before, "taming_dataloader_clients"), 0.0);
 
-    let tmp = tempfile::tempdir().unwrap();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let shards = vec![
         shard_with_bad_samples(tmp.path()),
         root.join("data/fashion-mnist/val-000000.tar")

@@ -159,6 +159,11 @@ struct Stage2Args {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(token) = &cli.token {
+        // SAFETY: no other thread runs yet. The dataloader client sends the token it finds
+        // there; a --token given on the command line is not in the environment otherwise.
+        unsafe { std::env::set_var(TOKEN_ENV, token) };
+    }
     let telemetry = cli.telemetry.clone();
     telemetry.main("taming-worker", "info", || {
         run(cli).map(|()| ExitCode::SUCCESS)
