@@ -53,8 +53,9 @@ pub async fn launch_local(mut spec: JobSpec, opts: StandaloneOptions) -> Result<
         let _ = stop_rx.await;
     }));
     let mut dataloaders = Children(Vec::new());
+    let roots = data_roots(&spec.data);
     for i in 0..opts.dataloaders {
-        match start_dataloader(&logs, i, &token) {
+        match start_dataloader(&logs, i, &token, &tls, &roots) {
             Ok((child, dl)) => {
                 dataloaders.0.push(child);
                 spec.dataloaders.push(dl);
@@ -293,13 +294,49 @@ fn random_token() -> Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Starts `dataloader serve` on a free loopback port; returns it and its address.
-fn start_dataloader(logs: &Path, i: usize, token: &str) -> Result<(Child, String)> {
+/// Local directories the mini-cluster's dataloaders may read: the job's data folder, or
+/// (with no --data) the embedded data where a worker finds it (under the current directory
+/// or the checkout this was built from).
+fn data_roots(data: &str) -> Vec<PathBuf> {
+    if data.contains("://") && !data.starts_with("file://") {
+        return Vec::new();
+    }
+    if !data.is_empty() {
+        let path = PathBuf::from(data.trim_start_matches("file://"));
+        return vec![if path.is_dir() {
+            path
+        } else {
+            path.parent().map(Path::to_path_buf).unwrap_or(path)
+        }];
+    }
+    [
+        PathBuf::from("data"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data"),
+    ]
+    .into_iter()
+    .filter(|p| p.is_dir())
+    .collect()
+}
+
+/// Starts `dataloader serve` on a free loopback port, over TLS, reading shards below
+/// `roots`; returns it and its address.
+fn start_dataloader(
+    logs: &Path,
+    i: usize,
+    token: &str,
+    tls: &LocalTls,
+    roots: &[PathBuf],
+) -> Result<(Child, String)> {
     let bin = sibling("dataloader")?;
     let log = std::fs::File::create(logs.join(format!("dataloader-{i}.log")))?;
-    let mut child = Command::new(&bin)
-        .args(["serve", "--bind", "127.0.0.1:0"])
+    let mut cmd = Command::new(&bin);
+    cmd.args(["serve", "--bind", "127.0.0.1:0"]);
+    for root in roots {
+        cmd.arg("--data-root").arg(root);
+    }
+    let mut child = cmd
         .env(TOKEN_ENV, token)
+        .envs(tls.env())
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()

@@ -1,14 +1,16 @@
 //! The trainer's side of the dataloader service: a [`BatchSource`] that streams batches from
 //! one of several service instances and, when its instance dies, reconnects to the next and
 //! resumes from the state of the last batch it received, so nothing is duplicated or lost.
-//! Every call carries the cluster token (from `TAMING_CLUSTER_TOKEN`, or [`RemoteLoader::token`]).
+//! Every call carries the cluster token (from `TAMING_CLUSTER_TOKEN`, or [`RemoteLoader::token`])
+//! over TLS as the `TAMING_TLS_*` variables set it (see `taming_proto::tls`; plaintext on
+//! loopback, elsewhere only with `TAMING_INSECURE=1`).
 
 use std::time::Duration;
 
 use taming_proto::auth::{AttachToken, TOKEN_ENV};
 use taming_proto::dataloader::dataloader_client::DataloaderClient;
 use taming_proto::dataloader::{Batch, DType, StreamRequest};
-use tonic::transport::{Channel, Endpoint};
+use taming_proto::tls::{TlsArgs, Transport};
 use tonic::{Code, Streaming};
 
 use crate::error::DataError;
@@ -26,6 +28,7 @@ pub struct RemoteLoader {
     addrs: Vec<String>,
     request: StreamRequest,
     token: Option<String>,
+    transport: Result<Transport, String>,
     state: LoaderState,
     current: usize,
     stream: Option<Streaming<Batch>>,
@@ -64,15 +67,13 @@ impl RemoteLoader {
             single_epoch: false,
             require_masks: cfg.require_masks,
         };
-        let addrs = addrs
-            .iter()
-            .map(|a| taming_proto::endpoint_url(a))
-            .collect();
         let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
+        let transport = TlsArgs::from_env().load().map_err(|e| e.to_string());
         Self {
             addrs,
             request,
             token,
+            transport,
             state,
             current: 0,
             stream: None,
@@ -97,6 +98,12 @@ impl RemoteLoader {
     /// Send `token` as the cluster token (`None`: none), instead of `TAMING_CLUSTER_TOKEN`'s.
     pub fn token(mut self, token: Option<&str>) -> Self {
         self.token = token.map(str::to_string);
+        self
+    }
+
+    /// Talk TLS (or plaintext) as `transport` says, instead of as the environment does.
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = Ok(transport);
         self
     }
 
@@ -170,18 +177,20 @@ impl RemoteLoader {
             )));
         }
         let token = AttachToken::new(self.token.as_deref());
+        let transport = match &self.transport {
+            Ok(t) => t.clone(),
+            Err(e) => return Err(Failure::Fatal(self.service_error(e.clone()))),
+        };
         let result = runtime::block_on(async move {
-            let channel: Channel = Endpoint::from_shared(addr)
-                .map_err(|e| {
-                    Failure::Fatal(DataError::Url {
-                        url: e.to_string(),
-                        reason: "bad address".into(),
-                    })
-                })?
-                .connect_timeout(Duration::from_secs(5))
-                .connect()
+            let channel = taming_proto::channel(&addr, &transport, None)
                 .await
-                .map_err(|e| Failure::Retry(format!("connect: {e}")))?;
+                .map_err(|e| match e {
+                    taming_proto::ConnectError::Tls(e) => Failure::Fatal(DataError::Service {
+                        addr: String::new(),
+                        reason: e.to_string(),
+                    }),
+                    e => Failure::Retry(format!("connect: {e}")),
+                })?;
             let mut client = DataloaderClient::with_interceptor(channel, token)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES);
             client

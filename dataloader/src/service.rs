@@ -227,7 +227,7 @@ pub async fn serve_listener(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    serve_service(DataloaderService::default(), listener, shutdown).await
+    serve_service(DataloaderService::default(), listener, None, shutdown).await
 }
 
 /// Serves `GET /metrics` (the Prometheus text of `stats`) on a bound listener; other paths
@@ -259,6 +259,7 @@ pub async fn serve_metrics(
 pub async fn serve_service(
     service: DataloaderService,
     listener: tokio::net::TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     // The standard gRPC health service (Kubernetes probes).
@@ -266,7 +267,13 @@ pub async fn serve_service(
     reporter
         .set_serving::<DataloaderServer<DataloaderService>>()
         .await;
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(health)
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(

@@ -38,6 +38,7 @@ fn start_with(opts: ServiceOptions) -> String {
     runtime::io().spawn(serve_service(
         DataloaderService::new(opts),
         listener,
+        None,
         std::future::pending(),
     ));
     addr

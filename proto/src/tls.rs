@@ -48,9 +48,12 @@ pub struct TlsArgs {
     #[arg(long, global = true, env = TLS_CA_ENV, value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
     /// Allow plaintext gRPC (and the cluster token in it) off loopback.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = INSECURE_ENV)]
     pub insecure: bool,
 }
+
+/// Environment variable that allows plaintext off loopback (`1` or `true`).
+pub const INSECURE_ENV: &str = "TAMING_INSECURE";
 
 /// Loaded TLS material.
 #[derive(Debug, Clone, Default)]
@@ -78,6 +81,41 @@ fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 impl TlsArgs {
+    /// The settings of the environment variables alone (what a library client that is
+    /// given no flags uses, like the dataloader client inside a worker).
+    pub fn from_env() -> Self {
+        let path = |k| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        Self {
+            tls_cert: path(TLS_CERT_ENV),
+            tls_key: path(TLS_KEY_ENV),
+            tls_ca: path(TLS_CA_ENV),
+            insecure: std::env::var(INSECURE_ENV).is_ok_and(|v| v == "1" || v == "true"),
+        }
+    }
+
+    /// The environment variables that carry these settings to [`Self::from_env`] (and to
+    /// child processes).
+    pub fn env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        let mut out = Vec::new();
+        for (k, v) in [
+            (TLS_CERT_ENV, &self.tls_cert),
+            (TLS_KEY_ENV, &self.tls_key),
+            (TLS_CA_ENV, &self.tls_ca),
+        ] {
+            if let Some(v) = v {
+                out.push((k, v.clone().into_os_string()));
+            }
+        }
+        if self.insecure {
+            out.push((INSECURE_ENV, "1".into()));
+        }
+        out
+    }
+
     /// Reads the files; plaintext when none is given.
     pub fn load(&self) -> Result<Transport, TlsError> {
         let identity = match (&self.tls_cert, &self.tls_key) {

@@ -171,6 +171,8 @@ fn dataloader(log: &Path) -> (Proc, String, String) {
     let (proc, said) = spawn_announcing(
         Command::new(bin("dataloader"))
             .args(["serve", "--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+            .arg("--data-root")
+            .arg(root().join("data"))
             .stderr(log),
         &["listening on ", "metrics on http://"],
     );

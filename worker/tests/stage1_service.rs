@@ -7,16 +7,25 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 
 use taming_dataloader::runtime;
-use taming_dataloader::service::{DataloaderService, serve_service};
+use taming_dataloader::service::{DataloaderService, ServiceOptions, serve_service};
+use taming_dataloader::shards::DataRoots;
 use taming_tests::process::{root, succeed, tiny_config};
 
 #[test]
 fn training_streams_its_batches_from_the_dataloader_service() {
-    let service = DataloaderService::default();
+    let service = DataloaderService::new(ServiceOptions {
+        data_roots: DataRoots::new([root().join("data")]).unwrap(),
+        ..Default::default()
+    });
     let stats = service.stats();
     let listener = runtime::block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    runtime::io().spawn(serve_service(service, listener, std::future::pending()));
+    runtime::io().spawn(serve_service(
+        service,
+        listener,
+        None,
+        std::future::pending(),
+    ));
 
     let tmp = tempfile::tempdir().unwrap();
     let config = tiny_config(tmp.path());

@@ -83,10 +83,8 @@ struct ServeArgs {
     /// Required on an address other than loopback, unless --insecure.
     #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
     token: Option<String>,
-    /// Serve on an address other than loopback without a token: anyone who reaches it can
-    /// read the shards this service can.
-    #[arg(long)]
-    insecure: bool,
+    #[command(flatten)]
+    tls: taming_proto::tls::TlsArgs,
     /// Streams served at once; more are refused (RESOURCE_EXHAUSTED) until one ends.
     #[arg(long, default_value_t = DEFAULT_MAX_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=65536))]
     max_streams: u32,
@@ -158,10 +156,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         bind,
         metrics,
         token,
-        insecure,
+        tls,
         max_streams,
         data_roots,
     } = args;
+    let transport = tls.load()?;
+    let insecure = transport.insecure;
     let token = token.filter(|t| !t.is_empty());
     if token.is_none() && !bind.ip().is_loopback() {
         anyhow::ensure!(
@@ -174,6 +174,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     } else if token.is_none() {
         tracing::warn!(%bind, "serving without a cluster token: any local process can stream batches (give --token or {TOKEN_ENV})");
     }
+    let server_tls = transport.server(bind, "the dataloader")?;
     let data_roots = DataRoots::new(data_roots).context("--data-root")?;
     let service = DataloaderService::new(ServiceOptions {
         token,
@@ -201,7 +202,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        serve_service(service, listener, shutdown)
+        serve_service(service, listener, server_tls, shutdown)
             .await
             .context("serving")
     })

@@ -159,10 +159,14 @@ struct Stage2Args {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // SAFETY: no other thread runs yet. The dataloader client sends the token and uses the
+    // TLS files it finds in the environment; flags given on the command line are not there
+    // otherwise.
     if let Some(token) = &cli.token {
-        // SAFETY: no other thread runs yet. The dataloader client sends the token it finds
-        // there; a --token given on the command line is not in the environment otherwise.
         unsafe { std::env::set_var(TOKEN_ENV, token) };
+    }
+    for (k, v) in cli.tls.env() {
+        unsafe { std::env::set_var(k, v) };
     }
     let telemetry = cli.telemetry.clone();
     telemetry.main("taming-worker", "info", || {
