@@ -49,6 +49,14 @@ impl RemoteLoader {
     ) -> Self {
         let p = cfg.preprocess;
         let r = cfg.reader;
+        // The service resolves paths in its own working directory: send local ones whole.
+        let shards = shards
+            .into_iter()
+            .map(|s| match s.contains("://") {
+                true => s,
+                false => std::path::absolute(&s).map_or(s, |p| p.to_string_lossy().into_owned()),
+            })
+            .collect();
         let request = StreamRequest {
             shards,
             rank: r.rank as u32,

@@ -118,6 +118,8 @@ impl TlsArgs {
 
     /// Reads the files; plaintext when none is given.
     pub fn load(&self) -> Result<Transport, TlsError> {
+        // Already installed (by an earlier call, or by the program): that one stays.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let identity = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(Identity::from_pem(
                 read("--tls-cert", cert)?,
