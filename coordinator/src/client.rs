@@ -19,7 +19,11 @@ pub type Client = taming_proto::CoordinatorClient;
 /// Connects to `addr` (`host:port` or a URL) over `transport`, sending `token` with every
 /// call.
 pub async fn connect(addr: &str, token: Option<&str>, transport: &Transport) -> Result<Client> {
-    taming_proto::connect_coordinator(addr, token, transport)
+    let caller = taming_proto::Caller {
+        token,
+        session: None,
+    };
+    taming_proto::connect_coordinator(addr, caller, transport)
         .await
         .with_context(|| format!("connecting to the coordinator at {addr}"))
 }

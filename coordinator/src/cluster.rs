@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use taming_proto::auth::same_bytes;
 use taming_proto::coordinator::{Assignment, Job, JobSpec, ProgressReport};
 use taming_proto::device_kind;
 
@@ -39,6 +40,8 @@ pub struct Worker {
     pub seen: Instant,
     /// The job it runs, if any.
     pub job: Option<String>,
+    /// The secret its calls carry (hex of 32 random bytes).
+    pub session: String,
 }
 
 impl Worker {
@@ -125,6 +128,9 @@ pub enum ClusterError {
         /// The id.
         id: String,
     },
+    /// A caller acting for another worker, or outside its job.
+    #[error("{0}")]
+    Forbidden(String),
     /// The state file could not be read or written.
     #[error("state {}: {reason}", path.display())]
     State {
@@ -165,6 +171,9 @@ pub struct Cluster {
 /// torchrun's `--max-restarts` default).
 pub const DEFAULT_MAX_RESTARTS: u32 = 3;
 
+/// How many progress timeouts an attempt may take before its first step.
+pub const STARTUP_FACTOR: u32 = 3;
+
 /// Attempt failures a job keeps for `status`.
 pub const FAILURES_KEPT: usize = 16;
 
@@ -197,6 +206,10 @@ impl Cluster {
         taming_proto::host_port(ring_addr).map_err(|e| invalid("ring_addr", e))?;
         self.next_worker += 1;
         let id = format!("w{:04}-{name}", self.next_worker);
+        let session: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         self.workers.insert(
             id.clone(),
             Worker {
@@ -206,9 +219,59 @@ impl Cluster {
                 ring_addr: ring_addr.to_string(),
                 seen: now,
                 job: None,
+                session,
             },
         );
         Ok(id)
+    }
+
+    /// Checks that a call made with `session` is worker `id`'s own.
+    pub fn authorize(&self, id: &str, session: &str) -> Result<(), ClusterError> {
+        match self.workers.get(id) {
+            Some(w) if same_bytes(w.session.as_bytes(), session.as_bytes()) => Ok(()),
+            Some(_) => Err(ClusterError::Forbidden(format!(
+                "a call for worker `{id}` without its session"
+            ))),
+            None => Err(ClusterError::Unknown {
+                what: "worker",
+                id: id.into(),
+            }),
+        }
+    }
+
+    /// The worker a session belongs to.
+    pub fn session_owner(&self, session: &str) -> Option<&str> {
+        self.workers
+            .values()
+            .find(|w| same_bytes(w.session.as_bytes(), session.as_bytes()))
+            .map(|w| w.id.as_str())
+    }
+
+    /// Checks that `worker` runs rank 0 (or, with `any_rank`, any rank) of the current
+    /// attempt of a running `job`: who may publish or fetch the attempt's NCCL id.
+    pub fn check_rank(
+        &self,
+        worker: &str,
+        job: &str,
+        attempt: u32,
+        any_rank: bool,
+    ) -> Result<(), ClusterError> {
+        let j = self.jobs.get(job).ok_or_else(|| ClusterError::Unknown {
+            what: "job",
+            id: job.into(),
+        })?;
+        let ranks = if any_rank {
+            &j.workers[..]
+        } else {
+            &j.workers[..j.workers.len().min(1)]
+        };
+        if j.state != RUNNING || j.attempt != attempt || !ranks.iter().any(|w| w == worker) {
+            return Err(ClusterError::Forbidden(format!(
+                "worker `{worker}` is not {} of {job} attempt {attempt}",
+                if any_rank { "a rank" } else { "rank 0" }
+            )));
+        }
+        Ok(())
     }
 
     /// Records a heartbeat; returns the jobs the worker must stop.
@@ -525,15 +588,19 @@ impl Cluster {
             if self.jobs.get(id).is_none_or(|j| j.state != RUNNING) {
                 continue;
             }
+            let furthest = seen.iter().map(|s| s.0).max().unwrap_or(0);
             let scaled = self.step_seconds.get(id).map_or(0.0, |s| 20.0 * s);
-            let limit = self.progress_timeout.max(Duration::from_secs_f64(scaled));
+            let mut limit = self.progress_timeout.max(Duration::from_secs_f64(scaled));
+            if furthest == 0 {
+                // Before the first step: start-up (loading, building, k-means) gets longer.
+                limit *= STARTUP_FACTOR;
+            }
             let silent: Vec<usize> = (0..seen.len())
                 .filter(|&r| now.duration_since(seen[r].1) > limit)
                 .collect();
             if silent.is_empty() {
                 continue;
             }
-            let furthest = seen.iter().map(|s| s.0).max().unwrap_or(0);
             let behind: Vec<usize> = silent
                 .iter()
                 .copied()
@@ -1024,6 +1091,58 @@ mod tests {
         let again = c.schedule(later + Duration::from_secs(1));
         assert_eq!(again.len(), 2, "on the two workers left");
         assert!(again.iter().all(|(w, _)| *w != a[1].0));
+    }
+
+    #[test]
+    fn a_worker_acts_only_for_itself_and_only_rank_0_publishes_the_nccl_id() {
+        let now = Instant::now();
+        let (mut c, ids) = cluster_with(2, now);
+        let own = c.workers[&ids[0]].session.clone();
+        let other = c.workers[&ids[1]].session.clone();
+        assert_eq!(own.len(), 64);
+        assert_ne!(own, other);
+        c.authorize(&ids[0], &own).unwrap();
+        let e = c.authorize(&ids[0], &other).unwrap_err();
+        assert!(matches!(e, ClusterError::Forbidden(_)), "{e}");
+        assert!(c.authorize(&ids[0], "").is_err());
+        assert_eq!(c.session_owner(&other), Some(ids[1].as_str()));
+        let id = c.submit(spec(2, 2)).unwrap();
+        let a = c.schedule(now);
+        let (rank0, rank1) = (&a[0].0, &a[1].0);
+        c.check_rank(rank0, &id, 1, false).unwrap();
+        assert!(
+            c.check_rank(rank1, &id, 1, false).is_err(),
+            "rank 1 cannot publish"
+        );
+        c.check_rank(rank1, &id, 1, true).unwrap();
+        assert!(
+            c.check_rank(rank0, &id, 2, true).is_err(),
+            "another attempt"
+        );
+    }
+
+    #[test]
+    fn start_up_gets_longer_than_a_step_before_a_rank_is_taken_for_hung() {
+        let now = Instant::now();
+        let (mut c, ids) = cluster_with(1, now);
+        c.progress_timeout = Duration::from_secs(60);
+        let id = c.submit(spec(1, 1)).unwrap();
+        c.schedule(now);
+        let alive = |c: &mut Cluster, t| c.heartbeat(&ids[0], t).unwrap();
+        let t = now + Duration::from_secs(120);
+        alive(&mut c, t);
+        assert!(
+            c.expire(t, Duration::from_secs(10)).is_empty(),
+            "still starting"
+        );
+        let t = now + Duration::from_secs(181);
+        alive(&mut c, t);
+        assert_eq!(c.expire(t, Duration::from_secs(10)), vec![ids[0].clone()]);
+        assert!(
+            c.jobs[&id].message.contains("the limit is 180 s"),
+            "{}",
+            c.jobs[&id].message
+        );
     }
 
     #[test]

@@ -49,6 +49,15 @@ pub struct Snapshot {
 
 type AssignmentTx = mpsc::Sender<Result<Assignment, Status>>;
 
+/// The worker session a call carries (empty when none).
+fn session_of<T>(r: &Request<T>) -> String {
+    r.metadata()
+        .get(taming_proto::auth::SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
 struct Shared {
     cluster: Mutex<Cluster>,
     watchers: Mutex<HashMap<String, AssignmentTx>>,
@@ -68,6 +77,7 @@ fn status(e: ClusterError) -> Status {
         ClusterError::Invalid { .. } => Status::invalid_argument(e.to_string()),
         ClusterError::Unknown { .. } => Status::not_found(e.to_string()),
         ClusterError::State { .. } => Status::internal(e.to_string()),
+        ClusterError::Forbidden(_) => Status::permission_denied(e.to_string()),
     }
 }
 
@@ -172,6 +182,24 @@ impl CoordinatorService {
         })
     }
 
+    /// Checks that the worker whose session this is runs rank 0 (or, with `any_rank`, a rank)
+    /// of `job`'s current `attempt`.
+    fn check_caller(
+        &self,
+        session: &str,
+        job: &str,
+        attempt: u32,
+        any_rank: bool,
+    ) -> Result<(), Status> {
+        let cluster = self.shared.cluster.lock().expect("cluster");
+        let worker = cluster
+            .session_owner(session)
+            .ok_or_else(|| Status::permission_denied("no worker session (taming-session)"))?;
+        cluster
+            .check_rank(worker, job, attempt, any_rank)
+            .map_err(status)
+    }
+
     /// Expires silent workers (called every second by [`serve`]).
     pub fn monitor_tick(&self) {
         let timeout = self.shared.opts.heartbeat_timeout;
@@ -240,9 +268,13 @@ impl Coordinator for CoordinatorService {
             .collect();
         let id = self.change(|c| c.register(&r.name, devices, &r.ring_addr, Instant::now()))?;
         tracing::info!(worker = id, ring = r.ring_addr, "registered");
+        let session = self.shared.cluster.lock().expect("cluster").workers[&id]
+            .session
+            .clone();
         Ok(Response::new(RegisterReply {
             worker_id: id,
             heartbeat_ms: self.shared.opts.heartbeat_interval.as_millis() as u32,
+            session,
         }))
     }
 
@@ -250,14 +282,11 @@ impl Coordinator for CoordinatorService {
         &self,
         r: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
+        let session = session_of(&r);
         let id = r.into_inner().worker_id;
-        let stop = self
-            .shared
-            .cluster
-            .lock()
-            .expect("cluster")
-            .heartbeat(&id, Instant::now())
-            .map_err(status)?;
+        let mut cluster = self.shared.cluster.lock().expect("cluster");
+        cluster.authorize(&id, &session).map_err(status)?;
+        let stop = cluster.heartbeat(&id, Instant::now()).map_err(status)?;
         Ok(Response::new(HeartbeatReply { stop_jobs: stop }))
     }
 
@@ -267,17 +296,14 @@ impl Coordinator for CoordinatorService {
         &self,
         r: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+        let session = session_of(&r);
         let id = r.into_inner().worker_id;
-        if !self
-            .shared
+        self.shared
             .cluster
             .lock()
             .expect("cluster")
-            .workers
-            .contains_key(&id)
-        {
-            return Err(Status::not_found(format!("unknown worker `{id}`")));
-        }
+            .authorize(&id, &session)
+            .map_err(status)?;
         let (tx, rx) = mpsc::channel(16);
         let waiting = self
             .shared
@@ -342,8 +368,14 @@ impl Coordinator for CoordinatorService {
             step = r.get_ref().step
         );
         taming_telemetry::adopt(&span, r.metadata());
+        let session = session_of(&r);
         let r = r.into_inner();
-        let stop = span.in_scope(|| self.change(|c| c.progress(&r)))?;
+        let stop = span.in_scope(|| {
+            self.change(|c| {
+                c.authorize(&r.worker_id, &session)?;
+                c.progress(&r)
+            })
+        })?;
         Ok(Response::new(ProgressReply { stop }))
     }
 
@@ -357,7 +389,9 @@ impl Coordinator for CoordinatorService {
         &self,
         r: Request<CollectiveId>,
     ) -> Result<Response<PublishReply>, Status> {
+        let session = session_of(&r);
         let r = r.into_inner();
+        self.check_caller(&session, &r.job_id, r.attempt, false)?;
         if r.id.len() != 128 {
             return Err(Status::invalid_argument(format!(
                 "id: {} bytes, NCCL ids have 128",
@@ -376,7 +410,9 @@ impl Coordinator for CoordinatorService {
         &self,
         r: Request<FetchCollectiveIdRequest>,
     ) -> Result<Response<CollectiveId>, Status> {
+        let session = session_of(&r);
         let r = r.into_inner();
+        self.check_caller(&session, &r.job_id, r.attempt, true)?;
         let ids = self.shared.ids.lock().expect("ids");
         let id = ids
             .get(&(r.job_id.clone(), r.attempt))

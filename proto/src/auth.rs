@@ -40,7 +40,7 @@ impl Interceptor for RequireToken {
 
 /// Whether `a` and `b` are equal, in time that depends on their lengths only (not on where
 /// they first differ), so that a caller cannot guess the token byte by byte from timings.
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -48,10 +48,16 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Adds the token to outgoing calls.
+/// The metadata key of a registered worker's session: the secret the coordinator gave it at
+/// registration, which its later calls (heartbeats, assignments, reports, the NCCL id) carry
+/// so that a worker can act only for itself.
+pub const SESSION_HEADER: &str = "taming-session";
+
+/// Adds the token (and a worker's session) to outgoing calls.
 #[derive(Debug, Clone)]
 pub struct AttachToken {
     header: Option<MetadataValue<tonic::metadata::Ascii>>,
+    session: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl AttachToken {
@@ -59,7 +65,14 @@ impl AttachToken {
     pub fn new(token: Option<&str>) -> Self {
         Self {
             header: token.and_then(|t| format!("Bearer {t}").parse().ok()),
+            session: None,
         }
+    }
+
+    /// Also attaches a worker's session (see [`SESSION_HEADER`]).
+    pub fn with_session(mut self, session: Option<&str>) -> Self {
+        self.session = session.and_then(|s| s.parse().ok());
+        self
     }
 }
 
@@ -67,6 +80,9 @@ impl Interceptor for AttachToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(h) = &self.header {
             request.metadata_mut().insert("authorization", h.clone());
+        }
+        if let Some(s) = &self.session {
+            request.metadata_mut().insert(SESSION_HEADER, s.clone());
         }
         Ok(request)
     }

@@ -109,39 +109,44 @@ pub async fn channel(
 /// How long a unary coordinator call may take.
 pub const COORDINATOR_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Who calls the coordinator: the cluster token, and a registered worker's session.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Caller<'a> {
+    /// The cluster token.
+    pub token: Option<&'a str>,
+    /// The worker session the coordinator gave at registration.
+    pub session: Option<&'a str>,
+}
+
 /// Connects to the coordinator at `addr` (`host:port` or a URL) within 5 seconds, for
 /// unary calls: each fails after [`COORDINATOR_DEADLINE`].
 pub async fn connect_coordinator(
     addr: &str,
-    token: Option<&str>,
+    caller: Caller<'_>,
     transport: &tls::Transport,
 ) -> Result<CoordinatorClient, ConnectError> {
-    coordinator_client(addr, token, transport, Some(COORDINATOR_DEADLINE)).await
+    coordinator_client(addr, caller, transport, Some(COORDINATOR_DEADLINE)).await
 }
 
 /// Like [`connect_coordinator`], for the long-lived assignment stream (no deadline; the
 /// keepalives notice a dead peer).
 pub async fn connect_coordinator_stream(
     addr: &str,
-    token: Option<&str>,
+    caller: Caller<'_>,
     transport: &tls::Transport,
 ) -> Result<CoordinatorClient, ConnectError> {
-    coordinator_client(addr, token, transport, None).await
+    coordinator_client(addr, caller, transport, None).await
 }
 
 async fn coordinator_client(
     addr: &str,
-    token: Option<&str>,
+    caller: Caller<'_>,
     transport: &tls::Transport,
     deadline: Option<std::time::Duration>,
 ) -> Result<CoordinatorClient, ConnectError> {
     let channel = channel(addr, transport, deadline).await?;
-    Ok(
-        coordinator::coordinator_client::CoordinatorClient::with_interceptor(
-            channel,
-            auth::AttachToken::new(token),
-        ),
-    )
+    let attach = auth::AttachToken::new(caller.token).with_session(caller.session);
+    Ok(coordinator::coordinator_client::CoordinatorClient::with_interceptor(channel, attach))
 }
 
 #[cfg(test)]

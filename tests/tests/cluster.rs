@@ -108,7 +108,7 @@ fn a_job_survives_a_killed_worker_and_finishes_with_one_continuous_step_count() 
 #[test]
 fn a_hung_worker_is_dropped_and_the_job_finishes_on_the_rest() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_coord, addr) = serve_with(&tmp.path().join("state"), &["--progress-timeout", "8"]);
+    let (_coord, addr) = serve_with(&tmp.path().join("state"), &["--progress-timeout", "10"]);
     let quick = ["--collective-timeout", "10"];
     let hung_log = tmp.path().join("hung.log");
     let _hung = {
@@ -137,6 +137,8 @@ fn a_hung_worker_is_dropped_and_the_job_finishes_on_the_rest() {
             "--coordinator",
             &addr,
         ])
+        // A failure of this test ends instead of waiting for workers forever.
+        .args(["--placement-timeout", "120"])
         .arg("--config")
         .arg(tiny_config(tmp.path()))
         .arg("--out")

@@ -101,9 +101,21 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
             .collect(),
         ring_addr,
     };
-    let (mut client, reply) = register(&rt, &opts, request)?;
+    let (_, reply) = register(&rt, &opts, request)?;
     let id = reply.worker_id;
     tracing::info!(worker = id, "registered");
+    // From here on every call carries this worker's session.
+    let caller = taming_proto::Caller {
+        token: opts.token.as_deref(),
+        session: Some(&reply.session),
+    };
+    let mut client = rt
+        .block_on(taming_proto::connect_coordinator(
+            &opts.coordinator,
+            caller,
+            &opts.transport,
+        ))
+        .context("connecting to the coordinator")?;
     let stop = Arc::new(AtomicBool::new(false));
     rt.spawn(heartbeat(
         client.clone(),
@@ -115,7 +127,7 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
         .block_on(async {
             let mut c = taming_proto::connect_coordinator_stream(
                 &opts.coordinator,
-                opts.token.as_deref(),
+                caller,
                 &opts.transport,
             )
             .await?;
@@ -268,7 +280,11 @@ fn retryable(e: &anyhow::Error) -> bool {
 }
 
 async fn connect(addr: &str, token: Option<&str>, transport: &Transport) -> Result<Client> {
-    taming_proto::connect_coordinator(addr, token, transport)
+    let caller = taming_proto::Caller {
+        token,
+        session: None,
+    };
+    taming_proto::connect_coordinator(addr, caller, transport)
         .await
         .with_context(|| format!("connecting to the coordinator at {addr}"))
 }
