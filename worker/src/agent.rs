@@ -363,6 +363,7 @@ fn run_assignment(
     settings.eval_every = spec.eval_every.max(1);
     settings.checkpoint_every = spec.checkpoint_every.max(1);
     settings.prefetch = opts.prefetch;
+    settings.attempt = a.attempt;
     settings.join(a.rank as usize, a.world_size as usize, group);
     if spec.stage == "transformer" {
         return run_transformer(spec, data, settings, reporter);

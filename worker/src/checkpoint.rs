@@ -122,6 +122,48 @@ pub fn write<C: Serialize, S: Serialize + HasStep>(
     Ok(final_dir)
 }
 
+/// The file in a run's checkpoint folder naming the newest attempt of a cluster job that
+/// claimed the run: older attempts (a partitioned worker still running after its job was
+/// restarted elsewhere) may no longer write checkpoints.
+pub const FENCE: &str = "fence";
+
+/// The attempt that claimed `run` (0: none).
+fn fenced(run: &Path) -> Result<u32, CheckpointError> {
+    let path = run.join(FENCE);
+    match fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            CheckpointError::new(&path, format!("`{}` is not an attempt number", text.trim()))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(CheckpointError::new(&path, e)),
+    }
+}
+
+/// Refuses when an attempt newer than `attempt` claimed `run` (attempt 0, a run outside a
+/// cluster job, is never fenced).
+pub fn check_fence(run: &Path, attempt: u32) -> Result<(), CheckpointError> {
+    let holder = fenced(run)?;
+    if attempt > 0 && holder > attempt {
+        return Err(CheckpointError::new(
+            run.join(FENCE),
+            format!("attempt {attempt} is stale: attempt {holder} holds this run; not writing"),
+        ));
+    }
+    Ok(())
+}
+
+/// Claims `run` for `attempt` (rank 0 at the start of an attempt); refused when a newer one
+/// holds it.
+pub fn claim(run: &Path, attempt: u32) -> Result<(), CheckpointError> {
+    if attempt == 0 {
+        return Ok(());
+    }
+    check_fence(run, attempt)?;
+    fs::create_dir_all(run).map_err(|e| CheckpointError::new(run, e))?;
+    taming_model::atomic::write(&run.join(FENCE), attempt.to_string().as_bytes())
+        .map_err(|e| CheckpointError::new(run.join(FENCE), e))
+}
+
 /// A name for a staging file or folder that no other process picks, even one with the same
 /// PID in another container sharing the run folder: the PID and 64 random bits.
 pub fn unique_suffix() -> String {
@@ -200,5 +242,49 @@ fn prune(run: &Path, keep: usize) {
         if Some(&dir) != newest.as_ref() {
             let _ = fs::remove_dir_all(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_attempt_fences_older_ones_out_of_the_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("checkpoints");
+        check_fence(&run, 1).unwrap();
+        claim(&run, 1).unwrap();
+        claim(&run, 2).unwrap();
+        let e = check_fence(&run, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("attempt 1 is stale: attempt 2 holds this run"),
+            "{e}"
+        );
+        assert!(
+            claim(&run, 1).is_err(),
+            "an old attempt cannot take the run back"
+        );
+        check_fence(&run, 2).unwrap();
+        check_fence(&run, 0).unwrap();
+        fs::write(run.join(FENCE), "x").unwrap();
+        assert!(
+            check_fence(&run, 1)
+                .unwrap_err()
+                .to_string()
+                .contains("not an attempt number")
+        );
+    }
+
+    #[test]
+    fn forged_latest_pointers_are_refused() {
+        let p = Path::new("latest");
+        for bad in ["../x", "ckpt-1/../../etc", "/etc", "ckpt-", "ckpt-12a", ""] {
+            assert!(checkpoint_name(p, bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            checkpoint_name(p, "ckpt-00000012\n").unwrap(),
+            "ckpt-00000012"
+        );
     }
 }

@@ -40,6 +40,9 @@ pub struct RunSettings {
     /// Training batches made ahead on a background thread while a step runs (0: none):
     /// decoded from local shards, or received from the dataloader service and converted.
     pub prefetch: usize,
+    /// The cluster job's attempt this run belongs to (0: none): checkpoints are fenced so
+    /// that an older attempt stops writing once a newer one has claimed the run.
+    pub attempt: u32,
 }
 
 impl RunSettings {
@@ -60,6 +63,7 @@ impl RunSettings {
             world: 1,
             group: None,
             prefetch: DEFAULT_PREFETCH,
+            attempt: 0,
         }
     }
 

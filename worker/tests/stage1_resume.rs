@@ -176,3 +176,39 @@ fn a_run_stopped_and_resumed_with_batches_made_ahead_ends_as_a_straight_run() {
     assert_eq!(run_stage1(opts(&split, true)).unwrap().steps, 5);
     assert_same(&exported_params(&split), &exported_params(&straight));
 }
+
+/// An attempt of a cluster job stops writing checkpoints once a newer attempt has claimed the
+/// run folder (a partitioned rank 0 still training after its job restarted elsewhere): it
+/// fails at its next checkpoint, naming the fence, and `latest` stays the newer attempt's.
+#[test]
+fn a_stale_attempt_is_fenced_out_of_the_run_folder() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root()
+        .join("data/fashion-mnist")
+        .to_string_lossy()
+        .into_owned();
+    let out = tmp.path().join("run");
+    let mut old = RunOptions::single(config(), data, out.clone(), 4, Device::flex().autodiff());
+    old.run.checkpoint_every = 2;
+    old.run.attempt = 1;
+    let fence = out
+        .join("checkpoints")
+        .join(taming_worker::checkpoint::FENCE);
+    // Attempt 2 claims the run while attempt 1 trains its first steps.
+    old.on_step = Some(Box::new(move |row| {
+        if row.step == 1 {
+            std::fs::write(&fence, "2").unwrap();
+        }
+        true
+    }));
+    let err = run_stage1(old).unwrap_err().to_string();
+    assert!(
+        err.contains("attempt 1 is stale: attempt 2 holds this run"),
+        "{err}"
+    );
+    assert!(
+        !out.join("checkpoints/latest").exists(),
+        "the stale attempt wrote no checkpoint"
+    );
+}

@@ -157,6 +157,9 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
         trainer.join_group(group)?;
     }
     let lead = opts.run.rank == 0;
+    if lead {
+        checkpoint::claim(&ckpt_dir, opts.run.attempt).map_err(TrainError::from)?;
+    }
     let size = opts.config.model.ddconfig.resolution;
     let loader_cfg = |batch_size, train: bool| LoaderConfig {
         batch_size,
@@ -221,6 +224,7 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
         bar.set_position(step);
         bar.set_message(message(&report, ips, last_val_l1));
         if step % opts.run.checkpoint_every.max(1) == 0 || step == opts.run.steps {
+            checkpoint::check_fence(&ckpt_dir, opts.run.attempt).map_err(TrainError::from)?;
             if lead {
                 // The previous upload reads the files this step rewrites or prunes.
                 uploader.wait().map_err(TrainError::from)?;

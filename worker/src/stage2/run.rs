@@ -422,6 +422,9 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
     }
     let mut batches = open_batches(&opts, &models, &mut data, &inner, &position)?;
     let lead = opts.run.rank == 0;
+    if lead {
+        crate::checkpoint::claim(&ckpt_dir, opts.run.attempt).map_err(|e| train_error(e.into()))?;
+    }
     let first_val_loss = trainer.eval_loss(&data.val).map_err(train_error)?;
     let mut last_val_loss = first_val_loss;
     let tokens_per_step =
@@ -460,6 +463,8 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
             timing,
         });
         if lead && (step % opts.run.checkpoint_every.max(1) == 0 || step == opts.run.steps) {
+            crate::checkpoint::check_fence(&ckpt_dir, opts.run.attempt)
+                .map_err(|e| train_error(e.into()))?;
             // The previous upload reads the files this step rewrites or prunes.
             uploader.wait().map_err(|e| train_error(e.into()))?;
             let dir = trainer
