@@ -1,6 +1,6 @@
 //! Data parallelism: two ranks with batch b, averaging gradients over the TCP ring, end with
 //! the parameters of one rank with batch 2b (before the discriminator starts: its BatchNorm
-//! sees per-rank batch statistics, see the README).
+//! sees per-rank batch statistics, see docs/cluster.md).
 //!
 //! The bound is 1e-4 relative, not 1e-5: the convolutions of a batch of 4 and of 8 round
 //! differently (~1e-7), and Adam divides each gradient element by its own magnitude, so
