@@ -343,11 +343,9 @@ fn run_assignment(
     let out = std::path::PathBuf::from(&spec.out);
     let checkpoint_url = (!spec.checkpoint_url.is_empty()).then(|| spec.checkpoint_url.clone());
     let resume = a.resume && has_checkpoint(&out, checkpoint_url.as_deref())?;
-    let device = devices::choose(&spec.device, a.rank, opts.device.as_ref(), offered)?
-        .device()
-        .map_err(anyhow::Error::msg)?
-        .autodiff();
-    let group = make_group(rt, client, a, &spec, listener, opts)?;
+    let chosen = devices::choose(&spec.device, a.rank, opts.device.as_ref(), offered)?;
+    let device = chosen.device().map_err(anyhow::Error::msg)?.autodiff();
+    let group = make_group(rt, client, a, &spec, &chosen, listener, opts)?;
     let reporter = Reporter {
         rt: rt.handle().clone(),
         client: client.clone(),
@@ -416,6 +414,7 @@ fn make_group(
     client: &Client,
     a: &Assignment,
     spec: &JobSpec,
+    device: &DeviceSpec,
     listener: &TcpListener,
     opts: &AgentOptions,
 ) -> Result<Option<Box<dyn AllReduce>>> {
@@ -423,7 +422,8 @@ fn make_group(
         return Ok(None);
     }
     if spec.collective == "nccl" {
-        return Ok(Some(Box::new(nccl_group(rt, client, a)?)));
+        let ordinal = devices::nccl_ordinal(device, a.rank)?;
+        return Ok(Some(Box::new(nccl_group(rt, client, a, ordinal)?)));
     }
     let peers = a.peers.clone();
     let mut h = DefaultHasher::new();
@@ -447,7 +447,14 @@ fn make_group(
     )?)))
 }
 
-fn nccl_group(rt: &tokio::runtime::Runtime, client: &Client, a: &Assignment) -> Result<nccl::Nccl> {
+/// The NCCL communicator of rank `a.rank` on CUDA device `ordinal` (the device this rank
+/// was given, not its rank: a pod with one GPU runs every rank on `cuda:0`).
+fn nccl_group(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    a: &Assignment,
+    ordinal: usize,
+) -> Result<nccl::Nccl> {
     let mut c = client.clone();
     let id = if a.rank == 0 {
         let id = nccl::new_id()?;
@@ -480,7 +487,7 @@ fn nccl_group(rt: &tokio::runtime::Runtime, client: &Client, a: &Assignment) -> 
         }
     };
     Ok(nccl::Nccl::new(
-        a.rank as usize,
+        ordinal,
         a.rank as usize,
         a.world_size as usize,
         id,

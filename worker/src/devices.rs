@@ -89,6 +89,15 @@ pub fn choose(
     job_device_spec(of_kind[rank as usize % of_kind.len()])
 }
 
+/// The CUDA device ordinal NCCL runs a rank on: that of the device it was given (never its
+/// rank number); other devices cannot join an NCCL group.
+pub fn nccl_ordinal(device: &DeviceSpec, rank: u32) -> Result<usize> {
+    match device {
+        DeviceSpec::Cuda(n) => Ok(*n),
+        other => bail!("collective nccl needs a CUDA device; rank {rank} was given {other}"),
+    }
+}
+
 fn job_device_spec(text: &str) -> Result<DeviceSpec> {
     let text = if text.is_empty() { "cpu" } else { text };
     text.parse()
@@ -108,6 +117,22 @@ mod tests {
             assert!(host_memory() > 0);
         }
         assert!(detect(None)[0].1 > 0 || !std::path::Path::new("/proc/meminfo").exists());
+    }
+
+    /// The GPU overlay gives each pod one GPU: every rank runs on cuda:0, and NCCL must use
+    /// that device, not the rank number (rank 1 on ordinal 1 failed in every pod).
+    #[test]
+    fn nccl_runs_each_rank_on_the_device_it_was_given() {
+        let one_gpu = vec![("cpu".to_string(), 1), ("cuda:0".to_string(), 1)];
+        for rank in 0..4 {
+            let device = choose("cuda", rank, None, &one_gpu).unwrap();
+            assert_eq!(nccl_ordinal(&device, rank).unwrap(), 0, "rank {rank}");
+        }
+        let two = vec![("cuda:0".to_string(), 1), ("cuda:1".to_string(), 1)];
+        let device = choose("cuda", 3, None, &two).unwrap();
+        assert_eq!(nccl_ordinal(&device, 3).unwrap(), 1);
+        let e = nccl_ordinal(&DeviceSpec::Cpu, 2).unwrap_err().to_string();
+        assert!(e.contains("rank 2") && e.contains("CUDA"), "{e}");
     }
 
     #[test]
