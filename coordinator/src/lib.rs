@@ -1,11 +1,13 @@
 //! The taming-rs coordinator: a worker registry, a job queue and the assignment of jobs to
-//! groups of workers ([`cluster`]), served over gRPC ([`service`], with token
-//! authentication and mutual TLS, certificates from [`certs`]), the status page and Prometheus metrics over HTTP ([`http`]), and the
-//! client side used by `coordinator launch|status|cancel` ([`client`]), and the local
-//! mini-cluster that `launch` starts without `--coordinator` ([`standalone`]). Computes
-//! nothing and does not link burn.
+//! groups of workers ([`cluster`]), served over gRPC ([`service`]: the cluster token, worker
+//! secrets, mutual TLS with certificates from [`certs`]), the status page and Prometheus
+//! metrics over HTTP ([`http`]), the client side of `launch|status|cancel` ([`client`]), the
+//! local mini-cluster that `launch` starts without `--coordinator` ([`standalone`]), and the
+//! `coordinator` command line over all of them ([`cli`]). Computes nothing and does not link
+//! burn.
 
 pub mod certs;
+pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod http;
