@@ -200,7 +200,7 @@ struct Summary {
 }
 
 /// Scans `file` (Kubernetes manifests) with checkov's Kubernetes checks, offline (no
-/// download of guidelines or policies from its vendor's platform).
+/// download of guidelines or policies from its vendor's platform, no update check).
 pub fn scan(checkov: &Path, file: &Path) -> Result<Scan, ToolError> {
     let flags = |f: &'static str| std::ffi::OsStr::new(f);
     let args: Vec<&std::ffi::OsStr> = vec![
@@ -215,8 +215,10 @@ pub fn scan(checkov: &Path, file: &Path) -> Result<Scan, ToolError> {
     ];
     let out = Command::new(checkov)
         .args(&args)
-        // No call to the vendor's platform for its check ids and guidelines.
+        // Offline: no call to the vendor's platform for its check ids and guidelines, nor to
+        // PyPI for a newer checkov.
         .env("BC_SKIP_MAPPING", "TRUE")
+        .env("CKV_SKIP_PACKAGE_UPDATE_CHECK", "true")
         .output()
         .map_err(|source| ToolError::Spawn {
             program: checkov.to_path_buf(),
