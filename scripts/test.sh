@@ -125,6 +125,8 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy (with --features vulkan)"
 cargo clippy --workspace --all-targets --features taming-model/vulkan -- -D warnings
+echo "== cargo fuzz (each target 30 s)"
+bash scripts/fuzz.sh 30
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -348,6 +348,12 @@ struct Job {
     single_epoch: bool,
 }
 
+/// Checks a request as the service does before any work (sizes, ranges, paths, the resume
+/// state), without serving it: the error names the field. (The fuzz target's entry point.)
+pub fn check_request(r: StreamRequest, roots: &DataRoots) -> Result<(), Status> {
+    Job::check(r, roots).map(|_| ())
+}
+
 impl Job {
     fn check(r: StreamRequest, roots: &DataRoots) -> Result<Self, Status> {
         let bad = |field: &str, why: String| Err(invalid(field, why));
