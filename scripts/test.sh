@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything CI checks, from a fresh clone: formatting, clippy with warnings as errors (with
-# the Vulkan backend compiled in, which is also CI's `cargo check` of that feature), and the
-# whole test suite. Needs the Rust toolchain, python3 and npm (installed with apt when
+# the Vulkan backend compiled in, which is also CI's `cargo check` of that feature), the fuzz
+# targets for 30 s each (scripts/fuzz.sh, which installs cargo-fuzz), and the whole test
+# suite. Needs the Rust toolchain, python3 and npm (installed with apt when
 # missing and root); installs rustfmt and clippy if missing, the storage servers the data
 # tests start (moto for S3 into a cached virtualenv, with the PyPI webdataset package that
 # the interoperability tests run; Azurite for Azure Blob with npm under
