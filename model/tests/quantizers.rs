@@ -244,6 +244,53 @@ fn dead_codes_restart_when_codes_outnumber_the_batch_latents() {
     assert_eq!(&codes[..2], &[100.0, 100.0], "the used code stays");
 }
 
+/// k-means initialization from fewer pooled latents than codes (4 latents, 64 codes, EMA
+/// on): the initial centers repeat rows, every code ends on a latent, and the EMA and
+/// usage-window paths take the batch's few tokens.
+#[test]
+fn kmeans_and_ema_with_fewer_latents_than_codes() {
+    let device = Device::flex();
+    let (x, _) = clustered(1, &device);
+    let cfg = VectorQuantizerConfig {
+        kmeans_init: Some(KmeansConfig {
+            iters: 3,
+            batches: 1,
+        }),
+        ema: Some(EmaConfig::default()),
+        dead_code_restart: Some(RestartConfig {
+            threshold: 0.6,
+            decay: 0.5,
+        }),
+        usage_window: 8,
+        ..Default::default()
+    };
+    let n = 64;
+    let q = vq(n, 2, cfg.clone(), &device);
+    let mut maint = CodebookMaintainer::new(&cfg, n, 5);
+    let out = q.forward(x.clone());
+    let (q, report) = maint.step(q, out.lookup_latents.clone(), out.indices.reshape([4]));
+    assert!(report.kmeans_done);
+    let codes = values(q.codebook());
+    let latents = values(out.lookup_latents);
+    for k in 0..n {
+        let code = &codes[2 * k..2 * k + 2];
+        assert!(
+            latents
+                .chunks(2)
+                .any(|p| (p[0] - code[0]).abs() < 1e-4 && (p[1] - code[1]).abs() < 1e-4),
+            "code {k} {code:?} is not on a latent"
+        );
+    }
+    let out = q.forward(x);
+    let (_, report) = maint.step(q, out.lookup_latents, out.indices.reshape([4]));
+    // The window (8 tokens) holds both steps' four tokens.
+    assert!(
+        report.usage > 0.0 && report.usage <= 8.0 / n as f64,
+        "{}",
+        report.usage
+    );
+}
+
 #[test]
 fn usage_window_counts_distinct_codes_of_recent_tokens_only() {
     let mut w = UsageWindow::new(10, 4);
