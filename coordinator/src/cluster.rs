@@ -42,6 +42,16 @@ pub struct Worker {
     pub job: Option<String>,
     /// The secret its calls carry (hex of 32 random bytes).
     pub session: String,
+    /// The assignment (job, attempt) its last heartbeat said it still runs, and since when
+    /// that attempt has been over (it was told to stop).
+    pub busy: Option<(String, u32, Option<Instant>)>,
+}
+
+impl Worker {
+    /// Free for a new assignment: none placed on it, and it has finished its last one.
+    pub fn idle(&self) -> bool {
+        self.job.is_none() && self.busy.is_none()
+    }
 }
 
 impl Worker {
@@ -220,6 +230,7 @@ impl Cluster {
                 seen: now,
                 job: None,
                 session,
+                busy: None,
             },
         );
         Ok(id)
@@ -274,8 +285,20 @@ impl Cluster {
         Ok(())
     }
 
-    /// Records a heartbeat; returns the jobs the worker must stop.
-    pub fn heartbeat(&mut self, worker: &str, now: Instant) -> Result<Vec<String>, ClusterError> {
+    /// Records a heartbeat, with the assignment the worker still runs (`None`: none);
+    /// returns the jobs the worker must stop: its job when that is no longer running, and an
+    /// assignment of an attempt that has ended.
+    pub fn heartbeat(
+        &mut self,
+        worker: &str,
+        busy: Option<(String, u32)>,
+        now: Instant,
+    ) -> Result<Vec<String>, ClusterError> {
+        let jobs = &self.jobs;
+        let ended = |job: &str, attempt: Option<u32>| {
+            jobs.get(job)
+                .is_none_or(|j| j.state != RUNNING || attempt.is_some_and(|a| a != j.attempt))
+        };
         let w = self
             .workers
             .get_mut(worker)
@@ -284,11 +307,23 @@ impl Cluster {
                 id: worker.into(),
             })?;
         w.seen = now;
-        Ok(w.job
-            .iter()
-            .filter(|j| self.jobs.get(*j).is_some_and(|j| j.state != RUNNING))
-            .cloned()
-            .collect())
+        let before = w.busy.take();
+        w.busy = busy.map(|(job, attempt)| {
+            let over_since = match before {
+                Some((j, a, since)) if j == job && a == attempt => since,
+                _ => None,
+            };
+            let over = ended(&job, Some(attempt)).then(|| over_since.unwrap_or(now));
+            (job, attempt, over)
+        });
+        let mut stop: Vec<String> = w.job.iter().filter(|j| ended(j, None)).cloned().collect();
+        if let Some((job, attempt, _)) = &w.busy
+            && ended(job, Some(*attempt))
+            && !stop.contains(job)
+        {
+            stop.push(job.clone());
+        }
+        Ok(stop)
     }
 
     /// Queues a job after checking its spec.
@@ -377,7 +412,7 @@ impl Cluster {
             let idle: Vec<String> = self
                 .workers
                 .values()
-                .filter(|w| w.job.is_none() && w.offers(&kind))
+                .filter(|w| w.idle() && w.offers(&kind))
                 .map(|w| w.id.clone())
                 .collect();
             let job = self.jobs.get_mut(&id).expect("listed");
@@ -967,8 +1002,8 @@ mod tests {
         let id = c.submit(spec(3, 2)).unwrap();
         assert_eq!(c.schedule(now).len(), 3);
         let later = now + Duration::from_secs(10);
-        c.heartbeat(&ids[0], later).unwrap();
-        c.heartbeat(&ids[1], later).unwrap();
+        c.heartbeat(&ids[0], None, later).unwrap();
+        c.heartbeat(&ids[1], None, later).unwrap();
         assert_eq!(
             c.expire(later, Duration::from_secs(5)),
             vec![ids[2].clone()]
@@ -1077,7 +1112,7 @@ mod tests {
         // Rank 1 hangs at step 1, rank 0 waits for it in the all-reduce of step 3.
         let later = now + Duration::from_secs(120);
         for w in &ids {
-            c.heartbeat(w, later).unwrap();
+            c.heartbeat(w, None, later).unwrap();
         }
         let dropped = c.expire(later, Duration::from_secs(10));
         assert_eq!(dropped, vec![a[1].0.clone()], "only the lagging rank");
@@ -1128,7 +1163,7 @@ mod tests {
         c.progress_timeout = Duration::from_secs(60);
         let id = c.submit(spec(1, 1)).unwrap();
         c.schedule(now);
-        let alive = |c: &mut Cluster, t| c.heartbeat(&ids[0], t).unwrap();
+        let alive = |c: &mut Cluster, t| c.heartbeat(&ids[0], None, t).unwrap();
         let t = now + Duration::from_secs(120);
         alive(&mut c, t);
         assert!(
@@ -1143,6 +1178,48 @@ mod tests {
             "{}",
             c.jobs[&id].message
         );
+    }
+
+    #[test]
+    fn a_worker_still_running_an_ended_attempt_is_told_to_stop_and_not_placed() {
+        let now = Instant::now();
+        let (mut c, ids) = cluster_with(2, now);
+        c.progress_timeout = Duration::from_secs(60);
+        let id = c.submit(spec(2, 1)).unwrap();
+        let a = c.schedule(now);
+        let busy = || Some((id.clone(), 1));
+        for (w, _) in &a {
+            c.heartbeat(w, busy(), now).unwrap();
+        }
+        // Rank 0 fails; rank 1 still runs attempt 1 (stuck in a collective, or hung).
+        let failed = ProgressReport {
+            worker_id: a[0].0.clone(),
+            job_id: id.clone(),
+            attempt: 1,
+            rank: 0,
+            state: "failed".into(),
+            retryable: true,
+            ..Default::default()
+        };
+        c.progress(&failed).unwrap();
+        let t = now + Duration::from_secs(1);
+        c.heartbeat(&a[0].0, None, t).unwrap();
+        let stop = c.heartbeat(&a[1].0, busy(), t).unwrap();
+        assert_eq!(stop, vec![id.clone()], "told to stop the ended attempt");
+        let again = c.schedule(t);
+        assert_eq!(again.len(), 1, "placed on the worker that finished only");
+        assert_eq!(again[0].0, a[0].0);
+        assert!(
+            c.workers[&a[1].0]
+                .busy
+                .as_ref()
+                .is_some_and(|b| b.2 == Some(t))
+        );
+        // Once it has finished, it is idle again.
+        let later = t + Duration::from_secs(30);
+        c.heartbeat(&a[1].0, None, later).unwrap();
+        assert!(c.workers[&a[1].0].idle());
+        assert_eq!(ids.len(), 2);
     }
 
     #[test]

@@ -283,10 +283,13 @@ impl Coordinator for CoordinatorService {
         r: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
         let session = session_of(&r);
-        let id = r.into_inner().worker_id;
+        let r = r.into_inner();
+        let busy = (!r.busy_job.is_empty()).then(|| (r.busy_job.clone(), r.busy_attempt));
         let mut cluster = self.shared.cluster.lock().expect("cluster");
-        cluster.authorize(&id, &session).map_err(status)?;
-        let stop = cluster.heartbeat(&id, Instant::now()).map_err(status)?;
+        cluster.authorize(&r.worker_id, &session).map_err(status)?;
+        let stop = cluster
+            .heartbeat(&r.worker_id, busy, Instant::now())
+            .map_err(status)?;
         Ok(Response::new(HeartbeatReply { stop_jobs: stop }))
     }
 

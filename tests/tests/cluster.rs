@@ -109,7 +109,9 @@ fn a_job_survives_a_killed_worker_and_finishes_with_one_continuous_step_count() 
 fn a_hung_worker_is_dropped_and_the_job_finishes_on_the_rest() {
     let tmp = tempfile::tempdir().unwrap();
     let (_coord, addr) = serve_with(&tmp.path().join("state"), &["--progress-timeout", "10"]);
-    let quick = ["--collective-timeout", "10"];
+    // The other rank waits for the hung one in its all-reduce longer than the progress
+    // timeout: the coordinator, not the collective, ends the attempt.
+    let quick = ["--collective-timeout", "40"];
     let hung_log = tmp.path().join("hung.log");
     let _hung = {
         let log = std::fs::File::create(&hung_log).unwrap();

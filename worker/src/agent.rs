@@ -117,11 +117,13 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
         ))
         .context("connecting to the coordinator")?;
     let stop = Arc::new(AtomicBool::new(false));
+    let busy = Busy::default();
     rt.spawn(heartbeat(
         client.clone(),
         id.clone(),
         Duration::from_millis(reply.heartbeat_ms.max(100) as u64),
         stop.clone(),
+        busy.clone(),
     ));
     let mut stream = rt
         .block_on(async {
@@ -140,6 +142,9 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
         .into_inner();
     while let Some(a) = rt.block_on(stream.message()).context("assignment stream")? {
         stop.store(false, Ordering::SeqCst);
+        if let Ok(mut b) = busy.lock() {
+            *b = Some((a.job_id.clone(), a.attempt));
+        }
         tracing::info!(
             job = a.job_id,
             rank = a.rank,
@@ -184,6 +189,9 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
             ..Default::default()
         };
         let _ = rt.block_on(client.report_progress(report));
+        if let Ok(mut b) = busy.lock() {
+            *b = None;
+        }
         if panicked {
             std::process::exit(101);
         }
@@ -289,13 +297,29 @@ async fn connect(addr: &str, token: Option<&str>, transport: &Transport) -> Resu
         .with_context(|| format!("connecting to the coordinator at {addr}"))
 }
 
-async fn heartbeat(mut client: Client, id: String, every: Duration, stop: Arc<AtomicBool>) {
+/// The assignment (job, attempt) the worker is running, which its heartbeats announce.
+type Busy = Arc<Mutex<Option<(String, u32)>>>;
+
+async fn heartbeat(
+    mut client: Client,
+    id: String,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    busy: Busy,
+) {
     let mut failures = 0;
     loop {
         tokio::time::sleep(every).await;
+        let (busy_job, busy_attempt) = busy
+            .lock()
+            .map(|b| b.clone())
+            .unwrap_or_default()
+            .unwrap_or_default();
         match client
             .heartbeat(HeartbeatRequest {
                 worker_id: id.clone(),
+                busy_job,
+                busy_attempt,
             })
             .await
         {
