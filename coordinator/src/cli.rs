@@ -192,6 +192,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 heartbeat_interval: Duration::from_secs(1),
                 token,
                 progress_timeout: Duration::from_secs(progress_timeout),
+                report_save_interval: crate::service::REPORT_SAVE_INTERVAL,
             })?;
             let listener = tokio::net::TcpListener::bind(bind)
                 .await

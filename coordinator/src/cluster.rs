@@ -119,6 +119,21 @@ pub struct HistoryPoint {
 /// Most loss points a job keeps for its curves; beyond, every other point is dropped.
 pub const HISTORY_POINTS: usize = 2048;
 
+/// Loss points a finished job keeps (its run folder's metrics.csv has every step): the state
+/// file grows by at most this much per job.
+pub const FINISHED_HISTORY_POINTS: usize = 256;
+
+/// Every k-th point and the last, at most `max`.
+fn thin(history: &mut Vec<HistoryPoint>, max: usize) {
+    if history.len() <= max {
+        return;
+    }
+    let every = history.len().div_ceil(max - 1);
+    let last = history.pop().expect("not empty");
+    *history = history.iter().step_by(every).cloned().collect();
+    history.push(last);
+}
+
 /// Refusals of requests, naming the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -533,6 +548,7 @@ impl Cluster {
                 if job.done.len() == job.workers.len() {
                     job.state = SUCCEEDED.into();
                     job.message = format!("finished at step {}", job.step);
+                    thin(&mut job.history, FINISHED_HISTORY_POINTS);
                 }
             }
             "failed" => {
@@ -707,6 +723,7 @@ impl Cluster {
         record_failure(job, why);
         job.state = FAILED.into();
         job.message = why.to_string();
+        thin(&mut job.history, FINISHED_HISTORY_POINTS);
         let workers = std::mem::take(&mut job.workers);
         workers.iter().for_each(|w| self.release_worker(w));
     }
@@ -1335,6 +1352,23 @@ mod tests {
         assert!(!c.jobs.contains_key(&id), "the unsaved job is gone");
         assert!(c.workers[&ids[0]].job.is_none(), "its worker is idle again");
         assert!(Cluster::load(tmp.path()).unwrap().jobs.is_empty());
+    }
+
+    #[test]
+    fn a_finished_job_keeps_a_thinned_loss_history_with_its_last_point() {
+        let point = |step| HistoryPoint {
+            step,
+            at: 0.0,
+            losses: BTreeMap::new(),
+        };
+        let mut h: Vec<HistoryPoint> = (1..=2000).map(point).collect();
+        thin(&mut h, FINISHED_HISTORY_POINTS);
+        assert!(h.len() <= FINISHED_HISTORY_POINTS, "{}", h.len());
+        assert_eq!((h[0].step, h.last().unwrap().step), (1, 2000));
+        assert!(h.windows(2).all(|w| w[0].step < w[1].step));
+        let mut short: Vec<HistoryPoint> = (1..=10).map(point).collect();
+        thin(&mut short, FINISHED_HISTORY_POINTS);
+        assert_eq!(short.len(), 10);
     }
 
     #[test]

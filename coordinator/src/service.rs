@@ -34,6 +34,9 @@ pub struct ServeOptions {
     /// A rank that reports no step for this long (or 20 step times) is taken for hung; zero:
     /// never.
     pub progress_timeout: Duration,
+    /// Running jobs' step reports are written to the state file at most this often (the
+    /// monitor's tick writes what is left); every other change is written at once.
+    pub report_save_interval: Duration,
 }
 
 /// What the coordinator knows at one moment.
@@ -63,8 +66,13 @@ struct Shared {
     watchers: Mutex<HashMap<String, AssignmentTx>>,
     undelivered: Mutex<HashMap<String, Vec<Assignment>>>,
     ids: Mutex<HashMap<(String, u32), Vec<u8>>>,
+    /// When the state file was last written.
+    saved_at: Mutex<Instant>,
     opts: ServeOptions,
 }
+
+/// How often running jobs' step reports are written to the state file by default.
+pub const REPORT_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The service.
 #[derive(Clone)]
@@ -90,6 +98,7 @@ impl CoordinatorService {
         Ok(Self {
             shared: Arc::new(Shared {
                 cluster: Mutex::new(cluster),
+                saved_at: Mutex::new(Instant::now()),
                 watchers: Mutex::default(),
                 undelivered: Mutex::default(),
                 ids: Mutex::default(),
@@ -120,10 +129,26 @@ impl CoordinatorService {
         &self,
         f: impl FnOnce(&mut Cluster) -> Result<T, ClusterError>,
     ) -> Result<T, Status> {
+        self.change_with(false, f)
+    }
+
+    /// [`Self::change`]; a `report` (a running job's step) that places nothing is written
+    /// only when the last write is `report_save_interval` old.
+    fn change_with<T>(
+        &self,
+        report: bool,
+        f: impl FnOnce(&mut Cluster) -> Result<T, ClusterError>,
+    ) -> Result<T, Status> {
         let (out, assignments) = {
             let mut c = self.shared.cluster.lock().expect("cluster");
             let out = f(&mut c).map_err(status)?;
             let assignments = c.schedule(Instant::now());
+            let mut saved_at = self.shared.saved_at.lock().expect("saved_at");
+            let interval = self.shared.opts.report_save_interval;
+            if report && assignments.is_empty() && saved_at.elapsed() < interval {
+                return Ok(out);
+            }
+            *saved_at = Instant::now();
             if let Err(e) = c.save(&self.shared.opts.state_dir) {
                 // Nothing is dispatched that the state file does not hold.
                 tracing::error!("{e}; the change is undone");
@@ -373,8 +398,9 @@ impl Coordinator for CoordinatorService {
         taming_telemetry::adopt(&span, r.metadata());
         let session = session_of(&r);
         let r = r.into_inner();
+        let running = r.state == "running";
         let stop = span.in_scope(|| {
-            self.change(|c| {
+            self.change_with(running, |c| {
                 c.authorize(&r.worker_id, &session)?;
                 c.progress(&r)
             })
@@ -425,5 +451,43 @@ impl Coordinator for CoordinatorService {
             attempt: r.attempt,
             id: id.clone(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_reports_are_written_by_the_next_tick_and_every_other_change_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = CoordinatorService::new(ServeOptions {
+            state_dir: dir.path().to_path_buf(),
+            heartbeat_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(1),
+            token: None,
+            progress_timeout: Duration::ZERO,
+            report_save_interval: Duration::from_secs(3600),
+        })
+        .unwrap();
+        let on_disk = || std::fs::read_to_string(dir.path().join("jobs.json")).unwrap();
+        let spec = JobSpec {
+            stage: "vqgan".into(),
+            out: "runs/x".into(),
+            steps: 10,
+            nodes: 1,
+            ..Default::default()
+        };
+        let id = service.change(|c| c.submit(spec)).unwrap();
+        assert!(on_disk().contains(&id), "a submit is written at once");
+        service
+            .change_with(true, |c| {
+                c.jobs.get_mut(&id).unwrap().step = 5;
+                Ok(())
+            })
+            .unwrap();
+        assert!(on_disk().contains("\"step\": 0"), "a step report waits");
+        service.monitor_tick();
+        assert!(on_disk().contains("\"step\": 5"), "the tick writes it");
     }
 }

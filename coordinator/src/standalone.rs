@@ -43,6 +43,7 @@ pub async fn launch_local(mut spec: JobSpec, opts: StandaloneOptions) -> Result<
         heartbeat_interval: Duration::from_secs(1),
         token: Some(token.clone()),
         progress_timeout: Duration::from_secs(DEFAULT_PROGRESS_TIMEOUT_S),
+        report_save_interval: crate::service::REPORT_SAVE_INTERVAL,
     })?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let bound = listener.local_addr()?;
