@@ -29,7 +29,8 @@ fn shipped_configs_parse_and_their_models_validate() {
             "fashion_mnist_seg",
             "imagenet_f16_1024",
             "imagenet_f16_16384",
-            "photo_crops"
+            "photo_crops",
+            "photo_crops_f8_lowdim"
         ]
     );
 }
