@@ -219,7 +219,7 @@ impl CoordinatorService {
         let cluster = self.shared.cluster.lock().expect("cluster");
         let worker = cluster
             .session_owner(session)
-            .ok_or_else(|| Status::permission_denied("no worker session (taming-session)"))?;
+            .ok_or_else(|| Status::permission_denied("no worker secret (taming-worker-secret)"))?;
         cluster
             .check_rank(worker, job, attempt, any_rank)
             .map_err(status)

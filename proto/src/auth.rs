@@ -51,7 +51,7 @@ pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 /// The metadata key of a registered worker's session: the secret the coordinator gave it at
 /// registration, which its later calls (heartbeats, assignments, reports, the NCCL id) carry
 /// so that a worker can act only for itself.
-pub const SESSION_HEADER: &str = "taming-session";
+pub const SESSION_HEADER: &str = "taming-worker-secret";
 
 /// Adds the token (and a worker's session) to outgoing calls.
 #[derive(Debug, Clone)]

@@ -1,0 +1,97 @@
+//! Which workers are gone: silent ones (no heartbeat), and ranks that report no step within
+//! the progress timeout while their heartbeat goes on (hung).
+
+use std::time::{Duration, Instant};
+
+use super::{Cluster, RUNNING, STARTUP_FACTOR};
+
+impl Cluster {
+    /// Drops workers silent for longer than `timeout`, and the workers of ranks that report
+    /// no step within the progress timeout (hung, though their heartbeat thread lives on);
+    /// their jobs' attempts fail.
+    pub fn expire(&mut self, now: Instant, timeout: Duration) -> Vec<String> {
+        let dead: Vec<String> = self
+            .workers
+            .values()
+            .filter(|w| now.duration_since(w.seen) > timeout)
+            .map(|w| w.id.clone())
+            .collect();
+        for id in &dead {
+            let worker = self.workers.remove(id).expect("listed");
+            if let Some(job) = worker.job {
+                self.fail_attempt(&job, &format!("worker {id} stopped heartbeating"));
+            }
+        }
+        let mut dropped = dead;
+        for (job, ranks, why) in self.hung(now) {
+            for rank in ranks {
+                let worker = self.jobs[&job].workers.get(rank).cloned();
+                if let Some(w) = worker.and_then(|w| self.workers.remove(&w)) {
+                    dropped.push(w.id);
+                }
+            }
+            self.fail_attempt(&job, &why);
+        }
+        dropped
+    }
+
+    /// Records that `rank` of `job` reported `step` at `now`; rank 0's reports also time the
+    /// job's steps.
+    pub(super) fn note_progress(&mut self, job: &str, rank: usize, step: u64, now: Instant) {
+        let Some(seen) = self
+            .progress_seen
+            .get_mut(job)
+            .and_then(|s| s.get_mut(rank))
+        else {
+            return;
+        };
+        let (last_step, last_at) = *seen;
+        *seen = (step.max(last_step), now);
+        if rank == 0 && step > last_step && last_step > 0 {
+            let per_step = now.duration_since(last_at).as_secs_f64() / (step - last_step) as f64;
+            let smoothed = self.step_seconds.entry(job.to_string()).or_insert(per_step);
+            *smoothed = 0.8 * *smoothed + 0.2 * per_step;
+        }
+    }
+
+    /// Running jobs with ranks silent past the progress timeout: (job, the lagging ranks,
+    /// why). Of the silent ranks, those behind the furthest rank are blamed (the others wait
+    /// for them in a collective); when all are level, all of them.
+    fn hung(&self, now: Instant) -> Vec<(String, Vec<usize>, String)> {
+        if self.progress_timeout.is_zero() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (id, seen) in &self.progress_seen {
+            if self.jobs.get(id).is_none_or(|j| j.state != RUNNING) {
+                continue;
+            }
+            let furthest = seen.iter().map(|s| s.0).max().unwrap_or(0);
+            let scaled = self.step_seconds.get(id).map_or(0.0, |s| 20.0 * s);
+            let mut limit = self.progress_timeout.max(Duration::from_secs_f64(scaled));
+            if furthest == 0 {
+                // Before the first step: start-up (loading, building, k-means) gets longer.
+                limit *= STARTUP_FACTOR;
+            }
+            let silent: Vec<usize> = (0..seen.len())
+                .filter(|&r| now.duration_since(seen[r].1) > limit)
+                .collect();
+            if silent.is_empty() {
+                continue;
+            }
+            let behind: Vec<usize> = silent
+                .iter()
+                .copied()
+                .filter(|&r| seen[r].0 < furthest)
+                .collect();
+            let blamed = if behind.is_empty() { silent } else { behind };
+            let why = format!(
+                "rank(s) {blamed:?} reported no step for {} s (hung; the limit is {} s): their worker(s) are dropped",
+                now.duration_since(seen[blamed[0]].1).as_secs(),
+                limit.as_secs()
+            );
+            out.push((id.clone(), blamed, why));
+        }
+        out
+    }
+}

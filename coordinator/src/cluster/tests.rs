@@ -1,0 +1,463 @@
+//! The cluster's rules: placement, restarts, hung ranks, roles, the state file.
+use super::*;
+
+fn spec(nodes: u32, min_nodes: u32) -> JobSpec {
+    JobSpec {
+        stage: "vqgan".into(),
+        out: "runs/x".into(),
+        steps: 10,
+        nodes,
+        min_nodes,
+        ..Default::default()
+    }
+}
+
+fn cluster_with(n: usize, now: Instant) -> (Cluster, Vec<String>) {
+    let mut c = Cluster::default();
+    let ids = (0..n)
+        .map(|i| {
+            c.register(
+                &format!("h{i}"),
+                vec![],
+                &format!("127.0.0.1:{}", 7000 + i),
+                now,
+            )
+            .unwrap()
+        })
+        .collect();
+    (c, ids)
+}
+
+#[test]
+fn a_job_starts_only_when_all_its_ranks_are_placed() {
+    let now = Instant::now();
+    let (mut c, _) = cluster_with(2, now);
+    let id = c.submit(spec(3, 2)).unwrap();
+    assert!(c.schedule(now).is_empty());
+    assert_eq!(c.jobs[&id].state, PENDING);
+    c.register("h2", vec![], "127.0.0.1:7002", now).unwrap();
+    let a = c.schedule(now);
+    assert_eq!(a.len(), 3);
+    assert_eq!(a.iter().map(|(_, a)| a.rank).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(
+        a.iter()
+            .all(|(_, a)| a.world_size == 3 && a.peers.len() == 3 && !a.resume)
+    );
+    let secret = &a[0].1.ring_secret;
+    assert_eq!(secret.len(), 32);
+    assert!(
+        a.iter().all(|(_, a)| &a.ring_secret == secret),
+        "one secret per attempt"
+    );
+}
+
+#[test]
+fn a_gpu_job_is_placed_only_on_workers_offering_that_device_kind() {
+    let now = Instant::now();
+    let (mut c, _) = cluster_with(2, now);
+    let id = c
+        .submit(JobSpec {
+            device: "cuda".into(),
+            ..spec(1, 1)
+        })
+        .unwrap();
+    assert!(c.schedule(now).is_empty());
+    assert!(
+        c.jobs[&id].message.contains("with a cuda device"),
+        "{}",
+        c.jobs[&id].message
+    );
+    let gpu = c
+        .register(
+            "gpu",
+            vec![("cpu".into(), 1 << 30), ("cuda:0".into(), 1 << 37)],
+            "127.0.0.1:7009",
+            now,
+        )
+        .unwrap();
+    let a = c.schedule(now);
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].0, gpu);
+    let cpu_job = c.submit(spec(2, 2)).unwrap();
+    assert_eq!(c.schedule(now).len(), 2, "cpu jobs run on any worker");
+    assert_eq!(c.jobs[&cpu_job].state, RUNNING);
+}
+
+#[test]
+fn a_silent_worker_fails_the_attempt_and_the_job_resumes_on_fewer_workers() {
+    let now = Instant::now();
+    let (mut c, ids) = cluster_with(3, now);
+    let id = c.submit(spec(3, 2)).unwrap();
+    assert_eq!(c.schedule(now).len(), 3);
+    let later = now + Duration::from_secs(10);
+    c.heartbeat(&ids[0], None, later).unwrap();
+    c.heartbeat(&ids[1], None, later).unwrap();
+    assert_eq!(
+        c.expire(later, Duration::from_secs(5)),
+        vec![ids[2].clone()]
+    );
+    assert_eq!(c.jobs[&id].state, PENDING);
+    let again = c.schedule(later);
+    assert_eq!(again.len(), 2);
+    assert!(
+        again
+            .iter()
+            .all(|(_, a)| a.resume && a.attempt == 2 && a.world_size == 2)
+    );
+    // Reports of the old attempt are told to stop.
+    let old = ProgressReport {
+        job_id: id.clone(),
+        attempt: 1,
+        state: "running".into(),
+        ..Default::default()
+    };
+    assert!(c.progress(&old).unwrap());
+}
+
+#[test]
+fn a_job_failing_past_its_restarts_fails_with_every_reason_kept() {
+    let now = Instant::now();
+    let (mut c, ids) = cluster_with(1, now);
+    let id = c
+        .submit(JobSpec {
+            max_restarts: Some(1),
+            ..spec(1, 1)
+        })
+        .unwrap();
+    let failed = |attempt| ProgressReport {
+        worker_id: ids[0].clone(),
+        job_id: id.clone(),
+        attempt,
+        state: "failed".into(),
+        message: "panicked: boom".into(),
+        retryable: true,
+        ..Default::default()
+    };
+    assert_eq!(c.schedule(now).len(), 1);
+    c.progress(&failed(1)).unwrap();
+    assert_eq!(c.jobs[&id].state, PENDING);
+    assert!(
+        c.jobs[&id]
+            .message
+            .starts_with("restarting (1 of 1) after: rank 0 failed: panicked")
+    );
+    assert_eq!(c.schedule(now + Duration::from_secs(1)).len(), 1);
+    c.progress(&failed(2)).unwrap();
+    let job = c.job(&id).unwrap();
+    assert_eq!(job.state, FAILED);
+    assert_eq!(
+        job.message,
+        "failed after 1 restart(s): rank 0 failed: panicked: boom"
+    );
+    assert_eq!(job.failures.len(), 2, "{:?}", job.failures);
+    assert!(job.failures[0].starts_with("attempt 1: rank 0 failed: panicked: boom"));
+    assert!(c.workers[&ids[0]].job.is_none(), "the worker is free again");
+}
+
+#[test]
+fn an_exited_worker_fails_its_attempt_at_once() {
+    let now = Instant::now();
+    let (mut c, ids) = cluster_with(1, now);
+    let id = c.submit(spec(1, 1)).unwrap();
+    assert_eq!(c.schedule(now).len(), 1);
+    assert!(c.worker_exited("h0", "killed by signal 9 (SIGKILL)"));
+    assert!(
+        !c.workers.contains_key(&ids[0]),
+        "dropped from the registry"
+    );
+    let job = &c.jobs[&id];
+    assert_eq!(job.state, PENDING);
+    assert!(
+        job.message.contains("killed by signal 9"),
+        "{}",
+        job.message
+    );
+    assert!(
+        !c.worker_exited("h0", "again"),
+        "nothing left under that name"
+    );
+}
+
+#[test]
+fn a_rank_that_stops_reporting_is_dropped_and_the_job_restarts_on_the_rest() {
+    let now = Instant::now();
+    let (mut c, ids) = cluster_with(3, now);
+    c.progress_timeout = Duration::from_secs(60);
+    let id = c.submit(spec(2, 1)).unwrap();
+    let a = c.schedule(now);
+    let report = |rank: usize, step| ProgressReport {
+        worker_id: a[rank].0.clone(),
+        job_id: id.clone(),
+        attempt: 1,
+        rank: rank as u32,
+        step,
+        state: "running".into(),
+        ..Default::default()
+    };
+    c.progress(&report(0, 1)).unwrap();
+    c.progress(&report(1, 1)).unwrap();
+    c.progress(&report(0, 2)).unwrap();
+    // Rank 1 hangs at step 1, rank 0 waits for it in the all-reduce of step 3.
+    let later = now + Duration::from_secs(120);
+    for w in &ids {
+        c.heartbeat(w, None, later).unwrap();
+    }
+    let dropped = c.expire(later, Duration::from_secs(10));
+    assert_eq!(dropped, vec![a[1].0.clone()], "only the lagging rank");
+    let job = &c.jobs[&id];
+    assert_eq!(job.state, PENDING);
+    assert!(
+        job.message.contains("rank(s) [1] reported no step"),
+        "{}",
+        job.message
+    );
+    let again = c.schedule(later + Duration::from_secs(1));
+    assert_eq!(again.len(), 2, "on the two workers left");
+    assert!(again.iter().all(|(w, _)| *w != a[1].0));
+}
+
+#[test]
+fn a_worker_acts_only_for_itself_and_only_rank_0_publishes_the_nccl_id() {
+    let now = Instant::now();
+    let (mut c, ids) = cluster_with(2, now);
+    let own = c.workers[&ids[0]].session.clone();
+    let other = c.workers[&ids[1]].session.clone();
+    assert_eq!(own.len(), 64);
+    assert_ne!(own, other);
+    c.authorize(&ids[0], &own).unwrap();
+    let e = c.authorize(&ids[0], &other).unwrap_err();
+    assert!(matches!(e, ClusterError::Forbidden(_)), "{e}");
+    assert!(c.authorize(&ids[0], "").is_err());
+    assert_eq!(c.session_owner(&other), Some(ids[1].as_str()));
+    let id = c.submit(spec(2, 2)).unwrap();
+    let a = c.schedule(now);
+    let (rank0, rank1) = (&a[0].0, &a[1].0);
+    c.check_rank(rank0, &id, 1, false).unwrap();
+    assert!(
+        c.check_rank(rank1, &id, 1, false).is_err(),
+        "rank 1 cannot publish"
+    );
+    c.check_rank(rank1, &id, 1, true).unwrap();
+    assert!(
+        c.check_rank(rank0, &id, 2, true).is_err(),
+        "another attempt"
+    );
+}
+
+#[test]
+fn start_up_gets_longer_than_a_step_before_a_rank_is_taken_for_hung() {
+    let now = Instant::now();
+    let (mut c, ids) = cluster_with(1, now);
+    c.progress_timeout = Duration::from_secs(60);
+    let id = c.submit(spec(1, 1)).unwrap();
+    c.schedule(now);
+    let alive = |c: &mut Cluster, t| c.heartbeat(&ids[0], None, t).unwrap();
+    let t = now + Duration::from_secs(120);
+    alive(&mut c, t);
+    assert!(
+        c.expire(t, Duration::from_secs(10)).is_empty(),
+        "still starting"
+    );
+    let t = now + Duration::from_secs(181);
+    alive(&mut c, t);
+    assert_eq!(c.expire(t, Duration::from_secs(10)), vec![ids[0].clone()]);
+    assert!(
+        c.jobs[&id].message.contains("the limit is 180 s"),
+        "{}",
+        c.jobs[&id].message
+    );
+}
+
+#[test]
+fn a_worker_still_running_an_ended_attempt_is_told_to_stop_and_not_placed() {
+    let now = Instant::now();
+    let (mut c, ids) = cluster_with(2, now);
+    c.progress_timeout = Duration::from_secs(60);
+    let id = c.submit(spec(2, 1)).unwrap();
+    let a = c.schedule(now);
+    let busy = || Some((id.clone(), 1));
+    for (w, _) in &a {
+        c.heartbeat(w, busy(), now).unwrap();
+    }
+    // Rank 0 fails; rank 1 still runs attempt 1 (stuck in a collective, or hung).
+    let failed = ProgressReport {
+        worker_id: a[0].0.clone(),
+        job_id: id.clone(),
+        attempt: 1,
+        rank: 0,
+        state: "failed".into(),
+        retryable: true,
+        ..Default::default()
+    };
+    c.progress(&failed).unwrap();
+    let t = now + Duration::from_secs(1);
+    c.heartbeat(&a[0].0, None, t).unwrap();
+    let stop = c.heartbeat(&a[1].0, busy(), t).unwrap();
+    assert_eq!(stop, vec![id.clone()], "told to stop the ended attempt");
+    let again = c.schedule(t);
+    assert_eq!(again.len(), 1, "placed on the worker that finished only");
+    assert_eq!(again[0].0, a[0].0);
+    assert!(
+        c.workers[&a[1].0]
+            .busy
+            .as_ref()
+            .is_some_and(|b| b.2 == Some(t))
+    );
+    // Once it has finished, it is idle again.
+    let later = t + Duration::from_secs(30);
+    c.heartbeat(&a[1].0, None, later).unwrap();
+    assert!(c.workers[&a[1].0].idle());
+    assert_eq!(ids.len(), 2);
+}
+
+#[test]
+fn a_report_for_another_workers_rank_is_refused() {
+    let now = Instant::now();
+    let (mut c, ids) = cluster_with(2, now);
+    let id = c.submit(spec(2, 2)).unwrap();
+    let a = c.schedule(now);
+    let other = if a[0].0 == ids[0] { &ids[1] } else { &ids[0] };
+    let forged = ProgressReport {
+        worker_id: other.clone(),
+        job_id: id.clone(),
+        attempt: 1,
+        rank: 0,
+        state: "failed".into(),
+        ..Default::default()
+    };
+    let e = c.progress(&forged).unwrap_err().to_string();
+    assert!(e.contains("progress.rank"), "{e}");
+    assert_eq!(c.jobs[&id].state, RUNNING);
+}
+
+#[test]
+fn a_job_not_placed_within_its_timeout_fails_saying_so() {
+    let now = Instant::now();
+    let mut c = Cluster::default();
+    let id = c
+        .submit(JobSpec {
+            placement_timeout_s: 5,
+            ..spec(2, 2)
+        })
+        .unwrap();
+    c.schedule(now);
+    c.schedule(now + Duration::from_secs(3));
+    assert_eq!(c.jobs[&id].state, PENDING);
+    assert!(
+        c.jobs[&id]
+            .message
+            .starts_with("pending for 3 s: waiting for 2 idle")
+    );
+    c.schedule(now + Duration::from_secs(5));
+    let job = &c.jobs[&id];
+    assert_eq!(job.state, FAILED);
+    assert_eq!(
+        job.message,
+        "not placed within 5 s: waiting for 2 idle worker(s) with a cpu device; 0 idle"
+    );
+}
+
+#[test]
+fn jobs_survive_a_restart_and_running_ones_resume() {
+    let now = Instant::now();
+    let (mut c, _) = cluster_with(1, now);
+    let id = c.submit(spec(1, 1)).unwrap();
+    c.schedule(now);
+    let tmp = tempfile::tempdir().unwrap();
+    c.save(tmp.path()).unwrap();
+    let mut back = Cluster::load(tmp.path()).unwrap();
+    assert_eq!(back.jobs[&id].state, PENDING);
+    back.register("h", vec![], "127.0.0.1:9", now).unwrap();
+    let a = back.schedule(now);
+    assert!(a[0].1.resume);
+    assert_eq!(back.submit(spec(1, 1)).unwrap(), "job-0002");
+}
+
+#[test]
+fn non_finite_losses_are_saved_and_read_back() {
+    let now = Instant::now();
+    let (mut c, ids) = cluster_with(1, now);
+    let id = c.submit(spec(1, 1)).unwrap();
+    c.schedule(now);
+    let report = ProgressReport {
+        worker_id: ids[0].clone(),
+        job_id: id.clone(),
+        attempt: 1,
+        step: 7,
+        losses: [("total".into(), f64::NAN), ("g".into(), f64::NEG_INFINITY)].into(),
+        images_per_s: f64::INFINITY,
+        state: "running".into(),
+        ..Default::default()
+    };
+    c.progress(&report).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    c.save(tmp.path()).unwrap();
+    let back = Cluster::load(tmp.path()).unwrap();
+    let job = &back.jobs[&id];
+    assert!(job.losses["total"].is_nan() && job.history[0].losses["total"].is_nan());
+    assert_eq!(job.losses["g"], f64::NEG_INFINITY);
+    assert_eq!(job.images_per_s, f64::INFINITY);
+    // A state file written with nulls (how serde_json writes NaN) loads too.
+    let text = std::fs::read_to_string(tmp.path().join("jobs.json")).unwrap();
+    std::fs::write(
+        tmp.path().join("jobs.json"),
+        text.replace("\"NaN\"", "null"),
+    )
+    .unwrap();
+    assert!(Cluster::load(tmp.path()).unwrap().jobs[&id].losses["total"].is_nan());
+}
+
+#[test]
+fn a_failed_save_rolls_the_jobs_back_to_what_is_on_disk() {
+    let now = Instant::now();
+    let (mut c, ids) = cluster_with(1, now);
+    let tmp = tempfile::tempdir().unwrap();
+    c.save(tmp.path()).unwrap();
+    let id = c.submit(spec(1, 1)).unwrap();
+    assert_eq!(c.schedule(now).len(), 1);
+    // A directory where the temporary file goes: the write fails (even as root).
+    std::fs::create_dir(tmp.path().join(".jobs.json.tmp")).unwrap();
+    let e = c.save(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("jobs.json"), "{e}");
+    c.rollback();
+    assert!(!c.jobs.contains_key(&id), "the unsaved job is gone");
+    assert!(c.workers[&ids[0]].job.is_none(), "its worker is idle again");
+    assert!(Cluster::load(tmp.path()).unwrap().jobs.is_empty());
+}
+
+#[test]
+fn a_finished_job_keeps_a_thinned_loss_history_with_its_last_point() {
+    let point = |step| HistoryPoint {
+        step,
+        at: 0.0,
+        losses: BTreeMap::new(),
+    };
+    let mut h: Vec<HistoryPoint> = (1..=2000).map(point).collect();
+    thin(&mut h, FINISHED_HISTORY_POINTS);
+    assert!(h.len() <= FINISHED_HISTORY_POINTS, "{}", h.len());
+    assert_eq!((h[0].step, h.last().unwrap().step), (1, 2000));
+    assert!(h.windows(2).all(|w| w[0].step < w[1].step));
+    let mut short: Vec<HistoryPoint> = (1..=10).map(point).collect();
+    thin(&mut short, FINISHED_HISTORY_POINTS);
+    assert_eq!(short.len(), 10);
+}
+
+#[test]
+fn impossible_requests_name_the_field() {
+    let mut c = Cluster::default();
+    let e = c.submit(spec(0, 0)).unwrap_err().to_string();
+    assert!(e.contains("spec.nodes"), "{e}");
+    let e = c
+        .submit(JobSpec {
+            stage: "gan".into(),
+            ..spec(1, 1)
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("spec.stage"), "{e}");
+    let e = c
+        .register("x", vec![], "not an address", Instant::now())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ring_addr"), "{e}");
+}
