@@ -128,7 +128,7 @@ pub fn write<C: Serialize, S: Serialize + HasStep>(
 pub const FENCE: &str = "fence";
 
 /// The attempt that claimed `run` (0: none).
-fn fenced(run: &Path) -> Result<u32, CheckpointError> {
+pub fn fenced(run: &Path) -> Result<u32, CheckpointError> {
     let path = run.join(FENCE);
     match fs::read_to_string(&path) {
         Ok(text) => text.trim().parse().map_err(|_| {

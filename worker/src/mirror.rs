@@ -19,7 +19,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use taming_dataloader::runtime;
 use taming_dataloader::source::{Location, locate};
 
-use crate::checkpoint::{CheckpointError, LATEST, checkpoint_name, unique_suffix};
+use crate::checkpoint::{self, CheckpointError, FENCE, LATEST, checkpoint_name, unique_suffix};
 
 /// Objects above this size are uploaded in parts of this size.
 const PART_BYTES: usize = 16 << 20;
@@ -94,21 +94,61 @@ impl RunMirror {
         files.iter().try_for_each(|rel| self.push_file(out, rel))
     }
 
+    /// The attempt that claimed the copy (`checkpoints/fence`; 0: none).
+    fn fence(&self) -> Result<u32, CheckpointError> {
+        let rel = format!("checkpoints/{FENCE}");
+        let path = self.path(&rel);
+        let store = self.root.store.clone();
+        let got = runtime::block_on(async move { store.get(&path).await?.bytes().await });
+        match got {
+            Ok(bytes) => String::from_utf8_lossy(&bytes)
+                .trim()
+                .parse()
+                .map_err(|_| self.error(&rel, "not an attempt number")),
+            Err(object_store::Error::NotFound { .. }) => Ok(0),
+            Err(e) => Err(self.error(&rel, e)),
+        }
+    }
+
+    /// Claims the copy for the attempt that claimed the run folder `out` (its
+    /// `checkpoints/fence`): refused when a newer attempt holds the copy; nothing to do
+    /// outside a cluster job.
+    pub fn claim(&self, out: &Path) -> Result<(), CheckpointError> {
+        let ours = checkpoint::fenced(&out.join("checkpoints"))?;
+        if ours == 0 {
+            return Ok(());
+        }
+        let holder = self.fence()?;
+        if holder > ours {
+            return Err(self.error(
+                &format!("checkpoints/{FENCE}"),
+                format!("attempt {ours} is stale: attempt {holder} holds this run; not uploading"),
+            ));
+        }
+        if holder < ours {
+            self.push_file(out, &format!("checkpoints/{FENCE}"))?;
+        }
+        Ok(())
+    }
+
     /// Uploads the checkpoint directory `dir` (inside `out/checkpoints`) and `metrics.csv`,
     /// then names the checkpoint in `checkpoints/latest`, then removes remote checkpoints
-    /// that the local folder has pruned.
+    /// that the local folder has pruned. An attempt that a newer one replaced (the copy's
+    /// fence) uploads nothing, and does not name its checkpoint if it was replaced meanwhile.
     pub fn push_checkpoint(&self, out: &Path, dir: &Path) -> Result<(), CheckpointError> {
         let name = dir
             .file_name()
             .ok_or_else(|| CheckpointError::new(dir, "not a checkpoint directory"))?
             .to_string_lossy()
             .into_owned();
+        self.claim(out)?;
         for file in files_in(dir)? {
             self.push_file(out, &format!("checkpoints/{name}/{}", file_name(&file)))?;
         }
         if out.join("metrics.csv").exists() {
             self.push_file(out, "metrics.csv")?;
         }
+        self.claim(out)?;
         self.push_file(out, &format!("checkpoints/{LATEST}"))?;
         self.prune(out, &name)
     }
@@ -345,6 +385,11 @@ impl Uploader {
         Ok(())
     }
 
+    /// Claims the copy for the run folder's attempt at once (see [`RunMirror::claim`]).
+    pub fn claim(&self, out: &Path) -> Result<(), CheckpointError> {
+        self.mirror.as_ref().map_or(Ok(()), |m| m.claim(out))
+    }
+
     /// Uploads the run-relative file `rel` at once (a rank's data position).
     pub fn push_file(&self, out: &Path, rel: &str) -> Result<(), CheckpointError> {
         self.mirror
@@ -411,6 +456,37 @@ mod tests {
             assert!(mirror.pull(&out).is_err());
             assert!(!tmp.path().join("x").exists() && !out.join("checkpoints").exists());
         }
+    }
+
+    /// Two machines' rank 0 share a copy: once attempt 2 has claimed it, attempt 1 (cut off,
+    /// still training on its own machine) uploads nothing and `latest` stays attempt 2's.
+    #[test]
+    fn a_stale_attempt_is_fenced_out_of_the_object_store_copy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let remote = RunMirror::open(&tmp.path().join("remote").to_string_lossy()).unwrap();
+        let (old, new) = (tmp.path().join("machine-a"), tmp.path().join("machine-b"));
+        checkpoint::claim(&old.join("checkpoints"), 1).unwrap();
+        let first = run_with_checkpoint(&old, "ckpt-00000002", b"a");
+        remote.push_checkpoint(&old, &first).unwrap();
+        checkpoint::claim(&new.join("checkpoints"), 2).unwrap();
+        let theirs = run_with_checkpoint(&new, "ckpt-00000004", b"b");
+        remote.claim(&new).unwrap();
+        remote.push_checkpoint(&new, &theirs).unwrap();
+        let stale = run_with_checkpoint(&old, "ckpt-00000006", b"a");
+        let e = remote
+            .push_checkpoint(&old, &stale)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("attempt 1 is stale: attempt 2 holds this run"),
+            "{e}"
+        );
+        assert_eq!(remote.latest().unwrap().as_deref(), Some("ckpt-00000004"));
+        assert!(!tmp.path().join("remote/checkpoints/ckpt-00000006").exists());
+        assert!(
+            remote.claim(&old).is_err(),
+            "the old attempt cannot take it back"
+        );
     }
 
     #[test]

@@ -159,6 +159,7 @@ pub fn run_stage1(mut opts: RunOptions) -> Result<RunSummary, RunError> {
     let lead = opts.run.rank == 0;
     if lead {
         checkpoint::claim(&ckpt_dir, opts.run.attempt).map_err(TrainError::from)?;
+        uploader.claim(&opts.run.out).map_err(TrainError::from)?;
     }
     let size = opts.config.model.ddconfig.resolution;
     let loader_cfg = |batch_size, train: bool| LoaderConfig {

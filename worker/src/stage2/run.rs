@@ -424,6 +424,9 @@ pub fn run_stage2(mut opts: Stage2Options) -> Result<Stage2Summary, RunError> {
     let lead = opts.run.rank == 0;
     if lead {
         crate::checkpoint::claim(&ckpt_dir, opts.run.attempt).map_err(|e| train_error(e.into()))?;
+        uploader
+            .claim(&opts.run.out)
+            .map_err(|e| train_error(e.into()))?;
     }
     let first_val_loss = trainer.eval_loss(&data.val).map_err(train_error)?;
     let mut last_val_loss = first_val_loss;
