@@ -11,7 +11,7 @@ use taming_proto::coordinator::{
 
 use taming_proto::tls::Transport;
 
-use crate::cluster::{CANCELLED, FAILED, SUCCEEDED};
+use crate::cluster::is_final;
 
 /// A connected client.
 pub type Client = taming_proto::CoordinatorClient;
@@ -68,7 +68,7 @@ pub async fn follow(client: &mut Client, job_id: &str, show: bool) -> Result<Job
                 bar.suspend(|| eprintln!("{job_id}: {f}"));
             }
         }
-        if [SUCCEEDED, FAILED, CANCELLED].contains(&job.state.as_str()) {
+        if is_final(&job.state) {
             bar.finish();
             return Ok(job);
         }

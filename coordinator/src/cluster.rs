@@ -27,6 +27,11 @@ pub const FAILED: &str = "failed";
 /// Stopped by `coordinator cancel`.
 pub const CANCELLED: &str = "cancelled";
 
+/// Whether a job in `state` has ended (succeeded, failed or cancelled).
+pub fn is_final(state: &str) -> bool {
+    [SUCCEEDED, FAILED, CANCELLED].contains(&state)
+}
+
 /// A registered worker.
 #[derive(Debug, Clone)]
 pub struct Worker {

@@ -197,14 +197,10 @@ impl CoordinatorService {
     /// Whether the job has ended (succeeded, failed or cancelled) or is unknown.
     pub fn job_ended(&self, id: &str) -> bool {
         let cluster = self.shared.cluster.lock().expect("cluster lock");
-        cluster.jobs.get(id).is_none_or(|j| {
-            [
-                crate::cluster::SUCCEEDED,
-                crate::cluster::FAILED,
-                crate::cluster::CANCELLED,
-            ]
-            .contains(&j.state.as_str())
-        })
+        cluster
+            .jobs
+            .get(id)
+            .is_none_or(|j| crate::cluster::is_final(&j.state))
     }
 
     /// Checks that the worker whose session this is runs rank 0 (or, with `any_rank`, a rank)

@@ -26,15 +26,6 @@ pub fn device_kind(device: &str) -> &str {
     }
 }
 
-/// `http://` put before a bare `host:port`; URLs pass unchanged.
-pub fn endpoint_url(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
 /// Checks a `host:port` address as workers advertise their ring: the host an IPv4 address,
 /// a bracketed IPv6 one or a DNS name (as Kubernetes and compose give pods and services),
 /// the port 1-65535.
