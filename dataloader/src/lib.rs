@@ -21,6 +21,7 @@ pub mod service;
 pub mod shards;
 pub mod source;
 pub mod stream;
+pub mod tar_bound;
 pub mod transform;
 
 pub use error::DataError;

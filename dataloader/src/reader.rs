@@ -16,6 +16,7 @@ use webdataset::shard::{TarFiles, group_by_keys};
 use crate::error::DataError;
 use crate::source::Location;
 use crate::stream::{DEFAULT_PREFETCH, ObjectReader};
+use crate::tar_bound::{EntryBound, MAX_ENTRY_BYTES};
 
 /// How a rank reads its share of the shards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -358,7 +359,8 @@ fn validate(cfg: &ReaderConfig, shards: usize, state: &LoaderState) -> Result<()
 /// The grouped samples of a shard, from sample `skip` on.
 pub(crate) fn open_samples(loc: &Location, skip: u64) -> Result<Samples, DataError> {
     let reader = ObjectReader::open(loc, 0, DEFAULT_PREFETCH)?;
-    let files = TarFiles::new(Box::new(reader)).map_err(|e| DataError::Shard {
+    let bounded = EntryBound::new(reader, MAX_ENTRY_BYTES);
+    let files = TarFiles::new(Box::new(bounded)).map_err(|e| DataError::Shard {
         shard: loc.url.clone().into(),
         reason: e.to_string(),
     })?;

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use futures::StreamExt;
+
 use crate::error::DataError;
 use crate::runtime;
 use crate::source::{expand_braces, local_path, locate};
@@ -118,26 +120,39 @@ fn resolve_links(path: &Path) -> PathBuf {
     path.to_path_buf()
 }
 
+/// Objects scanned when listing a directory or prefix (its subfolders' objects count too):
+/// listing stops with an error beyond this, before the listing itself grows without bound.
+pub const MAX_LISTED: usize = 4 << 20;
+
 /// `*.tar` objects directly under `dir` whose names start with `prefix`, as URLs (or paths
 /// for local directories).
 fn list_tars(dir: &str, prefix: &str) -> Result<Vec<String>, DataError> {
     let loc = locate(dir.trim_end_matches('/'))?;
     let (store, base) = (loc.store.clone(), loc.path.clone());
+    let depth = base.parts().count() + 1;
+    let prefix_owned = prefix.to_string();
     let listed = runtime::block_on(async move {
-        store
-            .list_with_delimiter(Some(&base))
-            .await
-            .map(|l| l.objects)
+        let mut stream = store.list(Some(&base));
+        let (mut scanned, mut names) = (0usize, Vec::new());
+        while let Some(meta) = stream.next().await {
+            let meta = meta.map_err(|e| e.to_string())?;
+            scanned += 1;
+            if scanned > MAX_LISTED {
+                return Err(format!("more than {MAX_LISTED} objects under it"));
+            }
+            let name = meta.location.filename().unwrap_or_default();
+            let direct = meta.location.parts().count() == depth;
+            if direct && name.starts_with(&prefix_owned) && name.ends_with(".tar") {
+                names.push(name.to_string());
+            }
+        }
+        Ok(names)
     })
-    .map_err(|e| DataError::Url {
+    .map_err(|reason| DataError::Url {
         url: dir.to_string(),
-        reason: e.to_string(),
+        reason,
     })?;
-    let mut names: Vec<String> = listed
-        .into_iter()
-        .filter_map(|o| o.location.filename().map(str::to_string))
-        .filter(|n| n.starts_with(prefix) && n.ends_with(".tar"))
-        .collect();
+    let mut names = listed;
     names.sort();
     let sep = if dir.ends_with('/') { "" } else { "/" };
     Ok(names
