@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 out=out/demo
 mkdir -p "$out"
 fixture=model/tests/fixtures/vqgan/vq_a
-cargo build --release -p taming-model --bin vqgan
+cargo build --release -p taming-model-cli --bin vqgan
 vqgan=${CARGO_TARGET_DIR:-target}/release/vqgan
 "$vqgan" import-taming --config "$fixture/model.yaml" --ckpt "$fixture/model.ckpt" --out "$out/model" --force
 "$vqgan" encode --model "$out/model" --image "$fixture/photo_0.png" --out "$out/codes.json"

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get install -y -qq fonts-dejavu-core >/dev/null 2>&1 || true)
 fi
-cargo build --release -p taming-coordinator -p taming-worker -p taming-dataloader-cli -p taming-model
+cargo build --release -p taming-coordinator -p taming-worker -p taming-dataloader-cli -p taming-model-cli
 bin=${CARGO_TARGET_DIR:-target}/release
 args=("$@")
 [[ " $* " == *" --steps "* ]] || args+=(--steps 500)

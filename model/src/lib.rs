@@ -2,20 +2,15 @@
 //! transformer (GPT, conditioning, sampling), reference checkpoint import and the project's
 //! own model format.
 
-pub mod adam;
 pub mod atomic;
 pub mod checkpoint;
 pub mod codes;
 pub mod config;
-pub mod conv;
-pub mod cpu;
 pub mod device;
 pub mod error;
-mod fastmath;
 pub mod image_io;
 pub mod loss;
 pub mod metrics;
-pub mod norm;
 pub mod quantize;
 pub mod synthesis;
 pub mod transformer;

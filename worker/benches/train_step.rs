@@ -59,7 +59,7 @@ fn main() {
         .map_or(5, |s| s.parse().expect("iterations"));
     let json = args.iter().any(|a| a == "--json");
     let burn_ops = args.iter().any(|a| a == "--burn-ops");
-    taming_model::cpu::set_kernels(!burn_ops);
+    taming_kernels::cpu::set_kernels(!burn_ops);
     let name = if burn_ops {
         "taming-rs (burn ops)"
     } else {

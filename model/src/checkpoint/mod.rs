@@ -1,11 +1,8 @@
-//! Reading and writing model weights: reference checkpoints in, the project's own format in
-//! and out.
+//! Model weights: the project's own format in and out ([`native`]), and filling a module from
+//! named tensors that a reader (the `taming-import` crate for PyTorch files) produced.
 
 pub mod native;
-pub mod net2net;
-pub mod pickle;
-pub mod taming;
-pub mod torch_file;
+pub mod tensors;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,10 +11,10 @@ use burn::store::ModuleSnapshot;
 use burn::store::burn_pack::{Bytes, DType, Tensor as PackTensor};
 
 use crate::error::ModelError;
-use torch_file::{RawTensor, TorchCheckpoint};
+use tensors::RawTensor;
 
 /// A named f32 tensor ready to be applied to a module.
-pub(crate) fn pack_f32(name: &str, values: Vec<f32>, shape: &[usize]) -> PackTensor {
+pub fn pack_f32(name: &str, values: Vec<f32>, shape: &[usize]) -> PackTensor {
     PackTensor::new(
         name.to_string(),
         DType::F32,
@@ -69,18 +66,8 @@ pub fn fill_from<M: ModuleSnapshot>(
     Ok(tensors)
 }
 
-/// Fills `model` from a PyTorch file's state dict (see [`fill_from`]).
-pub fn fill_from_torch<M: ModuleSnapshot>(
-    model: &mut M,
-    path: &Path,
-    name_of: impl Fn(&str) -> String,
-) -> Result<BTreeMap<String, RawTensor>, ModelError> {
-    let tensors = TorchCheckpoint::open(path)?.state_dict()?;
-    fill_from(model, tensors, name_of, path)
-}
-
 /// Applies tensors that must cover every parameter of `model`.
-pub(crate) fn apply_all<M: ModuleSnapshot>(
+pub fn apply_all<M: ModuleSnapshot>(
     model: &mut M,
     tensors: Vec<PackTensor>,
 ) -> Result<(), ModelError> {

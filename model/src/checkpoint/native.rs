@@ -12,7 +12,7 @@ use burn::store::ModuleSnapshot;
 use burn::tensor::Device;
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::torch_file::{RawData, RawTensor};
+use super::tensors::{RawData, RawTensor};
 use crate::config::VqganConfig;
 use crate::error::ModelError;
 use crate::transformer::{Gpt, TransformerConfig};

@@ -7,7 +7,7 @@
 //! the heads file `weights/v0.1/vgg.pth` of the `lpips` package (the reference's `vgg.pth`,
 //! `linK.model.1.weight`). Fewer than five stages can be used (for small test fixtures).
 
-use crate::conv;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
@@ -19,7 +19,10 @@ use burn::tensor::ops::MaxPoolOptions;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::fill_from_torch;
+use taming_kernels::conv;
+
+use crate::checkpoint::fill_from;
+use crate::checkpoint::tensors::RawTensor;
 use crate::error::ModelError;
 
 /// Input and output channels of VGG16's convolutions, by stage.
@@ -30,6 +33,12 @@ const VGG16_STAGES: [&[[usize; 2]]; 5] = [
     &[[256, 512], [512, 512], [512, 512]],
     &[[512, 512], [512, 512], [512, 512]],
 ];
+
+/// The `lpips` package's name for a head parameter (`0.weight` -> `lin0.model.1.weight`).
+fn head_name(path: &str) -> String {
+    let (k, rest) = path.split_once('.').unwrap_or((path, ""));
+    format!("lin{k}.model.1.{rest}")
+}
 
 /// Index in torchvision's `vgg16().features` of each stage's first convolution.
 const TORCHVISION_OFFSETS: [usize; 5] = [0, 5, 10, 17, 24];
@@ -96,8 +105,14 @@ impl Lpips {
         }
     }
 
-    /// Loads the trunk and heads named by `config`; errors name the file and tensor.
-    pub fn load(config: &LpipsConfig, device: &Device) -> Result<Self, ModelError> {
+    /// Loads the trunk and heads named by `config`, each file's state dict read by
+    /// `read_state_dict` (`taming_import::read_state_dict` for PyTorch files); errors name
+    /// the file and tensor.
+    pub fn load_with(
+        config: &LpipsConfig,
+        device: &Device,
+        read_state_dict: impl Fn(&Path) -> Result<BTreeMap<String, RawTensor>, ModelError>,
+    ) -> Result<Self, ModelError> {
         if !(1..=5).contains(&config.stages) {
             return Err(ModelError::Config {
                 key: "lpips.stages".into(),
@@ -105,11 +120,10 @@ impl Lpips {
             });
         }
         let mut trunk = Self::new(config.stages, device);
-        fill_from_torch(&mut trunk.stages, &config.vgg16, torchvision_name)?;
-        fill_from_torch(&mut trunk.lins, &config.heads, |p| {
-            let (k, rest) = p.split_once('.').unwrap_or((p, ""));
-            format!("lin{k}.model.1.{rest}")
-        })?;
+        let vgg16 = read_state_dict(&config.vgg16)?;
+        fill_from(&mut trunk.stages, vgg16, torchvision_name, &config.vgg16)?;
+        let heads = read_state_dict(&config.heads)?;
+        fill_from(&mut trunk.lins, heads, head_name, &config.heads)?;
         Ok(trunk.no_grad())
     }
 

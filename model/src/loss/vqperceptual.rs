@@ -263,7 +263,7 @@ impl VqLoss {
 fn adaptive_weight(last: &LastLayer, grad_nll: Tensor<4>, grad_g: Tensor<4>) -> f64 {
     let norm = |g: Tensor<4>| {
         let w = last.weight.clone().detach().require_grad();
-        let out = crate::conv::conv2d(
+        let out = taming_kernels::conv::conv2d(
             last.input.clone().detach(),
             w.clone(),
             None,

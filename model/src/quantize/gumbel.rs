@@ -2,7 +2,7 @@
 //! logits, gumbel-softmax with a temperature (hard one-hot with straight-through gradients),
 //! and a KL-to-uniform prior term.
 
-use crate::conv;
+use taming_kernels::conv;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Embedding, EmbeddingConfig};

@@ -2,8 +2,8 @@
 //! resolution up) `num_res_blocks + 1` residual blocks with attention at the listed
 //! resolutions and an upsampler except at level 0, then norm, swish and conv_out (no tanh).
 
-use crate::conv;
-use crate::norm::group_norm;
+use taming_kernels::conv;
+use taming_kernels::norm::group_norm;
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;

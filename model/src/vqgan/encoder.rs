@@ -2,8 +2,8 @@
 //! at the listed resolutions) and a downsampler except at the last level, a middle
 //! Res-Attn-Res, then norm, swish and conv_out.
 
-use crate::conv;
-use crate::norm::group_norm;
+use taming_kernels::conv;
+use taming_kernels::norm::group_norm;
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;

@@ -4,7 +4,7 @@ pub mod blocks;
 pub mod decoder;
 pub mod encoder;
 
-use crate::conv;
+use taming_kernels::conv;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Int, Tensor};

@@ -1,4 +1,4 @@
-//! Shared helpers for the model's integration tests: fixture paths and tensor comparison.
+//! Shared helpers for the integration tests of the model, import and CLI crates: fixture paths and tensor comparison.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -7,11 +7,19 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
 
+/// `model/tests/fixtures`, from any crate of the workspace.
+pub fn fixtures_dir() -> PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest
+        .ancestors()
+        .find(|dir| dir.join("Cargo.lock").exists())
+        .expect("the workspace root");
+    root.join("model/tests/fixtures")
+}
+
 /// Directory of one fixture config (`vq_a`, `vq_b`, `gumbel`).
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/vqgan")
-        .join(name)
+    fixtures_dir().join("vqgan").join(name)
 }
 
 /// The reference's outputs for a fixture.

@@ -11,7 +11,7 @@ use crate::distributed::{broadcast_params, mean_gradients};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use taming_dataloader::ImageBatch;
 use taming_model::Vqgan;
-use taming_model::adam::{AdamSettings, adam_optimizer};
+use taming_kernels::adam::{AdamSettings, adam_optimizer};
 use taming_model::config::QuantizerConfig;
 use taming_model::error::ModelError;
 use taming_model::loss::{GeneratorLog, LastLayer, Lpips, NLayerDiscriminator, VqLoss};
@@ -89,7 +89,7 @@ impl Stage1Trainer {
     pub fn new(config: Stage1Config, nodes: usize, device: &Device) -> Result<Self, ModelError> {
         config.validate()?;
         let lpips = match (&config.loss.lpips, config.loss.perceptual_weight > 0.0) {
-            (Some(cfg), true) => Some(Lpips::load(cfg, device)?),
+            (Some(cfg), true) => Some(taming_import::load_lpips(cfg, device)?),
             _ => None,
         };
         Self::with_lpips(config, nodes, device, lpips)

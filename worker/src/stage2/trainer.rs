@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use taming_collective::{AllReduce, CollectiveError};
-use taming_model::adam::{AdamSettings, adam_optimizer};
+use taming_kernels::adam::{AdamSettings, adam_optimizer};
 use taming_model::transformer::{Gpt, TokenLayout, TransformerConfig};
 
 use super::config::Stage2Config;

@@ -1,12 +1,13 @@
 //! Numerical parity with the reference: fixtures made by tools/fixtures/make_vqgan_fixtures.py
 //! with taming-transformers 0.0.1 are imported through the checkpoint path and compared.
 
+#[path = "../../model/tests/common/mod.rs"]
 mod common;
 
 use burn::tensor::{Device, Tensor};
 use common::{Expected, assert_close_to_max, fixture, ints, rel, values};
 use taming_model::Vqgan;
-use taming_model::checkpoint::taming::{Imported, import_taming};
+use taming_import::taming::{Imported, import_taming};
 use taming_model::quantize::{QuantizeMode, Quantizer};
 
 fn import(name: &str, device: &Device) -> Imported {

@@ -11,7 +11,7 @@ use taming_dataloader::{
 };
 use taming_model::checkpoint::native;
 use taming_model::device::DeviceSpec;
-use taming_model::loss::{Lpips, LpipsConfig};
+use taming_model::loss::LpipsConfig;
 use taming_model::metrics;
 use taming_model::quantize::QuantizeMode;
 
@@ -46,7 +46,7 @@ pub fn run(
     let device = device.device().map_err(anyhow::Error::msg)?;
     let (config, model) = native::load_model(model_dir, &device)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
-    let lpips = lpips.map(|cfg| Lpips::load(&cfg, &device)).transpose()?;
+    let lpips = lpips.map(|cfg| taming_import::load_lpips(&cfg, &device)).transpose()?;
     let shards = list_split(data, split)?;
     let size = config.ddconfig.resolution;
     let preprocess = Preprocess {

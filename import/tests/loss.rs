@@ -1,6 +1,7 @@
 //! The stage-1 loss pieces against fixtures made by tools/fixtures/make_loss_fixtures.py with
 //! the `lpips` package and taming-transformers 0.0.1.
 
+#[path = "../../model/tests/common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;
@@ -9,15 +10,15 @@ use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor, TensorData};
 use common::{Expected, assert_close_l2, assert_close_to_max, rel, values};
-use taming_model::checkpoint::fill_from_torch;
+use taming_import::fill_from_torch;
 use taming_model::loss::discriminator::reference_name;
 use taming_model::loss::{
-    DiscLoss, DiscriminatorConfig, LastLayer, LossConfig, Lpips, LpipsConfig, NLayerDiscriminator,
+    DiscLoss, DiscriminatorConfig, LastLayer, LossConfig, LpipsConfig, NLayerDiscriminator,
     VqLoss,
 };
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loss")
+    common::fixtures_dir().join("loss")
 }
 
 fn fixture() -> Expected {
@@ -56,7 +57,7 @@ fn discriminator_from(device: &Device, file: &str, in_channels: usize) -> NLayer
 fn lpips_matches_the_lpips_package() {
     let device = Device::flex();
     let fx = fixture();
-    let lpips = Lpips::load(&lpips_config(), &device).unwrap();
+    let lpips = taming_import::load_lpips(&lpips_config(), &device).unwrap();
     let d = values(lpips.forward(fx.tensor("x", &device), fx.tensor("degraded", &device)));
     let expected = fx.f32s("lpips").1;
     for (a, b) in d.iter().zip(&expected) {
@@ -76,7 +77,7 @@ fn lpips_file_that_does_not_fit_names_the_tensor() {
         stages: 3,
         ..lpips_config()
     };
-    let err = Lpips::load(&cfg, &device).unwrap_err().to_string();
+    let err = taming_import::load_lpips(&cfg, &device).unwrap_err().to_string();
     assert!(
         err.contains("features.10.weight") && err.contains("vgg16_2stages.pth"),
         "{err}"
@@ -149,7 +150,7 @@ fn loss_case_with(tag: &str, kind: DiscLoss, step: u64, conditional: bool) {
         },
         ..LossConfig::default()
     };
-    let loss = VqLoss::new(config, Some(Lpips::load(&lpips_config(), &device).unwrap()));
+    let loss = VqLoss::new(config, Some(taming_import::load_lpips(&lpips_config(), &device).unwrap()));
     let (disc, cond) = if conditional {
         let disc = discriminator_from(&device, "discriminator_cond.pth", in_channels);
         (disc, Some(fx.tensor::<4>("cond", &device)))

@@ -3,6 +3,7 @@
 //! an error naming the file and what was refused, never by running out of memory or stack.
 #![cfg(unix)]
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::io::Read;
@@ -12,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fixture;
-use taming_model::checkpoint::torch_file::{RawData, TorchCheckpoint};
+use taming_import::torch_file::{RawData, TorchCheckpoint};
 
 /// Address-space limit for the binary, in KiB (1 GiB).
 const LIMIT_KIB: u64 = 1 << 20;

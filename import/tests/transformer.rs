@@ -3,6 +3,7 @@
 //! orders, the KV cache against full forwards, sliding-window sampling (plain against reuse)
 //! and the errors of bad requests.
 
+#[path = "../../model/tests/common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::{Expected, assert_close_to_max, values};
 use taming_model::checkpoint::native;
-use taming_model::checkpoint::net2net::{ImportedTransformer, import_net2net};
+use taming_import::net2net::{ImportedTransformer, import_net2net};
 use taming_model::transformer::permuter::Permutation;
 use taming_model::transformer::{
     Cond, Conditioning, GridCond, KvCache, PermuterKind, Sampling, TokenLayout, WindowMode,
@@ -18,8 +19,7 @@ use taming_model::transformer::{
 };
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/transformer")
+    common::fixtures_dir().join("transformer")
         .join(name)
 }
 

@@ -1,14 +1,17 @@
 //! The PyTorch file reader against a plain `torch.save(state_dict)` file written by torch:
 //! strided and offset views, half and bfloat16 storages, integer buffers, scalars.
 
+#[path = "../../model/tests/common/mod.rs"]
+mod common;
+
 use std::path::PathBuf;
 
 use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
-use taming_model::checkpoint::torch_file::{RawData, TorchCheckpoint};
+use taming_import::torch_file::{RawData, TorchCheckpoint};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch")
+    common::fixtures_dir().join("torch")
 }
 
 #[test]

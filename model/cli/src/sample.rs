@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use taming_model::checkpoint::{native, net2net};
+use taming_import::net2net;
+use taming_model::checkpoint::native;
 use taming_model::device::DeviceSpec;
 use taming_model::image_io::{tile, write_png};
 use taming_model::synthesis::{SynthCond, Synthesizer};

@@ -1,7 +1,7 @@
 //! The convolutions of issue 3's training benchmark one at a time: burn Flex's forward and
-//! backward against taming-rs's GEMM kernels (`taming_model::conv::kernels`), same inputs.
+//! backward against taming-rs's GEMM kernels (`taming_kernels::conv::kernels`), same inputs.
 //!
-//! `cargo bench -p taming-model --bench conv -- [--reps N]`
+//! `cargo bench -p taming-kernels --bench conv -- [--reps N]`
 
 use std::time::Instant;
 
@@ -10,8 +10,8 @@ use burn_backend::ops::ModuleOps;
 use burn_backend::{DType, TensorMetadata};
 use burn_flex::{Flex, FlexTensor, Layout};
 use burn_std::{Bytes, Shape};
-use taming_model::conv::kernels::{self, Geometry};
-use taming_model::conv::winograd;
+use taming_kernels::conv::kernels::{self, Geometry};
+use taming_kernels::conv::winograd;
 
 /// (what, batch, cin, cout, size, kernel, stride, padding before, padding after)
 type Case = (

@@ -9,13 +9,13 @@ use std::path::Path;
 use burn::tensor::Device;
 use serde_yaml::Value as Yaml;
 
-use super::torch_file::{RawTensor, TorchCheckpoint};
-use crate::config::{
+use crate::torch_file::{RawTensor, TorchCheckpoint};
+use taming_model::config::{
     DdConfig, EmaConfig, GumbelConfig, QuantizerConfig, TemperatureSchedule, VectorQuantizerConfig,
     VqganConfig,
 };
-use crate::error::ModelError;
-use crate::vqgan::Vqgan;
+use taming_model::error::ModelError;
+use taming_model::vqgan::Vqgan;
 
 /// Keys every reference `ddconfig` must name (the others have reference defaults).
 const REQUIRED_DD_KEYS: [&str; 8] = [
@@ -172,7 +172,7 @@ pub fn import_taming(config: &Path, ckpt: &Path, device: &Device) -> Result<Impo
     let global_step = file.root().get("global_step").and_then(|v| v.as_int());
     let tensors = file.state_dict()?;
     let mut model = Vqgan::new(&config, device)?;
-    let tensors = super::fill_from(&mut model, tensors, reference_name, ckpt)?;
+    let tensors = taming_model::checkpoint::fill_from(&mut model, tensors, reference_name, ckpt)?;
     let (loss_tensors, rest): (BTreeMap<_, _>, BTreeMap<_, _>) = tensors
         .into_iter()
         .partition(|(k, _)| k.starts_with("loss."));

@@ -12,8 +12,10 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use super::pickle::{self, Value};
-use crate::error::ModelError;
+pub use taming_model::checkpoint::tensors::{RawData, RawTensor};
+use taming_model::error::ModelError;
+
+use crate::pickle::{self, Value};
 
 /// Largest `data.pkl` read. A Lightning checkpoint's pickle, optimizer state included, is well
 /// under 1 MiB; decoding is bounded further by [`pickle::MAX_MEMORY`].
@@ -33,37 +35,6 @@ pub const TENSOR_SLACK_BYTES: u64 = 256 << 20;
 
 /// How far deflate can expand (its limit is about 1032:1).
 const MAX_DEFLATE_RATIO: u64 = 1032;
-
-/// Tensor values after conversion: floats as f32, integers as i64.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RawData {
-    /// Any floating-point storage (f64, f32, f16, bf16), converted to f32.
-    F32(Vec<f32>),
-    /// Any integer or bool storage, converted to i64.
-    I64(Vec<i64>),
-}
-
-/// One tensor read from a checkpoint.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RawTensor {
-    /// Dimensions, outermost first.
-    pub shape: Vec<usize>,
-    /// Contiguous row-major values.
-    pub data: RawData,
-}
-
-impl RawTensor {
-    /// The float values, or an error naming `name` if the tensor holds integers.
-    pub fn f32s(&self, name: &str) -> Result<&[f32], ModelError> {
-        match &self.data {
-            RawData::F32(v) => Ok(v),
-            RawData::I64(_) => Err(ModelError::tensor(
-                name,
-                "expected a float tensor, found integers",
-            )),
-        }
-    }
-}
 
 /// A PyTorch checkpoint opened for reading.
 pub struct TorchCheckpoint {

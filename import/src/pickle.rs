@@ -155,9 +155,24 @@ impl Value {
 
 /// Reads one pickle stream into a [`Value`]. Values nest at most [`MAX_DEPTH`] levels and
 /// take at most about [`MAX_MEMORY`] bytes, or the stream is refused.
+///
+/// The machine runs on a thread of its own with a [`STACK_BYTES`] stack: copying a value
+/// [`MAX_DEPTH`] levels deep recurses that deep, which unoptimized code and small thread
+/// stacks (a test thread's 2 MiB) would not hold. Its memo and stack are dropped there too.
 pub fn read(bytes: &[u8]) -> Result<Value, PickleError> {
-    Machine::new(bytes).run()
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("pickle".into())
+            .stack_size(STACK_BYTES)
+            .spawn_scoped(scope, || Machine::new(bytes).run())
+            .map_err(|e| malformed(0, format!("no thread to read it on: {e}")))?
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
+
+/// Stack of the thread a pickle is read on.
+pub const STACK_BYTES: usize = 64 << 20;
 
 struct Machine<'a> {
     bytes: &'a [u8],

@@ -1,6 +1,7 @@
 //! The `vqgan` binary as a user runs it: import a reference checkpoint, encode, reconstruct,
 //! decode, and the errors bad input gets.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -314,8 +315,8 @@ fn existing_output_is_not_replaced_without_force() {
 fn eval_reports_reconstruction_metrics_over_a_shard_set() {
     let tmp = tempfile::tempdir().unwrap();
     let model = import("vq_a", tmp.path());
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/fashion-mnist");
-    let loss = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loss");
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist");
+    let loss = common::fixtures_dir().join("loss");
     let report = tmp.path().join("eval.json");
     let out = ok(vqgan(&[
         "eval",
@@ -345,8 +346,7 @@ fn eval_reports_reconstruction_metrics_over_a_shard_set() {
 }
 
 fn import_transformer(name: &str, tmp: &Path, window: Option<&str>) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/transformer")
+    let dir = common::fixtures_dir().join("transformer")
         .join(name);
     let out = tmp.join(name);
     let mut args = vec![

@@ -10,12 +10,12 @@ use std::path::Path;
 use burn::tensor::Device;
 use serde_yaml::Value as Yaml;
 
-use super::taming::{reference_name, taming_config};
-use super::torch_file::{RawData, RawTensor, TorchCheckpoint};
-use crate::config::VqganConfig;
-use crate::error::ModelError;
-use crate::transformer::{Conditioning, Gpt, GptConfig, PermuterKind, TransformerConfig};
-use crate::vqgan::Vqgan;
+use crate::taming::{reference_name, taming_config};
+use crate::torch_file::{RawData, RawTensor, TorchCheckpoint};
+use taming_model::config::VqganConfig;
+use taming_model::error::ModelError;
+use taming_model::transformer::{Conditioning, Gpt, GptConfig, PermuterKind, TransformerConfig};
+use taming_model::vqgan::Vqgan;
 
 /// A reference stage-2 checkpoint turned into models.
 #[derive(Debug)]
@@ -214,10 +214,10 @@ pub fn import_net2net(
     let mut tensors = TorchCheckpoint::open(ckpt)?.state_dict()?;
     transpose_linear_weights(&mut tensors);
     let mut gpt = Gpt::new(&config.gpt, device);
-    let tensors = super::fill_from(&mut gpt, tensors, gpt_reference_name, ckpt)?;
+    let tensors = taming_model::checkpoint::fill_from(&mut gpt, tensors, gpt_reference_name, ckpt)?;
     let mut first_model = Vqgan::new(&first, device)?;
     let prefixed = |p: &'static str| move |n: &str| format!("{p}{}", reference_name(n));
-    let mut tensors = super::fill_from(
+    let mut tensors = taming_model::checkpoint::fill_from(
         &mut first_model,
         tensors,
         prefixed("first_stage_model."),
@@ -226,7 +226,7 @@ pub fn import_net2net(
     let cond_stage = match cond_vq {
         Some(cfg) => {
             let mut model = Vqgan::new(&cfg, device)?;
-            tensors = super::fill_from(&mut model, tensors, prefixed("cond_stage_model."), ckpt)?;
+            tensors = taming_model::checkpoint::fill_from(&mut model, tensors, prefixed("cond_stage_model."), ckpt)?;
             Some((cfg, model))
         }
         None => None,

@@ -7,16 +7,20 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use burn::tensor::Device;
 use clap::{Args, Parser, Subcommand};
-use taming_model::checkpoint::{native, taming};
+use taming_import::taming;
+use taming_model::checkpoint::native;
 use taming_model::codes::CodeGrid;
 use taming_model::device::DeviceSpec;
-use taming_model::image_io::{self, Fit};
+use taming_model::image_io;
 use taming_model::loss::LpipsConfig;
 use taming_model::quantize::QuantizeMode;
 use taming_model::{Vqgan, VqganConfig};
 
 mod eval;
+mod input;
 mod sample;
+
+use input::Fit;
 
 #[derive(Parser)]
 #[command(
@@ -250,6 +254,6 @@ fn read_input(input: &ImageArgs, config: &VqganConfig, device: &Device) -> Resul
             size: dd.resolution,
         }
     };
-    let img = image_io::fit_image(image_io::read_rgb(&input.image)?, fit, &input.image)?;
+    let img = input::fit_image(input::read_rgb(&input.image)?, fit, &input.image)?;
     Ok(image_io::to_tensor(&img, device))
 }
