@@ -226,7 +226,12 @@ pub fn import_net2net(
     let cond_stage = match cond_vq {
         Some(cfg) => {
             let mut model = Vqgan::new(&cfg, device)?;
-            tensors = taming_model::checkpoint::fill_from(&mut model, tensors, prefixed("cond_stage_model."), ckpt)?;
+            tensors = taming_model::checkpoint::fill_from(
+                &mut model,
+                tensors,
+                prefixed("cond_stage_model."),
+                ckpt,
+            )?;
             Some((cfg, model))
         }
         None => None,

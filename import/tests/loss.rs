@@ -13,8 +13,7 @@ use common::{Expected, assert_close_l2, assert_close_to_max, rel, values};
 use taming_import::fill_from_torch;
 use taming_model::loss::discriminator::reference_name;
 use taming_model::loss::{
-    DiscLoss, DiscriminatorConfig, LastLayer, LossConfig, LpipsConfig, NLayerDiscriminator,
-    VqLoss,
+    DiscLoss, DiscriminatorConfig, LastLayer, LossConfig, LpipsConfig, NLayerDiscriminator, VqLoss,
 };
 
 fn dir() -> PathBuf {
@@ -77,7 +76,9 @@ fn lpips_file_that_does_not_fit_names_the_tensor() {
         stages: 3,
         ..lpips_config()
     };
-    let err = taming_import::load_lpips(&cfg, &device).unwrap_err().to_string();
+    let err = taming_import::load_lpips(&cfg, &device)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("features.10.weight") && err.contains("vgg16_2stages.pth"),
         "{err}"
@@ -150,7 +151,10 @@ fn loss_case_with(tag: &str, kind: DiscLoss, step: u64, conditional: bool) {
         },
         ..LossConfig::default()
     };
-    let loss = VqLoss::new(config, Some(taming_import::load_lpips(&lpips_config(), &device).unwrap()));
+    let loss = VqLoss::new(
+        config,
+        Some(taming_import::load_lpips(&lpips_config(), &device).unwrap()),
+    );
     let (disc, cond) = if conditional {
         let disc = discriminator_from(&device, "discriminator_cond.pth", in_channels);
         (disc, Some(fx.tensor::<4>("cond", &device)))

@@ -6,8 +6,8 @@ mod common;
 
 use burn::tensor::{Device, Tensor};
 use common::{Expected, assert_close_to_max, fixture, ints, rel, values};
-use taming_model::Vqgan;
 use taming_import::taming::{Imported, import_taming};
+use taming_model::Vqgan;
 use taming_model::quantize::{QuantizeMode, Quantizer};
 
 fn import(name: &str, device: &Device) -> Imported {

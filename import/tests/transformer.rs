@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::{Expected, assert_close_to_max, values};
-use taming_model::checkpoint::native;
 use taming_import::net2net::{ImportedTransformer, import_net2net};
+use taming_model::checkpoint::native;
 use taming_model::transformer::permuter::Permutation;
 use taming_model::transformer::{
     Cond, Conditioning, GridCond, KvCache, PermuterKind, Sampling, TokenLayout, WindowMode,
@@ -19,8 +19,7 @@ use taming_model::transformer::{
 };
 
 fn fixture(name: &str) -> PathBuf {
-    common::fixtures_dir().join("transformer")
-        .join(name)
+    common::fixtures_dir().join("transformer").join(name)
 }
 
 fn import(name: &str, window: Option<[usize; 2]>) -> ImportedTransformer {

@@ -10,6 +10,7 @@ use taming_collective::TcpRing;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
 use taming_worker::defaults::{default_data, parse_config};
+use taming_worker::learner::Group;
 use taming_worker::stage1::Stage1Trainer;
 
 fn main() {
@@ -30,11 +31,11 @@ fn main() {
         .into_iter()
         .zip(rings)
         .enumerate()
-        .map(|(rank, (mut trainer, ring))| {
+        .map(|(rank, (trainer, ring))| {
             let shards = shards.clone();
             let batch = config.batch_size;
             std::thread::spawn(move || {
-                trainer.join_group(Box::new(ring)).unwrap();
+                let mut trainer = trainer.join_group(Group::new(Box::new(ring))).unwrap();
                 let pre = Preprocess {
                     size: 32,
                     random_crop: true,
@@ -44,16 +45,16 @@ fn main() {
                 lc.reader.rank = rank;
                 lc.reader.world_size = 2;
                 let mut loader = ShardLoader::open(&shards, lc, &LoaderState::default()).unwrap();
-                let mut step = |t: &mut Stage1Trainer| {
+                let mut step = |t: Stage1Trainer| {
                     let b = loader.next_batch().unwrap();
                     let x = t.to_tensor(&b);
-                    t.try_train_batch(x).unwrap();
+                    t.train_batch(x, None).unwrap().0
                 };
-                step(&mut trainer); // warm-up
+                trainer = step(trainer); // warm-up
                 let comm0 = trainer.comm_time();
                 let start = Instant::now();
                 for _ in 0..steps {
-                    step(&mut trainer);
+                    trainer = step(trainer);
                 }
                 (start.elapsed(), trainer.comm_time() - comm0)
             })

@@ -70,10 +70,10 @@ fn train(iters: usize, json: bool) {
             cond: None,
         })
         .collect();
-    trainer.train_batch(&batch).expect("warm-up step");
+    trainer = trainer.train_batch(&batch).expect("warm-up step").0;
     let start = Instant::now();
     for _ in 0..iters {
-        trainer.train_batch(&batch).expect("step");
+        trainer = trainer.train_batch(&batch).expect("step").0;
     }
     let secs = start.elapsed().as_secs_f64();
     report(

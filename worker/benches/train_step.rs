@@ -70,14 +70,16 @@ fn main() {
     let mut trainer =
         Stage1Trainer::with_lpips(config(), 1, &device, Some(lpips)).expect("valid config");
     let x = Tensor::<4>::random([4, 3, 64, 64], Distribution::Uniform(-1.0, 1.0), &device);
-    let step = |t: &mut Stage1Trainer| {
-        let report = t.train_batch(x.clone()).expect("one step per batch");
+    let step = |t: Stage1Trainer| {
+        let (t, report) = t.train_batch(x.clone(), None).expect("a step");
+        let report = report.expect("one step per batch");
         assert!(report.d_loss.is_some(), "discriminator on");
+        t
     };
-    step(&mut trainer); // warm-up
+    trainer = step(trainer); // warm-up
     let start = Instant::now();
     for _ in 0..iters {
-        step(&mut trainer);
+        trainer = step(trainer);
     }
     let secs = start.elapsed().as_secs_f64() / iters as f64;
     if json {

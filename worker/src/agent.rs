@@ -18,13 +18,12 @@ use taming_proto::coordinator::*;
 use taming_proto::tls::Transport;
 
 use crate::checkpoint::LATEST;
-use crate::defaults::{default_data, parse_config, parse_stage2_config};
 use crate::devices;
+use crate::engine::{Columns, Row, RunError};
 use crate::metrics::{StepTiming, WorkerMetrics, serve_metrics};
 use crate::mirror::RunMirror;
+use crate::plan::{JobInputs, JobPlan, StageKind};
 use crate::settings::RunSettings;
-use crate::stage1::{RunError, RunOptions, run_stage1};
-use crate::stage2::{CondKind, Stage2Options, run_stage2};
 use taming_dataloader::DataError;
 
 type Client = taming_proto::CoordinatorClient;
@@ -356,14 +355,7 @@ fn run_assignment(
     let job_span = tracing::info_span!("job", job = %a.job_id, rank = a.rank, attempt = a.attempt);
     let _in_job = job_span.enter();
     let spec = a.spec.clone().context("assignment without a spec")?;
-    if spec.stage != "vqgan" && spec.stage != "transformer" {
-        bail!("stage `{}` is not available in this worker", spec.stage);
-    }
-    let data = if spec.data.is_empty() {
-        default_data()?.to_string_lossy().into_owned()
-    } else {
-        spec.data.clone()
-    };
+    let plan = JobPlan::new(job_inputs(&spec)?)?;
     let out = std::path::PathBuf::from(&spec.out);
     let checkpoint_url = (!spec.checkpoint_url.is_empty()).then(|| spec.checkpoint_url.clone());
     let resume = a.resume && has_checkpoint(&out, checkpoint_url.as_deref())?;
@@ -387,39 +379,31 @@ fn run_assignment(
     settings.prefetch = opts.prefetch;
     settings.attempt = a.attempt;
     settings.join(a.rank as usize, a.world_size as usize, group);
-    if spec.stage == "transformer" {
-        return run_transformer(spec, data, settings, reporter);
-    }
-    let config = parse_config(&spec.config_yaml, "the job's config")?;
-    let mut run = RunOptions::new(config, data, settings);
-    run.dataloaders = spec.dataloaders.clone();
-    run.on_step = Some(Box::new(move |row| reporter.report(row)));
-    run_stage1(run)?;
+    let hook = Box::new(move |columns: &Columns, row: &Row| reporter.report(columns, row));
+    plan.run(settings, Some(hook), false)?;
     Ok(())
 }
 
-fn run_transformer(
-    spec: JobSpec,
-    data: String,
-    settings: RunSettings,
-    reporter: Reporter,
-) -> Result<()> {
-    let config = parse_stage2_config(&spec.config_yaml, "the job's config")?;
-    let cond: CondKind = spec.cond.parse().map_err(anyhow::Error::msg)?;
-    let mut run = Stage2Options::new(config, (spec.vqgan.into(), cond), data, settings);
-    let nonempty = |s: String| (!s.is_empty()).then_some(s);
-    run.codes = nonempty(spec.codes);
-    run.val_codes = nonempty(spec.val_codes);
-    run.cond_vqgan = nonempty(spec.cond_vqgan).map(Into::into);
-    run.on_step = Some(Box::new(move |row| {
-        let mut losses = vec![("loss", row.loss), ("lr", row.lr)];
-        if let Some(v) = row.val_loss {
-            losses.push(("val_loss", v));
-        }
-        reporter.send(row.step, &losses, row.tokens_per_s, row.timing)
-    }));
-    run_stage2(run)?;
-    Ok(())
+/// What an assignment's spec names, as the run plan takes it.
+fn job_inputs(spec: &JobSpec) -> Result<JobInputs> {
+    let stage = match spec.stage.as_str() {
+        "vqgan" => StageKind::Vqgan,
+        "transformer" => StageKind::Transformer,
+        other => bail!("stage `{other}` is not available in this worker"),
+    };
+    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    Ok(JobInputs {
+        stage,
+        config_yaml: spec.config_yaml.clone(),
+        config_name: "the job's config".into(),
+        data: nonempty(&spec.data),
+        dataloaders: spec.dataloaders.clone(),
+        vqgan: nonempty(&spec.vqgan).map(Into::into),
+        cond: spec.cond.parse().map_err(anyhow::Error::msg)?,
+        cond_vqgan: nonempty(&spec.cond_vqgan).map(Into::into),
+        codes: nonempty(&spec.codes),
+        val_codes: nonempty(&spec.val_codes),
+    })
 }
 
 /// Whether the run has a checkpoint to resume from, in `out` or in its object-store copy.
@@ -530,21 +514,12 @@ struct Reporter {
 }
 
 impl Reporter {
-    fn report(&self, row: &crate::stage1::report::MetricsRow) -> bool {
-        let losses = [
-            ("total", row.total),
-            ("l1", row.l1),
-            ("nll", row.nll),
-            ("quant", row.quant),
-            ("g", row.g_loss),
-            ("d", row.d_loss),
-            ("usage", row.usage),
-        ];
-        self.send(row.step, &losses, row.images_per_s, row.timing)
+    /// Reports a step's values and throughput (to the coordinator and the metrics); says
+    /// whether to go on.
+    fn report(&self, columns: &Columns, row: &Row) -> bool {
+        self.send(row.step, &row.named(columns), row.rate, row.timing)
     }
 
-    /// Reports a step's losses and throughput (to the coordinator and the metrics); says
-    /// whether to go on.
     fn send(&self, step: u64, losses: &[(&str, f64)], rate: f64, timing: StepTiming) -> bool {
         crate::failpoint::at_step(step);
         self.metrics

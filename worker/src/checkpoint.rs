@@ -10,10 +10,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use burn::store::{BurnpackStore, ModuleSnapshot};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use taming_dataloader::LoaderState;
-use taming_model::quantize::MaintainerState;
 
 /// File naming the newest checkpoint directory inside a run folder.
 pub const LATEST: &str = "latest";
@@ -38,27 +36,10 @@ impl CheckpointError {
     }
 }
 
-/// The small, human-readable part of a checkpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainState {
-    /// Optimizer steps taken.
-    pub step: u64,
-    /// Where the training data reader stands.
-    pub loader: LoaderState,
-    /// Codebook maintenance (vector quantizers).
-    pub maintainer: Option<MaintainerState>,
-}
-
 /// A training state that knows its step.
 pub trait HasStep {
     /// Optimizer steps taken.
     fn step(&self) -> u64;
-}
-
-impl HasStep for TrainState {
-    fn step(&self) -> u64 {
-        self.step
-    }
 }
 
 /// Saves a module's parameters (ids kept) as burnpack.

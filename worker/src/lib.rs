@@ -1,14 +1,26 @@
-//! taming-rs trainers: `stage1` trains a VQGAN with the reference's objective, `stage2` the
-//! latent transformer over its codes.
+//! taming-rs trainers and the worker that runs them.
+//!
+//! - [`engine`]: the run engine both stages go through (the [`engine::Stage`] and
+//!   [`engine::Plan`] traits and the loop, `metrics.csv`, run errors);
+//! - [`learner`]: the data-parallel optimizer step (a module with its optimizer, gradient
+//!   accumulation, the timed group), over [`distributed`]'s collectives;
+//! - [`stage1`], [`stage2`]: each stage's config, training step and what it writes;
+//! - [`plan`]: a job (from the command line or the coordinator) as a run plan;
+//! - [`agent`]: the cluster worker (registration, heartbeats, assignments, the ring);
+//! - [`checkpoint`], [`mirror`]: checkpoints with attempt fencing and their object-store copy;
+//! - [`settings`], [`devices`], [`metrics`], [`defaults`], [`failpoint`].
 
 pub mod agent;
 pub mod checkpoint;
 pub mod defaults;
 pub mod devices;
 pub mod distributed;
+pub mod engine;
 pub mod failpoint;
+pub mod learner;
 pub mod metrics;
 pub mod mirror;
+pub mod plan;
 pub mod settings;
 pub mod stage1;
 pub mod stage2;

@@ -20,6 +20,7 @@ use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
 use taming_model::config::{QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig};
 use taming_model::loss::{DiscriminatorConfig, LossConfig};
 use taming_tests::process::root;
+use taming_worker::learner::Group;
 use taming_worker::stage1::{Stage1Config, Stage1Trainer};
 
 /// burn's random generator is process-global: the two tests (threads of one binary) must not
@@ -136,16 +137,17 @@ fn two_ranks_with_batch_4_match_one_rank_with_batch_8() {
     let before = flat(single.model());
     for b in &data {
         let x = Tensor::cat(vec![half(b, 0), half(b, 1)], 0);
-        single.train_batch(x).expect("a step");
+        let (next, report) = single.train_batch(x, None).unwrap();
+        assert!(report.is_some(), "a step");
+        single = next;
     }
 
-    let results = in_a_ring(1, ranks, move |rank, mut trainer, ring| {
-        trainer.join_group(Box::new(ring)).unwrap();
+    let results = in_a_ring(1, ranks, move |rank, trainer, ring| {
+        let mut trainer = trainer.join_group(Group::new(Box::new(ring))).unwrap();
         for b in &data {
-            trainer
-                .try_train_batch(half(b, rank))
-                .unwrap()
-                .expect("a step");
+            let (next, report) = trainer.train_batch(half(b, rank), None).unwrap();
+            assert!(report.is_some(), "a step");
+            trainer = next;
         }
         (flat(trainer.model()), flat(trainer.discriminator()))
     });
@@ -179,13 +181,14 @@ fn codebook_restarts_across_two_ranks_keep_them_identical() {
     let ranks: Vec<Stage1Trainer> = (0..2)
         .map(|_| Stage1Trainer::new(cfg.clone(), 2, &device).unwrap())
         .collect();
-    let results = in_a_ring(3, ranks, move |rank, mut trainer, ring| {
-        trainer.join_group(Box::new(ring)).unwrap();
+    let results = in_a_ring(3, ranks, move |rank, trainer, ring| {
+        let mut trainer = trainer.join_group(Group::new(Box::new(ring))).unwrap();
         let mut restarted = 0;
         for b in &data {
             let one = half(b, rank).narrow(0, 0, 1);
-            let report = trainer.try_train_batch(one).unwrap().expect("a step");
-            restarted += report.restarted;
+            let (next, report) = trainer.train_batch(one, None).unwrap();
+            restarted += report.expect("a step").restarted;
+            trainer = next;
         }
         (flat(trainer.model()), restarted)
     });
@@ -237,13 +240,17 @@ fn stage2_two_ranks_with_batch_4_match_one_rank_with_batch_8() {
     assert!((single.learning_rate() - ranks[0].learning_rate()).abs() < 1e-12);
     let before = flat(single.gpt());
     for batch in &steps {
-        single.train_batch(batch).unwrap().expect("a step");
+        let (next, report) = single.train_batch(batch).unwrap();
+        assert!(report.is_some(), "a step");
+        single = next;
     }
-    let results = in_a_ring(2, ranks, move |rank, mut trainer, ring| {
-        trainer.join_group(Box::new(ring)).unwrap();
+    let results = in_a_ring(2, ranks, move |rank, trainer, ring| {
+        let mut trainer = trainer.join_group(Group::new(Box::new(ring))).unwrap();
         for batch in &steps {
             let half = &batch[rank * 4..rank * 4 + 4];
-            trainer.train_batch(half).unwrap().expect("a step");
+            let (next, report) = trainer.train_batch(half).unwrap();
+            assert!(report.is_some(), "a step");
+            trainer = next;
         }
         flat(trainer.gpt())
     });

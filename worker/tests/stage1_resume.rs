@@ -10,8 +10,10 @@ use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, Sha
 use taming_model::config::{QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig};
 use taming_model::loss::{DiscriminatorConfig, LossConfig};
 use taming_tests::process::root;
-use taming_worker::checkpoint::{self, CheckpointError, TrainState};
-use taming_worker::stage1::{RunOptions, Stage1Config, Stage1Trainer, run_stage1};
+use taming_worker::checkpoint::{self, CheckpointError};
+use taming_worker::engine::{StepHook, train};
+use taming_worker::settings::RunSettings;
+use taming_worker::stage1::{Stage1Config, Stage1State, Stage1Trainer, VqganPlan};
 
 /// burn seeds one process-wide generator: tests that train must not interleave their draws.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -72,34 +74,37 @@ fn loader(state: LoaderState) -> ShardLoader {
     ShardLoader::open(&shards, cfg, &state).unwrap()
 }
 
-fn run(trainer: &mut Stage1Trainer, data: &mut ShardLoader, steps: usize) {
+fn run(mut trainer: Stage1Trainer, data: &mut ShardLoader, steps: usize) -> Stage1Trainer {
     for _ in 0..steps {
         let batch = data.next_batch().unwrap();
         let x = trainer.to_tensor(&batch);
-        trainer.train_batch(x).expect("a step per batch");
+        let (next, report) = trainer.train_batch(x, None).unwrap();
+        assert!(report.is_some(), "a step per batch");
+        trainer = next;
     }
+    trainer
 }
 
 #[test]
 fn resume_gives_the_parameters_of_an_uninterrupted_run() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let device = Device::flex().autodiff();
-    let mut straight = Stage1Trainer::new(config(), 1, &device).unwrap();
-    run(&mut straight, &mut loader(LoaderState::default()), 6);
+    let straight = Stage1Trainer::new(config(), 1, &device).unwrap();
+    let straight = run(straight, &mut loader(LoaderState::default()), 6);
 
     let tmp = tempfile::tempdir().unwrap();
-    let mut first = Stage1Trainer::new(config(), 1, &device).unwrap();
+    let first = Stage1Trainer::new(config(), 1, &device).unwrap();
     let mut data = loader(LoaderState::default());
-    run(&mut first, &mut data, 3);
+    let first = run(first, &mut data, 3);
     first.save_checkpoint(tmp.path(), data.state(), 2).unwrap();
     let saved_model = params(first.model());
     let saved_disc = params(first.discriminator());
     drop(first);
-    let (mut resumed, state) = Stage1Trainer::resume(tmp.path(), 1, &device).unwrap();
+    let (resumed, state) = Stage1Trainer::resume(tmp.path(), 1, &device).unwrap();
     assert_eq!(resumed.step(), 3);
     assert_same(&saved_model, &params(resumed.model()));
     assert_same(&saved_disc, &params(resumed.discriminator()));
-    run(&mut resumed, &mut loader(state), 3);
+    let resumed = run(resumed, &mut loader(state), 3);
 
     assert_eq!(resumed.step(), straight.step());
     assert_same(&params(straight.model()), &params(resumed.model()));
@@ -114,16 +119,16 @@ fn an_interrupted_checkpoint_write_leaves_the_previous_one_loadable() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let device = Device::flex().autodiff();
     let tmp = tempfile::tempdir().unwrap();
-    let mut trainer = Stage1Trainer::new(config(), 1, &device).unwrap();
+    let trainer = Stage1Trainer::new(config(), 1, &device).unwrap();
     let mut data = loader(LoaderState::default());
-    run(&mut trainer, &mut data, 2);
+    let trainer = run(trainer, &mut data, 2);
     trainer
         .save_checkpoint(tmp.path(), data.state(), 2)
         .unwrap();
     let saved = params(trainer.model());
 
     // A write that fails half-way (as a full disk would) ...
-    let (cfg, mut state): (Stage1Config, TrainState) =
+    let (cfg, mut state): (Stage1Config, Stage1State) =
         checkpoint::read_meta(&checkpoint::latest(tmp.path()).unwrap()).unwrap();
     state.step = 3;
     let err = checkpoint::write(tmp.path(), &cfg, &state, 2, |dir| {
@@ -157,23 +162,22 @@ fn a_run_stopped_and_resumed_with_batches_made_ahead_ends_as_a_straight_run() {
         .join("data/fashion-mnist")
         .to_string_lossy()
         .into_owned();
-    let opts = |out: &std::path::Path, resume: bool| {
-        let device = Device::flex().autodiff();
-        let mut o = RunOptions::single(config(), data.clone(), out.to_path_buf(), 5, device);
-        o.run.checkpoint_every = 2;
-        o.run.eval_every = 5;
-        o.run.prefetch = 3;
-        o.run.resume = resume;
-        o
+    let run = |out: &std::path::Path, resume: bool, hook: Option<StepHook>| {
+        let mut run = RunSettings::single(out.to_path_buf(), 5, Device::flex().autodiff());
+        run.checkpoint_every = 2;
+        run.eval_every = 5;
+        run.prefetch = 3;
+        run.resume = resume;
+        train(VqganPlan::new(config(), data.clone()), run, hook, false)
     };
     let straight = tmp.path().join("straight");
-    run_stage1(opts(&straight, false)).unwrap();
+    run(&straight, false, None).unwrap();
     let split = tmp.path().join("split");
-    let mut first = opts(&split, false);
-    first.on_step = Some(Box::new(|row| row.step < 3));
-    let err = run_stage1(first).unwrap_err().to_string();
+    let err = run(&split, false, Some(Box::new(|_, row| row.step < 3)))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("step 3"), "{err}");
-    assert_eq!(run_stage1(opts(&split, true)).unwrap().steps, 5);
+    assert_eq!(run(&split, true, None).unwrap().steps, 5);
     assert_same(&exported_params(&split), &exported_params(&straight));
 }
 
@@ -189,20 +193,22 @@ fn a_stale_attempt_is_fenced_out_of_the_run_folder() {
         .to_string_lossy()
         .into_owned();
     let out = tmp.path().join("run");
-    let mut old = RunOptions::single(config(), data, out.clone(), 4, Device::flex().autodiff());
-    old.run.checkpoint_every = 2;
-    old.run.attempt = 1;
+    let mut old = RunSettings::single(out.clone(), 4, Device::flex().autodiff());
+    old.checkpoint_every = 2;
+    old.attempt = 1;
     let fence = out
         .join("checkpoints")
         .join(taming_worker::checkpoint::FENCE);
     // Attempt 2 claims the run while attempt 1 trains its first steps.
-    old.on_step = Some(Box::new(move |row| {
+    let hook: StepHook = Box::new(move |_, row| {
         if row.step == 1 {
             std::fs::write(&fence, "2").unwrap();
         }
         true
-    }));
-    let err = run_stage1(old).unwrap_err().to_string();
+    });
+    let err = train(VqganPlan::new(config(), data), old, Some(hook), false)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("attempt 1 is stale: attempt 2 holds this run"),
         "{err}"

@@ -9,6 +9,8 @@ use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, Sha
 use taming_model::config::{QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig};
 use taming_model::loss::{DiscriminatorConfig, LossConfig, LpipsConfig};
 use taming_tests::process::root;
+use taming_worker::engine::train;
+use taming_worker::settings::RunSettings;
 use taming_worker::stage1::{Stage1Config, Stage1Trainer};
 
 fn small_config(disc_start: u64) -> Stage1Config {
@@ -80,7 +82,9 @@ fn short_run_cuts_validation_l1_by_at_least_30_percent() {
     for _ in 0..steps {
         let batch = train.next_batch().unwrap();
         let x = trainer.to_tensor(&batch);
-        last = trainer.train_batch(x);
+        let (next, report) = trainer.train_batch(x, None).unwrap();
+        trainer = next;
+        last = report;
     }
     let report = last.expect("a step report");
     assert_eq!(report.step, steps);
@@ -115,7 +119,7 @@ fn perceptual_weight_without_lpips_weights_is_refused_before_any_work() {
 /// (made smaller) learns the embedded silhouette maps with BCE + the quantizer loss.
 #[test]
 fn segmentation_objective_learns_the_silhouette_maps() {
-    use taming_worker::stage1::{Objective, RunOptions, run_stage1};
+    use taming_worker::stage1::{Objective, VqganPlan};
     let text =
         std::fs::read_to_string(root().join("configs/stage1/fashion_mnist_seg.yaml")).unwrap();
     let mut cfg = taming_worker::defaults::parse_config(&text, "seg.yaml").unwrap();
@@ -134,20 +138,14 @@ fn segmentation_objective_learns_the_silhouette_maps() {
         .join("data/fashion-mnist")
         .to_string_lossy()
         .into_owned();
-    let mut opts = RunOptions::single(
-        cfg.clone(),
-        data,
-        out.clone(),
-        30,
-        Device::flex().autodiff(),
-    );
-    opts.run.eval_every = 10;
-    let s = run_stage1(opts).unwrap();
+    let mut run = RunSettings::single(out.clone(), 30, Device::flex().autodiff());
+    run.eval_every = 10;
+    let s = train(VqganPlan::new(cfg.clone(), data), run, None, false).unwrap();
     assert!(
-        s.last_val_l1 < 0.6 * s.first_val_l1,
+        s.last_val < 0.6 * s.first_val,
         "map L1 {} -> {}",
-        s.first_val_l1,
-        s.last_val_l1
+        s.first_val,
+        s.last_val
     );
     assert!(out.join("val_grid.png").is_file());
     let (model_cfg, _) =
@@ -170,7 +168,7 @@ fn segmentation_objective_learns_the_silhouette_maps() {
 /// (11 silhouette labels, so 3 + 11 input channels) from the first step on.
 #[test]
 fn conditional_discriminator_trains_on_images_with_their_label_maps() {
-    use taming_worker::stage1::{RunOptions, run_stage1};
+    use taming_worker::stage1::VqganPlan;
     let mut cfg = small_config(0);
     assert!(!cfg.needs_label_maps());
     cfg.loss.disc_conditional = true;
@@ -186,10 +184,10 @@ fn conditional_discriminator_trains_on_images_with_their_label_maps() {
         .join("data/fashion-mnist")
         .to_string_lossy()
         .into_owned();
-    let mut opts = RunOptions::single(cfg.clone(), data, out.clone(), 3, Device::flex().autodiff());
-    opts.run.eval_every = 3;
-    opts.run.checkpoint_every = 3;
-    run_stage1(opts).unwrap();
+    let mut run = RunSettings::single(out.clone(), 3, Device::flex().autodiff());
+    run.eval_every = 3;
+    run.checkpoint_every = 3;
+    train(VqganPlan::new(cfg.clone(), data), run, None, false).unwrap();
     let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
     let d_losses: Vec<f64> = csv
         .lines()
@@ -227,7 +225,7 @@ fn conditional_discriminator_trains_on_images_with_their_label_maps() {
 /// sample dropped the maps of its whole batch and failed the run).
 #[test]
 fn samples_without_a_label_map_are_skipped_where_training_needs_maps() {
-    use taming_worker::stage1::{RunOptions, run_stage1};
+    use taming_worker::stage1::VqganPlan;
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -256,17 +254,18 @@ fn samples_without_a_label_map_are_skipped_where_training_needs_maps() {
     cfg.loss.discriminator.in_channels = 3 + 11;
     let out = tmp.path().join("run");
     let data = data.to_string_lossy().into_owned();
-    let mut opts = RunOptions::single(cfg, data, out, 2, Device::flex().autodiff());
-    opts.run.eval_every = 2;
-    opts.run.checkpoint_every = 2;
-    assert_eq!(run_stage1(opts).unwrap().steps, 2);
+    let mut run = RunSettings::single(out, 2, Device::flex().autodiff());
+    run.eval_every = 2;
+    run.checkpoint_every = 2;
+    let s = train(VqganPlan::new(cfg, data), run, None, false).unwrap();
+    assert_eq!(s.steps, 2);
 }
 
 /// `configs/stage1/photo_crops.yaml` trains on the embedded photo crops (64x64 JPEG) through
 /// the whole run: a few steps, a checkpoint and the model export.
 #[test]
 fn the_photo_crop_default_trains_end_to_end() {
-    use taming_worker::stage1::{RunOptions, run_stage1};
+    use taming_worker::stage1::VqganPlan;
     let text = std::fs::read_to_string(root().join("configs/stage1/photo_crops.yaml")).unwrap();
     let cfg = taming_worker::defaults::parse_config(&text, "photo_crops.yaml").unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -275,11 +274,11 @@ fn the_photo_crop_default_trains_end_to_end() {
         .join("data/photo-crops")
         .to_string_lossy()
         .into_owned();
-    let mut opts = RunOptions::single(cfg, data, out.clone(), 2, Device::flex().autodiff());
-    opts.run.eval_every = 2;
-    let s = run_stage1(opts).unwrap();
+    let mut run = RunSettings::single(out.clone(), 2, Device::flex().autodiff());
+    run.eval_every = 2;
+    let s = train(VqganPlan::new(cfg, data), run, None, false).unwrap();
     assert_eq!(s.steps, 2);
-    assert!(s.first_val_l1.is_finite() && s.last_val_l1.is_finite());
+    assert!(s.first_val.is_finite() && s.last_val.is_finite());
     assert!(out.join("model/model.safetensors").is_file());
     assert!(out.join("val_grid.png").is_file());
 }
@@ -307,7 +306,9 @@ fn dead_code_restart_trains_with_codebooks_larger_than_the_batch() {
         let mut train = loader("train", 1, true);
         for step in 1..=2 {
             let x = trainer.to_tensor(&train.next_batch().unwrap());
-            let report = trainer.train_batch(x).expect("a step report");
+            let (next, report) = trainer.train_batch(x, None).unwrap();
+            trainer = next;
+            let report = report.expect("a step report");
             assert_eq!(report.step, step);
             assert!(
                 report.restarted > 0,

@@ -1,4 +1,4 @@
-//! Stage-2 training through `run_stage2`: from code Parquet (as `dataloader
+//! Stage-2 training through the run engine: from code Parquet (as `dataloader
 //! precompute-codes` writes it) and on the fly from the embedded image shards, class- and
 //! segmentation-conditioned, resumed from a checkpoint, and refusing bad data with nothing
 //! written.
@@ -16,8 +16,10 @@ use taming_model::Vqgan;
 use taming_model::checkpoint::native;
 use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
 use taming_tests::process::root;
+use taming_worker::engine::{RunError, RunSummary, StepHook, train};
+use taming_worker::settings::RunSettings;
 use taming_worker::stage2::data::encode_batch;
-use taming_worker::stage2::{CondKind, Stage2Config, Stage2Options, run_stage2};
+use taming_worker::stage2::{CondKind, Stage2Config, TransformerPlan};
 
 /// burn's random generator is process-global: tests (threads of one binary) that seed it and
 /// compare exact results must not run at the same time.
@@ -97,19 +99,40 @@ fn code_rows(vq: &Path, n: usize) -> Vec<CodeRow> {
     rows
 }
 
-fn options(cfg: Stage2Config, vq: &Path, cond: CondKind, out: &Path, steps: u64) -> Stage2Options {
-    let mut o = Stage2Options::single(
-        cfg,
-        vq.to_path_buf(),
-        cond,
-        data(),
-        out.to_path_buf(),
-        steps,
-        Device::flex().autodiff(),
-    );
-    o.run.eval_every = 5;
-    o.run.checkpoint_every = 5;
-    o
+/// A stage-2 run as a test sets it up: the plan (reached through `Deref`), the settings, the
+/// hook.
+struct Options {
+    plan: TransformerPlan,
+    run: RunSettings,
+    on_step: Option<StepHook>,
+}
+
+impl std::ops::Deref for Options {
+    type Target = TransformerPlan;
+    fn deref(&self) -> &TransformerPlan {
+        &self.plan
+    }
+}
+
+impl std::ops::DerefMut for Options {
+    fn deref_mut(&mut self) -> &mut TransformerPlan {
+        &mut self.plan
+    }
+}
+
+fn options(cfg: Stage2Config, vq: &Path, cond: CondKind, out: &Path, steps: u64) -> Options {
+    let mut run = RunSettings::single(out.to_path_buf(), steps, Device::flex().autodiff());
+    run.eval_every = 5;
+    run.checkpoint_every = 5;
+    Options {
+        plan: TransformerPlan::new(cfg, vq.to_path_buf(), cond, data()),
+        run,
+        on_step: None,
+    }
+}
+
+fn train_run(o: Options) -> Result<RunSummary, RunError> {
+    train(o.plan, o.run, o.on_step, false)
 }
 
 #[test]
@@ -122,13 +145,13 @@ fn class_conditional_training_from_parquet_learns_and_exports() {
     let out = tmp.path().join("run");
     let mut o = options(small_stage2_config(16), &vq, CondKind::Class, &out, 30);
     o.codes = Some(codes);
-    let s = run_stage2(o).unwrap();
+    let s = train_run(o).unwrap();
     assert_eq!(s.steps, 30);
     assert!(
-        s.last_val_loss < 0.8 * s.first_val_loss,
+        s.last_val < 0.8 * s.first_val,
         "validation cross-entropy {} -> {}",
-        s.first_val_loss,
-        s.last_val_loss
+        s.first_val,
+        s.last_val
     );
     for f in [
         "metrics.csv",
@@ -166,14 +189,14 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
         o
     };
     let straight = tmp.path().join("straight");
-    run_stage2(opts(&straight, false)).unwrap();
+    train_run(opts(&straight, false)).unwrap();
     // Stopped after step 7: the checkpoint of step 5 is the latest.
     let split = tmp.path().join("split");
     let mut first = opts(&split, false);
-    first.on_step = Some(Box::new(|row| row.step < 7));
-    let err = run_stage2(first).unwrap_err().to_string();
+    first.on_step = Some(Box::new(|_, row| row.step < 7));
+    let err = train_run(first).unwrap_err().to_string();
     assert!(err.contains("step 7"), "{err}");
-    let s = run_stage2(opts(&split, true)).unwrap();
+    let s = train_run(opts(&split, true)).unwrap();
     assert_eq!(s.steps, 10);
     assert_same(&exported_params(&split), &exported_params(&straight));
     let metrics = std::fs::read_to_string(split.join("metrics.csv")).unwrap();
@@ -186,7 +209,7 @@ fn on_the_fly_encoding_trains_from_the_image_shards() {
     let tmp = tempfile::tempdir().unwrap();
     let vq = vqgan(tmp.path(), 3, 3);
     let out = tmp.path().join("run");
-    let s = run_stage2(options(
+    let s = train_run(options(
         small_stage2_config(16),
         &vq,
         CondKind::Class,
@@ -194,7 +217,7 @@ fn on_the_fly_encoding_trains_from_the_image_shards() {
         12,
     ))
     .unwrap();
-    assert!(s.last_val_loss < s.first_val_loss, "{s:?}");
+    assert!(s.last_val < s.first_val, "{s:?}");
     assert!(out.join("model/model.safetensors").is_file());
 }
 
@@ -220,8 +243,8 @@ fn segmentation_conditioning_trains_on_cond_codes() {
     );
     o.codes = Some(codes);
     o.cond_vqgan = Some(cond_vq);
-    let s = run_stage2(o).unwrap();
-    assert!(s.last_val_loss < s.first_val_loss, "{s:?}");
+    let s = train_run(o).unwrap();
+    assert!(s.last_val < s.first_val, "{s:?}");
     let (cfg, _) = native::load_transformer(&out.join("model"), &Device::flex()).unwrap();
     assert_eq!(cfg.cond_len(), 64);
     assert_eq!(cfg.gpt.block_size, 64 + 64 - 1);
@@ -235,8 +258,8 @@ fn write_parquet(dir: &Path, name: &str, rows: &[CodeRow]) -> String {
     path
 }
 
-fn refused(o: Stage2Options, out: &Path) -> String {
-    let err = run_stage2(o).unwrap_err().to_string();
+fn refused(o: Options, out: &Path) -> String {
+    let err = train_run(o).unwrap_err().to_string();
     assert!(!out.join("model").exists(), "nothing exported");
     assert!(!out.join("checkpoints").exists(), "no checkpoint");
     err
@@ -256,9 +279,9 @@ fn validation_codes_come_from_their_own_parquet() {
         let mut o = options(small_stage2_config(4), &vq, CondKind::Class, &out, 1);
         o.codes = Some(train.clone());
         o.val_codes = val.map(String::from);
-        (run_stage2(o), out)
+        (train_run(o), out)
     };
-    let first_val = |val, out| run(val, out).0.unwrap().first_val_loss;
+    let first_val = |val, out| run(val, out).0.unwrap().first_val;
     let default = first_val(None, "default");
     let other = write_parquet(tmp.path(), "val-tail.parquet", &rows[64..]);
     assert_ne!(first_val(Some(&other), "tail"), default);
@@ -297,12 +320,12 @@ fn without_validation_codes_every_tenth_row_is_held_out_of_training() {
         let mut o = options(small_stage2_config(4), &vq, CondKind::Class, &out, 6);
         o.codes = Some(write_parquet(tmp.path(), &format!("{name}.parquet"), codes));
         o.val_codes = val.map(|v| write_parquet(tmp.path(), &format!("{name}-val.parquet"), v));
-        (run_stage2(o).unwrap(), out)
+        (train_run(o).unwrap(), out)
     };
     let (default, default_out) = run(&rows, None, "default");
     let (split, split_out) = run(&kept, Some(&held), "split");
-    assert_eq!(default.first_val_loss, split.first_val_loss);
-    assert_eq!(default.last_val_loss, split.last_val_loss);
+    assert_eq!(default.first_val, split.first_val);
+    assert_eq!(default.last_val, split.last_val);
     assert_same(&exported_params(&default_out), &exported_params(&split_out));
 }
 

@@ -10,7 +10,6 @@ pub mod kernels;
 use burn::nn::GroupNorm;
 use burn::tensor::Tensor;
 
-
 /// `norm.forward(x)`, followed by swish when `swish`.
 pub fn group_norm(norm: &GroupNorm, x: Tensor<4>, swish: bool) -> Tensor<4> {
     let (Some(gamma), Some(beta), true) = (&norm.gamma, &norm.beta, crate::cpu::kernels_enabled())

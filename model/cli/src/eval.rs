@@ -46,7 +46,9 @@ pub fn run(
     let device = device.device().map_err(anyhow::Error::msg)?;
     let (config, model) = native::load_model(model_dir, &device)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
-    let lpips = lpips.map(|cfg| taming_import::load_lpips(&cfg, &device)).transpose()?;
+    let lpips = lpips
+        .map(|cfg| taming_import::load_lpips(&cfg, &device))
+        .transpose()?;
     let shards = list_split(data, split)?;
     let size = config.ddconfig.resolution;
     let preprocess = Preprocess {

@@ -59,4 +59,3 @@ pub fn resize_center_crop(img: RgbImage, size: usize) -> RgbImage {
     let s = size as u32;
     image::imageops::crop_imm(&resized, (w - s) / 2, (h - s) / 2, s, s).to_image()
 }
-

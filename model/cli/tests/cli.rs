@@ -346,8 +346,7 @@ fn eval_reports_reconstruction_metrics_over_a_shard_set() {
 }
 
 fn import_transformer(name: &str, tmp: &Path, window: Option<&str>) -> PathBuf {
-    let dir = common::fixtures_dir().join("transformer")
-        .join(name);
+    let dir = common::fixtures_dir().join("transformer").join(name);
     let out = tmp.join(name);
     let mut args = vec![
         "import-transformer".to_string(),

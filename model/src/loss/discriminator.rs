@@ -3,13 +3,13 @@
 //! LeakyReLU(0.2) between; conv weights N(0, 0.02), BatchNorm weights N(1, 0.02).
 //! Checkpoint names follow the reference's `main.N` sequence.
 
-use taming_kernels::conv;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
 use burn::tensor::activation::leaky_relu;
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
+use taming_kernels::conv;
 
 /// Discriminator shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

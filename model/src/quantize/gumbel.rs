@@ -2,12 +2,12 @@
 //! logits, gumbel-softmax with a temperature (hard one-hot with straight-through gradients),
 //! and a KL-to-uniform prior term.
 
-use taming_kernels::conv;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Distribution, Int, Tensor};
+use taming_kernels::conv;
 
 use super::{QuantizeMode, Quantized, from_rows, to_rows};
 use crate::config::GumbelConfig;

@@ -1,8 +1,6 @@
 //! The autoencoder's building blocks, named as in the reference so that checkpoint keys map
 //! one to one (`norm1`, `conv1`, `nin_shortcut`, `q`, `k`, `v`, `proj_out`, ...).
 
-use taming_kernels::conv;
-use taming_kernels::norm::group_norm;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Dropout, DropoutConfig, GroupNorm, GroupNormConfig, PaddingConfig2d};
@@ -10,6 +8,8 @@ use burn::tensor::activation::softmax;
 use burn::tensor::module::{avg_pool2d, interpolate};
 use burn::tensor::ops::{AvgPoolOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
+use taming_kernels::conv;
+use taming_kernels::norm::group_norm;
 
 use crate::config::NORM_GROUPS;
 

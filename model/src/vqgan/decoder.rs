@@ -2,12 +2,12 @@
 //! resolution up) `num_res_blocks + 1` residual blocks with attention at the listed
 //! resolutions and an upsampler except at level 0, then norm, swish and conv_out (no tanh).
 
-use taming_kernels::conv;
-use taming_kernels::norm::group_norm;
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Tensor};
+use taming_kernels::conv;
+use taming_kernels::norm::group_norm;
 
 use super::blocks::{AttnBlock, ResnetBlock, Upsample, conv3x3, norm};
 use super::encoder::Mid;

@@ -2,12 +2,12 @@
 //! at the listed resolutions) and a downsampler except at the last level, a middle
 //! Res-Attn-Res, then norm, swish and conv_out.
 
-use taming_kernels::conv;
-use taming_kernels::norm::group_norm;
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Tensor};
+use taming_kernels::conv;
+use taming_kernels::norm::group_norm;
 
 use super::blocks::{AttnBlock, Downsample, ResnetBlock, conv3x3, norm};
 use crate::config::DdConfig;

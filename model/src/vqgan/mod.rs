@@ -4,10 +4,10 @@ pub mod blocks;
 pub mod decoder;
 pub mod encoder;
 
-use taming_kernels::conv;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Int, Tensor};
+use taming_kernels::conv;
 
 use crate::config::{QuantizerConfig, VqganConfig};
 use crate::error::ModelError;

@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use taming_model::device::DeviceSpec;
 use taming_proto::auth::TOKEN_ENV;
 use taming_worker::agent::{AgentOptions, run_agent};
-use taming_worker::defaults::{default_data, parse_config, parse_stage2_config};
+use taming_worker::defaults::{parse_config, parse_stage2_config};
+use taming_worker::plan::{JobInputs, JobPlan, StageKind};
 use taming_worker::settings::{DEFAULT_PREFETCH, RunSettings};
-use taming_worker::stage1::{RunOptions, Stage1Config, run_stage1};
-use taming_worker::stage2::{CondKind, Stage2Config, Stage2Options, run_stage2};
+use taming_worker::stage2::CondKind;
 
 #[derive(Parser)]
 #[command(
@@ -65,14 +65,6 @@ struct Cli {
     command: Option<Command>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Stage {
-    /// Stage 1: the VQGAN.
-    Vqgan,
-    /// Stage 2: the transformer over a trained VQGAN's codes.
-    Transformer,
-}
-
 // Parsed once per process: the size of `train`'s many options does not matter.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
@@ -81,7 +73,7 @@ enum Command {
     CheckConfig {
         /// Which stage's config.
         #[arg(long, value_enum, default_value = "vqgan")]
-        stage: Stage,
+        stage: StageKind,
         /// Training config (YAML).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -90,7 +82,7 @@ enum Command {
     Train {
         /// What to train.
         #[arg(long, value_enum, default_value = "vqgan")]
-        stage: Stage,
+        stage: StageKind,
         /// Training config (YAML); the embedded Fashion-MNIST default when absent.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -198,13 +190,10 @@ fn run(cli: Cli) -> Result<()> {
         (None, None) => bail!("give --coordinator ADDR (join a cluster) or a subcommand (train)"),
     };
     if let Command::CheckConfig { stage, config } = &command {
+        let (text, name) = config_text(config.as_deref())?;
         match stage {
-            Stage::Vqgan => {
-                read_config(config.as_deref())?;
-            }
-            Stage::Transformer => {
-                read_stage2_config(config.as_deref())?;
-            }
+            StageKind::Vqgan => parse_config(&text, &name).map(|_| ())?,
+            StageKind::Transformer => parse_stage2_config(&text, &name).map(|_| ())?,
         }
         return Ok(());
     }
@@ -227,16 +216,21 @@ fn run(cli: Cli) -> Result<()> {
     else {
         unreachable!("check-config returned above");
     };
-    let data = match data {
-        Some(dir) => dir,
-        None => default_data()?.to_string_lossy().into_owned(),
-    };
+    let (config_yaml, config_name) = config_text(config.as_deref())?;
+    let plan = JobPlan::new(JobInputs {
+        stage,
+        config_yaml,
+        config_name,
+        data,
+        dataloaders: dataloader,
+        vqgan: stage2.vqgan,
+        cond: stage2.cond,
+        cond_vqgan: stage2.cond_vqgan,
+        codes: stage2.codes,
+        val_codes: stage2.val_codes,
+    })?;
     let device = device.device().map_err(anyhow::Error::msg)?.autodiff();
-    let default_out = match stage {
-        Stage::Vqgan => "runs/vqgan",
-        Stage::Transformer => "runs/transformer",
-    };
-    let out = out.unwrap_or_else(|| PathBuf::from(default_out));
+    let out = out.unwrap_or_else(|| stage.default_out());
     let mut settings = RunSettings::single(out.clone(), steps, device);
     settings.resume = resume;
     settings.checkpoint_url = checkpoint_url;
@@ -244,49 +238,16 @@ fn run(cli: Cli) -> Result<()> {
     settings.checkpoint_every = checkpoint_every;
     settings.nodes = nodes;
     settings.prefetch = cli.prefetch;
-    if let Stage::Transformer = stage {
-        let config = read_stage2_config(config.as_deref())?;
-        let vqgan = stage2
-            .vqgan
-            .context("--stage transformer needs --vqgan MODEL (a stage-1 model directory)")?;
-        let mut opts = Stage2Options::new(config, (vqgan, stage2.cond), data, settings);
-        opts.cond_vqgan = stage2.cond_vqgan;
-        opts.codes = stage2.codes;
-        opts.val_codes = stage2.val_codes;
-        if !quiet {
-            opts.on_step = Some(Box::new(|row| {
-                let val = row
-                    .val_loss
-                    .map(|v| format!(" val {v:.4}"))
-                    .unwrap_or_default();
-                eprintln!(
-                    "step {} loss {:.4}{val} lr {:.2e} {:.0} tok/s",
-                    row.step, row.loss, row.lr, row.tokens_per_s
-                );
-                true
-            }));
-        }
-        let summary = run_stage2(opts)?;
-        println!(
-            "trained {} steps: validation loss {:.4} -> {:.4}; model in {}; metrics.csv and samples.png in {}",
-            summary.steps,
-            summary.first_val_loss,
-            summary.last_val_loss,
-            summary.model_dir.display(),
-            out.display()
-        );
-        return Ok(());
-    }
-    let config = read_config(config.as_deref())?;
-    let mut opts = RunOptions::new(config, data, settings);
-    opts.dataloaders = dataloader;
-    opts.progress = !quiet;
-    let summary = run_stage1(opts)?;
+    let summary = plan.run(settings, None, !quiet)?;
+    let outputs = match stage {
+        StageKind::Vqgan => "metrics.csv, loss.png and val_grid.png",
+        StageKind::Transformer => "metrics.csv, loss.png and samples.png",
+    };
     println!(
-        "trained {} steps: validation L1 {:.4} -> {:.4}; {} samples skipped; model in {}; metrics, loss.png and val_grid.png in {}",
+        "trained {} steps: validation {:.4} -> {:.4}; {} samples skipped; model in {}; {outputs} in {}",
         summary.steps,
-        summary.first_val_l1,
-        summary.last_val_l1,
+        summary.first_val,
+        summary.last_val,
         summary.skipped,
         summary.model_dir.display(),
         out.display()
@@ -294,26 +255,14 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn read_config(path: Option<&Path>) -> Result<Stage1Config> {
-    match path {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            parse_config(&text, &p.display().to_string())
-        }
-        None => parse_config("", ""),
-    }
-}
-
-fn read_stage2_config(path: Option<&Path>) -> Result<Stage2Config> {
-    match path {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            parse_stage2_config(&text, &p.display().to_string())
-        }
-        None => parse_stage2_config("", ""),
-    }
+/// The config file's text and name; empty for the embedded default.
+fn config_text(path: Option<&Path>) -> Result<(String, String)> {
+    let Some(path) = path else {
+        return Ok((String::new(), String::new()));
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((text, path.display().to_string()))
 }
 
 /// `--advertise`: an address peers can dial.

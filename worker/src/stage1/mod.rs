@@ -1,10 +1,11 @@
-//! Stage-1 (VQGAN) training: configuration and the training step.
+//! Stage-1 (VQGAN) training: configuration, the training step, and the stage the run engine
+//! drives.
 
 pub mod config;
 pub mod report;
-pub mod run;
+pub mod stage;
 pub mod trainer;
 
 pub use config::{Objective, Stage1Config};
-pub use run::{RunError, RunOptions, RunSummary, run_stage1};
-pub use trainer::{Stage1Trainer, StepReport};
+pub use stage::{COLUMNS, VqganPlan, VqganStage};
+pub use trainer::{Stage1State, Stage1Trainer, StepReport};

@@ -2,40 +2,46 @@
 //! the reference's objective (see `taming_model::loss::vqperceptual`), then the discriminator
 //! update on the same, detached reconstruction (the reference recomputes it).
 
-use burn::module::Module;
-use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use taming_collective::{AllReduce, CollectiveError};
-
-use crate::distributed::{broadcast_params, mean_gradients};
-use burn::tensor::{Device, Int, Tensor, TensorData};
-use taming_dataloader::ImageBatch;
-use taming_model::Vqgan;
-use taming_kernels::adam::{AdamSettings, adam_optimizer};
-use taming_model::config::QuantizerConfig;
-use taming_model::error::ModelError;
-use taming_model::loss::{GeneratorLog, LastLayer, Lpips, NLayerDiscriminator, VqLoss};
-use taming_model::quantize::{CodebookMaintainer, QuantizeMode, Quantizer, perplexity};
-
 use std::path::{Path, PathBuf};
 
-use taming_dataloader::LoaderState;
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::optim::ModuleOptimizer;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use taming_dataloader::{ImageBatch, LoaderState};
+use taming_kernels::adam::{AdamSettings, adam_optimizer};
+use taming_model::Vqgan;
+use taming_model::config::QuantizerConfig;
+use taming_model::error::ModelError;
+use taming_model::loss::{
+    GeneratorLog, LastLayer, Lpips, NLayerDiscriminator, VqLoss, bce_with_logits,
+};
+use taming_model::quantize::{
+    CodebookMaintainer, MaintainerState, QuantizeMode, Quantizer, perplexity,
+};
 
 use super::config::{Objective, Stage1Config};
-use crate::checkpoint::{self, CheckpointError, TrainState, load_module, save_module};
+use crate::checkpoint::{self, CheckpointError, HasStep};
+use crate::engine::TrainError;
+use crate::learner::{Accumulation, Group, Learner, materialize, step_seed};
 
-/// Why training could not start or go on.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    /// Bad config, weights or model files.
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    /// A checkpoint could not be written or read.
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    /// The data-parallel group failed.
-    #[error(transparent)]
-    Collective(#[from] CollectiveError),
+/// The small, human-readable part of a stage-1 checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stage1State {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Where the training data reader stands.
+    pub loader: LoaderState,
+    /// Codebook maintenance (vector quantizers).
+    pub maintainer: Option<MaintainerState>,
+}
+
+impl HasStep for Stage1State {
+    fn step(&self) -> u64 {
+        self.step
+    }
 }
 
 /// What one optimizer step did.
@@ -55,23 +61,19 @@ pub struct StepReport {
     pub restarted: usize,
 }
 
-/// Stage-1 trainer state: models, optimizers, step.
+/// Stage-1 trainer state: the autoencoder and the discriminator with their optimizers, the
+/// loss, codebook maintenance, the step. Held and stepped by value.
 pub struct Stage1Trainer {
-    model: Option<Vqgan>,
-    disc: Option<NLayerDiscriminator>,
-    opt_ae: ModuleOptimizer,
-    opt_d: ModuleOptimizer,
-    acc_ae: GradientsAccumulator<Vqgan>,
-    acc_d: GradientsAccumulator<NLayerDiscriminator>,
-    micro: usize,
+    ae: Learner<Vqgan>,
+    disc: Learner<NLayerDiscriminator>,
+    accumulation: Accumulation,
     loss: VqLoss,
     maintainer: Option<CodebookMaintainer>,
     config: Stage1Config,
     lr: f64,
     step: u64,
     device: Device,
-    group: Option<Box<dyn AllReduce>>,
-    comm: std::time::Duration,
+    group: Group,
 }
 
 /// The reference's Adam (betas 0.5, 0.9), one pass per parameter on the CPU backend.
@@ -119,39 +121,32 @@ impl Stage1Trainer {
             QuantizerConfig::Gumbel(_) => None,
         };
         Ok(Self {
-            model: Some(model),
-            disc: Some(disc),
-            opt_ae: adam(config.grad_clip),
-            opt_d: adam(config.grad_clip),
-            acc_ae: GradientsAccumulator::new(),
-            acc_d: GradientsAccumulator::new(),
-            micro: 0,
+            ae: Learner::new(model, adam(config.grad_clip)),
+            disc: Learner::new(disc, adam(config.grad_clip)),
+            accumulation: Accumulation::new(config.grad_accum),
             loss: VqLoss::new(config.loss.clone(), lpips),
             maintainer,
             lr: config.learning_rate(nodes),
             config,
             step: 0,
             device: device.clone(),
-            group: None,
-            comm: std::time::Duration::ZERO,
+            group: Group::default(),
         })
     }
 
     /// Joins a data-parallel group: the model and discriminator are replaced by rank 0's, and
     /// from now on gradients are averaged over the group before every optimizer step and the
     /// codebook (which each rank's maintenance changes) is copied from rank 0 after it.
-    pub fn join_group(&mut self, mut group: Box<dyn AllReduce>) -> Result<(), CollectiveError> {
-        let model = self.model.take().expect("model");
-        let disc = self.disc.take().expect("discriminator");
-        self.model = Some(broadcast_params(group.as_mut(), model, 0)?);
-        self.disc = Some(broadcast_params(group.as_mut(), disc, 0)?);
-        self.group = Some(group);
-        Ok(())
+    pub fn join_group(mut self, mut group: Group) -> Result<Self, TrainError> {
+        self.ae = self.ae.synced(&mut group)?;
+        self.disc = self.disc.synced(&mut group)?;
+        self.group = group;
+        Ok(self)
     }
 
     /// Time spent in collectives (gradient means, codebook broadcasts) so far.
     pub fn comm_time(&self) -> std::time::Duration {
-        self.comm
+        self.group.comm_time()
     }
 
     /// Optimizer steps taken.
@@ -166,14 +161,12 @@ impl Stage1Trainer {
 
     /// The autoencoder being trained.
     pub fn model(&self) -> &Vqgan {
-        self.model.as_ref().expect("model present between steps")
+        &self.ae.module
     }
 
     /// The discriminator being trained.
     pub fn discriminator(&self) -> &NLayerDiscriminator {
-        self.disc
-            .as_ref()
-            .expect("discriminator present between steps")
+        &self.disc.module
     }
 
     /// A batch as a tensor on the trainer's device.
@@ -234,108 +227,104 @@ impl Stage1Trainer {
         Ok(Tensor::cat(maps?, 0))
     }
 
-    /// One micro-batch; every `grad_accum` micro-batches the optimizers step and a report is
-    /// returned. Panics if a collective fails: group members use [`Self::try_train_batch`].
-    pub fn train_batch(&mut self, x: Tensor<4>) -> Option<StepReport> {
-        self.try_train_batch(x).expect("collective")
-    }
-
-    /// [`Self::train_batch`], with the errors of the data-parallel group returned.
-    pub fn try_train_batch(&mut self, x: Tensor<4>) -> Result<Option<StepReport>, CollectiveError> {
-        self.try_train_batch_with(x, None)
-    }
-
-    /// [`Self::try_train_batch`] with the discriminator's condition ([`Self::condition`]),
-    /// which a `disc_conditional` config needs.
-    pub fn try_train_batch_with(
-        &mut self,
+    /// One micro-batch of `x`, with the discriminator's condition ([`Self::condition`]) that
+    /// a `disc_conditional` config needs; every `grad_accum` micro-batches the optimizers step
+    /// and a report is returned.
+    pub fn train_batch(
+        mut self,
         x: Tensor<4>,
         cond: Option<Tensor<4>>,
-    ) -> Result<Option<StepReport>, CollectiveError> {
-        if self.config.objective == Objective::Segmentation {
-            return self.train_segmentation(x);
-        }
+    ) -> Result<(Self, Option<StepReport>), TrainError> {
         self.seed_micro_batch();
-        let model = self.model.take().expect("model");
-        let disc = self.disc.take().expect("discriminator");
         let mode = QuantizeMode {
             training: true,
             temperature: self.temperature(),
         };
-        let out = model.forward(x.clone(), mode);
+        let out = self.ae.module.forward(x.clone(), mode);
+        let (log, d_loss) = match self.config.objective {
+            Objective::Vqgan => self.vqgan_losses(x, &out, cond.as_ref()),
+            Objective::Segmentation => self.segmentation_loss(x, &out),
+        };
+        if !self.accumulation.count() {
+            return Ok((self, None));
+        }
+        // Codebook maintenance and perplexity see the step's last micro-batch.
+        let (flat, host) = flat_codes(out.quantized.indices);
+        self.ae = self.ae.step(self.lr, &mut self.group)?;
+        if d_loss.is_some() {
+            self.disc = self.disc.step(self.lr, &mut self.group)?;
+        }
+        let model = self.ae.module;
+        let (model, usage, restarted) = maintain(
+            self.maintainer.as_mut(),
+            model,
+            out.quantized.lookup_latents,
+            flat,
+        );
+        self.ae.module = if self.maintainer.is_some() {
+            sync_codebook(&mut self.group, model)?
+        } else {
+            model
+        };
+        self.step += 1;
+        let report = StepReport {
+            step: self.step,
+            generator: log,
+            d_loss,
+            usage,
+            perplexity: perplexity(&host, self.config.model.n_embed),
+            restarted,
+        };
+        Ok((self, Some(report)))
+    }
+
+    /// The reference's objective: the generator's gradients from L1 + LPIPS + the adaptive
+    /// GAN term, then the discriminator's on the detached reconstruction (once it started).
+    fn vqgan_losses(
+        &mut self,
+        x: Tensor<4>,
+        out: &taming_model::vqgan::VqganOutput,
+        cond: Option<&Tensor<4>>,
+    ) -> (GeneratorLog, Option<f64>) {
         let last = LastLayer {
             input: out.last_input.clone(),
-            weight: model.last_layer_weight(),
+            weight: self.ae.module.last_layer_weight(),
         };
         let generator = self.loss.generator(
-            &disc,
+            &self.disc.module,
             x.clone(),
             out.reconstruction.clone(),
             out.quantized.loss.clone(),
             &last,
             self.step,
-            cond.as_ref(),
+            cond,
         );
-        let grads = GradientsParams::from_grads(generator.surrogate.backward(), &model);
-        self.acc_ae.accumulate(&model, grads);
+        let grads = GradientsParams::from_grads(generator.surrogate.backward(), &self.ae.module);
+        self.ae.accumulate(grads);
         let d = self.loss.discriminator(
-            &disc,
+            &self.disc.module,
             x,
-            out.reconstruction.detach(),
+            out.reconstruction.clone().detach(),
             self.step,
-            cond.as_ref(),
+            cond,
         );
         let d_loss = d.map(|(loss, _, _)| {
             let value = loss.clone().into_scalar::<f32>() as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &disc);
-            self.acc_d.accumulate(&disc, grads);
+            let grads = GradientsParams::from_grads(loss.backward(), &self.disc.module);
+            self.disc.accumulate(grads);
             value
         });
-        if !self.micro_batch_done() {
-            self.model = Some(model);
-            self.disc = Some(disc);
-            return Ok(None);
-        }
-        // Codebook maintenance and perplexity see the step's last micro-batch.
-        let (flat, host) = flat_codes(out.quantized.indices);
-        let grads_ae = self.acc_ae.grads();
-        let grads_ae = self.synced(&model, grads_ae)?;
-        let model = self.opt_ae.step(self.lr, model, grads_ae);
-        let disc = if d_loss.is_some() {
-            let grads_d = self.acc_d.grads();
-            let grads_d = self.synced(&disc, grads_d)?;
-            self.opt_d.step(self.lr, disc, grads_d)
-        } else {
-            disc
-        };
-        let (model, usage, restarted) = self.maintain(model, out.quantized.lookup_latents, flat);
-        let model = self.sync_codebook(model)?;
-        self.model = Some(model);
-        self.disc = Some(disc);
-        self.step += 1;
-        Ok(Some(StepReport {
-            step: self.step,
-            generator: generator.log,
-            d_loss,
-            usage,
-            perplexity: perplexity(&host, self.config.model.n_embed),
-            restarted,
-        }))
+        (generator.log, d_loss)
     }
 
     /// The segmentation objective: BCE on the logits plus the quantizer loss; the
     /// discriminator is not used.
-    fn train_segmentation(&mut self, x: Tensor<4>) -> Result<Option<StepReport>, CollectiveError> {
-        self.seed_micro_batch();
-        let model = self.model.take().expect("model");
-        let out = model.forward(
-            x.clone(),
-            QuantizeMode {
-                training: true,
-                temperature: self.temperature(),
-            },
-        );
-        let bce = bce_with_logits(out.reconstruction, x);
+    fn segmentation_loss(
+        &mut self,
+        x: Tensor<4>,
+        out: &taming_model::vqgan::VqganOutput,
+    ) -> (GeneratorLog, Option<f64>) {
+        let bce = bce_with_logits(out.reconstruction.clone(), x);
         let quant = out.quantized.loss.clone();
         let total = bce.clone() + quant.clone().mul_scalar(self.config.loss.codebook_weight);
         let scalar = |t: Tensor<1>| t.into_scalar::<f32>() as f64;
@@ -349,33 +338,15 @@ impl Stage1Trainer {
             disc_factor: 0.0,
             quant: scalar(quant),
         };
-        let grads = GradientsParams::from_grads(total.backward(), &model);
-        self.acc_ae.accumulate(&model, grads);
-        if !self.micro_batch_done() {
-            self.model = Some(model);
-            return Ok(None);
-        }
-        let (flat, host) = flat_codes(out.quantized.indices);
-        let grads = self.acc_ae.grads();
-        let grads = self.synced(&model, grads)?;
-        let model = self.opt_ae.step(self.lr, model, grads);
-        let (model, usage, restarted) = self.maintain(model, out.quantized.lookup_latents, flat);
-        self.model = Some(self.sync_codebook(model)?);
-        self.step += 1;
-        Ok(Some(StepReport {
-            step: self.step,
-            generator: log,
-            d_loss: None,
-            usage,
-            perplexity: perplexity(&host, self.config.model.n_embed),
-            restarted,
-        }))
+        let grads = GradientsParams::from_grads(total.backward(), &self.ae.module);
+        self.ae.accumulate(grads);
+        (log, None)
     }
 
     /// At the first micro-batch of a step: random draws depend on (seed, step) only, so a
     /// resumed run repeats them.
     fn seed_micro_batch(&mut self) {
-        if self.micro == 0 {
+        if self.accumulation.at_start() {
             let seed = step_seed(self.config.seed, self.step);
             self.device.seed(seed);
             if let Some(m) = self.maintainer.as_mut() {
@@ -384,69 +355,11 @@ impl Stage1Trainer {
         }
     }
 
-    /// Counts a micro-batch; true when the step's last one is in and the optimizers step.
-    fn micro_batch_done(&mut self) -> bool {
-        self.micro += 1;
-        if self.micro < self.config.grad_accum {
-            return false;
-        }
-        self.micro = 0;
-        true
-    }
-
-    fn synced<M: Module>(
-        &mut self,
-        module: &M,
-        grads: GradientsParams,
-    ) -> Result<GradientsParams, CollectiveError> {
-        let started = std::time::Instant::now();
-        let _span = tracing::info_span!("allreduce").entered();
-        let out = match self.group.as_mut() {
-            Some(group) => mean_gradients(group.as_mut(), module, grads),
-            None => Ok(grads),
-        };
-        self.comm += started.elapsed();
-        out
-    }
-
-    /// Rank 0's quantizer everywhere, when codebook maintenance changed it locally.
-    fn sync_codebook(&mut self, model: Vqgan) -> Result<Vqgan, CollectiveError> {
-        let (Some(group), Some(_)) = (self.group.as_mut(), self.maintainer.as_ref()) else {
-            return Ok(model);
-        };
-        let started = std::time::Instant::now();
-        let quantize = broadcast_params(group.as_mut(), model.quantize, 0)?;
-        self.comm += started.elapsed();
-        Ok(Vqgan { quantize, ..model })
-    }
-
     fn temperature(&self) -> f64 {
         match &self.config.model.quantizer {
             QuantizerConfig::Gumbel(g) => g.temperature.at(self.step),
             QuantizerConfig::Vector(_) => 1.0,
         }
-    }
-
-    /// Codebook maintenance after the optimizer step (vector quantizers): the model, the
-    /// codebook usage and the number of codes restarted.
-    fn maintain(
-        &mut self,
-        model: Vqgan,
-        latents: Tensor<2>,
-        indices: Tensor<1, Int>,
-    ) -> (Vqgan, Option<f64>, usize) {
-        let Some(maintainer) = self.maintainer.as_mut() else {
-            return (model, None, 0);
-        };
-        let (quantize, restarted) = match model.quantize {
-            Quantizer::Vector(vq) => {
-                let (vq, report) = maintainer.step(vq, latents, indices);
-                (Quantizer::Vector(vq), report.restarted.len())
-            }
-            other => (other, 0),
-        };
-        let usage = Some(maintainer.usage());
-        (Vqgan { quantize, ..model }, usage, restarted)
     }
 
     /// Writes a checkpoint of this step into the run folder `run` (keeping the newest `keep`);
@@ -457,22 +370,15 @@ impl Stage1Trainer {
         loader: LoaderState,
         keep: usize,
     ) -> Result<PathBuf, CheckpointError> {
-        let state = TrainState {
+        let state = Stage1State {
             step: self.step,
             loader,
             maintainer: self.maintainer.as_ref().map(|m| m.state()),
         };
         self.discriminator().sync_running_stats();
         checkpoint::write(run, &self.config, &state, keep, |dir| {
-            save_module(self.model(), &dir.join("model.bpk"))?;
-            save_module(self.discriminator(), &dir.join("disc.bpk"))?;
-            for (optim, name) in [(&self.opt_ae, "opt_ae.bpk"), (&self.opt_d, "opt_d.bpk")] {
-                let path = dir.join(name);
-                optim
-                    .save(&path)
-                    .map_err(|e| CheckpointError::new(&path, format!("{e:?}")))?;
-            }
-            Ok(())
+            self.ae.save(dir, "model", "opt_ae")?;
+            self.disc.save(dir, "disc", "opt_d")
         })
     }
 
@@ -484,24 +390,10 @@ impl Stage1Trainer {
         device: &Device,
     ) -> Result<(Self, LoaderState), TrainError> {
         let dir = checkpoint::latest(run)?;
-        let (config, state): (Stage1Config, TrainState) = checkpoint::read_meta(&dir)?;
+        let (config, state): (Stage1Config, Stage1State) = checkpoint::read_meta(&dir)?;
         let mut trainer = Self::new(config, nodes, device)?;
-        load_module(
-            trainer.model.as_mut().expect("model"),
-            &dir.join("model.bpk"),
-        )?;
-        load_module(
-            trainer.disc.as_mut().expect("discriminator"),
-            &dir.join("disc.bpk"),
-        )?;
-        let load_optim = |optim: ModuleOptimizer, name: &str| {
-            let path = dir.join(name);
-            optim
-                .load(&path)
-                .map_err(|e| CheckpointError::new(&path, format!("{e:?}")))
-        };
-        trainer.opt_ae = load_optim(trainer.opt_ae, "opt_ae.bpk")?;
-        trainer.opt_d = load_optim(trainer.opt_d, "opt_d.bpk")?;
+        trainer.ae = trainer.ae.load(&dir, "model", "opt_ae")?;
+        trainer.disc = trainer.disc.load(&dir, "disc", "opt_d")?;
         trainer.step = state.step;
         if let (Some(m), Some(saved)) = (trainer.maintainer.as_mut(), &state.maintainer) {
             m.restore(saved);
@@ -527,36 +419,38 @@ impl Stage1Trainer {
     }
 }
 
+/// Codebook maintenance after the optimizer step (vector quantizers): the model, the
+/// codebook usage and the number of codes restarted.
+fn maintain(
+    maintainer: Option<&mut CodebookMaintainer>,
+    model: Vqgan,
+    latents: Tensor<2>,
+    indices: Tensor<1, Int>,
+) -> (Vqgan, Option<f64>, usize) {
+    let Some(maintainer) = maintainer else {
+        return (model, None, 0);
+    };
+    let (quantize, restarted) = match model.quantize {
+        Quantizer::Vector(vq) => {
+            let (vq, report) = maintainer.step(vq, latents, indices);
+            (Quantizer::Vector(vq), report.restarted.len())
+        }
+        other => (other, 0),
+    };
+    let usage = Some(maintainer.usage());
+    (Vqgan { quantize, ..model }, usage, restarted)
+}
+
+/// Rank 0's quantizer everywhere (codebook maintenance changes it on each rank).
+fn sync_codebook(group: &mut Group, model: Vqgan) -> Result<Vqgan, TrainError> {
+    let quantize = group.broadcast(model.quantize)?;
+    Ok(Vqgan { quantize, ..model })
+}
+
 /// The step's code indices flattened, on the device and on the host.
 fn flat_codes(indices: Tensor<3, Int>) -> (Tensor<1, Int>, Vec<i64>) {
     let [b, h, w] = indices.dims();
     let flat = indices.reshape([b * h * w]);
     let host = flat.clone().try_into_vec_as::<i64>().expect("indices");
     (flat, host)
-}
-
-/// Mean binary cross-entropy of logits `z` against targets `y` in [0, 1], computed stably as
-/// `max(z, 0) - z y + log(1 + exp(-|z|))`.
-pub fn bce_with_logits(z: Tensor<4>, y: Tensor<4>) -> Tensor<1> {
-    let softplus = z.clone().abs().neg().exp().add_scalar(1.0).log();
-    (z.clone().clamp_min(0.0) - z * y + softplus).mean()
-}
-
-/// Initializes every lazily initialized parameter of `module`.
-pub(crate) fn materialize<M: Module>(module: &M) {
-    struct Touch;
-    impl burn::module::ModuleVisitor for Touch {
-        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
-            let _ = param.val();
-        }
-    }
-    module.visit(&mut Touch);
-}
-
-/// The seed of step `step` of a run seeded with `seed` (a splitmix64 step).
-pub(crate) fn step_seed(seed: u64, step: u64) -> u64 {
-    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }

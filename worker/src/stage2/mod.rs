@@ -1,10 +1,11 @@
-//! Stage-2 (transformer) training: configuration, data, the training step and whole runs.
+//! Stage-2 (transformer) training: configuration, data, the training step, and the stage the
+//! run engine drives.
 
 pub mod config;
 pub mod data;
-pub mod run;
+pub mod stage;
 pub mod trainer;
 
 pub use config::{GptShape, Schedule, Stage2Config};
-pub use run::{CondKind, Stage2Hook, Stage2Options, Stage2Row, Stage2Summary, run_stage2};
-pub use trainer::{Stage2Report, Stage2Trainer};
+pub use stage::{COLUMNS, CondKind, TransformerPlan, TransformerStage};
+pub use trainer::{Stage2Trainer, StepReport};

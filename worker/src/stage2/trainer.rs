@@ -5,21 +5,20 @@
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
+use burn::optim::GradientsParams;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::Device;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
-use taming_collective::{AllReduce, CollectiveError};
 use taming_kernels::adam::{AdamSettings, adam_optimizer};
 use taming_model::transformer::{Gpt, TokenLayout, TransformerConfig};
 
 use super::config::Stage2Config;
 use super::data::{CodePosition, CodeSample, windows};
-use crate::checkpoint::{self, CheckpointError, HasStep, load_module, save_module};
-use crate::distributed::{broadcast_params, mean_gradients};
-use crate::stage1::trainer::{TrainError, materialize, step_seed};
+use crate::checkpoint::{self, CheckpointError, HasStep};
+use crate::engine::TrainError;
+use crate::learner::{Accumulation, Group, Learner, materialize, step_seed};
 use taming_dataloader::LoaderState;
 
 /// Where the training data stands: a position in the code rows, or in the image shards.
@@ -59,7 +58,7 @@ pub struct Stage2CheckpointConfig {
 
 /// What one optimizer step did.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Stage2Report {
+pub struct StepReport {
     /// Step number after this step.
     pub step: u64,
     /// Mean cross-entropy of the image tokens (last micro-batch).
@@ -68,20 +67,18 @@ pub struct Stage2Report {
     pub lr: f64,
 }
 
-/// Stage-2 trainer state.
+/// Stage-2 trainer state: the GPT with its optimizer, the token layout, the step. Held and
+/// stepped by value.
 pub struct Stage2Trainer {
-    gpt: Option<Gpt>,
-    opt: ModuleOptimizer,
-    acc: GradientsAccumulator<Gpt>,
-    micro: usize,
+    gpt: Learner<Gpt>,
+    accumulation: Accumulation,
     layout: TokenLayout,
     config: Stage2Config,
     nodes: usize,
     total_steps: u64,
     step: u64,
     device: Device,
-    group: Option<Box<dyn AllReduce>>,
-    comm: std::time::Duration,
+    group: Group,
 }
 
 impl Stage2Trainer {
@@ -105,28 +102,24 @@ impl Stage2Trainer {
         };
         let adam = adam_optimizer(settings, config.grad_clip.map(GradientClippingConfig::Norm));
         Ok(Self {
-            gpt: Some(gpt),
-            opt: adam,
-            acc: GradientsAccumulator::new(),
-            micro: 0,
+            gpt: Learner::new(gpt, adam),
+            accumulation: Accumulation::new(config.grad_accum),
             layout,
             config,
             nodes,
             total_steps,
             step: 0,
             device: device.clone(),
-            group: None,
-            comm: std::time::Duration::ZERO,
+            group: Group::default(),
         })
     }
 
     /// Joins a data-parallel group: the GPT is replaced by rank 0's and gradients are
     /// averaged before every optimizer step.
-    pub fn join_group(&mut self, mut group: Box<dyn AllReduce>) -> Result<(), CollectiveError> {
-        let gpt = self.gpt.take().expect("gpt");
-        self.gpt = Some(broadcast_params(group.as_mut(), gpt, 0)?);
-        self.group = Some(group);
-        Ok(())
+    pub fn join_group(mut self, mut group: Group) -> Result<Self, TrainError> {
+        self.gpt = self.gpt.synced(&mut group)?;
+        self.group = group;
+        Ok(self)
     }
 
     /// Optimizer steps taken.
@@ -136,12 +129,12 @@ impl Stage2Trainer {
 
     /// Time spent averaging gradients.
     pub fn comm_time(&self) -> std::time::Duration {
-        self.comm
+        self.group.comm_time()
     }
 
     /// The GPT being trained.
     pub fn gpt(&self) -> &Gpt {
-        self.gpt.as_ref().expect("gpt present between steps")
+        &self.gpt.module
     }
 
     /// The token layout (model config and order).
@@ -158,51 +151,36 @@ impl Stage2Trainer {
     /// One micro-batch; every `grad_accum` micro-batches the optimizer steps and a report is
     /// returned.
     pub fn train_batch(
-        &mut self,
+        mut self,
         batch: &[CodeSample],
-    ) -> Result<Option<Stage2Report>, TrainError> {
-        let seed = step_seed(self.config.seed, self.step) ^ self.micro as u64;
+    ) -> Result<(Self, Option<StepReport>), TrainError> {
+        let seed = step_seed(self.config.seed, self.step) ^ self.accumulation.counted() as u64;
         self.device.seed(seed);
         let mut rng = StdRng::seed_from_u64(seed);
         let (images, conds) = windows(&self.layout, batch, &mut rng)?;
         let inputs = self
             .layout
             .train_batch(&images, &conds, &mut rng, &self.device);
-        let gpt = self.gpt.take().expect("gpt");
-        let loss = self.layout.loss(&gpt, inputs);
+        let loss = self.layout.loss(&self.gpt.module, inputs);
         let value = loss.clone().into_scalar::<f32>() as f64;
-        let grads = GradientsParams::from_grads(loss.backward(), &gpt);
-        self.acc.accumulate(&gpt, grads);
-        self.micro += 1;
-        if self.micro < self.config.grad_accum {
-            self.gpt = Some(gpt);
-            return Ok(None);
+        let grads = GradientsParams::from_grads(loss.backward(), &self.gpt.module);
+        self.gpt.accumulate(grads);
+        if !self.accumulation.count() {
+            return Ok((self, None));
         }
-        self.micro = 0;
-        let grads = self.acc.grads();
-        let started = std::time::Instant::now();
-        let _span = tracing::info_span!("allreduce").entered();
-        let grads = match self.group.as_mut() {
-            Some(g) => mean_gradients(g.as_mut(), &gpt, grads),
-            None => Ok(grads),
-        };
-        self.comm += started.elapsed();
-        let grads = match grads {
-            Ok(g) => g,
-            Err(e) => {
-                self.gpt = Some(gpt);
-                return Err(TrainError::Collective(e));
-            }
-        };
         let lr = self.learning_rate();
-        let gpt = gpt.scale_linear_weights(1.0 - lr * self.config.weight_decay);
-        self.gpt = Some(self.opt.step(lr, gpt, grads));
+        let mut gpt = self.gpt;
+        gpt.module = gpt
+            .module
+            .scale_linear_weights(1.0 - lr * self.config.weight_decay);
+        self.gpt = gpt.step(lr, &mut self.group)?;
         self.step += 1;
-        Ok(Some(Stage2Report {
+        let report = StepReport {
             step: self.step,
             loss: value,
             lr,
-        }))
+        };
+        Ok((self, Some(report)))
     }
 
     /// Mean cross-entropy of `batch` (first window of each grid, no dropout, no gradients).
@@ -234,11 +212,7 @@ impl Stage2Trainer {
             data,
         };
         checkpoint::write(run, &config, &state, keep, |dir| {
-            save_module(self.gpt(), &dir.join("gpt.bpk"))?;
-            let path = dir.join("opt.bpk");
-            self.opt
-                .save(&path)
-                .map_err(|e| CheckpointError::new(&path, format!("{e:?}")))
+            self.gpt.save(dir, "gpt", "opt")
         })
     }
 
@@ -253,12 +227,7 @@ impl Stage2Trainer {
         let dir = checkpoint::latest(run)?;
         let (config, state): (Stage2CheckpointConfig, Stage2State) = checkpoint::read_meta(&dir)?;
         let mut trainer = Self::new(config.train, config.model, nodes, total_steps, device)?;
-        load_module(trainer.gpt.as_mut().expect("gpt"), &dir.join("gpt.bpk"))?;
-        let path = dir.join("opt.bpk");
-        trainer.opt = trainer
-            .opt
-            .load(&path)
-            .map_err(|e| CheckpointError::new(&path, format!("{e:?}")))?;
+        trainer.gpt = trainer.gpt.load(&dir, "gpt", "opt")?;
         trainer.step = state.step;
         Ok((trainer, state.data))
     }

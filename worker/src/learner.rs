@@ -1,0 +1,186 @@
+//! The data-parallel optimizer step both stages share: a module held by value with its
+//! optimizer and gradient accumulator ([`Learner`]), micro-batch counting
+//! ([`Accumulation`]), and the group whose collectives average gradients and copy parameters,
+//! timed ([`Group`]).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::store::ModuleSnapshot;
+use burn::tensor::Tensor;
+use taming_collective::{AllReduce, CollectiveError};
+
+use crate::checkpoint::{CheckpointError, load_module, save_module};
+use crate::distributed::{broadcast_params, mean_gradients};
+
+/// The data-parallel group of a run (none: a single process), and the time its collectives
+/// have taken.
+#[derive(Default)]
+pub struct Group {
+    inner: Option<Box<dyn AllReduce>>,
+    comm: Duration,
+}
+
+impl Group {
+    /// A group over `inner`.
+    pub fn new(inner: Box<dyn AllReduce>) -> Self {
+        Self {
+            inner: Some(inner),
+            comm: Duration::ZERO,
+        }
+    }
+
+    /// Whether other ranks take part.
+    pub fn is_distributed(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Time spent in collectives so far.
+    pub fn comm_time(&self) -> Duration {
+        self.comm
+    }
+
+    /// `grads` of `module` averaged over the group.
+    pub fn mean<M: Module>(
+        &mut self,
+        module: &M,
+        grads: GradientsParams,
+    ) -> Result<GradientsParams, CollectiveError> {
+        let Some(group) = self.inner.as_mut() else {
+            return Ok(grads);
+        };
+        let started = Instant::now();
+        let _span = tracing::info_span!("allreduce").entered();
+        let out = mean_gradients(group.as_mut(), module, grads);
+        self.comm += started.elapsed();
+        out
+    }
+
+    /// `module` with every float parameter replaced by rank 0's.
+    pub fn broadcast<M: Module>(&mut self, module: M) -> Result<M, CollectiveError> {
+        let Some(group) = self.inner.as_mut() else {
+            return Ok(module);
+        };
+        let started = Instant::now();
+        let out = broadcast_params(group.as_mut(), module, 0);
+        self.comm += started.elapsed();
+        out
+    }
+}
+
+/// Counts the micro-batches of an optimizer step (`grad_accum` of them).
+#[derive(Debug, Clone, Copy)]
+pub struct Accumulation {
+    every: usize,
+    done: usize,
+}
+
+impl Accumulation {
+    /// Steps every `every` micro-batches (at least one).
+    pub fn new(every: usize) -> Self {
+        Self {
+            every: every.max(1),
+            done: 0,
+        }
+    }
+
+    /// Whether the next micro-batch is the first of its step.
+    pub fn at_start(&self) -> bool {
+        self.done == 0
+    }
+
+    /// Micro-batches counted in the current step.
+    pub fn counted(&self) -> usize {
+        self.done
+    }
+
+    /// Counts a micro-batch; true when it completes the step.
+    pub fn count(&mut self) -> bool {
+        self.done += 1;
+        if self.done < self.every {
+            return false;
+        }
+        self.done = 0;
+        true
+    }
+}
+
+/// A module being trained, held by value, with its optimizer and the gradients accumulated
+/// since its last step.
+pub struct Learner<M: Module> {
+    /// The module.
+    pub module: M,
+    optim: ModuleOptimizer,
+    acc: GradientsAccumulator<M>,
+}
+
+impl<M: Module + ModuleSnapshot> Learner<M> {
+    /// `module` trained by `optim`.
+    pub fn new(module: M, optim: ModuleOptimizer) -> Self {
+        Self {
+            module,
+            optim,
+            acc: GradientsAccumulator::new(),
+        }
+    }
+
+    /// Adds a micro-batch's gradients.
+    pub fn accumulate(&mut self, grads: GradientsParams) {
+        self.acc.accumulate(&self.module, grads);
+    }
+
+    /// One optimizer step at `lr` on the accumulated gradients averaged over `group`.
+    pub fn step(mut self, lr: f64, group: &mut Group) -> Result<Self, CollectiveError> {
+        let grads = group.mean(&self.module, self.acc.grads())?;
+        self.module = self.optim.step(lr, self.module, grads);
+        Ok(self)
+    }
+
+    /// The module with rank 0's parameters (joining a group).
+    pub fn synced(mut self, group: &mut Group) -> Result<Self, CollectiveError> {
+        self.module = group.broadcast(self.module)?;
+        Ok(self)
+    }
+
+    /// Writes the module as `{name}.bpk` and the optimizer as `{optim}.bpk` into `dir`.
+    pub fn save(&self, dir: &Path, name: &str, optim: &str) -> Result<(), CheckpointError> {
+        save_module(&self.module, &dir.join(format!("{name}.bpk")))?;
+        let path = dir.join(format!("{optim}.bpk"));
+        self.optim
+            .save(&path)
+            .map_err(|e| CheckpointError::new(&path, format!("{e:?}")))
+    }
+
+    /// Reads what [`Self::save`] wrote.
+    pub fn load(mut self, dir: &Path, name: &str, optim: &str) -> Result<Self, CheckpointError> {
+        load_module(&mut self.module, &dir.join(format!("{name}.bpk")))?;
+        let path = dir.join(format!("{optim}.bpk"));
+        self.optim = self
+            .optim
+            .load(&path)
+            .map_err(|e| CheckpointError::new(&path, format!("{e:?}")))?;
+        Ok(self)
+    }
+}
+
+/// Initializes every lazily initialized parameter of `module` (while a seed holds).
+pub fn materialize<M: Module>(module: &M) {
+    struct Touch;
+    impl ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
+}
+
+/// The seed of step `step` of a run seeded with `seed` (a splitmix64 step): random draws
+/// depend on (seed, step) only, so a resumed run repeats them.
+pub fn step_seed(seed: u64, step: u64) -> u64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
