@@ -14,7 +14,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use taming_collective::{AllReduce, RingConfig, TcpRing, nccl};
 use taming_model::device::DeviceSpec;
-use taming_proto::coordinator::*;
+use taming_proto::coordinator::{
+    Assignment as WireAssignment, CollectiveId, Device, FetchCollectiveIdRequest, HeartbeatRequest,
+    RegisterReply, RegisterRequest, WatchRequest,
+};
+use taming_proto::job::{
+    Assignment, Collective, Conditioning, JobSpec, ProgressReport, RankState, Stage, StageJob,
+    TransformerJob,
+};
 use taming_proto::tls::Transport;
 
 use crate::checkpoint::LATEST;
@@ -169,10 +176,10 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
         let result = outcome.unwrap_or_else(|_| Err(anyhow::anyhow!("{}", last_panic())));
         let (state, message) = match &result {
             Ok(()) => (
-                "succeeded",
+                RankState::Succeeded,
                 format!("done in {:.0} s", started.elapsed().as_secs_f64()),
             ),
-            Err(e) => ("failed", format!("{e:#}")),
+            Err(e) => (RankState::Failed, format!("{e:#}")),
         };
         let retryable = panicked || result.as_ref().err().is_some_and(retryable);
         if let Err(e) = &result {
@@ -183,12 +190,14 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
             rank: a.rank,
-            state: state.into(),
+            step: 0,
+            losses: Default::default(),
+            images_per_s: 0.0,
+            state,
             message,
             retryable,
-            ..Default::default()
         };
-        let _ = rt.block_on(client.report_progress(report));
+        let _ = rt.block_on(client.report_progress(report.to_wire()));
         if let Ok(mut b) = busy.lock() {
             *b = None;
         }
@@ -341,12 +350,14 @@ async fn heartbeat(
     }
 }
 
+/// Runs one assignment, decoded (checked) here: one that does not decode fails the attempt
+/// (reported as any other failure).
 #[allow(clippy::too_many_arguments)]
 fn run_assignment(
     rt: &tokio::runtime::Runtime,
     client: &Client,
     worker_id: &str,
-    a: &Assignment,
+    a: &WireAssignment,
     listener: &TcpListener,
     opts: &AgentOptions,
     offered: &[devices::Offered],
@@ -355,19 +366,17 @@ fn run_assignment(
 ) -> Result<()> {
     let job_span = tracing::info_span!("job", job = %a.job_id, rank = a.rank, attempt = a.attempt);
     let _in_job = job_span.enter();
-    let spec = a.spec.clone().context("assignment without a spec")?;
-    if spec.stage != "vqgan" && spec.stage != "transformer" {
-        bail!("stage `{}` is not available in this worker", spec.stage);
-    }
+    let a = &Assignment::decode(a.clone()).context("the coordinator's assignment")?;
+    let spec = a.spec.clone();
     let data = if spec.data.is_empty() {
         default_data()?.to_string_lossy().into_owned()
     } else {
         spec.data.clone()
     };
     let out = std::path::PathBuf::from(&spec.out);
-    let checkpoint_url = (!spec.checkpoint_url.is_empty()).then(|| spec.checkpoint_url.clone());
+    let checkpoint_url = spec.checkpoint_url.clone();
     let resume = a.resume && has_checkpoint(&out, checkpoint_url.as_deref())?;
-    let chosen = devices::choose(&spec.device, a.rank, opts.device.as_ref(), offered)?;
+    let chosen = devices::choose(spec.device.as_str(), a.rank, opts.device.as_ref(), offered)?;
     let device = chosen.device().map_err(anyhow::Error::msg)?.autodiff();
     let group = make_group(rt, client, a, &spec, &chosen, listener, opts)?;
     let reporter = Reporter {
@@ -377,7 +386,7 @@ fn run_assignment(
         a: a.clone(),
         stop,
         metrics,
-        stage: spec.stage.clone(),
+        stage: spec.stage(),
     };
     let mut settings = RunSettings::single(out, spec.steps, device);
     settings.resume = resume;
@@ -387,8 +396,8 @@ fn run_assignment(
     settings.prefetch = opts.prefetch;
     settings.attempt = a.attempt;
     settings.join(a.rank as usize, a.world_size as usize, group);
-    if spec.stage == "transformer" {
-        return run_transformer(spec, data, settings, reporter);
+    if let StageJob::Transformer(t) = &spec.stage_job {
+        return run_transformer(&spec, t.clone(), data, settings, reporter);
     }
     let config = parse_config(&spec.config_yaml, "the job's config")?;
     let mut run = RunOptions::new(config, data, settings);
@@ -399,18 +408,22 @@ fn run_assignment(
 }
 
 fn run_transformer(
-    spec: JobSpec,
+    spec: &JobSpec,
+    t: TransformerJob,
     data: String,
     settings: RunSettings,
     reporter: Reporter,
 ) -> Result<()> {
     let config = parse_stage2_config(&spec.config_yaml, "the job's config")?;
-    let cond: CondKind = spec.cond.parse().map_err(anyhow::Error::msg)?;
-    let mut run = Stage2Options::new(config, (spec.vqgan.into(), cond), data, settings);
-    let nonempty = |s: String| (!s.is_empty()).then_some(s);
-    run.codes = nonempty(spec.codes);
-    run.val_codes = nonempty(spec.val_codes);
-    run.cond_vqgan = nonempty(spec.cond_vqgan).map(Into::into);
+    let cond = match t.cond {
+        Conditioning::None => CondKind::None,
+        Conditioning::Class => CondKind::Class,
+        Conditioning::Segmentation => CondKind::Segmentation,
+    };
+    let mut run = Stage2Options::new(config, (t.vqgan.into(), cond), data, settings);
+    run.codes = t.codes;
+    run.val_codes = t.val_codes;
+    run.cond_vqgan = t.cond_vqgan.map(Into::into);
     run.on_step = Some(Box::new(move |row| {
         let mut losses = vec![("loss", row.loss), ("lr", row.lr)];
         if let Some(v) = row.val_loss {
@@ -445,24 +458,18 @@ fn make_group(
     if a.world_size <= 1 {
         return Ok(None);
     }
-    if spec.collective == "nccl" {
+    if spec.collective == Collective::Nccl {
         let ordinal = devices::nccl_ordinal(device, a.rank)?;
         return Ok(Some(Box::new(nccl_group(rt, client, a, ordinal)?)));
     }
     let peers = a.peers.clone();
     let mut h = DefaultHasher::new();
     (&a.job_id, a.attempt).hash(&mut h);
-    let secret = a.ring_secret.as_slice().try_into().map_err(|_| {
-        anyhow::anyhow!(
-            "assignment.ring_secret: {} bytes, not 32 (a coordinator of another version?)",
-            a.ring_secret.len()
-        )
-    })?;
     let cfg = RingConfig {
         rank: a.rank as usize,
         peers,
         job: h.finish(),
-        secret,
+        secret: a.ring_secret,
         timeout: opts.collective_timeout,
     };
     Ok(Some(Box::new(TcpRing::connect(
@@ -526,7 +533,7 @@ struct Reporter {
     a: Assignment,
     stop: Arc<AtomicBool>,
     metrics: Arc<WorkerMetrics>,
-    stage: String,
+    stage: Stage,
 }
 
 impl Reporter {
@@ -548,7 +555,7 @@ impl Reporter {
     fn send(&self, step: u64, losses: &[(&str, f64)], rate: f64, timing: StepTiming) -> bool {
         crate::failpoint::at_step(step);
         self.metrics
-            .record(&self.a.job_id, &self.stage, step, rate, timing);
+            .record(&self.a.job_id, self.stage.as_str(), step, rate, timing);
         let losses = losses.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let report = ProgressReport {
             worker_id: self.worker_id.clone(),
@@ -558,14 +565,14 @@ impl Reporter {
             step,
             losses,
             images_per_s: rate,
-            state: "running".into(),
+            state: RankState::Running,
             message: String::new(),
             retryable: false,
         };
         let mut client = self.client.clone();
         let stop = match self
             .rt
-            .block_on(client.report_progress(taming_telemetry::traced(report)))
+            .block_on(client.report_progress(taming_telemetry::traced(report.to_wire())))
         {
             Ok(r) => r.into_inner().stop,
             Err(e) => {

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use taming_model::device::DeviceSpec;
 use taming_proto::auth::TOKEN_ENV;
+use taming_proto::job::Stage;
 use taming_worker::agent::{AgentOptions, run_agent};
 use taming_worker::defaults::{default_data, parse_config, parse_stage2_config};
 use taming_worker::settings::{DEFAULT_PREFETCH, RunSettings};
@@ -63,14 +64,6 @@ struct Cli {
     collective_timeout: u64,
     #[command(subcommand)]
     command: Option<Command>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Stage {
-    /// Stage 1: the VQGAN.
-    Vqgan,
-    /// Stage 2: the transformer over a trained VQGAN's codes.
-    Transformer,
 }
 
 // Parsed once per process: the size of `train`'s many options does not matter.
