@@ -6,12 +6,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let descriptors = protox::compile(files, ["proto"])?;
-    // Job specs are stored by the coordinator (jobs.json): serde, with absent fields defaulted.
-    tonic_prost_build::configure()
-        .type_attribute(
-            ".taming.coordinator.v1.JobSpec",
-            "#[derive(serde::Serialize, serde::Deserialize)] #[serde(default)]",
-        )
-        .compile_fds(descriptors)?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
     Ok(())
 }

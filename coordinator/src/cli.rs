@@ -8,14 +8,16 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use crate::client;
-use crate::cluster::SUCCEEDED;
 use crate::http::serve_http;
 use crate::service::{CoordinatorService, ServeOptions, serve};
 use crate::standalone::{StandaloneOptions, launch_local, sibling};
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use taming_proto::auth::TOKEN_ENV;
-use taming_proto::coordinator::JobSpec;
+use taming_proto::job::{
+    Collective, Conditioning, Device, Job, JobSpec, JobState, Stage, StageJob, TransformerJob,
+    VqganJob,
+};
 use taming_proto::tls::TlsArgs;
 
 /// The command line.
@@ -36,12 +38,6 @@ pub struct Cli {
     tls: TlsArgs,
     #[command(subcommand)]
     command: Cmd,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Stage {
-    Vqgan,
-    Transformer,
 }
 
 // Parsed once per process: the size of `launch`'s many options does not matter.
@@ -68,83 +64,7 @@ enum Cmd {
         progress_timeout: u64,
     },
     /// Run a training job and follow it.
-    Launch {
-        /// What to train.
-        #[arg(long, value_enum)]
-        stage: Stage,
-        /// Ranks (workers) to run on.
-        #[arg(long, default_value_t = 1)]
-        nodes: u32,
-        /// Fewest ranks to continue with after a worker is lost (default: nodes).
-        #[arg(long)]
-        min_nodes: Option<u32>,
-        /// Training config (YAML); the embedded default when absent.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Shards: a directory or object-store prefix with train-*.tar and val-*.tar.
-        #[arg(long)]
-        data: Option<String>,
-        /// Run folder (default: runs/vqgan or runs/transformer).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Total optimizer steps.
-        #[arg(long, default_value_t = 1000)]
-        steps: u64,
-        /// Dataloader services the ranks stream batches from (comma-separated host:port; a
-        /// dead one is replaced by the next). With --coordinator; the local mini-cluster
-        /// starts its own (--dataloaders N).
-        #[arg(long, value_delimiter = ',')]
-        dataloader_addrs: Vec<String>,
-        /// Stage 2: the first-stage VQGAN (model directory).
-        #[arg(long)]
-        vqgan: Option<PathBuf>,
-        /// Stage 2: conditioning: none, class or segmentation.
-        #[arg(long, value_parser = ["none", "class", "segmentation"])]
-        cond: Option<String>,
-        /// Stage 2: code Parquet from `dataloader precompute-codes` (file or directory);
-        /// without it the workers encode --data on the fly.
-        #[arg(long)]
-        codes: Option<String>,
-        /// Stage 2: validation code Parquet.
-        #[arg(long)]
-        val_codes: Option<String>,
-        /// Stage 2: the cond-stage VQGAN (with --cond segmentation).
-        #[arg(long)]
-        cond_vqgan: Option<PathBuf>,
-        /// Continue the run in --out from its latest checkpoint.
-        #[arg(long)]
-        resume: bool,
-        /// Also keep the checkpoints in object storage (s3://bucket/run, gs://, az://,
-        /// file://): rank 0 uploads each one, and a rank restarted on a machine without the
-        /// run folder pulls the latest from there.
-        #[arg(long)]
-        checkpoint_url: Option<String>,
-        /// Device of every rank: cpu, cuda or vulkan.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// A running coordinator; without it a local mini-cluster is started for the job.
-        #[arg(long)]
-        coordinator: Option<String>,
-        /// Evaluate every N steps.
-        #[arg(long, default_value_t = 100)]
-        eval_every: u64,
-        /// Checkpoint every N steps.
-        #[arg(long, default_value_t = 200)]
-        checkpoint_every: u64,
-        /// Hide the progress bar.
-        #[arg(long)]
-        quiet: bool,
-        /// Dataloader services the local mini-cluster starts (0: workers read the shards).
-        #[arg(long, default_value_t = 1)]
-        dataloaders: usize,
-        /// Restarts after failed attempts (a rank's error or panic, a lost worker) before the
-        /// job fails, as torchrun's.
-        #[arg(long, default_value_t = crate::cluster::DEFAULT_MAX_RESTARTS)]
-        max_restarts: u32,
-        /// Fail the job when it waits longer than this many seconds for workers.
-        #[arg(long, value_name = "SECONDS")]
-        placement_timeout: Option<u64>,
-    },
+    Launch(LaunchArgs),
     /// Make a cluster CA and a certificate per name (mutual TLS for every service).
     Certs {
         /// Folder for ca.pem, ca.key, NAME.pem, NAME.key and secret.yaml (a Kubernetes Secret).
@@ -170,6 +90,86 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:50051")]
         coordinator: String,
     },
+}
+
+// The options of `launch` (its help is the variant's).
+#[derive(clap::Args)]
+struct LaunchArgs {
+    /// What to train.
+    #[arg(long, value_enum)]
+    stage: Stage,
+    /// Ranks (workers) to run on.
+    #[arg(long, default_value_t = 1)]
+    nodes: u32,
+    /// Fewest ranks to continue with after a worker is lost (default: nodes).
+    #[arg(long)]
+    min_nodes: Option<u32>,
+    /// Training config (YAML); the embedded default when absent.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Shards: a directory or object-store prefix with train-*.tar and val-*.tar.
+    #[arg(long)]
+    data: Option<String>,
+    /// Run folder (default: runs/vqgan or runs/transformer).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Total optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: u64,
+    /// Dataloader services the ranks stream batches from (comma-separated host:port; a
+    /// dead one is replaced by the next). With --coordinator; the local mini-cluster
+    /// starts its own (--dataloaders N).
+    #[arg(long, value_delimiter = ',')]
+    dataloader_addrs: Vec<String>,
+    /// Stage 2: the first-stage VQGAN (model directory).
+    #[arg(long)]
+    vqgan: Option<PathBuf>,
+    /// Stage 2: conditioning: none, class or segmentation.
+    #[arg(long, value_enum)]
+    cond: Option<Conditioning>,
+    /// Stage 2: code Parquet from `dataloader precompute-codes` (file or directory);
+    /// without it the workers encode --data on the fly.
+    #[arg(long)]
+    codes: Option<String>,
+    /// Stage 2: validation code Parquet.
+    #[arg(long)]
+    val_codes: Option<String>,
+    /// Stage 2: the cond-stage VQGAN (with --cond segmentation).
+    #[arg(long)]
+    cond_vqgan: Option<PathBuf>,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Also keep the checkpoints in object storage (s3://bucket/run, gs://, az://,
+    /// file://): rank 0 uploads each one, and a rank restarted on a machine without the
+    /// run folder pulls the latest from there.
+    #[arg(long)]
+    checkpoint_url: Option<String>,
+    /// Device of every rank: cpu, cuda or vulkan.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// A running coordinator; without it a local mini-cluster is started for the job.
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// Evaluate every N steps.
+    #[arg(long, default_value_t = 100)]
+    eval_every: u64,
+    /// Checkpoint every N steps.
+    #[arg(long, default_value_t = 200)]
+    checkpoint_every: u64,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Dataloader services the local mini-cluster starts (0: workers read the shards).
+    #[arg(long, default_value_t = 1)]
+    dataloaders: usize,
+    /// Restarts after failed attempts (a rank's error or panic, a lost worker) before the
+    /// job fails, as torchrun's.
+    #[arg(long, default_value_t = crate::cluster::DEFAULT_MAX_RESTARTS)]
+    max_restarts: u32,
+    /// Fail the job when it waits longer than this many seconds for workers.
+    #[arg(long, value_name = "SECONDS")]
+    placement_timeout: Option<u64>,
 }
 
 /// Runs a parsed command line.
@@ -240,93 +240,83 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             println!("{job}: {}", client::cancel(&mut c, &job).await?);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Launch {
-            stage,
-            nodes,
-            min_nodes,
-            config,
-            data,
-            out,
-            steps,
-            resume,
-            checkpoint_url,
-            device,
-            coordinator,
-            eval_every,
-            checkpoint_every,
-            quiet,
-            dataloaders,
-            vqgan,
-            cond,
-            codes,
-            val_codes,
-            cond_vqgan,
-            dataloader_addrs,
-            max_restarts,
-            placement_timeout,
-        } => {
-            let transformer = stage == Stage::Transformer;
-            if transformer && vqgan.is_none() {
-                bail!(
-                    "--stage transformer needs --vqgan MODEL (a stage-1 model directory, e.g. runs/vqgan/model)"
-                );
-            }
-            check_config(stage, config.as_deref())?;
-            let out = out.unwrap_or_else(|| {
-                PathBuf::from(if transformer {
-                    "runs/transformer"
-                } else {
-                    "runs/vqgan"
-                })
-            });
-            let path_text = |p: Option<PathBuf>| -> Result<String> {
-                Ok(match p {
-                    Some(p) => std::path::absolute(&p)?.to_string_lossy().into_owned(),
-                    None => String::new(),
-                })
-            };
-            let config_yaml = match &config {
-                Some(p) => std::fs::read_to_string(p)
-                    .with_context(|| format!("reading {}", p.display()))?,
-                None => String::new(),
-            };
-            let spec = JobSpec {
-                stage: if transformer { "transformer" } else { "vqgan" }.into(),
-                config_yaml,
-                data: data.map(absolute_if_local).unwrap_or_default(),
-                out: std::path::absolute(&out)?.to_string_lossy().into_owned(),
-                steps,
-                nodes,
-                min_nodes: min_nodes.unwrap_or(nodes),
-                dataloaders: dataloader_addrs,
-                collective: "ring".into(),
-                eval_every,
-                checkpoint_every,
-                resume,
-                device,
-                vqgan: path_text(vqgan)?,
-                cond: cond.unwrap_or_default(),
-                codes: codes.map(absolute_if_local).unwrap_or_default(),
-                val_codes: val_codes.map(absolute_if_local).unwrap_or_default(),
-                cond_vqgan: path_text(cond_vqgan)?,
-                checkpoint_url: checkpoint_url.map(absolute_if_local).unwrap_or_default(),
-                max_restarts: Some(max_restarts),
-                placement_timeout_s: placement_timeout.unwrap_or(0),
-            };
-            match coordinator {
-                Some(addr) => {
-                    launch_remote(&addr, token.as_deref(), &transport, spec, !quiet).await
-                }
-                None => {
-                    let opts = StandaloneOptions {
-                        dataloaders,
-                        show: !quiet,
-                    };
-                    finish(launch_local(spec, opts).await?)
-                }
-            }
+        Cmd::Launch(launch) => run_launch(launch, token.as_deref(), &transport).await,
+    }
+}
+
+/// `launch`: the job's spec from the options, run on `--coordinator` or on a local
+/// mini-cluster.
+async fn run_launch(
+    args: LaunchArgs,
+    token: Option<&str>,
+    transport: &taming_proto::tls::Transport,
+) -> Result<ExitCode> {
+    if args.stage == Stage::Transformer && args.vqgan.is_none() {
+        bail!(
+            "--stage transformer needs --vqgan MODEL (a stage-1 model directory, e.g. runs/vqgan/model)"
+        );
+    }
+    check_config(args.stage, args.config.as_deref())?;
+    let show = !args.quiet;
+    let coordinator = args.coordinator.clone();
+    let dataloaders = args.dataloaders;
+    let spec = job_spec(args)?;
+    match coordinator {
+        Some(addr) => launch_remote(&addr, token, transport, &spec, show).await,
+        None => {
+            let opts = StandaloneOptions { dataloaders, show };
+            finish(launch_local(spec, opts).await?)
         }
     }
+}
+
+/// The spec `launch` submits: paths made absolute (the workers may run elsewhere), the
+/// config read.
+fn job_spec(args: LaunchArgs) -> Result<JobSpec> {
+    let path_text = |p: Option<PathBuf>| -> Result<Option<String>> {
+        p.map(|p| Ok(std::path::absolute(&p)?.to_string_lossy().into_owned()))
+            .transpose()
+    };
+    let config_yaml = match &args.config {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => String::new(),
+    };
+    let stage_job = match args.stage {
+        Stage::Vqgan => StageJob::Vqgan(VqganJob {}),
+        Stage::Transformer => StageJob::Transformer(TransformerJob {
+            vqgan: path_text(args.vqgan)?.unwrap_or_default(),
+            cond: args.cond.unwrap_or(Conditioning::None),
+            codes: args.codes.map(absolute_if_local),
+            val_codes: args.val_codes.map(absolute_if_local),
+            cond_vqgan: path_text(args.cond_vqgan)?,
+        }),
+    };
+    let out = args.out.unwrap_or_else(|| {
+        PathBuf::from(match args.stage {
+            Stage::Vqgan => "runs/vqgan",
+            Stage::Transformer => "runs/transformer",
+        })
+    });
+    Ok(JobSpec {
+        config_yaml,
+        data: args.data.map(absolute_if_local).unwrap_or_default(),
+        out: std::path::absolute(&out)?.to_string_lossy().into_owned(),
+        steps: args.steps,
+        nodes: args.nodes,
+        min_nodes: args.min_nodes.unwrap_or(args.nodes),
+        dataloaders: args.dataloader_addrs,
+        collective: Collective::Ring,
+        eval_every: args.eval_every,
+        checkpoint_every: args.checkpoint_every,
+        resume: args.resume,
+        device: args.device,
+        checkpoint_url: args.checkpoint_url.map(absolute_if_local),
+        max_restarts: Some(args.max_restarts),
+        placement_timeout_s: args.placement_timeout.unwrap_or(0),
+        stage_job,
+    })
 }
 
 fn absolute_if_local(data: String) -> String {
@@ -342,7 +332,7 @@ async fn launch_remote(
     addr: &str,
     token: Option<&str>,
     transport: &taming_proto::tls::Transport,
-    spec: JobSpec,
+    spec: &JobSpec,
     show: bool,
 ) -> Result<ExitCode> {
     let mut c = client::connect(addr, token, transport).await?;
@@ -351,9 +341,9 @@ async fn launch_remote(
     finish(client::follow(&mut c, &id, show).await?)
 }
 
-fn finish(job: taming_proto::coordinator::Job) -> Result<ExitCode> {
+fn finish(job: Job) -> Result<ExitCode> {
     println!("{}: {}", job.job_id, client::line(&job));
-    if job.state == SUCCEEDED {
+    if job.state == JobState::Succeeded {
         Ok(ExitCode::SUCCESS)
     } else {
         bail!("{} {}: {}", job.job_id, job.state, job.message)
@@ -367,10 +357,7 @@ fn check_config(stage: Stage, config: Option<&Path>) -> Result<()> {
         return Ok(());
     };
     let mut cmd = Command::new(worker);
-    cmd.arg("check-config");
-    if stage == Stage::Transformer {
-        cmd.args(["--stage", "transformer"]);
-    }
+    cmd.args(["check-config", "--stage", stage.as_str()]);
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }

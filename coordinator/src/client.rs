@@ -1,17 +1,13 @@
 //! Talking to a running coordinator: submit, follow (progress bar with step, losses, images/s
-//! and ETA), list and cancel.
+//! and ETA), list and cancel. Replies are decoded (checked) here, as they arrive.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use taming_proto::coordinator::{
-    CancelRequest, Job, JobSpec, JobStatusRequest, ListJobsRequest, SubmitRequest,
-};
-
+use taming_proto::coordinator::{CancelRequest, JobStatusRequest, ListJobsRequest, SubmitRequest};
+use taming_proto::job::{self, Job, JobSpec, JobState, Stage};
 use taming_proto::tls::Transport;
-
-use crate::cluster::is_final;
 
 /// A connected client.
 pub type Client = taming_proto::CoordinatorClient;
@@ -29,9 +25,11 @@ pub async fn connect(addr: &str, token: Option<&str>, transport: &Transport) -> 
 }
 
 /// Submits a job and returns its id.
-pub async fn submit(client: &mut Client, spec: JobSpec) -> Result<String> {
+pub async fn submit(client: &mut Client, spec: &JobSpec) -> Result<String> {
     let reply = client
-        .submit(SubmitRequest { spec: Some(spec) })
+        .submit(SubmitRequest {
+            spec: Some(spec.to_wire()),
+        })
         .await
         .context("submitting the job")?;
     Ok(reply.into_inner().job_id)
@@ -51,15 +49,15 @@ pub async fn follow(client: &mut Client, job_id: &str, show: bool) -> Result<Job
     );
     let mut printed = std::collections::HashSet::new();
     loop {
-        let job = client
+        let reply = client
             .job_status(JobStatusRequest {
                 job_id: job_id.to_string(),
             })
             .await
             .with_context(|| format!("status of {job_id}"))?
             .into_inner();
-        let steps = job.spec.as_ref().map_or(0, |s| s.steps);
-        bar.set_length(steps);
+        let job = Job::decode(reply).with_context(|| format!("status of {job_id}"))?;
+        bar.set_length(job.spec.steps);
         bar.set_position(job.step);
         bar.set_message(line(&job));
         // Each failure names its attempt, so the texts are distinct.
@@ -68,7 +66,7 @@ pub async fn follow(client: &mut Client, job_id: &str, show: bool) -> Result<Job
                 bar.suspend(|| eprintln!("{job_id}: {f}"));
             }
         }
-        if is_final(&job.state) {
+        if job.state.is_final() {
             bar.finish();
             return Ok(job);
         }
@@ -79,12 +77,14 @@ pub async fn follow(client: &mut Client, job_id: &str, show: bool) -> Result<Job
 /// One line about a job: state, attempt, workers, losses, throughput (images/s for stage 1,
 /// tokens/s for the transformer), message.
 pub fn line(job: &Job) -> String {
-    let mut losses: Vec<_> = job.losses.iter().collect();
-    losses.sort_by(|a, b| a.0.cmp(b.0));
-    let losses: Vec<String> = losses.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-    let unit = match job.spec.as_ref().map(|s| s.stage.as_str()) {
-        Some("transformer") => "tokens/s",
-        _ => "img/s",
+    let losses: Vec<String> = job
+        .losses
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect();
+    let unit = match job.spec.stage() {
+        Stage::Transformer => "tokens/s",
+        Stage::Vqgan => "img/s",
     };
     format!(
         "{} attempt {} on {} worker(s) | {} | {:.1} {unit} | {}",
@@ -99,21 +99,24 @@ pub fn line(job: &Job) -> String {
 
 /// Every job.
 pub async fn list(client: &mut Client) -> Result<Vec<Job>> {
-    Ok(client
+    let jobs = client
         .list_jobs(ListJobsRequest {})
         .await
         .context("listing jobs")?
         .into_inner()
-        .jobs)
+        .jobs;
+    jobs.into_iter()
+        .map(|j| Job::decode(j).context("listing jobs"))
+        .collect()
 }
 
 /// Cancels a job; returns its state.
-pub async fn cancel(client: &mut Client, job_id: &str) -> Result<String> {
+pub async fn cancel(client: &mut Client, job_id: &str) -> Result<JobState> {
     let reply = client
         .cancel(CancelRequest {
             job_id: job_id.to_string(),
         })
         .await
         .with_context(|| format!("cancelling {job_id}"))?;
-    Ok(reply.into_inner().state)
+    job::decode_cancel_reply(reply.into_inner()).with_context(|| format!("cancelling {job_id}"))
 }

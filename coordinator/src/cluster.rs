@@ -13,24 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use state_file::float_text;
-use taming_proto::coordinator::{Assignment, Job, JobSpec, ProgressReport};
-use taming_proto::device_kind;
-
-/// Job states.
-pub const PENDING: &str = "pending";
-/// A job whose ranks are all placed and running.
-pub const RUNNING: &str = "running";
-/// Finished on every rank.
-pub const SUCCEEDED: &str = "succeeded";
-/// Given up (a rank failed and too few workers remain, or a rank reported an error).
-pub const FAILED: &str = "failed";
-/// Stopped by `coordinator cancel`.
-pub const CANCELLED: &str = "cancelled";
-
-/// Whether a job in `state` has ended (succeeded, failed or cancelled).
-pub fn is_final(state: &str) -> bool {
-    [SUCCEEDED, FAILED, CANCELLED].contains(&state)
-}
+use taming_proto::job::{
+    Assignment, Device, Job, JobSpec, JobState, ProgressReport, RankState, Registration,
+};
 
 /// A registered worker.
 #[derive(Debug, Clone)]
@@ -40,7 +25,7 @@ pub struct Worker {
     /// Name it gave (host name, pod name).
     pub name: String,
     /// Its devices (`cpu`, `cuda:0`, ...) and their memory.
-    pub devices: Vec<(String, u64)>,
+    pub devices: Vec<(Device, u64)>,
     /// Where it accepts its ring predecessor.
     pub ring_addr: String,
     /// Last heartbeat.
@@ -64,7 +49,7 @@ impl Worker {
 impl Worker {
     /// Whether it offers a device of `kind` (`cpu`, `cuda`, `vulkan`); every worker has a CPU.
     pub fn offers(&self, kind: &str) -> bool {
-        kind == "cpu" || self.devices.iter().any(|(d, _)| device_kind(d) == kind)
+        kind == "cpu" || self.devices.iter().any(|(d, _)| d.kind() == kind)
     }
 }
 
@@ -73,10 +58,11 @@ impl Worker {
 pub struct JobRecord {
     /// Id.
     pub id: String,
-    /// What it runs (the proto message, as JSON-able fields).
+    /// What it runs (stored as the flat fields of the first `JobSpec` message).
+    #[serde(with = "state_file::stored_spec")]
     pub spec: JobSpec,
-    /// pending, running, succeeded, failed, cancelled.
-    pub state: String,
+    /// Where it stands.
+    pub state: JobState,
     /// Attempts started.
     pub attempt: u32,
     /// Workers of the current attempt, by rank.
@@ -141,10 +127,10 @@ fn thin(history: &mut Vec<HistoryPoint>, max: usize) {
     history.push(last);
 }
 
-/// Refusals of requests, naming the field.
+/// Refusals of requests (beyond a message's own fields, checked where it is decoded).
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    /// A request field with an impossible value.
+    /// A request field with a value impossible in the cluster's state.
     #[error("{field}: {reason}")]
     Invalid {
         /// The field.
@@ -209,10 +195,6 @@ pub const STARTUP_FACTOR: u32 = 3;
 /// Attempt failures a job keeps for `status`.
 pub const FAILURES_KEPT: usize = 16;
 
-/// Most ranks a job may ask for.
-pub const MAX_NODES: u32 = 4096;
-const MAX_TEXT: usize = 1 << 20;
-
 fn invalid(field: &'static str, reason: impl Into<String>) -> ClusterError {
     ClusterError::Invalid {
         field,
@@ -222,22 +204,9 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ClusterError {
 
 impl Cluster {
     /// Registers a worker and returns its id.
-    pub fn register(
-        &mut self,
-        name: &str,
-        devices: Vec<(String, u64)>,
-        ring_addr: &str,
-        now: Instant,
-    ) -> Result<String, ClusterError> {
-        if name.len() > 256 || ring_addr.len() > 256 || devices.len() > 64 {
-            return Err(invalid(
-                "register",
-                "name, ring_addr (256 bytes) or devices (64) too long",
-            ));
-        }
-        taming_proto::host_port(ring_addr).map_err(|e| invalid("ring_addr", e))?;
+    pub fn register(&mut self, r: Registration, now: Instant) -> String {
         self.next_worker += 1;
-        let id = format!("w{:04}-{name}", self.next_worker);
+        let id = format!("w{:04}-{}", self.next_worker, r.name);
         let session: String = rand::random::<[u8; 32]>()
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -246,16 +215,16 @@ impl Cluster {
             id.clone(),
             Worker {
                 id: id.clone(),
-                name: name.to_string(),
-                devices,
-                ring_addr: ring_addr.to_string(),
+                name: r.name,
+                devices: r.devices,
+                ring_addr: r.ring_addr,
                 seen: now,
                 job: None,
                 session,
                 busy: None,
             },
         );
-        Ok(id)
+        id
     }
 
     /// Records a heartbeat, with the assignment the worker still runs (`None`: none);
@@ -269,8 +238,9 @@ impl Cluster {
     ) -> Result<Vec<String>, ClusterError> {
         let jobs = &self.jobs;
         let ended = |job: &str, attempt: Option<u32>| {
-            jobs.get(job)
-                .is_none_or(|j| j.state != RUNNING || attempt.is_some_and(|a| a != j.attempt))
+            jobs.get(job).is_none_or(|j| {
+                j.state != JobState::Running || attempt.is_some_and(|a| a != j.attempt)
+            })
         };
         let w = self
             .workers
@@ -299,58 +269,16 @@ impl Cluster {
         Ok(stop)
     }
 
-    /// Queues a job after checking its spec.
-    pub fn submit(&mut self, spec: JobSpec) -> Result<String, ClusterError> {
-        if spec.stage != "vqgan" && spec.stage != "transformer" {
-            return Err(invalid(
-                "spec.stage",
-                format!("`{}` (vqgan or transformer)", spec.stage),
-            ));
-        }
-        if spec.stage == "transformer" && spec.vqgan.is_empty() {
-            return Err(invalid(
-                "spec.vqgan",
-                "stage-2 jobs name their first-stage VQGAN",
-            ));
-        }
-        if spec.nodes == 0 || spec.nodes > MAX_NODES {
-            return Err(invalid(
-                "spec.nodes",
-                format!("{} not in 1..={MAX_NODES}", spec.nodes),
-            ));
-        }
-        if spec.min_nodes > spec.nodes {
-            return Err(invalid(
-                "spec.min_nodes",
-                format!("{} above nodes {}", spec.min_nodes, spec.nodes),
-            ));
-        }
-        if spec.steps == 0 {
-            return Err(invalid("spec.steps", "must be at least 1"));
-        }
-        if spec.out.is_empty() || spec.config_yaml.len() > MAX_TEXT || spec.dataloaders.len() > 256
-        {
-            return Err(invalid(
-                "spec",
-                "empty out, config over 1 MiB or over 256 dataloaders",
-            ));
-        }
-        if !matches!(spec.collective.as_str(), "" | "ring" | "nccl") {
-            return Err(invalid(
-                "spec.collective",
-                format!("`{}` (ring or nccl)", spec.collective),
-            ));
-        }
+    /// Queues a job (its spec checked where it was decoded) and returns its id.
+    pub fn submit(&mut self, spec: JobSpec) -> String {
         self.next_job += 1;
         let id = format!("job-{:04}", self.next_job);
-        let mut spec = spec;
-        spec.min_nodes = spec.min_nodes.max(1);
         self.jobs.insert(
             id.clone(),
             JobRecord {
                 id: id.clone(),
                 spec,
-                state: PENDING.into(),
+                state: JobState::Pending,
                 attempt: 0,
                 workers: Vec::new(),
                 done: Vec::new(),
@@ -363,7 +291,7 @@ impl Cluster {
                 failed_attempts: 0,
             },
         );
-        Ok(id)
+        id
     }
 
     /// Places pending jobs on idle workers, oldest job first. A first attempt waits for
@@ -373,15 +301,15 @@ impl Cluster {
         self.not_before.retain(|_, t| *t > now);
         let jobs = &self.jobs;
         self.pending_since
-            .retain(|id, _| jobs.get(id).is_some_and(|j| j.state == PENDING));
+            .retain(|id, _| jobs.get(id).is_some_and(|j| j.state == JobState::Pending));
         let pending: Vec<String> = self
             .jobs
             .values()
-            .filter(|j| j.state == PENDING && !self.not_before.contains_key(&j.id))
+            .filter(|j| j.state == JobState::Pending && !self.not_before.contains_key(&j.id))
             .map(|j| j.id.clone())
             .collect();
         for id in pending {
-            let kind = device_kind(&self.jobs[&id].spec.device).to_string();
+            let kind = self.jobs[&id].spec.device.kind().to_string();
             let idle: Vec<String> = self
                 .workers
                 .values()
@@ -403,7 +331,7 @@ impl Cluster {
                 );
                 let limit = job.spec.placement_timeout_s;
                 if limit > 0 && waited >= limit {
-                    job.state = FAILED.into();
+                    job.state = JobState::Failed;
                     job.message = format!("not placed within {limit} s: {waiting}");
                     self.pending_since.remove(&id);
                 } else if waited > 0 {
@@ -421,9 +349,9 @@ impl Cluster {
                 .map(|w| self.workers[w].ring_addr.clone())
                 .collect();
             let resume = job.attempt > 0 || job.spec.resume;
-            let ring_secret = rand::random::<[u8; 32]>().to_vec();
+            let ring_secret = rand::random::<[u8; 32]>();
             job.attempt += 1;
-            job.state = RUNNING.into();
+            job.state = JobState::Running;
             job.workers = chosen.clone();
             job.done.clear();
             job.message = format!("attempt {} on {} worker(s)", job.attempt, chosen.len());
@@ -440,9 +368,9 @@ impl Cluster {
                         rank: rank as u32,
                         world_size: chosen.len() as u32,
                         peers: peers.clone(),
-                        spec: Some(job.spec.clone()),
+                        spec: job.spec.clone(),
                         resume,
-                        ring_secret: ring_secret.clone(),
+                        ring_secret,
                     },
                 ));
             }
@@ -452,12 +380,6 @@ impl Cluster {
 
     /// Records a progress report; returns whether the worker must stop.
     pub fn progress(&mut self, r: &ProgressReport) -> Result<bool, ClusterError> {
-        if r.losses.len() > 64 || r.message.len() > 4096 {
-            return Err(invalid(
-                "progress",
-                "over 64 losses or a message over 4 KiB",
-            ));
-        }
         let job = self
             .jobs
             .get_mut(&r.job_id)
@@ -465,7 +387,7 @@ impl Cluster {
                 what: "job",
                 id: r.job_id.clone(),
             })?;
-        if r.attempt != job.attempt || job.state != RUNNING {
+        if r.attempt != job.attempt || job.state != JobState::Running {
             return Ok(true);
         }
         if job.workers.get(r.rank as usize) != Some(&r.worker_id) {
@@ -481,7 +403,7 @@ impl Cluster {
         let job = self.jobs.get_mut(&r.job_id).expect("known");
         if r.rank == 0 && !r.losses.is_empty() {
             job.step = r.step;
-            job.losses = r.losses.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            job.losses = r.losses.clone();
             job.images_per_s = r.images_per_s;
             job.history.retain(|p| p.step < r.step);
             if job.history.len() >= HISTORY_POINTS {
@@ -496,20 +418,20 @@ impl Cluster {
                 losses: job.losses.clone(),
             });
         }
-        match r.state.as_str() {
-            "succeeded" => {
+        match r.state {
+            RankState::Succeeded => {
                 if !job.done.contains(&r.rank) {
                     job.done.push(r.rank);
                 }
                 self.release_worker(&r.worker_id);
                 let job = self.jobs.get_mut(&r.job_id).expect("known");
                 if job.done.len() == job.workers.len() {
-                    job.state = SUCCEEDED.into();
+                    job.state = JobState::Succeeded;
                     job.message = format!("finished at step {}", job.step);
                     thin(&mut job.history, FINISHED_HISTORY_POINTS);
                 }
             }
-            "failed" => {
+            RankState::Failed => {
                 let message = format!("rank {} failed: {}", r.rank, r.message);
                 if r.retryable {
                     self.fail_attempt(&r.job_id, &message);
@@ -517,24 +439,24 @@ impl Cluster {
                     self.fail_job(&r.job_id, &message);
                 }
             }
-            _ => {}
+            RankState::Running => {}
         }
         Ok(false)
     }
 
     /// Cancels a job; its workers are told at their next heartbeat or report.
-    pub fn cancel(&mut self, id: &str) -> Result<String, ClusterError> {
+    pub fn cancel(&mut self, id: &str) -> Result<JobState, ClusterError> {
         let job = self.jobs.get_mut(id).ok_or_else(|| ClusterError::Unknown {
             what: "job",
             id: id.into(),
         })?;
-        if job.state == PENDING || job.state == RUNNING {
-            job.state = CANCELLED.into();
+        if !job.state.is_final() {
+            job.state = JobState::Cancelled;
             job.message = "cancelled".into();
             let workers = job.workers.clone();
             workers.iter().for_each(|w| self.release_worker(w));
         }
-        Ok(self.jobs[id].state.clone())
+        Ok(self.jobs[id].state)
     }
 
     /// Drops the workers registered under `name` (a process the local mini-cluster saw exit,
@@ -563,7 +485,7 @@ impl Cluster {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
         };
-        if job.state != RUNNING {
+        if job.state != JobState::Running {
             return;
         }
         tracing::warn!(job = id, attempt = job.attempt, "attempt failed: {why}");
@@ -575,7 +497,7 @@ impl Cluster {
             return;
         }
         record_failure(job, why);
-        job.state = PENDING.into();
+        job.state = JobState::Pending;
         job.message = format!("restarting ({used} of {max}) after: {why}");
         let workers = std::mem::take(&mut job.workers);
         self.not_before
@@ -590,7 +512,7 @@ impl Cluster {
         };
         tracing::error!(job = id, attempt = job.attempt, "job failed: {why}");
         record_failure(job, why);
-        job.state = FAILED.into();
+        job.state = JobState::Failed;
         job.message = why.to_string();
         thin(&mut job.history, FINISHED_HISTORY_POINTS);
         let workers = std::mem::take(&mut job.workers);
@@ -611,12 +533,12 @@ impl Cluster {
         })?;
         Ok(Job {
             job_id: j.id.clone(),
-            state: j.state.clone(),
-            spec: Some(j.spec.clone()),
+            state: j.state,
+            spec: j.spec.clone(),
             attempt: j.attempt,
             workers: j.workers.clone(),
             step: j.step,
-            losses: j.losses.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            losses: j.losses.clone(),
             images_per_s: j.images_per_s,
             message: j.message.clone(),
             failures: j.failures.clone(),

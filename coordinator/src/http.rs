@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use taming_proto::job::JobState;
 use taming_proto::metrics::{CONTENT_TYPE, Exposition};
 
 use axum::Router;
@@ -20,8 +21,6 @@ use crate::service::{CoordinatorService, Snapshot};
 
 /// Images of a run folder the page may show.
 pub const RUN_IMAGES: [&str; 3] = ["val_grid.png", "samples.png", "loss.png"];
-/// Job states, in the order the metrics list them.
-const STATES: [&str; 5] = ["pending", "running", "succeeded", "failed", "cancelled"];
 
 /// The routes, over a running service.
 pub fn router(service: CoordinatorService) -> Router {
@@ -73,9 +72,9 @@ async fn metrics(State(service): State<CoordinatorService>) -> Response {
 pub fn render_metrics(snap: &Snapshot) -> String {
     let mut e = Exposition::default();
     e.family("taming_jobs", "gauge", "Jobs by state.");
-    for state in STATES {
+    for &state in JobState::ALL {
         let n = snap.jobs.iter().filter(|j| j.state == state).count();
-        e.sample("taming_jobs", &[("state", state)], n as f64);
+        e.sample("taming_jobs", &[("state", state.as_str())], n as f64);
     }
     let busy = snap.workers.iter().filter(|w| w.job.is_some()).count();
     e.family(
@@ -89,12 +88,16 @@ pub fn render_metrics(snap: &Snapshot) -> String {
         &[("state", "idle")],
         (snap.workers.len() - busy) as f64,
     );
-    let running: Vec<&JobRecord> = snap.jobs.iter().filter(|j| j.state == "running").collect();
+    let running: Vec<&JobRecord> = snap
+        .jobs
+        .iter()
+        .filter(|j| j.state == JobState::Running)
+        .collect();
     e.family("taming_job_step", "gauge", "Latest step of a running job.");
     for j in &running {
         e.sample(
             "taming_job_step",
-            &[("job", &j.id), ("stage", &j.spec.stage)],
+            &[("job", &j.id), ("stage", j.spec.stage().as_str())],
             j.step as f64,
         );
     }
@@ -166,9 +169,9 @@ async fn index(State(service): State<CoordinatorService>) -> Html<String> {
         let _ = write!(
             body,
             "<tr><td><a href=\"/jobs/{id}\">{id}</a></td><td>{}</td><td class=\"{}\">{}</td><td>{} / {}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}/s</td><td>{}</td></tr>",
-            escape(&j.spec.stage),
-            escape(&j.state),
-            escape(&j.state),
+            j.spec.stage(),
+            j.state,
+            j.state,
             j.step,
             j.spec.steps,
             j.attempt,
@@ -190,8 +193,12 @@ async fn index(State(service): State<CoordinatorService>) -> Html<String> {
             .devices
             .iter()
             .map(|(d, bytes)| match bytes {
-                0 => escape(d),
-                b => format!("{} ({:.1} GiB)", escape(d), *b as f64 / (1u64 << 30) as f64),
+                0 => escape(d.as_str()),
+                b => format!(
+                    "{} ({:.1} GiB)",
+                    escape(d.as_str()),
+                    *b as f64 / (1u64 << 30) as f64
+                ),
             })
             .collect();
         let _ = write!(
@@ -267,9 +274,9 @@ async fn job_page(State(service): State<CoordinatorService>, Path(id): Path<Stri
     let mut body = format!(
         "<p><a href=\"/\">all jobs</a></p><h1>{} ({})</h1><p class=\"{}\">{} at step {} of {}, attempt {}, {} worker(s): {}</p><p>{}</p><h2>Losses and codebook usage</h2>{}",
         escape(&job.id),
-        escape(&job.spec.stage),
-        escape(&job.state),
-        escape(&job.state),
+        job.spec.stage(),
+        job.state,
+        job.state,
         job.step,
         job.spec.steps,
         job.attempt,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use taming_proto::coordinator::coordinator_server::{Coordinator, CoordinatorServer};
 use taming_proto::coordinator::*;
+use taming_proto::job;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
@@ -161,7 +162,7 @@ impl CoordinatorService {
         Ok(out)
     }
 
-    fn dispatch(&self, assignments: Vec<(String, Assignment)>) {
+    fn dispatch(&self, assignments: Vec<(String, job::Assignment)>) {
         let watchers = self.shared.watchers.lock().expect("watchers");
         let mut undelivered = self.shared.undelivered.lock().expect("undelivered");
         for (worker, a) in assignments {
@@ -172,6 +173,7 @@ impl CoordinatorService {
                 attempt = a.attempt,
                 "assigned"
             );
+            let a = a.to_wire();
             match watchers.get(&worker) {
                 Some(tx) if tx.try_send(Ok(a.clone())).is_ok() => {}
                 _ => undelivered.entry(worker).or_default().push(a),
@@ -197,10 +199,7 @@ impl CoordinatorService {
     /// Whether the job has ended (succeeded, failed or cancelled) or is unknown.
     pub fn job_ended(&self, id: &str) -> bool {
         let cluster = self.shared.cluster.lock().expect("cluster lock");
-        cluster
-            .jobs
-            .get(id)
-            .is_none_or(|j| crate::cluster::is_final(&j.state))
+        cluster.jobs.get(id).is_none_or(|j| j.state.is_final())
     }
 
     /// Checks that the worker whose session this is runs rank 0 (or, with `any_rank`, a rank)
@@ -281,14 +280,10 @@ impl Coordinator for CoordinatorService {
         let span = tracing::info_span!("RegisterWorker", name = %r.get_ref().name);
         taming_telemetry::adopt(&span, r.metadata());
         let _in_rpc = span.enter();
-        let r = r.into_inner();
-        let devices = r
-            .devices
-            .into_iter()
-            .map(|d| (d.spec, d.memory_bytes))
-            .collect();
-        let id = self.change(|c| c.register(&r.name, devices, &r.ring_addr, Instant::now()))?;
-        tracing::info!(worker = id, ring = r.ring_addr, "registered");
+        let r = job::Registration::decode(r.into_inner())?;
+        let ring = r.ring_addr.clone();
+        let id = self.change(|c| Ok(c.register(r, Instant::now())))?;
+        tracing::info!(worker = id, ring, "registered");
         let session = self.shared.cluster.lock().expect("cluster").workers[&id]
             .session
             .clone();
@@ -351,11 +346,8 @@ impl Coordinator for CoordinatorService {
         let span = tracing::info_span!("Submit");
         taming_telemetry::adopt(&span, r.metadata());
         let _in_rpc = span.enter();
-        let spec = r
-            .into_inner()
-            .spec
-            .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
-        let id = self.change(|c| c.submit(spec))?;
+        let spec = job::decode_submit(r.into_inner())?;
+        let id = self.change(|c| Ok(c.submit(spec)))?;
         tracing::info!(job = id, "submitted");
         Ok(Response::new(SubmitReply { job_id: id }))
     }
@@ -369,7 +361,7 @@ impl Coordinator for CoordinatorService {
             .expect("cluster")
             .job(&id)
             .map_err(status)?;
-        Ok(Response::new(job))
+        Ok(Response::new(job.to_wire()))
     }
 
     async fn list_jobs(
@@ -377,7 +369,12 @@ impl Coordinator for CoordinatorService {
         _: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsReply>, Status> {
         let c = self.shared.cluster.lock().expect("cluster");
-        let jobs = c.jobs.keys().filter_map(|id| c.job(id).ok()).collect();
+        let jobs = c
+            .jobs
+            .keys()
+            .filter_map(|id| c.job(id).ok())
+            .map(|j| j.to_wire())
+            .collect();
         Ok(Response::new(ListJobsReply { jobs }))
     }
 
@@ -393,8 +390,8 @@ impl Coordinator for CoordinatorService {
         );
         taming_telemetry::adopt(&span, r.metadata());
         let session = session_of(&r);
-        let r = r.into_inner();
-        let running = r.state == "running";
+        let r = job::ProgressReport::decode(r.into_inner())?;
+        let running = r.state == job::RankState::Running;
         let stop = span.in_scope(|| {
             self.change_with(running, |c| {
                 c.authorize(&r.worker_id, &session)?;
@@ -407,7 +404,9 @@ impl Coordinator for CoordinatorService {
     async fn cancel(&self, r: Request<CancelRequest>) -> Result<Response<CancelReply>, Status> {
         let id = r.into_inner().job_id;
         let state = self.change(|c| c.cancel(&id))?;
-        Ok(Response::new(CancelReply { state }))
+        Ok(Response::new(CancelReply {
+            state: state.to_wire(),
+        }))
     }
 
     async fn publish_collective_id(
@@ -467,14 +466,19 @@ mod tests {
         })
         .unwrap();
         let on_disk = || std::fs::read_to_string(dir.path().join("jobs.json")).unwrap();
-        let spec = JobSpec {
-            stage: "vqgan".into(),
-            out: "runs/x".into(),
-            steps: 10,
-            nodes: 1,
-            ..Default::default()
-        };
-        let id = service.change(|c| c.submit(spec)).unwrap();
+        let spec = job::decode_submit(SubmitRequest {
+            spec: Some(JobSpec {
+                stage: job::Stage::Vqgan.to_wire(),
+                collective: job::Collective::Ring.to_wire(),
+                out: "runs/x".into(),
+                steps: 10,
+                nodes: 1,
+                stage_job: Some(job_spec::StageJob::VqganJob(VqganJob {})),
+                ..Default::default()
+            }),
+        })
+        .unwrap();
+        let id = service.change(|c| Ok(c.submit(spec))).unwrap();
         assert!(on_disk().contains(&id), "a submit is written at once");
         service
             .change_with(true, |c| {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use taming_proto::auth::TOKEN_ENV;
-use taming_proto::coordinator::{Job, JobSpec};
+use taming_proto::job::{Job, JobSpec};
 use taming_proto::tls::{TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, Transport};
 
 use crate::client;
@@ -72,7 +72,7 @@ pub async fn launch_local(mut spec: JobSpec, opts: StandaloneOptions) -> Result<
         .map(|i| LocalWorker::start(i, &addr, &token, &tls, &logs))
         .collect::<Result<Vec<_>>>()?;
     let mut c = client::connect(&addr, Some(&token), &tls.transport).await?;
-    let id = client::submit(&mut c, spec).await?;
+    let id = client::submit(&mut c, &spec).await?;
     let job = tokio::select! {
         job = client::follow(&mut c, &id, opts.show) => job,
         () = supervise(&service, &id, workers, respawns) => unreachable!("supervision ends with the job"),

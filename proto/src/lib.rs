@@ -1,9 +1,11 @@
 //! The wire formats of taming-rs services, generated from `proto/*.proto`.
 //!
 //! This crate computes nothing: it holds messages, tonic clients/servers, the token
-//! interceptors and the TLS settings every service shares.
+//! interceptors and the TLS settings every service shares, and (in [`job`]) the coordinator's
+//! messages as validated Rust types.
 
 pub mod auth;
+pub mod job;
 pub mod metrics;
 pub mod tls;
 

@@ -14,7 +14,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use taming_collective::{AllReduce, RingConfig, TcpRing, nccl};
 use taming_model::device::DeviceSpec;
-use taming_proto::coordinator::*;
+use taming_proto::coordinator::{
+    Assignment as WireAssignment, CollectiveId, Device, FetchCollectiveIdRequest, HeartbeatRequest,
+    RegisterReply, RegisterRequest, WatchRequest,
+};
+use taming_proto::job::{
+    Assignment, Collective, Conditioning, JobSpec, ProgressReport, RankState, Stage, StageJob,
+};
 use taming_proto::tls::Transport;
 
 use crate::checkpoint::LATEST;
@@ -22,7 +28,7 @@ use crate::devices;
 use crate::engine::{Columns, Row, RunError};
 use crate::metrics::{StepTiming, WorkerMetrics, serve_metrics};
 use crate::mirror::RunMirror;
-use crate::plan::{JobInputs, JobPlan, StageKind};
+use crate::plan::{JobInputs, JobPlan};
 use crate::settings::RunSettings;
 use taming_dataloader::DataError;
 
@@ -168,10 +174,10 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
         let result = outcome.unwrap_or_else(|_| Err(anyhow::anyhow!("{}", last_panic())));
         let (state, message) = match &result {
             Ok(()) => (
-                "succeeded",
+                RankState::Succeeded,
                 format!("done in {:.0} s", started.elapsed().as_secs_f64()),
             ),
-            Err(e) => ("failed", format!("{e:#}")),
+            Err(e) => (RankState::Failed, format!("{e:#}")),
         };
         let retryable = panicked || result.as_ref().err().is_some_and(retryable);
         if let Err(e) = &result {
@@ -182,12 +188,14 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
             rank: a.rank,
-            state: state.into(),
+            step: 0,
+            losses: Default::default(),
+            images_per_s: 0.0,
+            state,
             message,
             retryable,
-            ..Default::default()
         };
-        let _ = rt.block_on(client.report_progress(report));
+        let _ = rt.block_on(client.report_progress(report.to_wire()));
         if let Ok(mut b) = busy.lock() {
             *b = None;
         }
@@ -340,12 +348,14 @@ async fn heartbeat(
     }
 }
 
+/// Runs one assignment, decoded (checked) here: one that does not decode fails the attempt
+/// (reported as any other failure).
 #[allow(clippy::too_many_arguments)]
 fn run_assignment(
     rt: &tokio::runtime::Runtime,
     client: &Client,
     worker_id: &str,
-    a: &Assignment,
+    a: &WireAssignment,
     listener: &TcpListener,
     opts: &AgentOptions,
     offered: &[devices::Offered],
@@ -354,12 +364,13 @@ fn run_assignment(
 ) -> Result<()> {
     let job_span = tracing::info_span!("job", job = %a.job_id, rank = a.rank, attempt = a.attempt);
     let _in_job = job_span.enter();
-    let spec = a.spec.clone().context("assignment without a spec")?;
-    let plan = JobPlan::new(job_inputs(&spec)?)?;
+    let a = &Assignment::decode(a.clone()).context("the coordinator's assignment")?;
+    let spec = a.spec.clone();
+    let plan = JobPlan::new(job_inputs(&spec))?;
     let out = std::path::PathBuf::from(&spec.out);
-    let checkpoint_url = (!spec.checkpoint_url.is_empty()).then(|| spec.checkpoint_url.clone());
+    let checkpoint_url = spec.checkpoint_url.clone();
     let resume = a.resume && has_checkpoint(&out, checkpoint_url.as_deref())?;
-    let chosen = devices::choose(&spec.device, a.rank, opts.device.as_ref(), offered)?;
+    let chosen = devices::choose(spec.device.as_str(), a.rank, opts.device.as_ref(), offered)?;
     let device = chosen.device().map_err(anyhow::Error::msg)?.autodiff();
     let group = make_group(rt, client, a, &spec, &chosen, listener, opts)?;
     let reporter = Reporter {
@@ -369,7 +380,7 @@ fn run_assignment(
         a: a.clone(),
         stop,
         metrics,
-        stage: spec.stage.clone(),
+        stage: spec.stage(),
     };
     let mut settings = RunSettings::single(out, spec.steps, device);
     settings.resume = resume;
@@ -385,25 +396,24 @@ fn run_assignment(
 }
 
 /// What an assignment's spec names, as the run plan takes it.
-fn job_inputs(spec: &JobSpec) -> Result<JobInputs> {
-    let stage = match spec.stage.as_str() {
-        "vqgan" => StageKind::Vqgan,
-        "transformer" => StageKind::Transformer,
-        other => bail!("stage `{other}` is not available in this worker"),
+fn job_inputs(spec: &JobSpec) -> JobInputs {
+    let transformer = match &spec.stage_job {
+        StageJob::Transformer(t) => Some(t),
+        StageJob::Vqgan(_) => None,
     };
-    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    Ok(JobInputs {
-        stage,
+    let cond = transformer.map_or(Conditioning::None, |t| t.cond);
+    JobInputs {
+        stage: spec.stage(),
         config_yaml: spec.config_yaml.clone(),
         config_name: "the job's config".into(),
-        data: nonempty(&spec.data),
+        data: (!spec.data.is_empty()).then(|| spec.data.clone()),
         dataloaders: spec.dataloaders.clone(),
-        vqgan: nonempty(&spec.vqgan).map(Into::into),
-        cond: spec.cond.parse().map_err(anyhow::Error::msg)?,
-        cond_vqgan: nonempty(&spec.cond_vqgan).map(Into::into),
-        codes: nonempty(&spec.codes),
-        val_codes: nonempty(&spec.val_codes),
-    })
+        vqgan: transformer.map(|t| t.vqgan.clone().into()),
+        cond,
+        cond_vqgan: transformer.and_then(|t| t.cond_vqgan.clone().map(Into::into)),
+        codes: transformer.and_then(|t| t.codes.clone()),
+        val_codes: transformer.and_then(|t| t.val_codes.clone()),
+    }
 }
 
 /// Whether the run has a checkpoint to resume from, in `out` or in its object-store copy.
@@ -429,24 +439,18 @@ fn make_group(
     if a.world_size <= 1 {
         return Ok(None);
     }
-    if spec.collective == "nccl" {
+    if spec.collective == Collective::Nccl {
         let ordinal = devices::nccl_ordinal(device, a.rank)?;
         return Ok(Some(Box::new(nccl_group(rt, client, a, ordinal)?)));
     }
     let peers = a.peers.clone();
     let mut h = DefaultHasher::new();
     (&a.job_id, a.attempt).hash(&mut h);
-    let secret = a.ring_secret.as_slice().try_into().map_err(|_| {
-        anyhow::anyhow!(
-            "assignment.ring_secret: {} bytes, not 32 (a coordinator of another version?)",
-            a.ring_secret.len()
-        )
-    })?;
     let cfg = RingConfig {
         rank: a.rank as usize,
         peers,
         job: h.finish(),
-        secret,
+        secret: a.ring_secret,
         timeout: opts.collective_timeout,
     };
     Ok(Some(Box::new(TcpRing::connect(
@@ -510,7 +514,7 @@ struct Reporter {
     a: Assignment,
     stop: Arc<AtomicBool>,
     metrics: Arc<WorkerMetrics>,
-    stage: String,
+    stage: Stage,
 }
 
 impl Reporter {
@@ -523,7 +527,7 @@ impl Reporter {
     fn send(&self, step: u64, losses: &[(&str, f64)], rate: f64, timing: StepTiming) -> bool {
         crate::failpoint::at_step(step);
         self.metrics
-            .record(&self.a.job_id, &self.stage, step, rate, timing);
+            .record(&self.a.job_id, self.stage.as_str(), step, rate, timing);
         let losses = losses.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let report = ProgressReport {
             worker_id: self.worker_id.clone(),
@@ -533,14 +537,14 @@ impl Reporter {
             step,
             losses,
             images_per_s: rate,
-            state: "running".into(),
+            state: RankState::Running,
             message: String::new(),
             retryable: false,
         };
         let mut client = self.client.clone();
         let stop = match self
             .rt
-            .block_on(client.report_progress(taming_telemetry::traced(report)))
+            .block_on(client.report_progress(taming_telemetry::traced(report.to_wire())))
         {
             Ok(r) => r.into_inner().stop,
             Err(e) => {

@@ -6,36 +6,24 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
+use taming_proto::job::Stage;
+
 use crate::defaults::{default_data, parse_config, parse_stage2_config};
 use crate::engine::{self, RunError, RunSummary, StepHook};
 use crate::settings::RunSettings;
 use crate::stage1::VqganPlan;
 use crate::stage2::{CondKind, TransformerPlan};
 
-/// Which stage a job trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum StageKind {
-    /// Stage 1: the VQGAN.
-    Vqgan,
-    /// Stage 2: the transformer over a trained VQGAN's codes.
-    Transformer,
-}
-
-impl StageKind {
-    /// The run folder when none is given: `runs/vqgan` or `runs/transformer`.
-    pub fn default_out(self) -> PathBuf {
-        match self {
-            Self::Vqgan => PathBuf::from("runs/vqgan"),
-            Self::Transformer => PathBuf::from("runs/transformer"),
-        }
-    }
+/// The run folder when none is given: `runs/vqgan` or `runs/transformer`.
+pub fn default_out(stage: Stage) -> PathBuf {
+    PathBuf::from("runs").join(stage.as_str())
 }
 
 /// What a job names, as given.
 #[derive(Debug, Clone)]
 pub struct JobInputs {
     /// The stage.
-    pub stage: StageKind,
+    pub stage: Stage,
     /// The config's YAML text (empty: the stage's embedded default).
     pub config_yaml: String,
     /// Where the config came from, for errors.
@@ -73,11 +61,11 @@ impl JobPlan {
         };
         let (yaml, name) = (&inputs.config_yaml, &inputs.config_name);
         Ok(match inputs.stage {
-            StageKind::Vqgan => Self::Vqgan(VqganPlan {
+            Stage::Vqgan => Self::Vqgan(VqganPlan {
                 dataloaders: inputs.dataloaders,
                 ..VqganPlan::new(parse_config(yaml, name)?, data)
             }),
-            StageKind::Transformer => {
+            Stage::Transformer => {
                 let vqgan = inputs.vqgan.context(
                     "--stage transformer needs --vqgan MODEL (a stage-1 model directory)",
                 )?;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Cluster, RUNNING, STARTUP_FACTOR};
+use super::{Cluster, JobState, STARTUP_FACTOR};
 
 impl Cluster {
     /// Drops workers silent for longer than `timeout`, and the workers of ranks that report
@@ -63,7 +63,11 @@ impl Cluster {
         }
         let mut out = Vec::new();
         for (id, seen) in &self.progress_seen {
-            if self.jobs.get(id).is_none_or(|j| j.state != RUNNING) {
+            if self
+                .jobs
+                .get(id)
+                .is_none_or(|j| j.state != JobState::Running)
+            {
                 continue;
             }
             let furthest = seen.iter().map(|s| s.0).max().unwrap_or(0);

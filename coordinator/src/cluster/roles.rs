@@ -3,7 +3,7 @@
 
 use taming_proto::auth::same_bytes;
 
-use super::{Cluster, ClusterError, RUNNING};
+use super::{Cluster, ClusterError, JobState};
 
 impl Cluster {
     /// Checks that a call made with `session` is worker `id`'s own.
@@ -46,7 +46,10 @@ impl Cluster {
         } else {
             &j.workers[..j.workers.len().min(1)]
         };
-        if j.state != RUNNING || j.attempt != attempt || !ranks.iter().any(|w| w == worker) {
+        if j.state != JobState::Running
+            || j.attempt != attempt
+            || !ranks.iter().any(|w| w == worker)
+        {
             return Err(ClusterError::Forbidden(format!(
                 "worker `{worker}` is not {} of {job} attempt {attempt}",
                 if any_rank { "a rank" } else { "rank 0" }

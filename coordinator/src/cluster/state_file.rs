@@ -1,10 +1,11 @@
 //! The coordinator's state file: written durably (flushed temporary file, rename, flushed
-//! directory), with non-finite floats as text.
+//! directory), with non-finite floats as text and job specs as the flat fields they had
+//! before the protocol was typed (so that files of either version load).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{Cluster, ClusterError, JobRecord, PENDING, RUNNING};
+use super::{Cluster, ClusterError, JobRecord, JobState};
 
 impl Cluster {
     /// Writes the jobs to `dir/jobs.json` when they changed since the last save: a
@@ -37,7 +38,7 @@ impl Cluster {
                 .job
                 .as_ref()
                 .and_then(|j| self.jobs.get(j))
-                .is_some_and(|j| j.state == RUNNING && j.workers.contains(&w.id));
+                .is_some_and(|j| j.state == JobState::Running && j.workers.contains(&w.id));
             if !held {
                 w.job = None;
             }
@@ -66,8 +67,8 @@ impl Cluster {
             })?;
         cluster.saved = Some(text.into_bytes());
         for mut job in jobs {
-            if job.state == RUNNING {
-                job.state = PENDING.into();
+            if job.state == JobState::Running {
+                job.state = JobState::Pending;
                 job.workers.clear();
                 job.attempt = job.attempt.max(1);
                 job.message = "coordinator restarted; resuming".into();
@@ -168,5 +169,128 @@ pub(super) mod float_text {
                 .map(|(k, r)| Ok((k, from_repr(r)?)))
                 .collect()
         }
+    }
+}
+
+/// A job spec in the state file: the flat fields of the `JobSpec` message as it was before the
+/// protocol was typed (stage, collective and conditioning as text, the stage-2 fields beside
+/// the others, empty for none). Read back through [`JobSpec::decode`], so that a stored spec
+/// is checked as a submitted one is; an empty collective reads as `ring` and an empty `cond`
+/// as `none`, as they did.
+pub(super) mod stored_spec {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use taming_proto::coordinator as wire;
+    use taming_proto::coordinator::job_spec::StageJob as WireStageJob;
+    use taming_proto::job::{Collective, Conditioning, JobSpec, Stage, StageJob};
+
+    #[derive(Serialize, Deserialize, Default)]
+    #[serde(default)]
+    struct Stored {
+        stage: String,
+        config_yaml: String,
+        data: String,
+        out: String,
+        steps: u64,
+        nodes: u32,
+        min_nodes: u32,
+        dataloaders: Vec<String>,
+        collective: String,
+        eval_every: u64,
+        checkpoint_every: u64,
+        resume: bool,
+        device: String,
+        vqgan: String,
+        cond: String,
+        codes: String,
+        val_codes: String,
+        cond_vqgan: String,
+        checkpoint_url: String,
+        max_restarts: Option<u32>,
+        placement_timeout_s: u64,
+    }
+
+    fn to_stored(spec: &JobSpec) -> Stored {
+        let m = spec.to_wire();
+        let mut stored = Stored {
+            stage: spec.stage().to_string(),
+            config_yaml: m.config_yaml,
+            data: m.data,
+            out: m.out,
+            steps: m.steps,
+            nodes: m.nodes,
+            min_nodes: m.min_nodes,
+            dataloaders: m.dataloaders,
+            collective: spec.collective.to_string(),
+            eval_every: m.eval_every,
+            checkpoint_every: m.checkpoint_every,
+            resume: m.resume,
+            device: m.device,
+            checkpoint_url: m.checkpoint_url,
+            max_restarts: m.max_restarts,
+            placement_timeout_s: m.placement_timeout_s,
+            ..Stored::default()
+        };
+        if let StageJob::Transformer(t) = &spec.stage_job {
+            stored.vqgan = t.vqgan.clone();
+            stored.cond = t.cond.to_string();
+            stored.codes = t.codes.clone().unwrap_or_default();
+            stored.val_codes = t.val_codes.clone().unwrap_or_default();
+            stored.cond_vqgan = t.cond_vqgan.clone().unwrap_or_default();
+        }
+        stored
+    }
+
+    /// `text` as an enum, `empty` when it is empty.
+    fn parse_or<T: std::str::FromStr<Err = String>>(
+        text: &str,
+        empty: T,
+        field: &str,
+    ) -> Result<T, String> {
+        match text {
+            "" => Ok(empty),
+            t => t.parse().map_err(|e| format!("spec.{field}: {e}")),
+        }
+    }
+
+    fn from_stored(s: Stored) -> Result<JobSpec, String> {
+        let stage: Stage = s.stage.parse().map_err(|e| format!("spec.stage: {e}"))?;
+        let stage_job = match stage {
+            Stage::Vqgan => WireStageJob::VqganJob(wire::VqganJob {}),
+            Stage::Transformer => WireStageJob::TransformerJob(wire::TransformerJob {
+                vqgan: s.vqgan,
+                cond: parse_or(&s.cond, Conditioning::None, "cond")?.to_wire(),
+                codes: s.codes,
+                val_codes: s.val_codes,
+                cond_vqgan: s.cond_vqgan,
+            }),
+        };
+        let m = wire::JobSpec {
+            stage: stage.to_wire(),
+            config_yaml: s.config_yaml,
+            data: s.data,
+            out: s.out,
+            steps: s.steps,
+            nodes: s.nodes,
+            min_nodes: s.min_nodes,
+            dataloaders: s.dataloaders,
+            collective: parse_or(&s.collective, Collective::Ring, "collective")?.to_wire(),
+            eval_every: s.eval_every,
+            checkpoint_every: s.checkpoint_every,
+            resume: s.resume,
+            device: s.device,
+            checkpoint_url: s.checkpoint_url,
+            max_restarts: s.max_restarts,
+            placement_timeout_s: s.placement_timeout_s,
+            stage_job: Some(stage_job),
+        };
+        JobSpec::decode(m).map_err(|e| e.to_string())
+    }
+
+    pub fn serialize<S: Serializer>(spec: &JobSpec, s: S) -> Result<S::Ok, S::Error> {
+        to_stored(spec).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<JobSpec, D::Error> {
+        from_stored(Stored::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }

@@ -10,9 +10,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use taming_model::device::DeviceSpec;
 use taming_proto::auth::TOKEN_ENV;
+use taming_proto::job::Stage;
 use taming_worker::agent::{AgentOptions, run_agent};
 use taming_worker::defaults::{parse_config, parse_stage2_config};
-use taming_worker::plan::{JobInputs, JobPlan, StageKind};
+use taming_worker::plan::{JobInputs, JobPlan, default_out};
 use taming_worker::settings::{DEFAULT_PREFETCH, RunSettings};
 use taming_worker::stage2::CondKind;
 
@@ -73,7 +74,7 @@ enum Command {
     CheckConfig {
         /// Which stage's config.
         #[arg(long, value_enum, default_value = "vqgan")]
-        stage: StageKind,
+        stage: Stage,
         /// Training config (YAML).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -82,7 +83,7 @@ enum Command {
     Train {
         /// What to train.
         #[arg(long, value_enum, default_value = "vqgan")]
-        stage: StageKind,
+        stage: Stage,
         /// Training config (YAML); the embedded Fashion-MNIST default when absent.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -192,8 +193,8 @@ fn run(cli: Cli) -> Result<()> {
     if let Command::CheckConfig { stage, config } = &command {
         let (text, name) = config_text(config.as_deref())?;
         match stage {
-            StageKind::Vqgan => parse_config(&text, &name).map(|_| ())?,
-            StageKind::Transformer => parse_stage2_config(&text, &name).map(|_| ())?,
+            Stage::Vqgan => parse_config(&text, &name).map(|_| ())?,
+            Stage::Transformer => parse_stage2_config(&text, &name).map(|_| ())?,
         }
         return Ok(());
     }
@@ -230,7 +231,7 @@ fn run(cli: Cli) -> Result<()> {
         val_codes: stage2.val_codes,
     })?;
     let device = device.device().map_err(anyhow::Error::msg)?.autodiff();
-    let out = out.unwrap_or_else(|| stage.default_out());
+    let out = out.unwrap_or_else(|| default_out(stage));
     let mut settings = RunSettings::single(out.clone(), steps, device);
     settings.resume = resume;
     settings.checkpoint_url = checkpoint_url;
@@ -240,8 +241,8 @@ fn run(cli: Cli) -> Result<()> {
     settings.prefetch = cli.prefetch;
     let summary = plan.run(settings, None, !quiet)?;
     let outputs = match stage {
-        StageKind::Vqgan => "metrics.csv, loss.png and val_grid.png",
-        StageKind::Transformer => "metrics.csv, loss.png and samples.png",
+        Stage::Vqgan => "metrics.csv, loss.png and val_grid.png",
+        Stage::Transformer => "metrics.csv, loss.png and samples.png",
     };
     println!(
         "trained {} steps: validation {:.4} -> {:.4}; {} samples skipped; model in {}; {outputs} in {}",

@@ -33,28 +33,9 @@ pub const COLUMNS: Columns = Columns {
     plotted: &["loss"],
 };
 
-/// What the transformer is conditioned on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CondKind {
-    /// Nothing.
-    None,
-    /// The samples' class labels.
-    Class,
-    /// The samples' segmentation codes (from a cond-stage VQGAN).
-    Segmentation,
-}
-
-impl std::str::FromStr for CondKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "" | "none" => Ok(Self::None),
-            "class" => Ok(Self::Class),
-            "segmentation" => Ok(Self::Segmentation),
-            _ => Err(format!("cond `{s}`: expected none, class or segmentation")),
-        }
-    }
-}
+/// What the transformer is conditioned on: the cluster protocol's type, so that a job's
+/// conditioning means one thing from the command line to the trainer.
+pub use taming_proto::job::Conditioning as CondKind;
 
 /// What a stage-2 run trains on.
 pub struct TransformerPlan {
