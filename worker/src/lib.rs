@@ -6,12 +6,14 @@
 //!   accumulation, the timed group), over [`distributed`]'s collectives;
 //! - [`stage1`], [`stage2`]: each stage's config, training step and what it writes;
 //! - [`plan`]: a job (from the command line or the coordinator) as a run plan;
+//! - [`cli`]: the `worker` command line;
 //! - [`agent`]: the cluster worker (registration, heartbeats, assignments, the ring);
 //! - [`checkpoint`], [`mirror`]: checkpoints with attempt fencing and their object-store copy;
 //! - [`settings`], [`devices`], [`metrics`], [`defaults`], [`failpoint`].
 
 pub mod agent;
 pub mod checkpoint;
+pub mod cli;
 pub mod defaults;
 pub mod devices;
 pub mod distributed;
