@@ -6,14 +6,14 @@
 use image::GrayImage;
 use png::{BitDepth, ColorType, Transformations};
 
-use crate::transform::check_pixels;
+use crate::bounds::check_pixels;
 
 /// Decodes a PNG label map to one class index (byte) per pixel. Grayscale and palette maps
 /// of any bit depth are read as they are stored; 16-bit maps only when every value fits a
 /// byte (classes 0..=255).
 ///
 /// The size is checked from the header before any pixel buffer is made: at most
-/// [`MAX_IMAGE_PIXELS`](crate::transform::MAX_IMAGE_PIXELS).
+/// [`MAX_IMAGE_PIXELS`](crate::bounds::MAX_IMAGE_PIXELS).
 pub fn decode(bytes: &[u8]) -> Result<GrayImage, String> {
     decode_checked(bytes, None)
 }

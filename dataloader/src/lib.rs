@@ -7,6 +7,7 @@
 //! This crate computes no gradients and does not depend on burn: batches are plain buffers
 //! that trainers turn into tensors.
 
+pub mod bounds;
 pub mod client;
 pub mod codes;
 pub mod error;

@@ -10,9 +10,8 @@ use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
 use rand::Rng;
 
-/// Most pixels an image or label map may have, as decoded and as resized: Pillow's
-/// `MAX_IMAGE_PIXELS` (1024 x 1024 x 1024 / 4 / 3, a 256 MiB RGB buffer).
-pub const MAX_IMAGE_PIXELS: u64 = 89_478_485;
+pub use crate::bounds::MAX_IMAGE_PIXELS;
+use crate::bounds::check_pixels;
 
 /// How images become model inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,17 +133,6 @@ impl Preprocess {
 /// x / 127.5 - 1 for every byte.
 pub fn normalize(pixels: &[u8]) -> Vec<f32> {
     pixels.iter().map(|&p| f32::from_byte(p)).collect()
-}
-
-/// Refuses a `w` x `h` `what` (image, label map) with no pixel or over [`MAX_IMAGE_PIXELS`].
-pub(crate) fn check_pixels(what: &str, w: u32, h: u32) -> Result<(), String> {
-    let pixels = w as u64 * h as u64;
-    if pixels == 0 || pixels > MAX_IMAGE_PIXELS {
-        return Err(format!(
-            "{what}: {w}x{h} is {pixels} pixels; 1..={MAX_IMAGE_PIXELS} allowed"
-        ));
-    }
-    Ok(())
 }
 
 fn img_dims_after_resize(img: &GrayImage, size: usize) -> (u32, u32) {

@@ -157,19 +157,17 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
             "assignment"
         );
         let started = Instant::now();
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            run_assignment(
-                &rt,
-                &client,
-                &id,
-                &a,
-                &listener,
-                &opts,
-                &offered,
-                stop.clone(),
-                metrics.clone(),
-            )
-        }));
+        let session = Session {
+            rt: &rt,
+            client: &client,
+            worker_id: &id,
+            listener: &listener,
+            opts: &opts,
+            offered: &offered,
+            stop: stop.clone(),
+            metrics: metrics.clone(),
+        };
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_assignment(&session, &a)));
         let panicked = outcome.is_err();
         let result = outcome.unwrap_or_else(|_| Err(anyhow::anyhow!("{}", last_panic())));
         let (state, message) = match &result {
@@ -348,20 +346,29 @@ async fn heartbeat(
     }
 }
 
-/// Runs one assignment, decoded (checked) here: one that does not decode fails the attempt
-/// (reported as any other failure).
-#[allow(clippy::too_many_arguments)]
-fn run_assignment(
-    rt: &tokio::runtime::Runtime,
-    client: &Client,
-    worker_id: &str,
-    a: &WireAssignment,
-    listener: &TcpListener,
-    opts: &AgentOptions,
-    offered: &[devices::Offered],
+/// The worker's registered session with the coordinator: what every assignment runs with.
+struct Session<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    client: &'a Client,
+    worker_id: &'a str,
+    listener: &'a TcpListener,
+    opts: &'a AgentOptions,
+    offered: &'a [devices::Offered],
     stop: Arc<AtomicBool>,
     metrics: Arc<WorkerMetrics>,
-) -> Result<()> {
+}
+
+/// Runs one assignment, decoded (checked) here: one that does not decode fails the attempt
+/// (reported as any other failure).
+fn run_assignment(session: &Session, a: &WireAssignment) -> Result<()> {
+    let Session {
+        rt,
+        client,
+        worker_id,
+        opts,
+        offered,
+        ..
+    } = *session;
     let job_span = tracing::info_span!("job", job = %a.job_id, rank = a.rank, attempt = a.attempt);
     let _in_job = job_span.enter();
     let a = &Assignment::decode(a.clone()).context("the coordinator's assignment")?;
@@ -372,14 +379,14 @@ fn run_assignment(
     let resume = a.resume && has_checkpoint(&out, checkpoint_url.as_deref())?;
     let chosen = devices::choose(spec.device.as_str(), a.rank, opts.device.as_ref(), offered)?;
     let device = chosen.device().map_err(anyhow::Error::msg)?.autodiff();
-    let group = make_group(rt, client, a, &spec, &chosen, listener, opts)?;
+    let group = make_group(session, a, &chosen)?;
     let reporter = Reporter {
         rt: rt.handle().clone(),
         client: client.clone(),
         worker_id: worker_id.into(),
         a: a.clone(),
-        stop,
-        metrics,
+        stop: session.stop.clone(),
+        metrics: session.metrics.clone(),
         stage: spec.stage(),
     };
     let mut settings = RunSettings::single(out, spec.steps, device);
@@ -428,14 +435,18 @@ fn has_checkpoint(out: &std::path::Path, url: Option<&str>) -> Result<bool> {
 }
 
 fn make_group(
-    rt: &tokio::runtime::Runtime,
-    client: &Client,
+    session: &Session,
     a: &Assignment,
-    spec: &JobSpec,
     device: &DeviceSpec,
-    listener: &TcpListener,
-    opts: &AgentOptions,
 ) -> Result<Option<Box<dyn AllReduce>>> {
+    let Session {
+        rt,
+        client,
+        listener,
+        opts,
+        ..
+    } = *session;
+    let spec = &a.spec;
     if a.world_size <= 1 {
         return Ok(None);
     }

@@ -48,11 +48,12 @@ impl Group {
         module: &M,
         grads: GradientsParams,
     ) -> Result<GradientsParams, CollectiveError> {
+        // The span marks the step's all-reduce in traces, a single process's included.
+        let _span = tracing::info_span!("allreduce").entered();
         let Some(group) = self.inner.as_mut() else {
             return Ok(grads);
         };
         let started = Instant::now();
-        let _span = tracing::info_span!("allreduce").entered();
         let out = mean_gradients(group.as_mut(), module, grads);
         self.comm += started.elapsed();
         out

@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use taming_dataloader::pack::{Layout, PackOptions, pack};
 use taming_dataloader::service::{DEFAULT_MAX_STREAMS, TOKEN_ENV};
 use taming_dataloader::shards::DataRoots;
-use taming_model::device::DeviceSpec;
 
 #[derive(Parser)]
 #[command(
@@ -197,9 +196,4 @@ fn serve(args: ServeArgs) -> Result<()> {
             .await
             .context("serving")
     })
-}
-
-/// Parses `--device` (kept here so every subcommand shares it).
-pub(crate) fn device(spec: DeviceSpec) -> Result<burn::tensor::Device> {
-    spec.device().map_err(anyhow::Error::msg)
 }

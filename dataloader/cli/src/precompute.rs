@@ -121,7 +121,7 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 fn load_models(args: &Args) -> Result<Models> {
-    let device = crate::cli::device(args.device)?;
+    let device = args.device.device().map_err(anyhow::Error::msg)?;
     let (_, vqgan) = native::load_model(&args.vqgan, &device)
         .with_context(|| format!("loading {}", args.vqgan.display()))?;
     let cond = match &args.cond_vqgan {

@@ -15,7 +15,7 @@ use taming_dataloader::{
 use taming_model::checkpoint::native;
 use taming_model::image_io::{tile, write_png};
 use taming_model::synthesis::{SynthCond, Synthesizer};
-use taming_model::transformer::{Conditioning, GridCond, Sampling};
+use taming_model::transformer::{Conditioning, GridCond, Sampling, TransformerConfig};
 use taming_model::{Vqgan, VqganConfig};
 
 use super::config::Stage2Config;
@@ -127,37 +127,6 @@ fn load_models(
     Ok(Models { vqgan, cond_vqgan })
 }
 
-fn image_loader(
-    (opts, run): (&TransformerPlan, &RunSettings),
-    size: usize,
-    split: &str,
-    batch: usize,
-    state: &LoaderState,
-    train: bool,
-) -> Result<ShardLoader, RunError> {
-    let shards = list_split(&opts.data, split)?;
-    let mut reader = ReaderConfig {
-        shuffle_shards: train,
-        seed: opts.config.seed,
-        ..ReaderConfig::default()
-    };
-    if train {
-        reader.rank = run.rank;
-        reader.world_size = run.world;
-    }
-    let cfg = LoaderConfig {
-        batch_size: batch,
-        preprocess: Preprocess {
-            size,
-            random_crop: false,
-            flip: false,
-        },
-        reader,
-        require_masks: false,
-    };
-    Ok(ShardLoader::open(&shards, cfg, state)?)
-}
-
 /// The data before batching: all code rows, or the image shards (validation encoded).
 struct Data {
     /// Training rows (code Parquet only).
@@ -170,49 +139,168 @@ struct Data {
     val_source: String,
 }
 
-fn read_data(
-    (opts, run): (&TransformerPlan, &RunSettings),
-    models: &Models,
-    inner: &Device,
-) -> Result<Data, RunError> {
-    if let Some(url) = &opts.codes {
-        let rows = read_code_set(url)?;
-        let (rows, val, val_source) = match &opts.val_codes {
-            Some(v) => (rows, read_code_set(v)?, v.clone()),
-            None => {
-                let (train, val) = hold_out(rows);
-                (train, val, url.clone())
+/// What opening a stage-2 run works with: the plan, the run's settings, the frozen models and
+/// the (non-autodiff) device they run on.
+struct Setup<'a> {
+    opts: &'a TransformerPlan,
+    run: &'a RunSettings,
+    models: Models,
+    inner: Device,
+}
+
+/// One of the image loaders of a run without code Parquet.
+struct ImageSplit<'a> {
+    split: &'a str,
+    batch: usize,
+    train: bool,
+}
+
+impl Setup<'_> {
+    fn image_loader(
+        &self,
+        which: ImageSplit,
+        state: &LoaderState,
+    ) -> Result<ShardLoader, RunError> {
+        let (opts, run) = (self.opts, self.run);
+        let ImageSplit {
+            split,
+            batch,
+            train,
+        } = which;
+        let size = self.models.vqgan.0.ddconfig.resolution;
+        let shards = list_split(&opts.data, split)?;
+        let mut reader = ReaderConfig {
+            shuffle_shards: train,
+            seed: opts.config.seed,
+            ..ReaderConfig::default()
+        };
+        if train {
+            reader.rank = run.rank;
+            reader.world_size = run.world;
+        }
+        let cfg = LoaderConfig {
+            batch_size: batch,
+            preprocess: Preprocess {
+                size,
+                random_crop: false,
+                flip: false,
+            },
+            reader,
+            require_masks: false,
+        };
+        Ok(ShardLoader::open(&shards, cfg, state)?)
+    }
+
+    fn read_data(&self) -> Result<Data, RunError> {
+        let (opts, run, models) = (self.opts, self.run, &self.models);
+        if let Some(url) = &opts.codes {
+            let rows = read_code_set(url)?;
+            let (rows, val, val_source) = match &opts.val_codes {
+                Some(v) => (rows, read_code_set(v)?, v.clone()),
+                None => {
+                    let (train, val) = hold_out(rows);
+                    (train, val, url.clone())
+                }
+            };
+            return Ok(Data {
+                rows: Some(rows),
+                val,
+                source: url.clone(),
+                val_source,
+            });
+        }
+        if opts.cond == CondKind::Segmentation {
+            return Err(output(
+                &run.out,
+                "--cond segmentation trains from code Parquet (dataloader precompute-codes \
+             --cond-vqgan): give --codes",
+            ));
+        }
+        let val_split = ImageSplit {
+            split: "val",
+            batch: 64,
+            train: false,
+        };
+        let mut val_loader = self.image_loader(val_split, &LoaderState::default())?;
+        let val = encode_batch(&models.vqgan.1, &val_loader.next_batch()?, &self.inner);
+        Ok(Data {
+            rows: None,
+            val,
+            source: opts.data.clone(),
+            val_source: opts.data.clone(),
+        })
+    }
+
+    /// The transformer a fresh run builds: the VQGAN's codebook, the window (configured, else
+    /// the data's grid) and the conditioning (classes configured, else found in the code rows).
+    fn model_config(&self, data: &Data) -> Result<TransformerConfig, RunError> {
+        let (opts, run, models) = (self.opts, self.run, &self.models);
+        let first = data
+            .val
+            .first()
+            .ok_or_else(|| output(Path::new(&data.val_source), "holds no samples"))?;
+        let window = opts.config.window.unwrap_or(first.grid);
+        let cond = match opts.cond {
+            CondKind::None => Conditioning::None { sos_token: 0 },
+            CondKind::Class => {
+                let n_classes = match (opts.config.n_classes, &data.rows) {
+                    (Some(n), _) => n,
+                    (None, Some(rows)) => {
+                        let max = rows.iter().filter_map(|r| r.label).max().ok_or_else(|| {
+                            output(
+                                Path::new(&data.source),
+                                "`label` is empty in every row (class conditioning)",
+                            )
+                        })?;
+                        max as usize + 1
+                    }
+                    (None, None) => {
+                        return Err(output(
+                            &run.out,
+                            "class conditioning on images needs `n_classes` in the stage-2 config",
+                        ));
+                    }
+                };
+                Conditioning::Class { n_classes }
+            }
+            CondKind::Segmentation => {
+                let (cfg, _) = models.cond_vqgan.as_ref().expect("checked in load_models");
+                Conditioning::Segmentation {
+                    n_embed: cfg.n_embed,
+                    classes: cfg.ddconfig.in_channels,
+                }
             }
         };
-        return Ok(Data {
-            rows: Some(rows),
-            val,
-            source: url.clone(),
-            val_source,
-        });
+        let model = opts.config.model(models.vqgan.0.n_embed, window, cond);
+        model.validate()?;
+        Ok(model)
     }
-    if opts.cond == CondKind::Segmentation {
-        return Err(output(
-            &run.out,
-            "--cond segmentation trains from code Parquet (dataloader precompute-codes \
-             --cond-vqgan): give --codes",
-        ));
+
+    fn open_batches(&self, data: &mut Data, position: &DataPosition) -> Result<Batches, RunError> {
+        let (opts, run, models) = (self.opts, self.run, &self.models);
+        if let Some(rows) = data.rows.take() {
+            let pos = position.codes.clone().unwrap_or_default();
+            return Ok(Batches::Codes(CodeSampler::new(
+                rows,
+                run.rank,
+                run.world,
+                opts.config.seed,
+                pos,
+            )));
+        }
+        let state = position.images.clone().unwrap_or_default();
+        let train_split = ImageSplit {
+            split: "train",
+            batch: opts.config.batch_size,
+            train: true,
+        };
+        let loader = self.image_loader(train_split, &state)?;
+        Ok(Batches::Images(Box::new((
+            run.ahead(Box::new(loader)),
+            models.vqgan.1.clone(),
+            self.inner.clone(),
+        ))))
     }
-    let mut val_loader = image_loader(
-        (opts, run),
-        models.vqgan.0.ddconfig.resolution,
-        "val",
-        64,
-        &LoaderState::default(),
-        false,
-    )?;
-    let val = encode_batch(&models.vqgan.1, &val_loader.next_batch()?, inner);
-    Ok(Data {
-        rows: None,
-        val,
-        source: opts.data.clone(),
-        val_source: opts.data.clone(),
-    })
 }
 
 /// Most code rows held out for validation when no `--val-codes` is given.
@@ -240,87 +328,6 @@ fn hold_out(rows: Vec<CodeSample>) -> (Vec<CodeSample>, Vec<CodeSample>) {
     (train, val)
 }
 
-/// The transformer a fresh run builds: the VQGAN's codebook, the window (configured, else
-/// the data's grid) and the conditioning (classes configured, else found in the code rows).
-fn model_config(
-    (opts, run): (&TransformerPlan, &RunSettings),
-    models: &Models,
-    data: &Data,
-) -> Result<taming_model::transformer::TransformerConfig, RunError> {
-    let first = data
-        .val
-        .first()
-        .ok_or_else(|| output(Path::new(&data.val_source), "holds no samples"))?;
-    let window = opts.config.window.unwrap_or(first.grid);
-    let cond = match opts.cond {
-        CondKind::None => Conditioning::None { sos_token: 0 },
-        CondKind::Class => {
-            let n_classes = match (opts.config.n_classes, &data.rows) {
-                (Some(n), _) => n,
-                (None, Some(rows)) => {
-                    let max = rows.iter().filter_map(|r| r.label).max().ok_or_else(|| {
-                        output(
-                            Path::new(&data.source),
-                            "`label` is empty in every row (class conditioning)",
-                        )
-                    })?;
-                    max as usize + 1
-                }
-                (None, None) => {
-                    return Err(output(
-                        &run.out,
-                        "class conditioning on images needs `n_classes` in the stage-2 config",
-                    ));
-                }
-            };
-            Conditioning::Class { n_classes }
-        }
-        CondKind::Segmentation => {
-            let (cfg, _) = models.cond_vqgan.as_ref().expect("checked in load_models");
-            Conditioning::Segmentation {
-                n_embed: cfg.n_embed,
-                classes: cfg.ddconfig.in_channels,
-            }
-        }
-    };
-    let model = opts.config.model(models.vqgan.0.n_embed, window, cond);
-    model.validate()?;
-    Ok(model)
-}
-
-fn open_batches(
-    (opts, run): (&TransformerPlan, &RunSettings),
-    models: &Models,
-    data: &mut Data,
-    inner: &Device,
-    position: &DataPosition,
-) -> Result<Batches, RunError> {
-    if let Some(rows) = data.rows.take() {
-        let pos = position.codes.clone().unwrap_or_default();
-        return Ok(Batches::Codes(CodeSampler::new(
-            rows,
-            run.rank,
-            run.world,
-            opts.config.seed,
-            pos,
-        )));
-    }
-    let state = position.images.clone().unwrap_or_default();
-    let loader = image_loader(
-        (opts, run),
-        models.vqgan.0.ddconfig.resolution,
-        "train",
-        opts.config.batch_size,
-        &state,
-        true,
-    )?;
-    Ok(Batches::Images(Box::new((
-        run.ahead(Box::new(loader)),
-        models.vqgan.1.clone(),
-        inner.clone(),
-    ))))
-}
-
 impl Plan for TransformerPlan {
     type Stage = TransformerStage;
 
@@ -331,10 +338,16 @@ impl Plan for TransformerPlan {
     fn open(self, run: &RunSettings, start: Start) -> Result<TransformerStage, RunError> {
         let inner = run.device.clone().inner();
         let models = load_models(&self, run, &inner)?;
-        let mut data = read_data((&self, run), &models, &inner)?;
+        let setup = Setup {
+            opts: &self,
+            run,
+            models,
+            inner,
+        };
+        let mut data = setup.read_data()?;
         let (trainer, position) = match start {
             Start::New => {
-                let model = model_config((&self, run), &models, &data)?;
+                let model = setup.model_config(&data)?;
                 let trainer = Stage2Trainer::new(
                     self.config.clone(),
                     model,
@@ -356,7 +369,8 @@ impl Plan for TransformerPlan {
             check_samples(rows, &model, &data.source)?;
         }
         check_samples(&data.val, &model, &data.val_source)?;
-        let batches = open_batches((&self, run), &models, &mut data, &inner, &position)?;
+        let batches = setup.open_batches(&mut data, &position)?;
+        let Setup { models, inner, .. } = setup;
         Ok(TransformerStage {
             trainer,
             batches,
