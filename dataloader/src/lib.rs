@@ -6,6 +6,13 @@
 //!
 //! This crate computes no gradients and does not depend on burn: batches are plain buffers
 //! that trainers turn into tensors.
+//!
+//! Where to look: [`source`], [`shards`] and [`stream`] (where shards live, shard lists, a
+//! shard as a bounded stream); [`tar_bound`] (tar members bounded as their headers stream
+//! past); [`reader`] (one rank's sample stream and its [`LoaderState`]); [`sample`],
+//! [`label_map`] and [`transform`] (what a sample holds, decoding and augmentation);
+//! [`loader`] and [`prefetch`] (batches, made ahead); [`service`] and [`client`] (the batch
+//! service and its fail-over client); [`pack`] and [`codes`] (shard packing, code Parquet).
 
 pub mod bounds;
 pub mod client;

@@ -1,8 +1,11 @@
-//! The wire formats of taming-rs services, generated from `proto/*.proto`.
+//! The wire formats of taming-rs services, generated from `proto/*.proto` (the
+//! [`coordinator`] and [`dataloader`] gRPC services, compiled with protox).
 //!
-//! This crate computes nothing: it holds messages, tonic clients/servers, the token
-//! interceptors and the TLS settings every service shares, and (in [`job`]) the coordinator's
-//! messages as validated Rust types.
+//! This crate computes nothing and does not link burn. Besides the generated messages and
+//! tonic clients/servers it holds what every service shares: the cluster token and worker
+//! secrets ([`auth`]), TLS settings ([`tls`]), the Prometheus text format ([`metrics`]), and
+//! in [`job`] the coordinator's messages as checked Rust types (stage, job and rank states,
+//! collective, conditioning, one type per stage's fields), decoded once where they arrive.
 
 pub mod auth;
 pub mod job;
