@@ -45,12 +45,13 @@ else
     TAMING_PYTHON=$(command -v python3)
     export TAMING_PYTHON
 fi
-if ! "$TAMING_PYTHON" -c 'import webdataset' 2>/dev/null; then
-    echo "== installing webdataset into $pyenv"
+# tbparse (with tensorboard) reads the event files runs write.
+if ! "$TAMING_PYTHON" -c 'import webdataset, tbparse' 2>/dev/null; then
+    echo "== installing webdataset and tbparse into $pyenv"
     if [ -f "$pyenv/pyvenv.cfg" ]; then
-        "$pyenv/bin/pip" install --quiet webdataset
+        "$pyenv/bin/pip" install --quiet webdataset tbparse
     else
-        python3 -m pip install --quiet --prefix "$pyenv" webdataset
+        python3 -m pip install --quiet --prefix "$pyenv" webdataset tbparse
     fi
 fi
 

@@ -47,6 +47,76 @@ pub fn ssim(x: Tensor<4>, y: Tensor<4>) -> Vec<f64> {
     per_image(num / den)
 }
 
+/// Reconstruction quality over a set of images, accumulated batch by batch: the per-image
+/// means of L1, PSNR and SSIM with the reconstructions clamped to [-1, 1] (as the reference
+/// logs them), and the share of the codebook the images' codes use.
+#[derive(Debug, Clone)]
+pub struct Reconstructions {
+    l1: Vec<f64>,
+    psnr: Vec<f64>,
+    ssim: Vec<f64>,
+    used: Vec<bool>,
+}
+
+/// What [`Reconstructions`] measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReconstructionReport {
+    /// Images measured.
+    pub images: usize,
+    /// Mean L1.
+    pub l1: f64,
+    /// Mean PSNR (dB).
+    pub psnr: f64,
+    /// Mean SSIM.
+    pub ssim: f64,
+    /// Codes used at least once, over the codebook's size.
+    pub usage: f64,
+    /// Codes used at least once.
+    pub codes_used: usize,
+}
+
+impl Reconstructions {
+    /// Nothing measured yet, for a codebook of `n_embed` codes.
+    pub fn new(n_embed: usize) -> Self {
+        Self {
+            l1: Vec::new(),
+            psnr: Vec::new(),
+            ssim: Vec::new(),
+            used: vec![false; n_embed],
+        }
+    }
+
+    /// Adds a batch: inputs `x`, reconstructions `rec` (clamped here), and the codes used.
+    pub fn add(&mut self, x: Tensor<4>, rec: Tensor<4>, codes: &[i64]) {
+        let rec = rec.clamp(-1.0, 1.0);
+        self.l1.extend(l1(x.clone(), rec.clone()));
+        self.psnr.extend(psnr(x.clone(), rec.clone()));
+        self.ssim.extend(ssim(x, rec));
+        for &code in codes {
+            if let Some(u) = usize::try_from(code)
+                .ok()
+                .and_then(|c| self.used.get_mut(c))
+            {
+                *u = true;
+            }
+        }
+    }
+
+    /// The means over every image added.
+    pub fn report(&self) -> ReconstructionReport {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let codes_used = self.used.iter().filter(|u| **u).count();
+        ReconstructionReport {
+            images: self.l1.len(),
+            l1: mean(&self.l1),
+            psnr: mean(&self.psnr),
+            ssim: mean(&self.ssim),
+            usage: codes_used as f64 / self.used.len().max(1) as f64,
+            codes_used,
+        }
+    }
+}
+
 fn gaussian_window(channels: usize, device: &burn::tensor::Device) -> Tensor<4> {
     let g: Vec<f64> = (0..11)
         .map(|i| (-((i as f64 - 5.0).powi(2)) / (2.0 * 1.5 * 1.5)).exp())
@@ -90,6 +160,22 @@ mod tests {
         );
         assert!(l1(x.clone(), x.clone()).iter().all(|v| *v == 0.0));
         assert!(psnr(x.clone(), x).iter().all(|p| *p >= 100.0));
+    }
+
+    #[test]
+    fn reconstructions_clamp_and_average_over_images_and_count_codes() {
+        let device = Device::flex();
+        let x = Tensor::<4>::zeros([2, 3, 16, 16], &device);
+        let mut r = Reconstructions::new(8);
+        // Reconstructions of 3.0 are clamped to 1.0: L1 1, PSNR 10 log10(1 / 0.25).
+        r.add(x.clone(), x.clone().add_scalar(3.0), &[1, 1, 5]);
+        r.add(x.clone().narrow(0, 0, 1), x.narrow(0, 0, 1), &[9, -1]);
+        let rep = r.report();
+        assert_eq!(rep.images, 3);
+        assert!((rep.l1 - 2.0 / 3.0).abs() < 1e-6, "{rep:?}");
+        let expected_psnr = (2.0 * 10.0 * 4f64.log10() + 10.0 * 1e12f64.log10()) / 3.0;
+        assert!((rep.psnr - expected_psnr).abs() < 1e-3, "{rep:?}");
+        assert_eq!((rep.codes_used, rep.usage), (2, 0.25));
     }
 
     #[test]

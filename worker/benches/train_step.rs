@@ -47,6 +47,7 @@ fn config() -> Stage1Config {
         grad_clip: None,
         flip: false,
         seed: 0,
+        val_images: None,
     }
 }
 

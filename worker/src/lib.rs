@@ -9,6 +9,7 @@
 //! - [`cli`]: the `worker` command line;
 //! - [`agent`]: the cluster worker (registration, heartbeats, assignments, the ring);
 //! - [`checkpoint`], [`mirror`]: checkpoints with attempt fencing and their object-store copy;
+//! - [`tensorboard`]: the event files every run writes;
 //! - [`settings`], [`devices`], [`metrics`], [`defaults`], [`failpoint`].
 
 pub mod agent;
@@ -26,3 +27,4 @@ pub mod plan;
 pub mod settings;
 pub mod stage1;
 pub mod stage2;
+pub mod tensorboard;

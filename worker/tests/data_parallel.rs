@@ -53,6 +53,7 @@ fn config(batch_size: usize) -> Stage1Config {
         grad_clip: None,
         flip: false,
         seed: 5,
+        val_images: Some(16),
     }
 }
 

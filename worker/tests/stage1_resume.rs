@@ -49,6 +49,7 @@ fn config() -> Stage1Config {
         grad_clip: Some(1.0),
         flip: true,
         seed: 11,
+        val_images: Some(16),
     }
 }
 

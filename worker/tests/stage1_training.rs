@@ -43,6 +43,7 @@ fn small_config(disc_start: u64) -> Stage1Config {
         grad_clip: None,
         flip: false,
         seed: 3,
+        val_images: Some(16),
     }
 }
 

@@ -74,7 +74,8 @@ pub fn run(
         {
             used[code as usize] = true;
         }
-        let rec = out.reconstruction;
+        // Clamped as the reference logs reconstructions (and as training validates).
+        let rec = out.reconstruction.clamp(-1.0, 1.0);
         l1.extend(metrics::l1(x.clone(), rec.clone()));
         psnr.extend(metrics::psnr(x.clone(), rec.clone()));
         ssim.extend(metrics::ssim(x.clone(), rec.clone()));

@@ -1,14 +1,15 @@
 //! The run engine both stages go through: a [`Plan`] opens a [`Stage`] (fresh, or from the
 //! run's latest checkpoint), and [`train`] drives it: the data-parallel group, the step loop
 //! with its timing, evaluation and checkpoint cadence, attempt fencing, the object-store
-//! uploader, `metrics.csv` and `loss.png`, the per-step hook, and the stage's own outputs at
-//! the end.
+//! uploader, the metrics (`metrics.csv` appended row by row, TensorBoard events, `loss.png`),
+//! the per-step hook, and the stage's pictures and model at the end.
 //!
 //! Run folder: `checkpoints/` (see [`crate::checkpoint`]), `loader/` (the data position of
-//! every rank but 0 at each checkpoint), `metrics.csv`, `loss.png`, then what the stage
-//! writes at the end (`model/` and a picture).
+//! every rank but 0 at each checkpoint), `metrics.csv`, `tb/` (TensorBoard), `loss.png`, the
+//! stage's pictures (`val_grid.png` or `samples.png`) and `model/`.
 
 pub mod error;
+mod log;
 pub mod rows;
 
 use std::path::{Path, PathBuf};
@@ -38,10 +39,13 @@ pub struct StepOutput {
     pub data_wait: Duration,
 }
 
+/// A picture a stage shows: its name (the PNG's stem and the TensorBoard tag) and pixels.
+pub type Picture = (&'static str, image::RgbImage);
+
 /// A training run in progress: a model, its optimizers and its data.
 pub trait Stage: Sized {
     /// The stage's metric columns.
-    fn columns(&self) -> &'static Columns;
+    fn columns(&self) -> Columns;
     /// Optimizer steps taken.
     fn step(&self) -> u64;
     /// Takes part in a data-parallel group from now on (parameters copied from rank 0).
@@ -50,8 +54,11 @@ pub trait Stage: Sized {
     fn comm_time(&self) -> Duration;
     /// One optimizer step (all its micro-batches).
     fn train_step(self) -> Result<(Self, StepOutput), RunError>;
-    /// The validation metric (lower is better).
-    fn evaluate(&self) -> Result<f64, RunError>;
+    /// The validation metrics, one per [`Columns::val`] (the first: lower is better).
+    fn evaluate(&self) -> Result<Vec<f64>, RunError>;
+    /// What the model makes now, as pictures: at every evaluation, and at the end (`last`),
+    /// when they are also written into the run folder.
+    fn pictures(&self, last: bool) -> Result<Vec<Picture>, RunError>;
     /// Where this rank's training data stands (saved for ranks > 0 beside each checkpoint).
     fn data_position(&self) -> serde_json::Value;
     /// Writes a checkpoint of this step into `ckpt_dir`, keeping the newest `keep`.
@@ -60,7 +67,7 @@ pub trait Stage: Sized {
     fn skipped(&self) -> u64 {
         0
     }
-    /// Writes the stage's outputs into the run folder `out` (the model, a picture).
+    /// Writes the trained model into the run folder `out`.
     fn finish(&self, out: &Path) -> Result<(), RunError>;
 }
 
@@ -119,19 +126,16 @@ pub fn train<P: Plan>(
     };
     let mut stage = plan.open(&run, start)?;
     let columns = stage.columns();
-    let mut rows: Vec<Row> = rows::read_csv(&run.out.join("metrics.csv"), columns)
-        .into_iter()
-        .filter(|r| r.step <= stage.step())
-        .collect();
+    let lead = run.rank == 0;
+    let mut log = log::MetricsLog::open(&run.out, &columns, stage.step(), lead)?;
     if let Some(group) = run.group.take() {
         stage = stage.join(Group::new(group))?;
     }
-    let lead = run.rank == 0;
     if lead {
         checkpoint::claim(&ckpt_dir, run.attempt)?;
         uploader.claim(&run.out)?;
     }
-    let first_val = stage.evaluate()?;
+    let first_val = first(&stage.evaluate()?);
     let mut last_val = first_val;
     let bar = progress_bar(progress, run.steps, stage.step());
     while stage.step() < run.steps {
@@ -153,31 +157,40 @@ pub fn train<P: Plan>(
         } else {
             None
         };
-        last_val = val.unwrap_or(last_val);
-        rows.push(Row {
+        let row = Row {
             step,
             values: out.values,
             rate: out.samples / timing.step_s,
             val,
             timing,
-        });
-        let row = rows.last().expect("pushed");
+        };
+        last_val = row.first_val().unwrap_or(last_val);
+        log.append(&row)?;
+        if evaluate && step < run.steps && lead {
+            log.pictures(step, &stage.pictures(false)?)?;
+        }
         bar.set_position(step);
-        bar.set_message(message(columns, row, last_val));
+        bar.set_message(message(&columns, &row, last_val));
         if step % run.checkpoint_every.max(1) == 0 || step == run.steps {
-            save(&run, &stage, &rows, &mut uploader)?;
+            save(&run, &stage, &mut uploader)?;
         }
         if let Some(hook) = hook.as_mut()
-            && !hook(columns, row)
+            && !hook(&columns, &row)
         {
             return Err(RunError::Stopped(step));
         }
     }
     bar.finish();
     if lead {
-        // The upload in flight reads files that the stage's outputs rewrite.
+        // The upload in flight reads files that the outputs rewrite.
         uploader.wait()?;
-        write_curves(&run.out, columns, &rows)?;
+        log.finish()?;
+        let pictures = stage.pictures(true)?;
+        log.pictures(stage.step(), &pictures)?;
+        for (name, picture) in &pictures {
+            let path = run.out.join(format!("{name}.png"));
+            taming_model::image_io::write_png(picture, &path)?;
+        }
         stage.finish(&run.out)?;
         uploader.push_outputs(&run.out)?;
     }
@@ -188,6 +201,11 @@ pub fn train<P: Plan>(
         skipped: stage.skipped(),
         model_dir: run.out.join("model"),
     })
+}
+
+/// The first of a stage's validation metrics.
+fn first(values: &[f64]) -> f64 {
+    values.first().copied().unwrap_or(f64::NAN)
 }
 
 /// Whether the run continues from the checkpoint in `ckpt_dir`. A run folder holding a run is
@@ -206,14 +224,9 @@ fn resumes(run: &RunSettings, ckpt_dir: &Path) -> Result<bool, RunError> {
     Ok(has_checkpoint)
 }
 
-/// A checkpoint step: rank 0 writes the checkpoint and the metrics and uploads them; every
-/// other rank saves its data position.
-fn save<S: Stage>(
-    run: &RunSettings,
-    stage: &S,
-    rows: &[Row],
-    uploader: &mut Uploader,
-) -> Result<(), RunError> {
+/// A checkpoint step: rank 0 writes the checkpoint and uploads it with the metrics so far;
+/// every other rank saves its data position.
+fn save<S: Stage>(run: &RunSettings, stage: &S, uploader: &mut Uploader) -> Result<(), RunError> {
     let ckpt_dir = run.out.join("checkpoints");
     checkpoint::check_fence(&ckpt_dir, run.attempt)?;
     if run.rank != 0 {
@@ -222,17 +235,8 @@ fn save<S: Stage>(
     // The previous upload reads the files this step rewrites or prunes.
     uploader.wait()?;
     let dir = stage.save_checkpoint(&ckpt_dir, run.keep)?;
-    let csv = run.out.join("metrics.csv");
-    rows::write_csv(&csv, stage.columns(), rows).map_err(|e| output(&csv, e))?;
     uploader.push_checkpoint(&run.out, &dir)?;
     Ok(())
-}
-
-fn write_curves(out: &Path, columns: &Columns, rows: &[Row]) -> Result<(), RunError> {
-    let csv = out.join("metrics.csv");
-    rows::write_csv(&csv, columns, rows).map_err(|e| output(&csv, e))?;
-    let png = out.join("loss.png");
-    rows::plot_losses(&png, columns, rows).map_err(|e| output(&png, e))
 }
 
 /// The run-relative name of a rank's data position at a checkpoint step.
@@ -300,7 +304,7 @@ fn message(columns: &Columns, row: &Row, last_val: f64) -> String {
     format!(
         "{} | {} {last_val:.4} | {:.1} {}",
         values.join(" "),
-        columns.val,
+        columns.val.first().map_or("val", String::as_str),
         row.rate,
         columns.rate
     )

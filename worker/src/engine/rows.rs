@@ -8,14 +8,15 @@ use plotters::prelude::*;
 use crate::metrics::StepTiming;
 
 /// The metric columns of a stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Columns {
     /// The step's values, in CSV order.
     pub values: &'static [&'static str],
     /// The throughput column (`images_per_s`, `tokens_per_s`).
     pub rate: &'static str,
-    /// The validation column, filled at evaluation steps.
-    pub val: &'static str,
+    /// The validation columns, filled at evaluation steps; the first is the one a run's
+    /// summary and `loss.png` follow.
+    pub val: Vec<String>,
     /// The training columns `loss.png` draws beside the validation curve.
     pub plotted: &'static [&'static str],
 }
@@ -25,7 +26,8 @@ impl Columns {
     pub fn header(&self) -> String {
         let mut names = vec!["step"];
         names.extend(self.values);
-        names.extend([self.rate, self.val]);
+        names.push(self.rate);
+        names.extend(self.val.iter().map(String::as_str));
         names.join(",")
     }
 
@@ -43,8 +45,8 @@ pub struct Row {
     pub values: Vec<f64>,
     /// Training samples (images or tokens) per second.
     pub rate: f64,
-    /// The validation metric when evaluated at this step.
-    pub val: Option<f64>,
+    /// The validation metrics (one per [`Columns::val`]) when evaluated at this step.
+    pub val: Option<Vec<f64>>,
     /// Where the step's time went (not in the CSV).
     pub timing: StepTiming,
 }
@@ -55,16 +57,41 @@ impl Row {
         columns.index(name).map(|i| self.values[i])
     }
 
-    /// The values with their names, then the validation value when there is one.
-    pub fn named(&self, columns: &Columns) -> Vec<(&'static str, f64)> {
-        let mut out: Vec<_> = columns
+    /// The values with their names, then the validation values when there are any.
+    pub fn named<'a>(&self, columns: &'a Columns) -> Vec<(&'a str, f64)> {
+        let mut out: Vec<(&str, f64)> = columns
             .values
             .iter()
             .copied()
             .zip(self.values.iter().copied())
             .collect();
-        out.extend(self.val.map(|v| (columns.val, v)));
+        if let Some(val) = &self.val {
+            out.extend(
+                columns
+                    .val
+                    .iter()
+                    .map(String::as_str)
+                    .zip(val.iter().copied()),
+            );
+        }
         out
+    }
+
+    /// The first validation metric, when evaluated.
+    pub fn first_val(&self) -> Option<f64> {
+        self.val.as_ref().and_then(|v| v.first().copied())
+    }
+
+    /// The CSV line (no newline).
+    pub fn csv_line(&self, columns: &Columns) -> String {
+        let mut fields = vec![self.step.to_string()];
+        fields.extend(self.values.iter().map(f64::to_string));
+        fields.push(self.rate.to_string());
+        match &self.val {
+            Some(val) => fields.extend(val.iter().map(f64::to_string)),
+            None => fields.extend(columns.val.iter().map(|_| String::new())),
+        }
+        fields.join(",")
     }
 }
 
@@ -77,11 +104,7 @@ pub fn write_csv(
     let mut text = columns.header();
     text.push('\n');
     for r in rows {
-        let mut fields = vec![r.step.to_string()];
-        fields.extend(r.values.iter().map(f64::to_string));
-        fields.push(r.rate.to_string());
-        fields.push(r.val.map(|v| v.to_string()).unwrap_or_default());
-        text.push_str(&fields.join(","));
+        text.push_str(&r.csv_line(columns));
         text.push('\n');
     }
     taming_model::atomic::write(path, text.as_bytes())
@@ -98,18 +121,19 @@ pub fn read_csv(path: &Path, columns: &Columns) -> Vec<Row> {
         return Vec::new();
     }
     let width = columns.values.len();
+    let parse =
+        |fields: &[&str]| -> Option<Vec<f64>> { fields.iter().map(|v| v.parse().ok()).collect() };
     lines
         .filter_map(|line| {
             let f: Vec<&str> = line.split(',').collect();
-            if f.len() != width + 3 {
+            if f.len() != width + 2 + columns.val.len() {
                 return None;
             }
-            let values: Option<Vec<f64>> = f[1..=width].iter().map(|v| v.parse().ok()).collect();
             Some(Row {
                 step: f[0].parse().ok()?,
-                values: values?,
+                values: parse(&f[1..=width])?,
                 rate: f[width + 1].parse().ok()?,
-                val: f[width + 2].parse().ok(),
+                val: parse(&f[width + 2..]),
                 timing: StepTiming::default(),
             })
         })
@@ -135,8 +159,11 @@ pub fn plot_losses(path: &Path, columns: &Columns, rows: &[Row]) -> Result<(), S
             (format!("train {name}"), points)
         })
         .collect();
-    let val = rows.iter().filter_map(|r| r.val.map(|v| (r.step, v)));
-    series.push((columns.val.replace('_', " "), val.collect()));
+    let val = rows
+        .iter()
+        .filter_map(|r| r.first_val().map(|v| (r.step, v)));
+    let val_name = columns.val.first().map_or("validation", String::as_str);
+    series.push((val_name.replace('_', " "), val.collect()));
     let tmp = path.with_file_name(format!(".loss.tmp-{}.png", std::process::id()));
     draw(&tmp, &series).map_err(|e| e.to_string())?;
     std::fs::rename(&tmp, path).map_err(|e| e.to_string())
@@ -215,12 +242,14 @@ fn register_font() -> bool {
 mod tests {
     use super::*;
 
-    const COLUMNS: Columns = Columns {
-        values: &["loss", "lr"],
-        rate: "tokens_per_s",
-        val: "val_loss",
-        plotted: &["loss"],
-    };
+    fn columns() -> Columns {
+        Columns {
+            values: &["loss", "lr"],
+            rate: "tokens_per_s",
+            val: vec!["val_loss".into(), "val_acc".into()],
+            plotted: &["loss"],
+        }
+    }
 
     #[test]
     fn rows_round_trip_exactly_through_the_csv() {
@@ -238,26 +267,31 @@ mod tests {
                 step: 2,
                 values: vec![1.0 / 3.0, 2.5e-4],
                 rate: 99.0,
-                val: Some(0.7),
+                val: Some(vec![0.7, 0.5]),
                 timing: StepTiming::default(),
             },
         ];
-        write_csv(&path, &COLUMNS, &rows).unwrap();
+        let columns = columns();
+        write_csv(&path, &columns, &rows).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(
-            text.starts_with("step,loss,lr,tokens_per_s,val_loss\n"),
+            text.starts_with("step,loss,lr,tokens_per_s,val_loss,val_acc\n1,"),
             "{text}"
         );
-        assert_eq!(read_csv(&path, &COLUMNS), rows);
+        assert!(
+            text.contains("\n1,0.30000000000000004,0.0003,1234.5,,\n"),
+            "{text}"
+        );
+        assert_eq!(read_csv(&path, &columns), rows);
         let other = Columns {
             values: &["l1"],
-            ..COLUMNS
+            ..columns.clone()
         };
         assert!(
             read_csv(&path, &other).is_empty(),
             "another header is not read"
         );
-        plot_losses(&dir.path().join("loss.png"), &COLUMNS, &rows).unwrap();
+        plot_losses(&dir.path().join("loss.png"), &columns, &rows).unwrap();
         let png = image::open(dir.path().join("loss.png")).unwrap();
         assert_eq!((png.width(), png.height()), (800, 500));
     }
@@ -268,14 +302,21 @@ mod tests {
             step: 3,
             values: vec![2.0, 0.5],
             rate: 1.0,
-            val: Some(1.5),
+            val: Some(vec![1.5, 0.25]),
             timing: StepTiming::default(),
         };
+        let columns = columns();
         assert_eq!(
-            row.named(&COLUMNS),
-            vec![("loss", 2.0), ("lr", 0.5), ("val_loss", 1.5)]
+            row.named(&columns),
+            vec![
+                ("loss", 2.0),
+                ("lr", 0.5),
+                ("val_loss", 1.5),
+                ("val_acc", 0.25)
+            ]
         );
-        assert_eq!(row.get(&COLUMNS, "lr"), Some(0.5));
-        assert_eq!(row.get(&COLUMNS, "l1"), None);
+        assert_eq!(row.get(&columns, "lr"), Some(0.5));
+        assert_eq!(row.get(&columns, "l1"), None);
+        assert_eq!(row.first_val(), Some(1.5));
     }
 }

@@ -47,6 +47,11 @@ pub struct Stage1Config {
     /// Seed of initialization, data order and augmentation.
     #[serde(default)]
     pub seed: u64,
+    /// Validation images evaluated at each evaluation step (the first ones of the split);
+    /// absent: the whole validation split. The metric columns name the count when set
+    /// (`val256_l1`).
+    #[serde(default)]
+    pub val_images: Option<usize>,
 }
 
 fn base_lr() -> f64 {
@@ -76,6 +81,12 @@ impl Stage1Config {
             key: key.into(),
             reason: reason.into(),
         };
+        if self.val_images == Some(0) {
+            return Err(bad(
+                "val_images",
+                "must be positive (absent: the whole split)",
+            ));
+        }
         if self.batch_size == 0 {
             return Err(bad("batch_size", "must be positive"));
         }

@@ -7,5 +7,5 @@ pub mod stage;
 pub mod trainer;
 
 pub use config::{Objective, Stage1Config};
-pub use stage::{COLUMNS, VqganPlan, VqganStage};
+pub use stage::{VqganPlan, VqganStage, columns};
 pub use trainer::{Stage1State, Stage1Trainer, StepReport};

@@ -1,19 +1,14 @@
-//! The pictures a stage-1 run leaves: validation inputs beside their reconstructions, label
-//! maps in colour. Every file is written beside its name and renamed.
-
-use std::path::Path;
+//! The pictures a stage-1 run shows: validation inputs beside their reconstructions, label
+//! maps in colour.
 
 use burn::tensor::Tensor;
 use image::RgbImage;
 
-/// A grid with one row per image: input on the left, reconstruction on the right.
-pub fn write_grid(
-    path: &Path,
-    inputs: &[RgbImage],
-    reconstructions: &[RgbImage],
-) -> Result<(), String> {
+/// A grid with one row per image: input on the left, reconstruction on the right, four pairs
+/// a row.
+pub fn grid(inputs: &[RgbImage], reconstructions: &[RgbImage]) -> RgbImage {
     let Some(first) = inputs.first() else {
-        return Ok(());
+        return RgbImage::new(1, 1);
     };
     let (w, h) = first.dimensions();
     let per_row = 4u32; // pairs per row
@@ -31,9 +26,7 @@ pub fn write_grid(
         image::imageops::replace(&mut grid, a, x as i64, y as i64);
         image::imageops::replace(&mut grid, b, (x + w + gap) as i64, y as i64);
     }
-    let tmp = path.with_file_name(format!(".grid.tmp-{}.png", std::process::id()));
-    grid.save(&tmp).map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+    grid
 }
 
 /// The first map of `[b, labels, h, w]` scores as colours (label of the highest score; label

@@ -1,7 +1,8 @@
 //! Stage 1 as the run engine drives it: image shards read locally or streamed from dataloader
-//! services, the trainer's step, validation L1 on a fixed batch, and at the end
-//! `val_grid.png` (inputs beside reconstructions) and `model/` (the project's model format,
-//! for `vqgan encode|decode|reconstruct|eval`).
+//! services, the trainer's step, validation over the whole validation split (or the first
+//! `val_images`): L1, PSNR, SSIM and codebook usage of clamped reconstructions, as `vqgan eval`
+//! measures them; the validation grid (the first 16 inputs beside their reconstructions), and
+//! at the end `model/` (the project's model format, for `vqgan encode|decode|reconstruct|eval`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,26 +17,42 @@ use taming_dataloader::{
 };
 use taming_model::checkpoint::native;
 use taming_model::image_io::to_image;
+use taming_model::metrics::Reconstructions;
 use taming_model::quantize::QuantizeMode;
 
 use super::config::{Objective, Stage1Config};
-use super::report::{label_image, write_grid};
+use super::report::{grid, label_image};
 use super::trainer::{Stage1Trainer, StepReport};
-use crate::engine::{self, Columns, Plan, RunError, Stage, Start, StepOutput, output};
+use crate::engine::{self, Columns, Picture, Plan, RunError, Stage, Start, StepOutput, output};
 use crate::learner::Group;
 use crate::settings::RunSettings;
 
-/// The columns of a stage-1 `metrics.csv`.
-pub const COLUMNS: Columns = Columns {
-    values: &[
-        "total", "nll", "l1", "p_loss", "quant", "g_loss", "d_loss", "d_weight", "usage",
-    ],
-    rate: "images_per_s",
-    val: "val_l1",
-    plotted: &["l1", "nll"],
-};
+/// The training columns of a stage-1 `metrics.csv`.
+pub const VALUES: &[&str] = &[
+    "total", "nll", "l1", "p_loss", "quant", "g_loss", "d_loss", "d_weight", "usage",
+];
 
-/// Validation images evaluated at every evaluation step.
+/// The columns of a stage-1 `metrics.csv`: the training values, then the validation metrics
+/// (`val_l1`, `val_psnr`, `val_ssim`, `val_usage`; for the segmentation objective `val_l1` of
+/// the label probabilities), named `val{N}_...` when only the first `N` images are evaluated.
+pub fn columns(config: &Stage1Config) -> Columns {
+    let prefix = match config.val_images {
+        Some(n) => format!("val{n}_"),
+        None => "val_".into(),
+    };
+    let names: &[&str] = match config.objective {
+        Objective::Vqgan => &["l1", "psnr", "ssim", "usage"],
+        Objective::Segmentation => &["l1"],
+    };
+    Columns {
+        values: VALUES,
+        rate: "images_per_s",
+        val: names.iter().map(|n| format!("{prefix}{n}")).collect(),
+        plotted: &["l1", "nll"],
+    }
+}
+
+/// Validation images per batch, and in the validation grid.
 const VAL_BATCH: usize = 16;
 
 /// What a stage-1 run trains on.
@@ -97,17 +114,21 @@ impl VqganPlan {
         Ok(run.ahead(source))
     }
 
-    fn validation(&self) -> Result<ImageBatch, RunError> {
+    /// The validation split, from its first image.
+    fn validation_loader(&self) -> Result<ShardLoader, RunError> {
         let shards = list_split(&self.data, "val")?;
         let cfg = self.loader_config(VAL_BATCH, false);
-        ShardLoader::open(&shards, cfg, &LoaderState::default())?
-            .next_in_epoch()?
-            .ok_or_else(|| {
-                output(
-                    Path::new(&self.data),
-                    "the validation shards hold no usable sample",
-                )
-            })
+        Ok(ShardLoader::open(&shards, cfg, &LoaderState::default())?)
+    }
+
+    /// The first validation batch (the grid's images).
+    fn validation(&self) -> Result<ImageBatch, RunError> {
+        self.validation_loader()?.next_in_epoch()?.ok_or_else(|| {
+            output(
+                Path::new(&self.data),
+                "the validation shards hold no usable sample",
+            )
+        })
     }
 }
 
@@ -183,8 +204,8 @@ impl VqganStage {
 }
 
 impl Stage for VqganStage {
-    fn columns(&self) -> &'static Columns {
-        &COLUMNS
+    fn columns(&self) -> Columns {
+        columns(&self.plan.config)
     }
 
     fn step(&self) -> u64 {
@@ -224,8 +245,56 @@ impl Stage for VqganStage {
         Ok((stage, out))
     }
 
-    fn evaluate(&self) -> Result<f64, RunError> {
-        Ok(self.trainer.eval_l1(self.val_x.clone()))
+    fn evaluate(&self) -> Result<Vec<f64>, RunError> {
+        let _span = tracing::info_span!("evaluate").entered();
+        let model = self.trainer.model().valid();
+        let config = &self.plan.config;
+        let mut loader = self.plan.validation_loader()?;
+        let mut left = config.val_images.unwrap_or(usize::MAX);
+        let mut measured = Reconstructions::new(config.model.n_embed);
+        let mut seg_l1 = (0.0, 0usize);
+        while left > 0
+            && let Some(batch) = loader.next_in_epoch()?
+        {
+            let x = self.trainer.input(&batch)?.inner();
+            let n = x.dims()[0].min(left);
+            left -= n;
+            let x = x.narrow(0, 0, n);
+            let out = model.forward(x.clone(), QuantizeMode::EVAL);
+            if config.objective == Objective::Segmentation {
+                let probs = burn::tensor::activation::sigmoid(out.reconstruction);
+                let l1 = (x - probs).abs().mean().into_scalar::<f32>() as f64;
+                seg_l1 = (seg_l1.0 + l1 * n as f64, seg_l1.1 + n);
+                continue;
+            }
+            let codes = out
+                .quantized
+                .indices
+                .try_into_vec_as::<i64>()
+                .expect("int codes");
+            measured.add(x, out.reconstruction, &codes);
+        }
+        if config.objective == Objective::Segmentation {
+            return Ok(vec![seg_l1.0 / seg_l1.1.max(1) as f64]);
+        }
+        let r = measured.report();
+        Ok(vec![r.l1, r.psnr, r.ssim, r.usage])
+    }
+
+    fn pictures(&self, _last: bool) -> Result<Vec<Picture>, RunError> {
+        let model = self.trainer.model().valid();
+        let x = self.val_x.clone().inner();
+        let rec = model.forward(x.clone(), QuantizeMode::EVAL).reconstruction;
+        let picture = |t: Tensor<4>| match self.trainer.objective() {
+            Objective::Vqgan => to_image(t.clamp(-1.0, 1.0)),
+            Objective::Segmentation => label_image(t),
+        };
+        let pictures = |t: &Tensor<4>| -> Vec<_> {
+            (0..self.val.shape[0])
+                .map(|i| picture(t.clone().narrow(0, i, 1)))
+                .collect()
+        };
+        Ok(vec![("val_grid", grid(&pictures(&x), &pictures(&rec)))])
     }
 
     fn data_position(&self) -> serde_json::Value {
@@ -244,19 +313,6 @@ impl Stage for VqganStage {
 
     fn finish(&self, out: &Path) -> Result<(), RunError> {
         let model = self.trainer.model().valid();
-        let x = self.val_x.clone().inner();
-        let rec = model.forward(x.clone(), QuantizeMode::EVAL).reconstruction;
-        let picture = |t: Tensor<4>| match self.trainer.objective() {
-            Objective::Vqgan => to_image(t),
-            Objective::Segmentation => label_image(t),
-        };
-        let pictures = |t: &Tensor<4>| -> Vec<_> {
-            (0..self.val.shape[0])
-                .map(|i| picture(t.clone().narrow(0, i, 1)))
-                .collect()
-        };
-        let grid = out.join("val_grid.png");
-        write_grid(&grid, &pictures(&x), &pictures(&rec)).map_err(|e| output(&grid, e))?;
         let model_dir = out.join("model");
         native::save_model(
             &model_dir,

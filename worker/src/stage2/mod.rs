@@ -7,5 +7,5 @@ pub mod stage;
 pub mod trainer;
 
 pub use config::{GptShape, Schedule, Stage2Config};
-pub use stage::{COLUMNS, CondKind, TransformerPlan, TransformerStage};
+pub use stage::{CondKind, TransformerPlan, TransformerStage, columns};
 pub use trainer::{Stage2Trainer, StepReport};

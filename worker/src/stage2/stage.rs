@@ -1,7 +1,7 @@
 //! Stage 2 as the run engine drives it: the data (code Parquet, or images encoded on the fly
-//! by the frozen VQGAN), the trainer's step, validation cross-entropy, and at the end
-//! `samples.png` (decoded samples, one row per condition) and `model/` (the transformer
-//! directory for `vqgan sample`).
+//! by the frozen VQGAN), the trainer's step, validation cross-entropy, and at the end the
+//! samples (decoded, one row per condition) and `model/` (the transformer directory for
+//! `vqgan sample`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use taming_dataloader::{
     BatchSource, LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader,
 };
 use taming_model::checkpoint::native;
-use taming_model::image_io::{tile, write_png};
+use taming_model::image_io::tile;
 use taming_model::synthesis::{SynthCond, Synthesizer};
 use taming_model::transformer::{Conditioning, GridCond, Sampling, TransformerConfig};
 use taming_model::{Vqgan, VqganConfig};
@@ -21,17 +21,20 @@ use taming_model::{Vqgan, VqganConfig};
 use super::config::Stage2Config;
 use super::data::{CodeSample, CodeSampler, check_samples, encode_batch, read_code_set};
 use super::trainer::{DataPosition, Stage2Trainer, StepReport};
-use crate::engine::{self, Columns, Plan, RunError, Stage, Start, StepOutput, output};
+use crate::engine::{self, Columns, Picture, Plan, RunError, Stage, Start, StepOutput, output};
 use crate::learner::Group;
 use crate::settings::RunSettings;
 
-/// The columns of a stage-2 `metrics.csv`.
-pub const COLUMNS: Columns = Columns {
-    values: &["loss", "lr"],
-    rate: "tokens_per_s",
-    val: "val_loss",
-    plotted: &["loss"],
-};
+/// The columns of a stage-2 `metrics.csv`: training cross-entropy and learning rate, tokens
+/// per second, validation cross-entropy.
+pub fn columns() -> Columns {
+    Columns {
+        values: &["loss", "lr"],
+        rate: "tokens_per_s",
+        val: vec!["val_loss".into()],
+        plotted: &["loss"],
+    }
+}
 
 /// What the transformer is conditioned on: the cluster protocol's type, so that a job's
 /// conditioning means one thing from the command line to the trainer.
@@ -416,8 +419,8 @@ impl TransformerStage {
 }
 
 impl Stage for TransformerStage {
-    fn columns(&self) -> &'static Columns {
-        &COLUMNS
+    fn columns(&self) -> Columns {
+        columns()
     }
 
     fn step(&self) -> u64 {
@@ -446,8 +449,26 @@ impl Stage for TransformerStage {
         Ok((stage, out))
     }
 
-    fn evaluate(&self) -> Result<f64, RunError> {
-        Ok(self.trainer.eval_loss(&self.data.val)?)
+    fn evaluate(&self) -> Result<Vec<f64>, RunError> {
+        Ok(vec![self.trainer.eval_loss(&self.data.val)?])
+    }
+
+    /// Samples only at the end (sampling every class's rows takes longer than an
+    /// evaluation).
+    fn pictures(&self, last: bool) -> Result<Vec<Picture>, RunError> {
+        if !last {
+            return Ok(Vec::new());
+        }
+        let gpt = self.trainer.gpt().valid();
+        let synth = Synthesizer {
+            gpt: &gpt,
+            layout: self.trainer.layout(),
+            vqgan: (&self.models.vqgan.0, &self.models.vqgan.1),
+            cond_vqgan: self.models.cond_vqgan.as_ref().map(|(c, m)| (c, m)),
+            device: self.inner.clone(),
+        };
+        let images = samples(&synth, &self.data.val, self.plan.config.seed)?;
+        Ok(vec![("samples", tile(&images, 8))])
     }
 
     fn data_position(&self) -> serde_json::Value {
@@ -463,19 +484,8 @@ impl Stage for TransformerStage {
     fn finish(&self, out: &Path) -> Result<(), RunError> {
         let model_dir = out.join("model");
         let gpt = self.trainer.gpt().valid();
-        let layout = self.trainer.layout();
-        native::save_transformer(&model_dir, layout.config(), &gpt, true)
-            .map_err(|e| output(&model_dir, e))?;
-        let synth = Synthesizer {
-            gpt: &gpt,
-            layout,
-            vqgan: (&self.models.vqgan.0, &self.models.vqgan.1),
-            cond_vqgan: self.models.cond_vqgan.as_ref().map(|(c, m)| (c, m)),
-            device: self.inner.clone(),
-        };
-        let images = samples(&synth, &self.data.val, self.plan.config.seed)?;
-        let path = out.join("samples.png");
-        write_png(&tile(&images, 8), &path).map_err(|e| output(&path, e))
+        native::save_transformer(&model_dir, self.trainer.layout().config(), &gpt, true)
+            .map_err(|e| output(&model_dir, e))
     }
 }
 /// A grid of samples: one row per condition (up to 10 classes, the first validation maps,

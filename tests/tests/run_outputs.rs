@@ -1,0 +1,124 @@
+//! What a `worker train` run leaves, read by the tools people read it with: TensorBoard's
+//! reader (the PyPI `tbparse`) finds every scalar of every `metrics.csv` row and the
+//! validation grid; the validation columns are what `vqgan eval` measures on the exported
+//! model over the same split.
+
+use std::path::Path;
+use std::process::Command;
+
+use taming_tests::process::{bin, root, succeed, tiny_config};
+use taming_tests::python;
+
+/// `metrics.csv` as (header, rows of fields).
+fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap().split(',').map(String::from).collect();
+    let rows = lines
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect();
+    (header, rows)
+}
+
+/// Scalars through tbparse; image tags through TensorBoard's own event reader (tbparse's
+/// image support needs TensorFlow).
+const TBPARSE: &str = r#"
+import glob, json, sys
+from tbparse import SummaryReader
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+scalars = SummaryReader(sys.argv[1]).scalars
+images = set()
+for path in glob.glob(sys.argv[1] + "/events.out.tfevents.*"):
+    events = EventAccumulator(path, size_guidance={"images": 0})
+    events.Reload()
+    images.update(events.Tags()["images"])
+print(json.dumps({
+    "scalars": [[r.step, r.tag, r.value] for r in scalars.itertuples()],
+    "images": sorted(images),
+}))
+"#;
+
+#[test]
+fn a_run_writes_tensorboard_events_and_validation_that_vqgan_eval_confirms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let data = root().join("data/fashion-mnist");
+    succeed(
+        Command::new(bin("worker"))
+            .args([
+                "train",
+                "--stage",
+                "vqgan",
+                "--steps",
+                "4",
+                "--eval-every",
+                "2",
+            ])
+            .args(["--checkpoint-every", "4", "--quiet"])
+            .arg("--config")
+            .arg(tiny_config(tmp.path()))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out),
+    );
+    let (header, rows) = read_csv(&out.join("metrics.csv"));
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let val = ["val_l1", "val_psnr", "val_ssim", "val_usage"];
+    assert!(header.ends_with(&val.map(String::from)), "{header:?}");
+
+    // Every non-empty cell of every row is a scalar at its step.
+    let report = python::run(TBPARSE, &[out.join("tb").to_string_lossy().into_owned()]);
+    let tb: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let scalars = tb["scalars"].as_array().unwrap();
+    for row in &rows {
+        let step: u64 = row[0].parse().unwrap();
+        for (name, cell) in header.iter().zip(row).skip(1) {
+            if cell.is_empty() {
+                continue;
+            }
+            let value: f64 = cell.parse().unwrap();
+            let found = scalars.iter().any(|s| {
+                s[0].as_u64() == Some(step)
+                    && s[1] == name.as_str()
+                    && (s[2].as_f64().unwrap() - value).abs() <= 1e-6 * value.abs().max(1.0)
+            });
+            assert!(found, "step {step} {name} = {value} not in the event file");
+        }
+    }
+    assert!(
+        tb["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "val_grid"),
+        "{tb}"
+    );
+
+    // The last row's validation is `vqgan eval` on the exported model, over the same split.
+    let eval = tmp.path().join("eval.json");
+    succeed(
+        Command::new(bin("vqgan"))
+            .args(["eval", "--split", "val", "--batch-size", "7"])
+            .arg("--model")
+            .arg(out.join("model"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&eval),
+    );
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&eval).unwrap()).unwrap();
+    let last = rows.last().unwrap();
+    let cell = |name: &str| -> f64 {
+        let i = header.iter().position(|h| h == name).unwrap();
+        last[i].parse().unwrap()
+    };
+    for (column, key) in val.iter().zip(["l1", "psnr", "ssim", "codebook_usage"]) {
+        let (ours, theirs) = (cell(column), eval[key].as_f64().unwrap());
+        assert!(
+            (ours - theirs).abs() <= 1e-4 * theirs.abs().max(1.0),
+            "{column} {ours} against vqgan eval's {key} {theirs}"
+        );
+    }
+}
