@@ -13,7 +13,8 @@ use common::{Expected, assert_close_l2, assert_close_to_max, rel, values};
 use taming_import::fill_from_torch;
 use taming_model::loss::discriminator::reference_name;
 use taming_model::loss::{
-    DiscLoss, DiscriminatorConfig, LastLayer, LossConfig, LpipsConfig, NLayerDiscriminator, VqLoss,
+    DiscLoss, DiscriminatorConfig, LastLayer, LeCamAnchors, LossConfig, LpipsConfig,
+    NLayerDiscriminator, VqLoss,
 };
 
 fn dir() -> PathBuf {
@@ -216,7 +217,8 @@ fn loss_case_with(tag: &str, kind: DiscLoss, step: u64, conditional: bool) {
         &fx.f32s(&format!("{tag}/grad_rec_in")).1,
         5e-3,
     );
-    match loss.discriminator(&disc, x, rec, step, cond.as_ref()) {
+    let anchors = LeCamAnchors::default();
+    match loss.discriminator(&disc, (x, rec), step, cond.as_ref(), anchors) {
         Some((d_loss, real, fake)) => {
             check("d_loss", values(d_loss)[0] as f64, 1e-4);
             check("logits_real", real, 1e-4);

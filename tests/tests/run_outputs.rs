@@ -122,3 +122,51 @@ fn a_run_writes_tensorboard_events_and_validation_that_vqgan_eval_confirms() {
         );
     }
 }
+
+/// Losses that stop being finite: each such step is skipped and counted (`skipped`), and
+/// three within the window send the run back to its latest checkpoint with the learning rate
+/// halved; the run then finishes, with one row per step in metrics.csv.
+#[test]
+fn non_finite_steps_are_skipped_and_three_roll_the_run_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let run = succeed(
+        Command::new(bin("worker"))
+            .args([
+                "train",
+                "--stage",
+                "vqgan",
+                "--steps",
+                "8",
+                "--eval-every",
+                "8",
+            ])
+            .args(["--checkpoint-every", "2", "--quiet"])
+            .arg("--config")
+            .arg(tiny_config(tmp.path()))
+            .arg("--data")
+            .arg(root().join("data/fashion-mnist"))
+            .arg("--out")
+            .arg(&out)
+            .env("TAMING_FAILPOINT", "nan-at-steps:4-6"),
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("rolled back to the latest checkpoint"),
+        "{stderr}"
+    );
+    let (header, rows) = read_csv(&out.join("metrics.csv"));
+    let steps: Vec<u64> = rows.iter().map(|r| r[0].parse().unwrap()).collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "{rows:?}");
+    let skipped = header.iter().position(|h| h == "skipped").unwrap();
+    let counts: Vec<f64> = rows.iter().map(|r| r[skipped].parse().unwrap()).collect();
+    // Steps 4, 5 and 6 skipped: back to the checkpoint of step 4 (its skip counted there);
+    // 5 and 6 skipped again (the failpoint holds), 7 and 8 train at half the rate.
+    assert_eq!(counts, [0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 3.0, 3.0], "{rows:?}");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoints/ckpt-00000008/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["lr_scale"], 0.5, "{state}");
+    assert_eq!(state["skipped"], 3, "{state}");
+}

@@ -48,6 +48,7 @@ fn config() -> Stage1Config {
         flip: false,
         seed: 0,
         val_images: None,
+        divergence: Default::default(),
     }
 }
 

@@ -169,6 +169,7 @@ impl Cli {
 /// Runs the command `cli` names.
 pub fn run(cli: Cli) -> Result<()> {
     compute_threads(cli.threads)?;
+    crate::failpoint::configured().map_err(anyhow::Error::msg)?;
     let command = match (cli.command, cli.coordinator) {
         (Some(c), None) => c,
         (None, Some(coordinator)) => {

@@ -1,7 +1,9 @@
 //! Faults injected on purpose, for testing recovery through the real binaries:
 //! `TAMING_FAILPOINT=panic-at-step:N` makes a cluster worker panic when it reports step N
 //! (every attempt that reaches step N panics again, as a deterministic bug would);
-//! `hang-at-step:N` makes it stop there for good while its heartbeat goes on (a hung rank).
+//! `hang-at-step:N` makes it stop there for good while its heartbeat goes on (a hung rank);
+//! `nan-at-steps:A-B` makes stage-1 training inputs not-a-number in steps A to B (every time
+//! they are trained, as a diverging run would).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -16,6 +18,8 @@ pub enum Failpoint {
     PanicAtStep(u64),
     /// Stop (sleep forever) when step N is reported.
     HangAtStep(u64),
+    /// Training inputs of steps A..=B are NaN.
+    NanAtSteps(u64, u64),
 }
 
 /// The failpoint set by [`FAILPOINT_ENV`], if any; an error naming the variable when its
@@ -26,7 +30,10 @@ pub fn configured() -> Result<Option<Failpoint>, String> {
         .get_or_init(|| match std::env::var(FAILPOINT_ENV) {
             Err(_) => Ok(None),
             Ok(v) => parse(&v).map(Some).ok_or_else(|| {
-                format!("{FAILPOINT_ENV}=`{v}`: expected panic-at-step:N or hang-at-step:N")
+                format!(
+                    "{FAILPOINT_ENV}=`{v}`: expected panic-at-step:N, hang-at-step:N or \
+                     nan-at-steps:A-B"
+                )
             }),
         })
         .clone()
@@ -34,6 +41,10 @@ pub fn configured() -> Result<Option<Failpoint>, String> {
 
 fn parse(v: &str) -> Option<Failpoint> {
     let (kind, step) = v.split_once(':')?;
+    if kind == "nan-at-steps" {
+        let (a, b) = step.split_once('-')?;
+        return Some(Failpoint::NanAtSteps(a.parse().ok()?, b.parse().ok()?));
+    }
     let step = step.parse().ok()?;
     match kind {
         "panic-at-step" => Some(Failpoint::PanicAtStep(step)),
@@ -58,6 +69,11 @@ pub fn at_step(step: u64) {
     }
 }
 
+/// Whether the failpoint makes the inputs of training step `step` NaN.
+pub fn nan_at(step: u64) -> bool {
+    matches!(configured(), Ok(Some(Failpoint::NanAtSteps(a, b))) if (a..=b).contains(&step))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,7 +82,14 @@ mod tests {
     fn failpoints_parse_or_are_refused() {
         assert_eq!(parse("panic-at-step:3"), Some(Failpoint::PanicAtStep(3)));
         assert_eq!(parse("hang-at-step:12"), Some(Failpoint::HangAtStep(12)));
-        for bad in ["panic-at-step", "panic-at-step:x", "explode-at-step:3", ""] {
+        assert_eq!(parse("nan-at-steps:4-6"), Some(Failpoint::NanAtSteps(4, 6)));
+        for bad in [
+            "panic-at-step",
+            "panic-at-step:x",
+            "explode-at-step:3",
+            "nan-at-steps:4",
+            "",
+        ] {
             assert_eq!(parse(bad), None, "{bad}");
         }
     }

@@ -10,7 +10,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::store::ModuleSnapshot;
 use burn::tensor::Tensor;
-use taming_collective::{AllReduce, CollectiveError};
+use taming_collective::{AllReduce, CollectiveError, all_reduce_mean};
 
 use crate::checkpoint::{CheckpointError, load_module, save_module};
 use crate::distributed::{broadcast_params, mean_gradients};
@@ -57,6 +57,24 @@ impl Group {
         let out = mean_gradients(group.as_mut(), module, grads);
         self.comm += started.elapsed();
         out
+    }
+
+    /// `values` averaged over the group, in place.
+    pub fn mean_values(&mut self, values: &mut [f32]) -> Result<(), CollectiveError> {
+        let Some(group) = self.inner.as_mut() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let out = all_reduce_mean(group.as_mut(), values);
+        self.comm += started.elapsed();
+        out
+    }
+
+    /// Whether `flag` holds on any rank.
+    pub fn any(&mut self, flag: bool) -> Result<bool, CollectiveError> {
+        let mut v = [f32::from(u8::from(flag))];
+        self.mean_values(&mut v)?;
+        Ok(v[0] > 0.0)
     }
 
     /// `module` with every float parameter replaced by rank 0's.
@@ -130,6 +148,11 @@ impl<M: Module + ModuleSnapshot> Learner<M> {
     /// Adds a micro-batch's gradients.
     pub fn accumulate(&mut self, grads: GradientsParams) {
         self.acc.accumulate(&self.module, grads);
+    }
+
+    /// Drops the accumulated gradients (a skipped step).
+    pub fn discard(&mut self) {
+        drop(self.acc.grads());
     }
 
     /// One optimizer step at `lr` on the accumulated gradients averaged over `group`.

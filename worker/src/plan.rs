@@ -47,9 +47,9 @@ pub struct JobInputs {
 /// A job ready to run.
 pub enum JobPlan {
     /// Stage 1.
-    Vqgan(VqganPlan),
+    Vqgan(Box<VqganPlan>),
     /// Stage 2.
-    Transformer(TransformerPlan),
+    Transformer(Box<TransformerPlan>),
 }
 
 impl JobPlan {
@@ -61,21 +61,21 @@ impl JobPlan {
         };
         let (yaml, name) = (&inputs.config_yaml, &inputs.config_name);
         Ok(match inputs.stage {
-            Stage::Vqgan => Self::Vqgan(VqganPlan {
+            Stage::Vqgan => Self::Vqgan(Box::new(VqganPlan {
                 dataloaders: inputs.dataloaders,
                 ..VqganPlan::new(parse_config(yaml, name)?, data)
-            }),
+            })),
             Stage::Transformer => {
                 let vqgan = inputs.vqgan.context(
                     "--stage transformer needs --vqgan MODEL (a stage-1 model directory)",
                 )?;
                 let config = parse_stage2_config(yaml, name)?;
-                Self::Transformer(TransformerPlan {
+                Self::Transformer(Box::new(TransformerPlan {
                     cond_vqgan: inputs.cond_vqgan,
                     codes: inputs.codes,
                     val_codes: inputs.val_codes,
                     ..TransformerPlan::new(config, vqgan, inputs.cond, data)
-                })
+                }))
             }
         })
     }
@@ -88,8 +88,8 @@ impl JobPlan {
         progress: bool,
     ) -> Result<RunSummary, RunError> {
         match self {
-            Self::Vqgan(plan) => engine::train(plan, run, hook, progress),
-            Self::Transformer(plan) => engine::train(plan, run, hook, progress),
+            Self::Vqgan(plan) => engine::train(*plan, run, hook, progress),
+            Self::Transformer(plan) => engine::train(*plan, run, hook, progress),
         }
     }
 }

@@ -69,9 +69,18 @@ impl RunSettings {
 
     /// `source`, with [`Self::prefetch`] batches made ahead on a background thread.
     pub fn ahead(&self, source: Box<dyn BatchSource>) -> Box<dyn BatchSource> {
-        match self.prefetch {
-            0 => source,
-            depth => Box::new(Prefetched::new(source, depth)),
+        ahead(source, self.prefetch)
+    }
+
+    /// What a stage keeps of these settings to open its data and model again.
+    pub fn context(&self) -> RunContext {
+        RunContext {
+            out: self.out.clone(),
+            rank: self.rank,
+            world: self.world,
+            nodes: self.nodes,
+            device: self.device.clone(),
+            prefetch: self.prefetch,
         }
     }
 
@@ -81,5 +90,36 @@ impl RunSettings {
         self.rank = rank;
         self.world = world;
         self.group = group;
+    }
+}
+
+/// The part of [`RunSettings`] a stage keeps: where the run is and this rank's place in it.
+#[derive(Debug, Clone)]
+pub struct RunContext {
+    /// Run folder.
+    pub out: PathBuf,
+    /// This rank.
+    pub rank: usize,
+    /// Ranks in the job.
+    pub world: usize,
+    /// Nodes (for the learning-rate scaling).
+    pub nodes: usize,
+    /// An autodiff device.
+    pub device: Device,
+    /// Training batches made ahead.
+    pub prefetch: usize,
+}
+
+impl RunContext {
+    /// `source`, with [`Self::prefetch`] batches made ahead on a background thread.
+    pub fn ahead(&self, source: Box<dyn BatchSource>) -> Box<dyn BatchSource> {
+        ahead(source, self.prefetch)
+    }
+}
+
+fn ahead(source: Box<dyn BatchSource>, depth: usize) -> Box<dyn BatchSource> {
+    match depth {
+        0 => source,
+        depth => Box::new(Prefetched::new(source, depth)),
     }
 }

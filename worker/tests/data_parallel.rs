@@ -54,6 +54,7 @@ fn config(batch_size: usize) -> Stage1Config {
         flip: false,
         seed: 5,
         val_images: Some(16),
+        divergence: Default::default(),
     }
 }
 

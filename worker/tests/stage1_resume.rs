@@ -50,6 +50,7 @@ fn config() -> Stage1Config {
         flip: true,
         seed: 11,
         val_images: Some(16),
+        divergence: Default::default(),
     }
 }
 

@@ -44,6 +44,7 @@ fn small_config(disc_start: u64) -> Stage1Config {
         flip: false,
         seed: 3,
         val_images: Some(16),
+        divergence: Default::default(),
     }
 }
 
@@ -317,4 +318,41 @@ fn dead_code_restart_trains_with_codebooks_larger_than_the_batch() {
             );
         }
     }
+}
+
+/// A micro-batch whose loss is not finite skips its step: no parameter changes, the step is
+/// counted as skipped, and the next finite batch trains as usual.
+#[test]
+fn a_non_finite_loss_skips_the_step_and_training_goes_on() {
+    let device = Device::flex().autodiff();
+    let trainer = Stage1Trainer::new(small_config(0), 1, &device).unwrap();
+    let mut train = loader("train", 4, true);
+    let x = trainer.to_tensor(&train.next_batch().unwrap());
+    let flat = |t: &Stage1Trainer| -> Vec<f32> {
+        use burn::module::{Module, ModuleVisitor, Param};
+        struct Grab<'a>(&'a mut Vec<f32>);
+        impl ModuleVisitor for Grab<'_> {
+            fn visit_float<const D: usize>(&mut self, p: &Param<burn::Tensor<D>>) {
+                self.0
+                    .extend(p.val().into_data().try_to_vec::<f32>().unwrap());
+            }
+        }
+        let mut v = Vec::new();
+        t.model().visit(&mut Grab(&mut v));
+        t.discriminator().visit(&mut Grab(&mut v));
+        v
+    };
+    let start = flat(&trainer);
+    let (trainer, report) = trainer
+        .train_batch(x.clone().mul_scalar(f32::NAN), None)
+        .unwrap();
+    let report = report.expect("a step report");
+    assert!(report.skipped && report.skipped_total == 1, "{report:?}");
+    assert_eq!(report.step, 1);
+    assert!(flat(&trainer) == start, "nothing changed");
+    let (trainer, report) = trainer.train_batch(x, None).unwrap();
+    let report = report.expect("a step report");
+    assert!(!report.skipped && report.skipped_total == 1, "{report:?}");
+    assert!(report.generator.total.is_finite() && report.d_loss.is_some());
+    assert!(flat(&trainer) != start, "a finite step trains");
 }

@@ -9,4 +9,7 @@ pub mod vqperceptual;
 pub use discriminator::{DiscriminatorConfig, NLayerDiscriminator};
 pub use lpips::{Lpips, LpipsConfig};
 pub use segmentation::bce_with_logits;
-pub use vqperceptual::{DiscLoss, GeneratorLog, GeneratorStep, LastLayer, LossConfig, VqLoss};
+pub use vqperceptual::{
+    DiscLoss, GeneratorLog, GeneratorStep, LastLayer, LeCamAnchors, LossConfig, VqLoss,
+    lecam_penalty,
+};

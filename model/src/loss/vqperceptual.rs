@@ -56,6 +56,16 @@ pub struct LossConfig {
     pub discriminator: DiscriminatorConfig,
     /// LPIPS weights; required when `perceptual_weight > 0`.
     pub lpips: Option<LpipsConfig>,
+    /// Steps over which the generator's adversarial weight ramps linearly from 0 (at
+    /// `disc_start`) to `disc_factor`; the discriminator trains fully from `disc_start` on.
+    /// 0: no ramp (the reference).
+    pub disc_warmup: u64,
+    /// Weight of the LeCam regularizer on the discriminator (Yu et al. 2021): its logits on
+    /// real images are pulled towards the running mean of its logits on reconstructions and
+    /// the other way round. 0: off (the reference).
+    pub lecam_weight: f64,
+    /// Decay of the running means the LeCam regularizer anchors to.
+    pub lecam_decay: f64,
 }
 
 impl Default for LossConfig {
@@ -71,12 +81,16 @@ impl Default for LossConfig {
             disc_conditional: false,
             discriminator: DiscriminatorConfig::default(),
             lpips: None,
+            disc_warmup: 0,
+            lecam_weight: 0.0,
+            lecam_decay: 0.99,
         }
     }
 }
 
 impl LossConfig {
-    /// `disc_factor` from `disc_start` on, 0 before (the reference's `adopt_weight`).
+    /// `disc_factor` from `disc_start` on, 0 before (the reference's `adopt_weight`): the
+    /// discriminator's factor.
     pub fn disc_factor_at(&self, step: u64) -> f64 {
         if step < self.disc_start {
             0.0
@@ -84,6 +98,43 @@ impl LossConfig {
             self.disc_factor
         }
     }
+
+    /// The generator's adversarial factor: [`Self::disc_factor_at`], ramped linearly over
+    /// `disc_warmup` steps from `disc_start` (the first step gets `1 / disc_warmup` of it).
+    pub fn adversarial_factor_at(&self, step: u64) -> f64 {
+        let factor = self.disc_factor_at(step);
+        if factor == 0.0 || self.disc_warmup == 0 {
+            return factor;
+        }
+        let ramp = (step - self.disc_start + 1) as f64 / self.disc_warmup as f64;
+        factor * ramp.min(1.0)
+    }
+}
+
+/// The running means of the discriminator's logits that the LeCam regularizer anchors to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LeCamAnchors {
+    /// Running mean of the logits on real images.
+    pub real: f64,
+    /// Running mean of the logits on reconstructions.
+    pub fake: f64,
+}
+
+impl LeCamAnchors {
+    /// Moves the means towards this step's `(real, fake)` mean logits with `decay`.
+    pub fn update(&mut self, (real, fake): (f64, f64), decay: f64) {
+        self.real = decay * self.real + (1.0 - decay) * real;
+        self.fake = decay * self.fake + (1.0 - decay) * fake;
+    }
+}
+
+/// The LeCam regularizer: `mean(relu(D(x) - fake)^2) + mean(relu(real - D(rec))^2)` with
+/// the anchors' running means.
+pub fn lecam_penalty(real: Tensor<4>, fake: Tensor<4>, anchors: LeCamAnchors) -> Tensor<1> {
+    relu(real.sub_scalar(anchors.fake)).powi_scalar(2).mean()
+        + relu(fake.neg().add_scalar(anchors.real))
+            .powi_scalar(2)
+            .mean()
 }
 
 /// Loss values of one step, for logging.
@@ -195,7 +246,7 @@ impl VqLoss {
         let (nll, l1, p_loss) = self.nll(x, leaf.clone());
         let nll_value = scalar(nll.clone().detach());
         let grad_nll = leaf.grad(&nll.backward()).expect("reconstruction gradient");
-        let disc_factor = cfg.disc_factor_at(step);
+        let disc_factor = cfg.adversarial_factor_at(step);
         let quant_value = scalar(quant.clone().detach());
         let mut log = GeneratorLog {
             nll: nll_value,
@@ -228,15 +279,15 @@ impl VqLoss {
     }
 
     /// The discriminator loss at `step` on real images and detached reconstructions (each
-    /// with `cond` appended when conditional), with the mean logits on each; `None` before
-    /// `disc_start`.
+    /// with `cond` appended when conditional), plus the LeCam term at `anchors` when
+    /// `lecam_weight > 0`, with the mean logits on each; `None` before `disc_start`.
     pub fn discriminator(
         &self,
         disc: &NLayerDiscriminator,
-        x: Tensor<4>,
-        rec: Tensor<4>,
+        (x, rec): (Tensor<4>, Tensor<4>),
         step: u64,
         cond: Option<&Tensor<4>>,
+        anchors: LeCamAnchors,
     ) -> Option<(Tensor<1>, f64, f64)> {
         let factor = self.config.disc_factor_at(step);
         if factor == 0.0 {
@@ -250,11 +301,19 @@ impl VqLoss {
         );
         let loss = match self.config.disc_loss {
             DiscLoss::Hinge => {
-                relu(real.neg().add_scalar(1.0)).mean() + relu(fake.add_scalar(1.0)).mean()
+                relu(real.clone().neg().add_scalar(1.0)).mean()
+                    + relu(fake.clone().add_scalar(1.0)).mean()
             }
-            DiscLoss::Vanilla => softplus(real.neg(), 1.0).mean() + softplus(fake, 1.0).mean(),
+            DiscLoss::Vanilla => {
+                softplus(real.clone().neg(), 1.0).mean() + softplus(fake.clone(), 1.0).mean()
+            }
         };
-        Some((loss.mul_scalar(0.5 * factor), real_mean, fake_mean))
+        let mut loss = loss.mul_scalar(0.5 * factor);
+        if self.config.lecam_weight > 0.0 {
+            let lecam = lecam_penalty(real, fake, anchors);
+            loss = loss + lecam.mul_scalar(self.config.lecam_weight * factor);
+        }
+        Some((loss, real_mean, fake_mean))
     }
 }
 
@@ -274,4 +333,56 @@ fn adaptive_weight(last: &LastLayer, grad_nll: Tensor<4>, grad_g: Tensor<4>) -> 
         scalar(gw.powi_scalar(2).sum()).sqrt()
     };
     (norm(grad_nll) / (norm(grad_g) + 1e-4)).clamp(0.0, 1e4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    #[test]
+    fn the_adversarial_factor_ramps_over_the_warmup_and_the_discriminators_does_not() {
+        let cfg = LossConfig {
+            disc_start: 10,
+            disc_factor: 1.0,
+            disc_warmup: 4,
+            ..LossConfig::default()
+        };
+        let ramp: Vec<f64> = (9..16).map(|s| cfg.adversarial_factor_at(s)).collect();
+        assert_eq!(ramp, [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]);
+        assert_eq!(cfg.disc_factor_at(10), 1.0);
+        let off = LossConfig {
+            disc_warmup: 0,
+            ..cfg
+        };
+        assert_eq!(off.adversarial_factor_at(10), 1.0);
+    }
+
+    #[test]
+    fn lecam_pulls_logits_towards_the_other_sides_running_mean() {
+        let device = Device::flex();
+        let t = |v: [f32; 2]| {
+            Tensor::<4>::from_data(TensorData::new(v.to_vec(), [1, 1, 1, 2]), &device)
+        };
+        let anchors = LeCamAnchors {
+            real: 1.0,
+            fake: -1.0,
+        };
+        // relu(D(x) - fake): [0.5 + 1, -2 + 1 -> 0]; relu(real - D(rec)): [1 - 3 -> 0, 1 + 1].
+        let r = lecam_penalty(t([0.5, -2.0]), t([3.0, -1.0]), anchors);
+        let value = r.into_scalar::<f32>() as f64;
+        assert!(
+            (value - (1.5f64.powi(2) / 2.0 + 2.0f64.powi(2) / 2.0)).abs() < 1e-6,
+            "{value}"
+        );
+        let mut a = LeCamAnchors::default();
+        a.update((2.0, -4.0), 0.75);
+        assert_eq!(
+            a,
+            LeCamAnchors {
+                real: 0.5,
+                fake: -1.0
+            }
+        );
+    }
 }

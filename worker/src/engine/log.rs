@@ -78,6 +78,21 @@ impl MetricsLog {
         Ok(())
     }
 
+    /// Forgets the rows after `step` (the run went back to a checkpoint there).
+    pub(super) fn rewind(&mut self, step: u64) -> Result<(), RunError> {
+        let Some(open) = self.open.as_mut() else {
+            return Ok(());
+        };
+        open.rows.retain(|r| r.step <= step);
+        let path = open.out.join("metrics.csv");
+        rows::write_csv(&path, &open.columns, &open.rows).map_err(|e| output(&path, e))?;
+        open.csv = File::options()
+            .append(true)
+            .open(&path)
+            .map_err(|e| output(&path, e))?;
+        Ok(())
+    }
+
     /// Records pictures at `step` (TensorBoard images).
     pub(super) fn pictures(&mut self, step: u64, pictures: &[Picture]) -> Result<(), RunError> {
         let Some(open) = self.open.as_mut() else {

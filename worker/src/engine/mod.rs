@@ -26,7 +26,7 @@ use crate::checkpoint::{self, CheckpointError};
 use crate::learner::Group;
 use crate::metrics::StepTiming;
 use crate::mirror::{self, Uploader};
-use crate::settings::RunSettings;
+use crate::settings::{RunContext, RunSettings};
 
 /// What one optimizer step did, as the engine records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -143,8 +143,15 @@ pub fn train<P: Plan>(
         let _in_step = step_span.enter();
         let started = Instant::now();
         let comm_before = stage.comm_time();
+        let before = stage.step();
         let (next, out) = stage.train_step()?;
         stage = next;
+        if stage.step() <= before {
+            // The stage went back to a checkpoint (divergence): so do the metrics.
+            log.rewind(stage.step())?;
+            bar.set_position(stage.step());
+            continue;
+        }
         let timing = StepTiming {
             data_wait_s: out.data_wait.as_secs_f64(),
             allreduce_s: (stage.comm_time() - comm_before).as_secs_f64(),
@@ -240,11 +247,8 @@ fn save<S: Stage>(run: &RunSettings, stage: &S, uploader: &mut Uploader) -> Resu
 }
 
 /// The run-relative name of a rank's data position at a checkpoint step.
-fn position_file(run: &RunSettings, step: u64) -> String {
-    format!(
-        "loader/rank-{:04}-of-{:04}-step-{step:08}.json",
-        run.rank, run.world
-    )
+fn position_file(rank: usize, world: usize, step: u64) -> String {
+    format!("loader/rank-{rank:04}-of-{world:04}-step-{step:08}.json")
 }
 
 /// Writes rank r's data position, and copies it to the run's object-store copy.
@@ -254,7 +258,7 @@ fn save_position(
     position: &impl Serialize,
     uploader: &Uploader,
 ) -> Result<(), RunError> {
-    let rel = position_file(run, step);
+    let rel = position_file(run.rank, run.world, step);
     let path = run.out.join(&rel);
     let json = serde_json::to_vec(position).expect("a position serializes");
     std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(|e| output(&path, e))?;
@@ -264,11 +268,11 @@ fn save_position(
 
 /// This rank's data position saved at checkpoint `step` (ranks > 0), if there is one: none
 /// when the world size changed since the checkpoint, or this rank is new.
-pub fn saved_position<T: DeserializeOwned>(run: &RunSettings, step: u64) -> Option<T> {
+pub fn saved_position<T: DeserializeOwned>(run: &RunContext, step: u64) -> Option<T> {
     if run.rank == 0 {
         return None;
     }
-    let path = run.out.join(position_file(run, step));
+    let path = run.out.join(position_file(run.rank, run.world, step));
     let position = std::fs::read(&path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());

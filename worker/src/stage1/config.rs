@@ -52,6 +52,33 @@ pub struct Stage1Config {
     /// (`val256_l1`).
     #[serde(default)]
     pub val_images: Option<usize>,
+    /// What a run does when losses stop being finite.
+    #[serde(default)]
+    pub divergence: Divergence,
+}
+
+/// Divergence handling: a step whose loss is not finite (on any rank) is skipped and
+/// counted; `max_skips` skipped steps within `window` steps roll the run back to its latest
+/// checkpoint with the learning rate multiplied by `lr_factor`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Divergence {
+    /// Skipped steps that trigger a rollback.
+    pub max_skips: usize,
+    /// Steps the skips are counted over.
+    pub window: u64,
+    /// Factor on the learning rate at each rollback.
+    pub lr_factor: f64,
+}
+
+impl Default for Divergence {
+    fn default() -> Self {
+        Self {
+            max_skips: 3,
+            window: 100,
+            lr_factor: 0.5,
+        }
+    }
 }
 
 fn base_lr() -> f64 {
@@ -81,6 +108,13 @@ impl Stage1Config {
             key: key.into(),
             reason: reason.into(),
         };
+        let d = &self.divergence;
+        if d.max_skips == 0 || d.window == 0 || !(d.lr_factor > 0.0 && d.lr_factor < 1.0) {
+            return Err(bad(
+                "divergence",
+                "max_skips and window must be positive and lr_factor in (0, 1)",
+            ));
+        }
         if self.val_images == Some(0) {
             return Err(bad(
                 "val_images",

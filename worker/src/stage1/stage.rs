@@ -5,6 +5,7 @@
 //! at the end `model/` (the project's model format, for `vqgan encode|decode|reconstruct|eval`).
 
 use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -25,11 +26,11 @@ use super::report::{grid, label_image};
 use super::trainer::{Stage1Trainer, StepReport};
 use crate::engine::{self, Columns, Picture, Plan, RunError, Stage, Start, StepOutput, output};
 use crate::learner::Group;
-use crate::settings::RunSettings;
+use crate::settings::{RunContext, RunSettings};
 
 /// The training columns of a stage-1 `metrics.csv`.
 pub const VALUES: &[&str] = &[
-    "total", "nll", "l1", "p_loss", "quant", "g_loss", "d_loss", "d_weight", "usage",
+    "total", "nll", "l1", "p_loss", "quant", "g_loss", "d_loss", "d_weight", "usage", "skipped",
 ];
 
 /// The columns of a stage-1 `metrics.csv`: the training values, then the validation metrics
@@ -94,7 +95,7 @@ impl VqganPlan {
 
     fn train_source(
         &self,
-        run: &RunSettings,
+        run: &RunContext,
         state: LoaderState,
     ) -> Result<Box<dyn BatchSource>, RunError> {
         let shards = list_split(&self.data, "train")?;
@@ -143,26 +144,15 @@ impl Plan for VqganPlan {
     }
 
     fn open(self, run: &RunSettings, start: Start) -> Result<VqganStage, RunError> {
+        let run = run.context();
         let (trainer, state) = match start {
             Start::New => (
                 Stage1Trainer::new(self.config.clone(), run.nodes, &run.device)?,
                 LoaderState::default(),
             ),
-            Start::Resume(dir) => {
-                let (trainer, rank0) = Stage1Trainer::resume(&dir, run.nodes, &run.device)?;
-                let own = engine::saved_position(run, trainer.step());
-                let state = own.unwrap_or(match run.rank {
-                    0 => rank0,
-                    // Another world size, or a new rank: this epoch afresh.
-                    _ => LoaderState {
-                        epoch: rank0.epoch,
-                        ..LoaderState::default()
-                    },
-                });
-                (trainer, state)
-            }
+            Start::Resume(dir) => self.resume(&run, &dir)?,
         };
-        let loader = self.train_source(run, state)?;
+        let loader = self.train_source(&run, state)?;
         let val = self.validation()?;
         let val_x = trainer.input(&val)?;
         Ok(VqganStage {
@@ -171,7 +161,30 @@ impl Plan for VqganPlan {
             val,
             val_x,
             plan: self,
+            run,
+            recent_skips: VecDeque::new(),
         })
+    }
+}
+
+impl VqganPlan {
+    /// The trainer at the latest checkpoint of `ckpt_dir`, and this rank's data position.
+    fn resume(
+        &self,
+        run: &RunContext,
+        ckpt_dir: &Path,
+    ) -> Result<(Stage1Trainer, LoaderState), RunError> {
+        let (trainer, rank0) = Stage1Trainer::resume(ckpt_dir, run.nodes, &run.device)?;
+        let own = engine::saved_position(run, trainer.step());
+        let state = own.unwrap_or(match run.rank {
+            0 => rank0,
+            // Another world size, or a new rank: this epoch afresh.
+            _ => LoaderState {
+                epoch: rank0.epoch,
+                ..LoaderState::default()
+            },
+        });
+        Ok((trainer, state))
     }
 }
 
@@ -182,6 +195,9 @@ pub struct VqganStage {
     val: ImageBatch,
     val_x: Tensor<4>,
     plan: VqganPlan,
+    run: RunContext,
+    /// Steps skipped within the divergence window.
+    recent_skips: VecDeque<u64>,
 }
 
 impl VqganStage {
@@ -192,7 +208,10 @@ impl VqganStage {
             let asked = Instant::now();
             let batch = tracing::info_span!("data_wait").in_scope(|| self.loader.next_batch())?;
             waited += asked.elapsed();
-            let x = self.trainer.input(&batch)?;
+            let mut x = self.trainer.input(&batch)?;
+            if crate::failpoint::nan_at(self.trainer.step() + 1) {
+                x = x.mul_scalar(f32::NAN);
+            }
             let cond = self.trainer.condition(&batch)?;
             let (trainer, report) = self.trainer.train_batch(x, cond)?;
             self.trainer = trainer;
@@ -200,6 +219,54 @@ impl VqganStage {
                 return Ok((self, report, waited));
             }
         }
+    }
+}
+
+impl VqganStage {
+    /// Counts a skipped step; past `divergence.max_skips` within its window, goes back to the
+    /// latest checkpoint with the learning rate lowered. Every rank skips the same steps, so
+    /// every rank rolls back alike.
+    fn after_skip(mut self, step: u64) -> Result<Self, RunError> {
+        let d = self.plan.config.divergence;
+        self.recent_skips.push_back(step);
+        while self
+            .recent_skips
+            .front()
+            .is_some_and(|&s| s + d.window <= step)
+        {
+            self.recent_skips.pop_front();
+        }
+        if self.recent_skips.len() < d.max_skips {
+            return Ok(self);
+        }
+        let ckpt_dir = self.run.out.join("checkpoints");
+        if !ckpt_dir.join(crate::checkpoint::LATEST).exists() {
+            return Err(output(
+                &self.run.out,
+                format!(
+                    "{} steps with non-finite losses within {} steps and no checkpoint to go \
+                     back to: lower the learning rate",
+                    d.max_skips, d.window
+                ),
+            ));
+        }
+        // Each rollback lowers the rate in force (checkpoints hold it, never a higher one).
+        let scale = self.trainer.lr_scale() * d.lr_factor;
+        let (mut trainer, state) = self.plan.resume(&self.run, &ckpt_dir)?;
+        trainer.set_lr_scale(scale);
+        tracing::warn!(
+            step,
+            back_to = trainer.step(),
+            lr = trainer.learning_rate(),
+            "{} non-finite steps within {}: rolled back to the latest checkpoint",
+            d.max_skips,
+            d.window
+        );
+        let group = self.trainer.into_group();
+        self.trainer = trainer.join_group(group)?;
+        self.loader = self.plan.train_source(&self.run, state)?;
+        self.recent_skips.clear();
+        Ok(self)
     }
 }
 
@@ -222,7 +289,10 @@ impl Stage for VqganStage {
     }
 
     fn train_step(self) -> Result<(Self, StepOutput), RunError> {
-        let (stage, r, data_wait) = self.next_report()?;
+        let (mut stage, r, data_wait) = self.next_report()?;
+        if r.skipped {
+            stage = stage.after_skip(r.step)?;
+        }
         let g = &r.generator;
         let values = vec![
             g.total,
@@ -234,6 +304,7 @@ impl Stage for VqganStage {
             r.d_loss.unwrap_or(0.0),
             g.d_weight,
             r.usage.unwrap_or(0.0),
+            r.skipped_total as f64,
         ];
         let config = &stage.plan.config;
         let samples = (config.batch_size * config.grad_accum) as f64;

@@ -16,7 +16,7 @@ use taming_model::Vqgan;
 use taming_model::config::QuantizerConfig;
 use taming_model::error::ModelError;
 use taming_model::loss::{
-    GeneratorLog, LastLayer, Lpips, NLayerDiscriminator, VqLoss, bce_with_logits,
+    GeneratorLog, LastLayer, LeCamAnchors, Lpips, NLayerDiscriminator, VqLoss, bce_with_logits,
 };
 use taming_model::quantize::{
     CodebookMaintainer, MaintainerState, QuantizeMode, Quantizer, perplexity,
@@ -36,6 +36,19 @@ pub struct Stage1State {
     pub loader: LoaderState,
     /// Codebook maintenance (vector quantizers).
     pub maintainer: Option<MaintainerState>,
+    /// The LeCam regularizer's running means.
+    #[serde(default)]
+    pub lecam: LeCamAnchors,
+    /// Steps skipped so far (non-finite losses).
+    #[serde(default)]
+    pub skipped: u64,
+    /// Factor on the configured learning rate (lowered by each rollback after divergence).
+    #[serde(default = "one")]
+    pub lr_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl HasStep for Stage1State {
@@ -59,6 +72,11 @@ pub struct StepReport {
     pub perplexity: f64,
     /// Codes restarted from the batch by dead-code restart in this step.
     pub restarted: usize,
+    /// Whether the step was skipped (a loss was not finite on some rank): no parameter
+    /// changed.
+    pub skipped: bool,
+    /// Steps skipped since the run began.
+    pub skipped_total: u64,
 }
 
 /// Stage-1 trainer state: the autoencoder and the discriminator with their optimizers, the
@@ -71,9 +89,16 @@ pub struct Stage1Trainer {
     maintainer: Option<CodebookMaintainer>,
     config: Stage1Config,
     lr: f64,
+    lr_scale: f64,
     step: u64,
     device: Device,
     group: Group,
+    lecam: LeCamAnchors,
+    /// The step's logits means (real, fake), for the LeCam anchors.
+    logits: Option<(f64, f64)>,
+    /// Whether a micro-batch of the current step had a non-finite loss.
+    nonfinite: bool,
+    skipped: u64,
 }
 
 /// The reference's Adam (betas 0.5, 0.9), one pass per parameter on the CPU backend.
@@ -127,10 +152,15 @@ impl Stage1Trainer {
             loss: VqLoss::new(config.loss.clone(), lpips),
             maintainer,
             lr: config.learning_rate(nodes),
+            lr_scale: 1.0,
             config,
             step: 0,
             device: device.clone(),
             group: Group::default(),
+            lecam: LeCamAnchors::default(),
+            logits: None,
+            nonfinite: false,
+            skipped: 0,
         })
     }
 
@@ -142,6 +172,11 @@ impl Stage1Trainer {
         self.disc = self.disc.synced(&mut group)?;
         self.group = group;
         Ok(self)
+    }
+
+    /// The data-parallel group, leaving the trainer (to hand to another).
+    pub fn into_group(self) -> Group {
+        self.group
     }
 
     /// Time spent in collectives (gradient means, codebook broadcasts) so far.
@@ -156,7 +191,17 @@ impl Stage1Trainer {
 
     /// The learning rate in force.
     pub fn learning_rate(&self) -> f64 {
-        self.lr
+        self.lr * self.lr_scale
+    }
+
+    /// Scales the configured learning rate by `scale` from now on (kept in checkpoints).
+    pub fn set_lr_scale(&mut self, scale: f64) {
+        self.lr_scale = scale;
+    }
+
+    /// The factor on the configured learning rate.
+    pub fn lr_scale(&self) -> f64 {
+        self.lr_scale
     }
 
     /// The autoencoder being trained.
@@ -241,18 +286,34 @@ impl Stage1Trainer {
             temperature: self.temperature(),
         };
         let out = self.ae.module.forward(x.clone(), mode);
-        let (log, d_loss) = match self.config.objective {
-            Objective::Vqgan => self.vqgan_losses(x, &out, cond.as_ref()),
-            Objective::Segmentation => self.segmentation_loss(x, &out),
+        let (log, d_loss) = if !finite_output(&out) {
+            // Nothing reaches the losses: the discriminator's BatchNorm statistics would keep
+            // the NaN.
+            let nan = GeneratorLog {
+                total: f64::NAN,
+                ..GeneratorLog::default()
+            };
+            (nan, None)
+        } else {
+            match self.config.objective {
+                Objective::Vqgan => self.vqgan_losses(x, &out, cond.as_ref()),
+                Objective::Segmentation => self.segmentation_loss(x, &out),
+            }
         };
+        self.nonfinite |= !log.total.is_finite() || d_loss.is_some_and(|d| !d.is_finite());
         if !self.accumulation.count() {
             return Ok((self, None));
         }
+        if self.group.any(std::mem::take(&mut self.nonfinite))? {
+            return Ok(self.skip_step(log, d_loss));
+        }
         // Codebook maintenance and perplexity see the step's last micro-batch.
         let (flat, host) = flat_codes(out.quantized.indices);
-        self.ae = self.ae.step(self.lr, &mut self.group)?;
+        let lr = self.learning_rate();
+        self.ae = self.ae.step(lr, &mut self.group)?;
         if d_loss.is_some() {
-            self.disc = self.disc.step(self.lr, &mut self.group)?;
+            self.disc = self.disc.step(lr, &mut self.group)?;
+            self.update_lecam()?;
         }
         let model = self.ae.module;
         let (model, usage, restarted) = maintain(
@@ -274,8 +335,51 @@ impl Stage1Trainer {
             usage,
             perplexity: perplexity(&host, self.config.model.n_embed),
             restarted,
+            skipped: false,
+            skipped_total: self.skipped,
         };
         Ok((self, Some(report)))
+    }
+
+    /// A step whose loss was not finite somewhere: its gradients are dropped, no parameter
+    /// or codebook changes, and it is counted.
+    fn skip_step(mut self, log: GeneratorLog, d_loss: Option<f64>) -> (Self, Option<StepReport>) {
+        self.ae.discard();
+        self.disc.discard();
+        self.logits = None;
+        self.step += 1;
+        self.skipped += 1;
+        tracing::warn!(
+            step = self.step,
+            "a loss is not finite: the step is skipped"
+        );
+        let report = StepReport {
+            step: self.step,
+            generator: log,
+            d_loss,
+            usage: self.maintainer.as_ref().map(|m| m.usage()),
+            perplexity: f64::NAN,
+            restarted: 0,
+            skipped: true,
+            skipped_total: self.skipped,
+        };
+        (self, Some(report))
+    }
+
+    /// Moves the LeCam anchors towards the step's mean logits, averaged over the group so
+    /// that every rank keeps the same anchors.
+    fn update_lecam(&mut self) -> Result<(), TrainError> {
+        let Some((real, fake)) = self.logits.take() else {
+            return Ok(());
+        };
+        if self.config.loss.lecam_weight <= 0.0 {
+            return Ok(());
+        }
+        let mut means = [real as f32, fake as f32];
+        self.group.mean_values(&mut means)?;
+        let means = (f64::from(means[0]), f64::from(means[1]));
+        self.lecam.update(means, self.config.loss.lecam_decay);
+        Ok(())
     }
 
     /// The reference's objective: the generator's gradients from L1 + LPIPS + the adaptive
@@ -303,12 +407,13 @@ impl Stage1Trainer {
         self.ae.accumulate(grads);
         let d = self.loss.discriminator(
             &self.disc.module,
-            x,
-            out.reconstruction.clone().detach(),
+            (x, out.reconstruction.clone().detach()),
             self.step,
             cond,
+            self.lecam,
         );
-        let d_loss = d.map(|(loss, _, _)| {
+        let d_loss = d.map(|(loss, real, fake)| {
+            self.logits = Some((real, fake));
             let value = loss.clone().into_scalar::<f32>() as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &self.disc.module);
             self.disc.accumulate(grads);
@@ -374,6 +479,9 @@ impl Stage1Trainer {
             step: self.step,
             loader,
             maintainer: self.maintainer.as_ref().map(|m| m.state()),
+            lecam: self.lecam,
+            skipped: self.skipped,
+            lr_scale: self.lr_scale,
         };
         self.discriminator().sync_running_stats();
         checkpoint::write(run, &self.config, &state, keep, |dir| {
@@ -395,6 +503,9 @@ impl Stage1Trainer {
         trainer.ae = trainer.ae.load(&dir, "model", "opt_ae")?;
         trainer.disc = trainer.disc.load(&dir, "disc", "opt_d")?;
         trainer.step = state.step;
+        trainer.lecam = state.lecam;
+        trainer.skipped = state.skipped;
+        trainer.lr_scale = state.lr_scale;
         if let (Some(m), Some(saved)) = (trainer.maintainer.as_mut(), &state.maintainer) {
             m.restore(saved);
         }
@@ -417,6 +528,12 @@ impl Stage1Trainer {
     pub fn objective(&self) -> Objective {
         self.config.objective
     }
+}
+
+/// Whether the reconstruction and the quantizer loss are finite.
+fn finite_output(out: &taming_model::vqgan::VqganOutput) -> bool {
+    let sum = out.reconstruction.clone().detach().sum() + out.quantized.loss.clone().detach();
+    sum.into_scalar::<f32>().is_finite()
 }
 
 /// Codebook maintenance after the optimizer step (vector quantizers): the model, the

@@ -363,7 +363,7 @@ impl Plan for TransformerPlan {
             Start::Resume(dir) => {
                 let (trainer, rank0) =
                     Stage2Trainer::resume(&dir, run.nodes, run.steps, &run.device)?;
-                let own = engine::saved_position(run, trainer.step());
+                let own = engine::saved_position(&run.context(), trainer.step());
                 (trainer, own.unwrap_or(rank0))
             }
         };
