@@ -189,6 +189,64 @@ impl<M: Module + ModuleSnapshot> Learner<M> {
     }
 }
 
+/// An exponential moving average of a module's weights: from step `start` on, after every
+/// optimizer step, `ema = decay * ema + (1 - decay) * weights` (before `start` it follows
+/// the weights). Held on the plain (non-autodiff) device.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmaConfig {
+    /// Weight of the past.
+    pub decay: f64,
+    /// First step that averages (before it the average is the weights themselves).
+    #[serde(default)]
+    pub start: u64,
+}
+
+impl EmaConfig {
+    /// Refuses a decay outside [0, 1).
+    pub fn validate(&self) -> Result<(), taming_model::ModelError> {
+        if (0.0..1.0).contains(&self.decay) {
+            return Ok(());
+        }
+        Err(taming_model::ModelError::Config {
+            key: "ema.decay".into(),
+            reason: format!("{} is outside [0, 1)", self.decay),
+        })
+    }
+}
+
+/// `average` moved towards `weights` by `1 - decay` (`decay` 0: a copy).
+pub fn ema_update<M: Module>(average: M, weights: &M, decay: f64) -> M {
+    struct Flatten(Vec<Tensor<1>>);
+    impl ModuleVisitor for Flatten {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let t = param.val().inner();
+            let n = t.shape().num_elements();
+            self.0.push(t.reshape([n]));
+        }
+    }
+    struct Blend {
+        weights: std::vec::IntoIter<Tensor<1>>,
+        decay: f64,
+    }
+    impl burn::module::ModuleMapper for Blend {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let w = self.weights.next().expect("the same parameters");
+            let decay = self.decay;
+            param.map(|a| {
+                let w = w.reshape(a.dims());
+                a.mul_scalar(decay) + w.mul_scalar(1.0 - decay)
+            })
+        }
+    }
+    let mut flat = Flatten(Vec::new());
+    weights.visit(&mut flat);
+    average.map(&mut Blend {
+        weights: flat.0.into_iter(),
+        decay,
+    })
+}
+
 /// Initializes every lazily initialized parameter of `module` (while a seed holds).
 pub fn materialize<M: Module>(module: &M) {
     struct Touch;
@@ -207,4 +265,33 @@ pub fn step_seed(seed: u64, step: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::Device;
+
+    #[test]
+    fn the_average_moves_by_one_minus_decay() {
+        let device = Device::flex();
+        let a: Linear = LinearConfig::new(2, 3).init(&device);
+        let w: Linear = LinearConfig::new(2, 3).init(&device);
+        let avg = ema_update(a.clone(), &w, 0.75);
+        let v = |m: &Linear| m.weight.val().into_data().try_to_vec::<f32>().unwrap();
+        for ((x, y), z) in v(&a).iter().zip(v(&w)).zip(v(&avg)) {
+            assert!((0.75 * x + 0.25 * y - z).abs() < 1e-6);
+        }
+        let copy = ema_update(a, &w, 0.0);
+        assert_eq!(v(&copy), v(&w));
+        assert!(
+            EmaConfig {
+                decay: 1.0,
+                start: 0
+            }
+            .validate()
+            .is_err()
+        );
+    }
 }
