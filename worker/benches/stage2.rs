@@ -46,6 +46,7 @@ fn config(batch_size: usize) -> Stage2Config {
         min_lr_ratio: 0.0,
         grad_clip: None,
         seed: 0,
+        ema: None,
     }
 }
 

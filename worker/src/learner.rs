@@ -215,6 +215,49 @@ impl EmaConfig {
     }
 }
 
+/// A module's weight average ([`EmaConfig`]), updated after every optimizer step and
+/// checkpointed beside the module.
+pub struct Ema<M: Module> {
+    config: EmaConfig,
+    /// The average (on the plain device).
+    pub average: M,
+}
+
+impl<M: Module + ModuleSnapshot> Ema<M> {
+    /// An average that starts at `weights`.
+    pub fn new(config: EmaConfig, weights: &M) -> Self {
+        Self {
+            config,
+            average: ema_update(weights.clone().valid(), weights, 0.0),
+        }
+    }
+
+    /// The average after optimizer step `step` left `weights`: a copy of them up to step
+    /// `start`, an exponential average from then on.
+    pub fn update(self, weights: &M, step: u64) -> Self {
+        let decay = if step <= self.config.start {
+            0.0
+        } else {
+            self.config.decay
+        };
+        Self {
+            average: ema_update(self.average, weights, decay),
+            config: self.config,
+        }
+    }
+
+    /// Writes the average as `{name}.bpk` into `dir`.
+    pub fn save(&self, dir: &Path, name: &str) -> Result<(), CheckpointError> {
+        save_module(&self.average, &dir.join(format!("{name}.bpk")))
+    }
+
+    /// Reads what [`Self::save`] wrote.
+    pub fn load(mut self, dir: &Path, name: &str) -> Result<Self, CheckpointError> {
+        load_module(&mut self.average, &dir.join(format!("{name}.bpk")))?;
+        Ok(self)
+    }
+}
+
 /// `average` moved towards `weights` by `1 - decay` (`decay` 0: a copy).
 pub fn ema_update<M: Module>(average: M, weights: &M, decay: f64) -> M {
     struct Flatten(Vec<Tensor<1>>);

@@ -11,6 +11,7 @@ use taming_model::config::{QuantizerConfig, RestartConfig, VectorQuantizerConfig
 use taming_model::loss::{DiscriminatorConfig, LossConfig};
 use taming_tests::process::root;
 use taming_worker::checkpoint::{self, CheckpointError};
+use taming_worker::learner::EmaConfig;
 use taming_worker::engine::{StepHook, train};
 use taming_worker::settings::RunSettings;
 use taming_worker::stage1::{Stage1Config, Stage1State, Stage1Trainer, VqganPlan};
@@ -51,6 +52,7 @@ fn config() -> Stage1Config {
         seed: 11,
         val_images: Some(16),
         divergence: Default::default(),
+        ema: None,
     }
 }
 
@@ -219,4 +221,84 @@ fn a_stale_attempt_is_fenced_out_of_the_run_folder() {
         !out.join("checkpoints/latest").exists(),
         "the stale attempt wrote no checkpoint"
     );
+}
+
+/// `decay * average + (1 - decay) * weights`, parameter by parameter.
+fn blend(
+    average: &[(String, Vec<f32>)],
+    weights: &[(String, Vec<f32>)],
+    decay: f32,
+) -> Vec<(String, Vec<f32>)> {
+    average
+        .iter()
+        .zip(weights)
+        .map(|((name, a), (_, w))| {
+            let v = a.iter().zip(w).map(|(a, w)| decay * a + (1.0 - decay) * w);
+            (name.clone(), v.collect())
+        })
+        .collect()
+}
+
+/// With `ema`, the evaluated model is a copy of the weights up to step `start`, then
+/// `decay * average + (1 - decay) * weights` after every step (checked against the weights
+/// after each step); checkpoints keep it, so a resumed run's average is a straight run's.
+#[test]
+fn the_weight_average_follows_its_formula_and_survives_resume() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex().autodiff();
+    let cfg = Stage1Config {
+        ema: Some(EmaConfig {
+            decay: 0.75,
+            start: 2,
+        }),
+        ..config()
+    };
+    let mut trainer = Stage1Trainer::new(cfg, 1, &device).unwrap();
+    let mut data = loader(LoaderState::default());
+    let mut expected = params(trainer.model());
+    for step in 1..=4 {
+        trainer = run(trainer, &mut data, 1);
+        let weights = params(trainer.model());
+        expected = if step > 2 {
+            blend(&expected, &weights, 0.75)
+        } else {
+            weights
+        };
+        assert_same(&expected, &params(&trainer.eval_model()));
+    }
+    assert_ne!(params(trainer.model()), params(&trainer.eval_model()));
+
+    let tmp = tempfile::tempdir().unwrap();
+    trainer.save_checkpoint(tmp.path(), data.state(), 2).unwrap();
+    let straight = run(trainer, &mut data, 2);
+    let (resumed, state) = Stage1Trainer::resume(tmp.path(), 1, &device).unwrap();
+    let resumed = run(resumed, &mut loader(state), 2);
+    assert_same(&params(&straight.eval_model()), &params(&resumed.eval_model()));
+    assert_same(&params(straight.model()), &params(resumed.model()));
+}
+
+/// A run with `ema` exports the average as `model/` (what `vqgan` and validation use) and
+/// the trained weights as `model-raw/`.
+#[test]
+fn a_run_with_ema_exports_the_average_and_the_raw_weights() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root()
+        .join("data/fashion-mnist")
+        .to_string_lossy()
+        .into_owned();
+    let cfg = Stage1Config {
+        ema: Some(EmaConfig {
+            decay: 0.5,
+            start: 0,
+        }),
+        ..config()
+    };
+    let mut run = RunSettings::single(tmp.path().to_path_buf(), 3, Device::flex().autodiff());
+    run.eval_every = 3;
+    train(VqganPlan::new(cfg, data), run, None, false).unwrap();
+    let read = |dir: &str| std::fs::read(tmp.path().join(dir).join("model.safetensors")).unwrap();
+    let (average, raw) = (read("model"), read("model-raw"));
+    assert_eq!(average.len(), raw.len());
+    assert_ne!(average, raw, "the average is not the weights after 3 steps");
 }

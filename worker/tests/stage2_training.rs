@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use common::{assert_same, exported_params, small_stage2_config};
+use common::{assert_same, exported_params, params_in, small_stage2_config};
 use taming_dataloader::codes::{CodeRow, write_codes};
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
@@ -17,6 +17,7 @@ use taming_model::checkpoint::native;
 use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
 use taming_tests::process::root;
 use taming_worker::engine::{RunError, RunSummary, StepHook, train};
+use taming_worker::learner::EmaConfig;
 use taming_worker::settings::RunSettings;
 use taming_worker::stage2::data::encode_batch;
 use taming_worker::stage2::{CondKind, Stage2Config, TransformerPlan};
@@ -183,7 +184,15 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     let vq = vqgan(tmp.path(), 3, 2);
     let codes = write_parquet(tmp.path(), "codes.parquet", &code_rows(&vq, 64));
     let opts = |out: &Path, resume: bool| {
-        let mut o = options(small_stage2_config(8), &vq, CondKind::None, out, 10);
+        // With a weight average: it is checkpointed and exported beside the raw weights.
+        let cfg = Stage2Config {
+            ema: Some(EmaConfig {
+                decay: 0.8,
+                start: 2,
+            }),
+            ..small_stage2_config(8)
+        };
+        let mut o = options(cfg, &vq, CondKind::None, out, 10);
         o.codes = Some(codes.clone());
         o.run.resume = resume;
         o
@@ -199,6 +208,9 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     let s = train_run(opts(&split, true)).unwrap();
     assert_eq!(s.steps, 10);
     assert_same(&exported_params(&split), &exported_params(&straight));
+    let raw = |run: &Path| params_in(&run.join("model-raw"));
+    assert_same(&raw(&split), &raw(&straight));
+    assert_ne!(raw(&split), exported_params(&split), "model/ is the average");
     let metrics = std::fs::read_to_string(split.join("metrics.csv")).unwrap();
     assert_eq!(metrics.lines().count(), 11, "{metrics}");
 }

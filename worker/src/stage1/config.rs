@@ -5,6 +5,8 @@ use taming_model::VqganConfig;
 use taming_model::error::ModelError;
 use taming_model::loss::LossConfig;
 
+use crate::learner::EmaConfig;
+
 /// What the autoencoder learns to reproduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -55,6 +57,10 @@ pub struct Stage1Config {
     /// What a run does when losses stop being finite.
     #[serde(default)]
     pub divergence: Divergence,
+    /// An exponential moving average of the autoencoder's weights, which validation, the
+    /// pictures and the exported model use (absent: the weights themselves).
+    #[serde(default)]
+    pub ema: Option<EmaConfig>,
 }
 
 /// Divergence handling: a step whose loss is not finite (on any rank) is skipped and
@@ -114,6 +120,9 @@ impl Stage1Config {
                 "divergence",
                 "max_skips and window must be positive and lr_factor in (0, 1)",
             ));
+        }
+        if let Some(ema) = &self.ema {
+            ema.validate()?;
         }
         if self.val_images == Some(0) {
             return Err(bad(

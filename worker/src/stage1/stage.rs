@@ -318,7 +318,7 @@ impl Stage for VqganStage {
 
     fn evaluate(&self) -> Result<Vec<f64>, RunError> {
         let _span = tracing::info_span!("evaluate").entered();
-        let model = self.trainer.model().valid();
+        let model = self.trainer.eval_model();
         let config = &self.plan.config;
         let mut loader = self.plan.validation_loader()?;
         let mut left = config.val_images.unwrap_or(usize::MAX);
@@ -353,7 +353,7 @@ impl Stage for VqganStage {
     }
 
     fn pictures(&self, _last: bool) -> Result<Vec<Picture>, RunError> {
-        let model = self.trainer.model().valid();
+        let model = self.trainer.eval_model();
         let x = self.val_x.clone().inner();
         let rec = model.forward(x.clone(), QuantizeMode::EVAL).reconstruction;
         let picture = |t: Tensor<4>| match self.trainer.objective() {
@@ -382,16 +382,24 @@ impl Stage for VqganStage {
         self.loader.skipped()
     }
 
+    /// `model/`: the evaluated model (the weight average with `ema`); with `ema` also
+    /// `model-raw/`, the trained weights themselves.
     fn finish(&self, out: &Path) -> Result<(), RunError> {
-        let model = self.trainer.model().valid();
-        let model_dir = out.join("model");
-        native::save_model(
-            &model_dir,
-            &self.plan.config.model,
-            &model,
-            &BTreeMap::new(),
-            true,
-        )
-        .map_err(|e| output(&model_dir, e))
+        let export = |dir: &str, model: &taming_model::Vqgan| {
+            let model_dir = out.join(dir);
+            native::save_model(
+                &model_dir,
+                &self.plan.config.model,
+                model,
+                &BTreeMap::new(),
+                true,
+            )
+            .map_err(|e| output(&model_dir, e))
+        };
+        export("model", &self.trainer.eval_model())?;
+        if self.trainer.has_ema() {
+            export("model-raw", &self.trainer.model().valid())?;
+        }
+        Ok(())
     }
 }

@@ -25,7 +25,7 @@ use taming_model::quantize::{
 use super::config::{Objective, Stage1Config};
 use crate::checkpoint::{self, CheckpointError, HasStep};
 use crate::engine::TrainError;
-use crate::learner::{Accumulation, Group, Learner, materialize, step_seed};
+use crate::learner::{Accumulation, Ema, Group, Learner, materialize, step_seed};
 
 /// The small, human-readable part of a stage-1 checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -99,6 +99,8 @@ pub struct Stage1Trainer {
     /// Whether a micro-batch of the current step had a non-finite loss.
     nonfinite: bool,
     skipped: u64,
+    /// The autoencoder's weight average (`ema` configured).
+    ema: Option<Ema<Vqgan>>,
 }
 
 /// The reference's Adam (betas 0.5, 0.9), one pass per parameter on the CPU backend.
@@ -145,7 +147,9 @@ impl Stage1Trainer {
             )),
             QuantizerConfig::Gumbel(_) => None,
         };
+        let ema = config.ema.map(|c| Ema::new(c, &model));
         Ok(Self {
+            ema,
             ae: Learner::new(model, adam(config.grad_clip)),
             disc: Learner::new(disc, adam(config.grad_clip)),
             accumulation: Accumulation::new(config.grad_accum),
@@ -207,6 +211,20 @@ impl Stage1Trainer {
     /// The autoencoder being trained.
     pub fn model(&self) -> &Vqgan {
         &self.ae.module
+    }
+
+    /// The autoencoder that is evaluated and exported, on the plain device: the weight
+    /// average when `ema` is configured, otherwise the weights.
+    pub fn eval_model(&self) -> Vqgan {
+        match &self.ema {
+            Some(ema) => ema.average.clone(),
+            None => self.ae.module.valid(),
+        }
+    }
+
+    /// Whether [`Self::eval_model`] is a weight average.
+    pub fn has_ema(&self) -> bool {
+        self.ema.is_some()
     }
 
     /// The discriminator being trained.
@@ -328,6 +346,7 @@ impl Stage1Trainer {
             model
         };
         self.step += 1;
+        self.ema = self.ema.map(|e| e.update(&self.ae.module, self.step));
         let report = StepReport {
             step: self.step,
             generator: log,
@@ -486,6 +505,9 @@ impl Stage1Trainer {
         self.discriminator().sync_running_stats();
         checkpoint::write(run, &self.config, &state, keep, |dir| {
             self.ae.save(dir, "model", "opt_ae")?;
+            if let Some(ema) = &self.ema {
+                ema.save(dir, "model_ema")?;
+            }
             self.disc.save(dir, "disc", "opt_d")
         })
     }
@@ -502,6 +524,10 @@ impl Stage1Trainer {
         let mut trainer = Self::new(config, nodes, device)?;
         trainer.ae = trainer.ae.load(&dir, "model", "opt_ae")?;
         trainer.disc = trainer.disc.load(&dir, "disc", "opt_d")?;
+        trainer.ema = match trainer.ema {
+            Some(ema) => Some(ema.load(&dir, "model_ema")?),
+            None => None,
+        };
         trainer.step = state.step;
         trainer.lecam = state.lecam;
         trainer.skipped = state.skipped;
@@ -515,7 +541,7 @@ impl Stage1Trainer {
     /// Mean L1 reconstruction error of `x` in evaluation mode (no gradients); for the
     /// segmentation objective, of the label probabilities (sigmoid of the logits).
     pub fn eval_l1(&self, x: Tensor<4>) -> f64 {
-        let model = self.model().valid();
+        let model = self.eval_model();
         let x = x.inner();
         let mut rec = model.forward(x.clone(), QuantizeMode::EVAL).reconstruction;
         if self.config.objective == Objective::Segmentation {

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use taming_model::error::ModelError;
 use taming_model::transformer::{Conditioning, GptConfig, PermuterKind, TransformerConfig};
 
+use crate::learner::EmaConfig;
+
 /// The GPT's shape without the sizes the data fixes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +85,10 @@ pub struct Stage2Config {
     /// Seed of initialization, data order and token dropout.
     #[serde(default)]
     pub seed: u64,
+    /// An exponential moving average of the GPT's weights, which validation, sampling and
+    /// the exported model use (absent: the weights themselves).
+    #[serde(default)]
+    pub ema: Option<EmaConfig>,
 }
 
 fn one() -> f64 {
@@ -127,6 +133,9 @@ impl Stage2Config {
             key: key.into(),
             reason: reason.into(),
         };
+        if let Some(ema) = &self.ema {
+            ema.validate()?;
+        }
         if self.batch_size == 0 {
             return Err(bad("batch_size", "must be positive"));
         }

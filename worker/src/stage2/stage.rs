@@ -15,7 +15,7 @@ use taming_dataloader::{
 use taming_model::checkpoint::native;
 use taming_model::image_io::tile;
 use taming_model::synthesis::{SynthCond, Synthesizer};
-use taming_model::transformer::{Conditioning, GridCond, Sampling, TransformerConfig};
+use taming_model::transformer::{Conditioning, Gpt, GridCond, Sampling, TransformerConfig};
 use taming_model::{Vqgan, VqganConfig};
 
 use super::config::Stage2Config;
@@ -459,7 +459,7 @@ impl Stage for TransformerStage {
         if !last {
             return Ok(Vec::new());
         }
-        let gpt = self.trainer.gpt().valid();
+        let gpt = self.trainer.eval_gpt();
         let synth = Synthesizer {
             gpt: &gpt,
             layout: self.trainer.layout(),
@@ -481,11 +481,19 @@ impl Stage for TransformerStage {
             .save_checkpoint(ckpt_dir, self.batches.position(), keep)?)
     }
 
+    /// `model/`: the evaluated GPT (the weight average with `ema`); with `ema` also
+    /// `model-raw/`, the trained weights themselves.
     fn finish(&self, out: &Path) -> Result<(), RunError> {
-        let model_dir = out.join("model");
-        let gpt = self.trainer.gpt().valid();
-        native::save_transformer(&model_dir, self.trainer.layout().config(), &gpt, true)
-            .map_err(|e| output(&model_dir, e))
+        let export = |dir: &str, gpt: &Gpt| {
+            let model_dir = out.join(dir);
+            native::save_transformer(&model_dir, self.trainer.layout().config(), gpt, true)
+                .map_err(|e| output(&model_dir, e))
+        };
+        export("model", &self.trainer.eval_gpt())?;
+        if self.trainer.has_ema() {
+            export("model-raw", &self.trainer.gpt().valid())?;
+        }
+        Ok(())
     }
 }
 /// A grid of samples: one row per condition (up to 10 classes, the first validation maps,

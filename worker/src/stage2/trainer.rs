@@ -18,7 +18,7 @@ use super::config::Stage2Config;
 use super::data::{CodePosition, CodeSample, windows};
 use crate::checkpoint::{self, CheckpointError, HasStep};
 use crate::engine::TrainError;
-use crate::learner::{Accumulation, Group, Learner, materialize, step_seed};
+use crate::learner::{Accumulation, Ema, Group, Learner, materialize, step_seed};
 use taming_dataloader::LoaderState;
 
 /// Where the training data stands: a position in the code rows, or in the image shards.
@@ -79,6 +79,8 @@ pub struct Stage2Trainer {
     step: u64,
     device: Device,
     group: Group,
+    /// The GPT's weight average (`ema` configured).
+    ema: Option<Ema<Gpt>>,
 }
 
 impl Stage2Trainer {
@@ -101,7 +103,9 @@ impl Stage2Trainer {
             epsilon: 1e-8,
         };
         let adam = adam_optimizer(settings, config.grad_clip.map(GradientClippingConfig::Norm));
+        let ema = config.ema.map(|c| Ema::new(c, &gpt));
         Ok(Self {
+            ema,
             gpt: Learner::new(gpt, adam),
             accumulation: Accumulation::new(config.grad_accum),
             layout,
@@ -135,6 +139,20 @@ impl Stage2Trainer {
     /// The GPT being trained.
     pub fn gpt(&self) -> &Gpt {
         &self.gpt.module
+    }
+
+    /// The GPT that is evaluated, sampled and exported, on the plain device: the weight
+    /// average when `ema` is configured, otherwise the weights.
+    pub fn eval_gpt(&self) -> Gpt {
+        match &self.ema {
+            Some(ema) => ema.average.clone(),
+            None => self.gpt.module.valid(),
+        }
+    }
+
+    /// Whether [`Self::eval_gpt`] is a weight average.
+    pub fn has_ema(&self) -> bool {
+        self.ema.is_some()
     }
 
     /// The token layout (model config and order).
@@ -175,6 +193,7 @@ impl Stage2Trainer {
             .scale_linear_weights(1.0 - lr * self.config.weight_decay);
         self.gpt = gpt.step(lr, &mut self.group)?;
         self.step += 1;
+        self.ema = self.ema.map(|e| e.update(&self.gpt.module, self.step));
         let report = StepReport {
             step: self.step,
             loss: value,
@@ -185,7 +204,7 @@ impl Stage2Trainer {
 
     /// Mean cross-entropy of `batch` (first window of each grid, no dropout, no gradients).
     pub fn eval_loss(&self, batch: &[CodeSample]) -> Result<f64, TrainError> {
-        let gpt = self.gpt().valid();
+        let gpt = self.eval_gpt();
         let inner = self.device.clone().inner();
         let mut rng = StdRng::seed_from_u64(self.config.seed);
         let (images, conds) = windows(&self.layout, batch, &mut rng)?;
@@ -212,6 +231,9 @@ impl Stage2Trainer {
             data,
         };
         checkpoint::write(run, &config, &state, keep, |dir| {
+            if let Some(ema) = &self.ema {
+                ema.save(dir, "gpt_ema")?;
+            }
             self.gpt.save(dir, "gpt", "opt")
         })
     }
@@ -228,6 +250,10 @@ impl Stage2Trainer {
         let (config, state): (Stage2CheckpointConfig, Stage2State) = checkpoint::read_meta(&dir)?;
         let mut trainer = Self::new(config.train, config.model, nodes, total_steps, device)?;
         trainer.gpt = trainer.gpt.load(&dir, "gpt", "opt")?;
+        trainer.ema = match trainer.ema {
+            Some(ema) => Some(ema.load(&dir, "gpt_ema")?),
+            None => None,
+        };
         trainer.step = state.step;
         Ok((trainer, state.data))
     }

@@ -44,7 +44,12 @@ pub fn params<M: ModuleSnapshot>(m: &M) -> Vec<(String, Vec<f32>)> {
 
 /// The parameters a run exported (`RUN/model/model.safetensors`) by name, in name order.
 pub fn exported_params(run: &std::path::Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(run.join("model/model.safetensors")).unwrap();
+    params_in(&run.join("model"))
+}
+
+/// The parameters of a model directory (`DIR/model.safetensors`) by name, in name order.
+pub fn params_in(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut out: Vec<(String, Vec<f32>)> = st
         .tensors()
@@ -99,5 +104,6 @@ pub fn small_stage2_config(batch_size: usize) -> Stage2Config {
         min_lr_ratio: 0.1,
         grad_clip: None,
         seed: 5,
+        ema: None,
     }
 }
