@@ -11,8 +11,8 @@ use taming_model::config::{QuantizerConfig, RestartConfig, VectorQuantizerConfig
 use taming_model::loss::{DiscriminatorConfig, LossConfig};
 use taming_tests::process::root;
 use taming_worker::checkpoint::{self, CheckpointError};
-use taming_worker::learner::EmaConfig;
 use taming_worker::engine::{StepHook, train};
+use taming_worker::learner::EmaConfig;
 use taming_worker::settings::RunSettings;
 use taming_worker::stage1::{Stage1Config, Stage1State, Stage1Trainer, VqganPlan};
 
@@ -269,11 +269,16 @@ fn the_weight_average_follows_its_formula_and_survives_resume() {
     assert_ne!(params(trainer.model()), params(&trainer.eval_model()));
 
     let tmp = tempfile::tempdir().unwrap();
-    trainer.save_checkpoint(tmp.path(), data.state(), 2).unwrap();
+    trainer
+        .save_checkpoint(tmp.path(), data.state(), 2)
+        .unwrap();
     let straight = run(trainer, &mut data, 2);
     let (resumed, state) = Stage1Trainer::resume(tmp.path(), 1, &device).unwrap();
     let resumed = run(resumed, &mut loader(state), 2);
-    assert_same(&params(&straight.eval_model()), &params(&resumed.eval_model()));
+    assert_same(
+        &params(&straight.eval_model()),
+        &params(&resumed.eval_model()),
+    );
     assert_same(&params(straight.model()), &params(resumed.model()));
 }
 

@@ -210,7 +210,11 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     assert_same(&exported_params(&split), &exported_params(&straight));
     let raw = |run: &Path| params_in(&run.join("model-raw"));
     assert_same(&raw(&split), &raw(&straight));
-    assert_ne!(raw(&split), exported_params(&split), "model/ is the average");
+    assert_ne!(
+        raw(&split),
+        exported_params(&split),
+        "model/ is the average"
+    );
     let metrics = std::fs::read_to_string(split.join("metrics.csv")).unwrap();
     assert_eq!(metrics.lines().count(), 11, "{metrics}");
 }
