@@ -90,7 +90,11 @@ pub fn load_fid_inception(
                 "{} tensor(s) that pytorch-fid's Inception does not have ({}{}): not its layout",
                 unknown.len(),
                 shown.join(", "),
-                if unknown.len() > shown.len() { ", ..." } else { "" }
+                if unknown.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
             ),
         ));
     }

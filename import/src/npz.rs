@@ -96,7 +96,8 @@ struct Header {
 pub fn read_stats(path: &Path) -> Result<FeatureStats, ModelError> {
     let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
     let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
-    let bad = |why: String| ModelError::file(path, format!("not a readable statistics .npz ({why})"));
+    let bad =
+        |why: String| ModelError::file(path, format!("not a readable statistics .npz ({why})"));
     let mut archive = zip::ZipArchive::new(file).map_err(|e| bad(e.to_string()))?;
     let (mu_shape, mu) = read_array(&mut archive, "mu", len).map_err(&bad)?;
     let d = match mu_shape.as_slice() {
@@ -109,11 +110,7 @@ pub fn read_stats(path: &Path) -> Result<FeatureStats, ModelError> {
             "`sigma` has shape {sigma_shape:?}; `mu` has {d} values, so [{d}, {d}] expected"
         )));
     }
-    let stats = FeatureStats {
-        mu,
-        sigma,
-        n: None,
-    };
+    let stats = FeatureStats { mu, sigma, n: None };
     stats
         .validate("statistics")
         .map_err(|e| ModelError::file(path, e.to_string()))?;
@@ -162,7 +159,11 @@ fn read_array(
                 .map_err(|e| format!("entry {name}: {e}"))?;
             u32::from_le_bytes(n) as usize
         }
-        v => return Err(format!("entry {name}: .npy format version {v} is not known")),
+        v => {
+            return Err(format!(
+                "entry {name}: .npy format version {v} is not known"
+            ));
+        }
     };
     let preamble = if prefix[6] == 1 { 10 } else { 12 };
     if header_len > MAX_HEADER_BYTES {
@@ -176,7 +177,9 @@ fn read_array(
         .map_err(|e| format!("entry {name}: header: {e}"))?;
     let text = String::from_utf8(text).map_err(|_| format!("entry {name}: header is not text"))?;
     let header = parse_header(&text).map_err(|e| format!("entry {name}: {e}"))?;
-    if header.shape.is_empty() || header.shape.len() > 2 || header.shape.iter().any(|&n| n > MAX_DIM)
+    if header.shape.is_empty()
+        || header.shape.len() > 2
+        || header.shape.iter().any(|&n| n > MAX_DIM)
     {
         return Err(format!(
             "entry {name}: shape {:?}; [d] or [d, d] with d at most {MAX_DIM} accepted",
@@ -282,8 +285,7 @@ fn npy(shape: &[usize], values: &[f64]) -> Vec<u8> {
     } else {
         format!("({})", dims.join(", "))
     };
-    let mut header =
-        format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape_text}, }}");
+    let mut header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape_text}, }}");
     // numpy pads the header with spaces to a multiple of 64 bytes, ending in a newline.
     let total = (10 + header.len() + 1).div_ceil(64) * 64;
     header.push_str(&" ".repeat(total - 10 - header.len() - 1));
@@ -334,9 +336,12 @@ mod tests {
         assert_eq!(h.dtype, Dtype::F8 { big: false });
         assert!(!h.fortran_order);
         let h = parse_header("{'descr': '>f4', 'fortran_order': True, 'shape': (5,), }").unwrap();
-        assert_eq!((h.shape, h.dtype, h.fortran_order), (vec![5], Dtype::F4 { big: true }, true));
-        let err = parse_header("{'descr': '<i8', 'fortran_order': False, 'shape': (5,), }")
-            .unwrap_err();
+        assert_eq!(
+            (h.shape, h.dtype, h.fortran_order),
+            (vec![5], Dtype::F4 { big: true }, true)
+        );
+        let err =
+            parse_header("{'descr': '<i8', 'fortran_order': False, 'shape': (5,), }").unwrap_err();
         assert!(err.contains("'<i8'"), "{err}");
     }
 

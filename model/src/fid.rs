@@ -55,7 +55,12 @@ impl FeatureStats {
             return Err(bad(format!("`mu[{i}]` is {}", self.mu[i])));
         }
         if let Some(i) = self.sigma.iter().position(|v| !v.is_finite()) {
-            return Err(bad(format!("`sigma[{}, {}]` is {}", i / d, i % d, self.sigma[i])));
+            return Err(bad(format!(
+                "`sigma[{}, {}]` is {}",
+                i / d,
+                i % d,
+                self.sigma[i]
+            )));
         }
         Ok(())
     }
@@ -102,9 +107,9 @@ impl StatsAccumulator {
         if rows == 0 {
             return;
         }
-        let shift = self
-            .shift
-            .get_or_insert_with(|| DVector::from_iterator(d, features[..d].iter().map(|&v| v as f64)));
+        let shift = self.shift.get_or_insert_with(|| {
+            DVector::from_iterator(d, features[..d].iter().map(|&v| v as f64))
+        });
         // Centered rows as a `d x rows` matrix (nalgebra is column-major: one column per row).
         let mut centered = DMatrix::from_iterator(d, rows, features.iter().map(|&v| v as f64));
         for mut col in centered.column_iter_mut() {
@@ -167,7 +172,10 @@ pub fn frechet_distance(a: &FeatureStats, b: &FeatureStats) -> Result<f64, Model
     if b.dim() != d {
         return Err(ModelError::Config {
             key: "statistics".into(),
-            reason: format!("features of dimension {d} and {} cannot be compared", b.dim()),
+            reason: format!(
+                "features of dimension {d} and {} cannot be compared",
+                b.dim()
+            ),
         });
     }
     let mean_term: f64 = a.mu.iter().zip(&b.mu).map(|(x, y)| (x - y).powi(2)).sum();
@@ -310,7 +318,10 @@ mod tests {
         for (got, want) in st.sigma.iter().zip(sigma) {
             assert!((got - want).abs() < 1e-12, "{got} vs {want}");
         }
-        assert!(stats_of(&rows[..3], 3).is_err(), "one vector has no covariance");
+        assert!(
+            stats_of(&rows[..3], 3).is_err(),
+            "one vector has no covariance"
+        );
     }
 
     #[test]

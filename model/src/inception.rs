@@ -145,7 +145,9 @@ impl InceptionA {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let b1 = self.branch1x1.forward(x.clone());
-        let b5 = self.branch5x5_2.forward(self.branch5x5_1.forward(x.clone()));
+        let b5 = self
+            .branch5x5_2
+            .forward(self.branch5x5_1.forward(x.clone()));
         let b3 = self.branch3x3dbl_1.forward(x.clone());
         let b3 = self.branch3x3dbl_3.forward(self.branch3x3dbl_2.forward(b3));
         let bp = self.branch_pool.forward(avg_pool_3x3(x));
@@ -247,7 +249,9 @@ impl InceptionD {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let b3 = self.branch3x3_2.forward(self.branch3x3_1.forward(x.clone()));
+        let b3 = self
+            .branch3x3_2
+            .forward(self.branch3x3_1.forward(x.clone()));
         let b7 = self.branch7x7x3_1.forward(x.clone());
         let b7 = self.branch7x7x3_3.forward(self.branch7x7x3_2.forward(b7));
         let b7 = self.branch7x7x3_4.forward(b7);
@@ -401,6 +405,18 @@ impl FidInception {
     }
 }
 
+/// Images in [-1, 1] as the 8-bit values a PNG of them holds (clamped, rounded, as
+/// `image_io::to_image` writes them), mapped to [0, 1]: what the Inception sees of a saved
+/// reconstruction (rFID in `vqgan eval` and in training).
+pub fn eight_bit(x: Tensor<4>) -> Tensor<4> {
+    x.clamp(-1.0, 1.0)
+        .add_scalar(1.0)
+        .mul_scalar(127.5)
+        .round()
+        .clamp(0.0, 255.0)
+        .div_scalar(255.0)
+}
+
 /// pytorch-fid's input transform: images `[b, 3, h, w]` in [0, 1] resized to 299x299
 /// ([`resize_bilinear`]) and mapped to [-1, 1] by `2x - 1`.
 pub fn prepare(images: Tensor<4>) -> Tensor<4> {
@@ -425,7 +441,10 @@ pub fn resize_bilinear(x: Tensor<4>, [oh, ow]: [usize; 2]) -> Tensor<4> {
         &device,
     );
     let x = x.reshape([b * c * h, w]).matmul(along_w); // [b c h, ow]
-    let x = x.reshape([b * c, h, ow]).swap_dims(1, 2).reshape([b * c * ow, h]);
+    let x = x
+        .reshape([b * c, h, ow])
+        .swap_dims(1, 2)
+        .reshape([b * c * ow, h]);
     let x = x.matmul(along_h); // [b c ow, oh]
     x.reshape([b, c, ow, oh]).swap_dims(2, 3)
 }

@@ -49,6 +49,7 @@ fn config() -> Stage1Config {
         seed: 0,
         val_images: None,
         divergence: Default::default(),
+        eval: Default::default(),
     }
 }
 

@@ -55,6 +55,7 @@ fn config(batch_size: usize) -> Stage1Config {
         seed: 5,
         val_images: Some(16),
         divergence: Default::default(),
+        eval: Default::default(),
     }
 }
 

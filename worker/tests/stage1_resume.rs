@@ -51,6 +51,7 @@ fn config() -> Stage1Config {
         seed: 11,
         val_images: Some(16),
         divergence: Default::default(),
+        eval: Default::default(),
     }
 }
 

@@ -45,6 +45,7 @@ fn small_config(disc_start: u64) -> Stage1Config {
         seed: 3,
         val_images: Some(16),
         divergence: Default::default(),
+        eval: Default::default(),
     }
 }
 

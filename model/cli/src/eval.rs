@@ -12,9 +12,9 @@ use taming_dataloader::{
     BatchSource, LoaderConfig, LoaderState, Prefetched, Preprocess, ShardLoader,
 };
 use taming_model::checkpoint::native;
-use taming_model::fid::{StatsAccumulator, frechet_distance};
-use taming_model::inception::FEATURES;
 use taming_model::device::DeviceSpec;
+use taming_model::fid::{StatsAccumulator, frechet_distance};
+use taming_model::inception::{FEATURES, eight_bit};
 use taming_model::loss::LpipsConfig;
 use taming_model::metrics;
 use taming_model::quantize::QuantizeMode;
@@ -63,7 +63,10 @@ pub fn run(
         .then(|| Extractor::load(inception, &device, batch_size))
         .transpose()?;
     // Statistics of the images and of their reconstructions.
-    let mut fid_stats = [StatsAccumulator::new(FEATURES), StatsAccumulator::new(FEATURES)];
+    let mut fid_stats = [
+        StatsAccumulator::new(FEATURES),
+        StatsAccumulator::new(FEATURES),
+    ];
     let shards = list_split(data, split)?;
     let size = config.ddconfig.resolution;
     let preprocess = Preprocess {
@@ -110,7 +113,10 @@ pub fn run(
     let rfid = match extractor {
         Some(_) => {
             let [images, reconstructions] = fid_stats;
-            Some(frechet_distance(&images.finish()?, &reconstructions.finish()?)?)
+            Some(frechet_distance(
+                &images.finish()?,
+                &reconstructions.finish()?,
+            )?)
         }
         None => None,
     };
@@ -143,15 +149,4 @@ pub fn run(
     let json = serde_json::to_string_pretty(&report).expect("report serializes");
     taming_model::atomic::write(out, json.as_bytes())?;
     Ok(())
-}
-
-/// Images in [-1, 1] as the 8-bit values a PNG of them holds (clamped, rounded, as
-/// `image_io::to_image`), mapped to [0, 1] for the Inception.
-fn eight_bit(x: Tensor<4>) -> Tensor<4> {
-    x.clamp(-1.0, 1.0)
-        .add_scalar(1.0)
-        .mul_scalar(127.5)
-        .round()
-        .clamp(0.0, 255.0)
-        .div_scalar(255.0)
 }

@@ -210,8 +210,7 @@ impl Extractor {
                     let bytes = sample::image_bytes(&raw.sample).with_context(|| {
                         format!("{shard}: sample `{key}` has no image (png, jpg, jpeg, webp)")
                     })?;
-                    let img =
-                        decode(bytes).with_context(|| format!("{shard}: sample `{key}`"))?;
+                    let img = decode(bytes).with_context(|| format!("{shard}: sample `{key}`"))?;
                     batch.push(img);
                     if batch.len() == self.batch_size {
                         flush(&mut batch, &mut acc)?;
@@ -270,9 +269,7 @@ fn decode(bytes: &[u8]) -> Result<RgbImage> {
             .with_guessed_format()
             .expect("reading from memory")
     };
-    let (w, h) = reader()
-        .into_dimensions()
-        .context("not a readable image")?;
+    let (w, h) = reader().into_dimensions().context("not a readable image")?;
     let pixels = w as u64 * h as u64;
     ensure!(
         pixels > 0 && pixels <= MAX_IMAGE_PIXELS,
@@ -307,7 +304,9 @@ pub fn run(args: FidArgs) -> Result<()> {
     let stats_of = |input: &Input, spec: &str| -> Result<FeatureStats> {
         match (input, &extractor) {
             (Input::Stats(path), _) => Ok(npz::read_stats(path)?),
-            (_, Some(ex)) => ex.stats_of(input).with_context(|| format!("features of {spec}")),
+            (_, Some(ex)) => ex
+                .stats_of(input)
+                .with_context(|| format!("features of {spec}")),
             (_, None) => unreachable!("the network is loaded for image inputs"),
         }
     };
