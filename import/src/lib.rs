@@ -6,11 +6,15 @@
 //! - [`taming`]: a taming-transformers VQGAN checkpoint and its YAML config as a [`Vqgan`];
 //! - [`net2net`]: a Net2NetTransformer checkpoint as a GPT with its first and cond stages;
 //! - [`read_state_dict`], [`fill_from_torch`], [`load_lpips`]: a state dict onto any module,
-//!   and the LPIPS weights (torchvision's VGG16 and the `lpips` package's heads).
+//!   and the LPIPS weights (torchvision's VGG16 and the `lpips` package's heads);
+//! - [`inception`]: pytorch-fid's Inception weights (SHA-256 checked) for FID;
+//! - [`npz`]: FID feature statistics (`mu`, `sigma`) as pytorch-fid's `.npz` files.
 //!
 //! [`Vqgan`]: taming_model::Vqgan
 
+pub mod inception;
 pub mod net2net;
+pub mod npz;
 pub mod pickle;
 pub mod taming;
 pub mod torch_file;

@@ -11,6 +11,7 @@
 //! - [`transformer`]: the stage-2 GPT, its conditioning layout, token orders, KV-cached and
 //!   sliding-window sampling; [`synthesis`]: images from a transformer and its VQGAN(s);
 //! - [`checkpoint`]: the native model format and filling a module from named tensors;
+//! - [`inception`], [`fid`]: pytorch-fid's Inception-v3 and the Fréchet distance;
 //! - [`image_io`], [`codes`], [`metrics`], [`device`], [`atomic`], [`error`]: images and code
 //!   grids in and out, reconstruction metrics, device selection, atomic writes, errors.
 
@@ -20,7 +21,9 @@ pub mod codes;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod fid;
 pub mod image_io;
+pub mod inception;
 pub mod loss;
 pub mod metrics;
 pub mod quantize;

@@ -1,7 +1,12 @@
 //! What a `worker train` run leaves, read by the tools people read it with: TensorBoard's
 //! reader (the PyPI `tbparse`) finds every scalar of every `metrics.csv` row and the
 //! validation grid; the validation columns are what `vqgan eval` measures on the exported
-//! model over the same split.
+//! model over the same split (rFID included, with Inception weights).
+
+#[path = "../../model/tests/common/fid_weights.rs"]
+mod fid_weights;
+#[path = "../../model/tests/common/torch_writer.rs"]
+mod torch_writer;
 
 use std::path::Path;
 use std::process::Command;
@@ -169,4 +174,114 @@ fn non_finite_steps_are_skipped_and_three_roll_the_run_back() {
     .unwrap();
     assert_eq!(state["lr_scale"], 0.5, "{state}");
     assert_eq!(state["skipped"], 3, "{state}");
+}
+
+/// The first `n` samples of a tar shard, as another shard (Python's tarfile).
+const FIRST_SAMPLES: &str = r#"
+import sys, tarfile
+src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+keys = []
+with tarfile.open(src) as tin, tarfile.open(dst, "w", format=tarfile.USTAR_FORMAT) as tout:
+    for m in tin.getmembers():
+        key = m.name.split(".")[0]
+        if key not in keys:
+            if len(keys) == n:
+                break
+            keys.append(key)
+        tout.addfile(m, tin.extractfile(m))
+print(len(keys))
+"#;
+
+/// With `eval.inception`, validation adds rFID (the validation images against their
+/// reconstructions through pytorch-fid's Inception, here with the FID fixture's generated
+/// weights): the last row's `val_rfid` is what `vqgan eval --inception` reports for the
+/// exported model over the same images.
+#[test]
+fn rfid_in_validation_is_vqgan_evals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = tmp.path().join("inception.pth");
+    let layout = root().join("model/tests/fixtures/fid/weights.json");
+    std::fs::write(&weights, fid_weights::weights_file(&layout)).unwrap();
+    // The embedded training shards and a validation shard of their first 8 images.
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let source = root().join("data/fashion-mnist");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let name = entry.unwrap().file_name();
+        if name.to_string_lossy().starts_with("train-") {
+            std::os::unix::fs::symlink(source.join(&name), data.join(&name)).unwrap();
+        }
+    }
+    let args = [source.join("val-000000.tar"), data.join("val-000000.tar")]
+        .map(|p| p.to_string_lossy().into_owned());
+    let kept = python::run(
+        FIRST_SAMPLES,
+        &[args[0].clone(), args[1].clone(), "8".into()],
+    );
+    assert_eq!(kept.trim(), "8");
+
+    let config = tiny_config(tmp.path());
+    let mut yaml: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    yaml["eval"] = serde_yaml::from_str(&format!(
+        "{{inception: {}, any_weights: true}}",
+        weights.display()
+    ))
+    .unwrap();
+    std::fs::write(&config, serde_yaml::to_string(&yaml).unwrap()).unwrap();
+    let out = tmp.path().join("run");
+    succeed(
+        Command::new(bin("worker"))
+            .args([
+                "train",
+                "--stage",
+                "vqgan",
+                "--steps",
+                "2",
+                "--eval-every",
+                "2",
+            ])
+            .args(["--checkpoint-every", "2", "--quiet", "--config"])
+            .arg(&config)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out),
+    );
+    let (header, rows) = read_csv(&out.join("metrics.csv"));
+    let column = header
+        .iter()
+        .position(|h| h == "val_rfid")
+        .expect("val_rfid");
+    let ours: f64 = rows.last().unwrap()[column].parse().unwrap();
+
+    let eval = tmp.path().join("eval.json");
+    succeed(
+        Command::new(bin("vqgan"))
+            .args([
+                "eval",
+                "--split",
+                "val",
+                "--batch-size",
+                "3",
+                "--any-weights",
+            ])
+            .arg("--inception")
+            .arg(&weights)
+            .arg("--model")
+            .arg(out.join("model"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&eval),
+    );
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&eval).unwrap()).unwrap();
+    assert_eq!(eval["images"], 8);
+    let theirs = eval["rfid"].as_f64().unwrap();
+    assert!(ours.is_finite() && ours > 0.0, "val_rfid {ours}");
+    assert!(
+        (ours - theirs).abs() <= 1e-3 * theirs,
+        "val_rfid {ours} against vqgan eval's rfid {theirs}"
+    );
 }

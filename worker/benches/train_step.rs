@@ -50,6 +50,7 @@ fn config() -> Stage1Config {
         val_images: None,
         divergence: Default::default(),
         ema: None,
+        eval: Default::default(),
     }
 }
 

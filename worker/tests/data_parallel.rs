@@ -56,6 +56,7 @@ fn config(batch_size: usize) -> Stage1Config {
         val_images: Some(16),
         divergence: Default::default(),
         ema: None,
+        eval: Default::default(),
     }
 }
 

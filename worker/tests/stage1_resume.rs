@@ -53,6 +53,7 @@ fn config() -> Stage1Config {
         val_images: Some(16),
         divergence: Default::default(),
         ema: None,
+        eval: Default::default(),
     }
 }
 

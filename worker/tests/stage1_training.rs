@@ -46,6 +46,7 @@ fn small_config(disc_start: u64) -> Stage1Config {
         val_images: Some(16),
         divergence: Default::default(),
         ema: None,
+        eval: Default::default(),
     }
 }
 

@@ -17,7 +17,7 @@ use taming_model::quantize::QuantizeMode;
 use taming_model::{Vqgan, VqganConfig};
 
 use crate::input::{self, Fit};
-use crate::{eval, sample};
+use crate::{eval, fid, sample};
 
 #[derive(Parser)]
 #[command(
@@ -67,8 +67,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Reconstruction quality over a data set: L1, PSNR, SSIM, LPIPS (with weights) and
-    /// codebook usage; printed and written as JSON.
+    /// Reconstruction quality over a data set: L1, PSNR, SSIM, LPIPS (with weights), rFID
+    /// (with `--inception`) and codebook usage; printed and written as JSON.
     Eval {
         #[command(flatten)]
         model: ModelArgs,
@@ -90,10 +90,16 @@ enum Command {
         /// VGG stages LPIPS uses (5 for LPIPS proper).
         #[arg(long, default_value_t = 5)]
         lpips_stages: usize,
+        /// rFID: FID of the reconstructions against the images, with these Inception weights.
+        #[command(flatten)]
+        inception: fid::InceptionArgs,
         /// Where to write the JSON report (default: eval-SPLIT.json in the model directory).
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// FID between two image sets (folders, shards or statistics .npz) with pytorch-fid's
+    /// Inception, printed as JSON; or one set's statistics written with `--save-stats`.
+    Fid(fid::FidArgs),
     /// Sample images from a trained transformer (class, segmentation map or unconditional;
     /// the sliding window for sizes above the training window).
     Sample(sample::SampleArgs),
@@ -164,6 +170,7 @@ pub fn run(cli: Cli) -> Result<()> {
             lpips_vgg16,
             lpips_heads,
             lpips_stages,
+            inception,
             out,
         } => {
             let lpips = lpips_vgg16
@@ -181,9 +188,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 &split,
                 batch_size,
                 lpips,
+                &inception,
                 &out,
             )
         }
+        Command::Fid(args) => fid::run(args),
         Command::Sample(args) => sample::sample(args),
         Command::ImportTransformer(args) => sample::import(args),
         Command::Decode { model, codes, out } => {

@@ -1,4 +1,6 @@
-//! `vqgan eval`: reconstruction quality of a model over a shard set.
+//! `vqgan eval`: reconstruction quality of a model over a shard set. rFID is the FID of the
+//! reconstructions against the images they reconstruct, both quantized to 8 bits first as
+//! the PNGs `vqgan reconstruct` writes are (so it equals `vqgan fid` on folders of both).
 
 use std::path::Path;
 
@@ -11,9 +13,13 @@ use taming_dataloader::{
 };
 use taming_model::checkpoint::native;
 use taming_model::device::DeviceSpec;
+use taming_model::fid::{StatsAccumulator, frechet_distance};
+use taming_model::inception::{FEATURES, eight_bit};
 use taming_model::loss::LpipsConfig;
 use taming_model::metrics;
 use taming_model::quantize::QuantizeMode;
+
+use crate::fid::{Extractor, InceptionArgs};
 
 /// The report written as JSON.
 #[derive(Debug, Serialize)]
@@ -23,6 +29,7 @@ struct Report {
     psnr: f64,
     ssim: f64,
     lpips: Option<f64>,
+    rfid: Option<f64>,
     codebook_usage: f64,
     codes_used: usize,
     n_embed: usize,
@@ -41,6 +48,7 @@ pub fn run(
     split: &str,
     batch_size: usize,
     lpips: Option<LpipsConfig>,
+    inception: &InceptionArgs,
     out: &Path,
 ) -> Result<()> {
     let device = device.device().map_err(anyhow::Error::msg)?;
@@ -49,6 +57,16 @@ pub fn run(
     let lpips = lpips
         .map(|cfg| taming_import::load_lpips(&cfg, &device))
         .transpose()?;
+    let extractor = inception
+        .inception
+        .is_some()
+        .then(|| Extractor::load(inception, &device, batch_size))
+        .transpose()?;
+    // Statistics of the images and of their reconstructions.
+    let mut fid_stats = [
+        StatsAccumulator::new(FEATURES),
+        StatsAccumulator::new(FEATURES),
+    ];
     let shards = list_split(data, split)?;
     let size = config.ddconfig.resolution;
     let preprocess = Preprocess {
@@ -76,6 +94,11 @@ pub fn run(
         }
         // Clamped as the reference logs reconstructions (and as training validates).
         let rec = out.reconstruction.clamp(-1.0, 1.0);
+        if let Some(ex) = &extractor {
+            let [images, reconstructions] = &mut fid_stats;
+            ex.add_batch(images, eight_bit(x.clone()))?;
+            ex.add_batch(reconstructions, eight_bit(rec.clone()))?;
+        }
         l1.extend(metrics::l1(x.clone(), rec.clone()));
         psnr.extend(metrics::psnr(x.clone(), rec.clone()));
         ssim.extend(metrics::ssim(x.clone(), rec.clone()));
@@ -87,6 +110,16 @@ pub fn run(
             perceptual.extend(d.into_iter().map(f64::from));
         }
     }
+    let rfid = match extractor {
+        Some(_) => {
+            let [images, reconstructions] = fid_stats;
+            Some(frechet_distance(
+                &images.finish()?,
+                &reconstructions.finish()?,
+            )?)
+        }
+        None => None,
+    };
     let codes_used = used.iter().filter(|u| **u).count();
     let report = Report {
         images: l1.len(),
@@ -94,14 +127,17 @@ pub fn run(
         psnr: mean(&psnr),
         ssim: mean(&ssim),
         lpips: lpips.as_ref().map(|_| mean(&perceptual)),
+        rfid,
         codebook_usage: codes_used as f64 / config.n_embed as f64,
         codes_used,
         n_embed: config.n_embed,
         skipped: loader.skipped(),
     };
     let lp = report.lpips.map_or("-".into(), |v| format!("{v:.4}"));
+    let rfid = report.rfid.map_or("-".into(), |v| format!("{v:.4}"));
     println!(
-        "{} images: L1 {:.4}  PSNR {:.2} dB  SSIM {:.4}  LPIPS {lp}  usage {:.1}% ({}/{} codes)",
+        "{} images: L1 {:.4}  PSNR {:.2} dB  SSIM {:.4}  LPIPS {lp}  rFID {rfid}  usage {:.1}% \
+         ({}/{} codes)",
         report.images,
         report.l1,
         report.psnr,

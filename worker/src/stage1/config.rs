@@ -1,5 +1,7 @@
 //! Stage-1 training settings: the model, the loss, and the optimization recipe.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 use taming_model::VqganConfig;
 use taming_model::error::ModelError;
@@ -61,6 +63,20 @@ pub struct Stage1Config {
     /// pictures and the exported model use (absent: the weights themselves).
     #[serde(default)]
     pub ema: Option<EmaConfig>,
+    /// What validation measures besides L1, PSNR, SSIM and usage.
+    pub eval: EvalConfig,
+}
+
+/// Optional validation metrics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// pytorch-fid's Inception weights (`pt_inception-2015-12-05-6726825d.pth`, SHA-256
+    /// checked): rFID of the validation images against their reconstructions at every
+    /// evaluation (column `val_rfid`).
+    pub inception: Option<PathBuf>,
+    /// Accept `inception` weights other than pytorch-fid's file, in its layout.
+    pub any_weights: bool,
 }
 
 /// Divergence handling: a step whose loss is not finite (on any rank) is skipped and

@@ -16,8 +16,11 @@ use taming_dataloader::shards::list_split;
 use taming_dataloader::{
     BatchSource, ImageBatch, LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader,
 };
+use taming_import::inception::{WeightsCheck, load_fid_inception};
 use taming_model::checkpoint::native;
+use taming_model::fid::{StatsAccumulator, frechet_distance};
 use taming_model::image_io::to_image;
+use taming_model::inception::{FEATURES, FidInception, eight_bit};
 use taming_model::metrics::Reconstructions;
 use taming_model::quantize::QuantizeMode;
 
@@ -41,9 +44,10 @@ pub fn columns(config: &Stage1Config) -> Columns {
         Some(n) => format!("val{n}_"),
         None => "val_".into(),
     };
-    let names: &[&str] = match config.objective {
-        Objective::Vqgan => &["l1", "psnr", "ssim", "usage"],
-        Objective::Segmentation => &["l1"],
+    let names: &[&str] = match (config.objective, &config.eval.inception) {
+        (Objective::Vqgan, None) => &["l1", "psnr", "ssim", "usage"],
+        (Objective::Vqgan, Some(_)) => &["l1", "psnr", "ssim", "usage", "rfid"],
+        (Objective::Segmentation, _) => &["l1"],
     };
     Columns {
         values: VALUES,
@@ -122,6 +126,21 @@ impl VqganPlan {
         Ok(ShardLoader::open(&shards, cfg, &LoaderState::default())?)
     }
 
+    /// pytorch-fid's Inception on the run's device, when `eval.inception` names its weights
+    /// (refused with the file named when they are not pytorch-fid's, unless `any_weights`).
+    fn inception(&self, run: &RunContext) -> Result<Option<FidInception>, RunError> {
+        let eval = &self.config.eval;
+        let Some(path) = &eval.inception else {
+            return Ok(None);
+        };
+        let check = match eval.any_weights {
+            true => WeightsCheck::AnyWeights,
+            false => WeightsCheck::Standard,
+        };
+        let device = run.device.clone().inner();
+        Ok(Some(load_fid_inception(path, check, &device)?))
+    }
+
     /// The first validation batch (the grid's images).
     fn validation(&self) -> Result<ImageBatch, RunError> {
         self.validation_loader()?.next_in_epoch()?.ok_or_else(|| {
@@ -155,7 +174,9 @@ impl Plan for VqganPlan {
         let loader = self.train_source(&run, state)?;
         let val = self.validation()?;
         let val_x = trainer.input(&val)?;
+        let inception = self.inception(&run)?;
         Ok(VqganStage {
+            inception,
             trainer,
             loader,
             val,
@@ -196,6 +217,8 @@ pub struct VqganStage {
     val_x: Tensor<4>,
     plan: VqganPlan,
     run: RunContext,
+    /// pytorch-fid's Inception, for rFID (`eval.inception`).
+    inception: Option<FidInception>,
     /// Steps skipped within the divergence window.
     recent_skips: VecDeque<u64>,
 }
@@ -324,6 +347,11 @@ impl Stage for VqganStage {
         let mut left = config.val_images.unwrap_or(usize::MAX);
         let mut measured = Reconstructions::new(config.model.n_embed);
         let mut seg_l1 = (0.0, 0usize);
+        // Inception statistics of the images and of their reconstructions (rFID).
+        let mut fid = [
+            StatsAccumulator::new(FEATURES),
+            StatsAccumulator::new(FEATURES),
+        ];
         while left > 0
             && let Some(batch) = loader.next_in_epoch()?
         {
@@ -343,13 +371,26 @@ impl Stage for VqganStage {
                 .indices
                 .try_into_vec_as::<i64>()
                 .expect("int codes");
+            if let Some(net) = &self.inception {
+                let rec = out.reconstruction.clone();
+                for (acc, images) in fid.iter_mut().zip([x.clone(), rec]) {
+                    let features = net.features(eight_bit(images));
+                    acc.add(&features.try_into_vec_as::<f32>().expect("f32 features"));
+                }
+            }
             measured.add(x, out.reconstruction, &codes);
         }
         if config.objective == Objective::Segmentation {
             return Ok(vec![seg_l1.0 / seg_l1.1.max(1) as f64]);
         }
         let r = measured.report();
-        Ok(vec![r.l1, r.psnr, r.ssim, r.usage])
+        let mut values = vec![r.l1, r.psnr, r.ssim, r.usage];
+        if self.inception.is_some() {
+            let [images, recs] = fid;
+            let rfid = frechet_distance(&images.finish()?, &recs.finish()?)?;
+            values.push(rfid);
+        }
+        Ok(values)
     }
 
     fn pictures(&self, _last: bool) -> Result<Vec<Picture>, RunError> {
