@@ -64,6 +64,7 @@ pub struct Stage1Config {
     #[serde(default)]
     pub ema: Option<EmaConfig>,
     /// What validation measures besides L1, PSNR, SSIM and usage.
+    #[serde(default)]
     pub eval: EvalConfig,
 }
 
