@@ -74,6 +74,10 @@ fn stage1_config() -> Stage1Config {
         grad_clip: None,
         flip: false,
         seed: 7,
+        val_images: None,
+        divergence: Default::default(),
+        ema: None,
+        eval: Default::default(),
     }
 }
 
@@ -118,9 +122,11 @@ fn same_step(step: usize, cpu: &StepReport, dev: &StepReport, tol: f64) {
     assert!(c.p_loss > 0.0 && c.d_weight > 0.0, "LPIPS and the GAN term are on");
 }
 
-fn train(trainer: &mut Stage1Trainer, batch: &ImageBatch) -> StepReport {
-    let x = trainer.to_tensor(batch);
-    trainer.train_batch(x).expect("a step per batch")
+/// One step of `trainer` on `batch` (no accumulation: a report per batch).
+fn train(trainer: Stage1Trainer, batch: &ImageBatch) -> (Stage1Trainer, StepReport) {
+    let x = trainer.input(batch).unwrap();
+    let (trainer, report) = trainer.train_batch(x, None).unwrap();
+    (trainer, report.expect("a step per batch"))
 }
 
 /// The largest difference between two parameter sets, relative to each tensor's scale.
@@ -153,24 +159,27 @@ fn stage1_steps_and_checkpoints_agree_between_the_cpu_and_the_device() {
 
     // The device starts from the CPU's initial weights: a step-0 checkpoint written on the CPU
     // and resumed on the device (the two backends draw different random numbers).
-    let mut on_cpu = Stage1Trainer::new(stage1_config(), 1, &cpu).unwrap();
+    let on_cpu = Stage1Trainer::new(stage1_config(), 1, &cpu).unwrap();
     let start = tmp.path().join("start");
     on_cpu
         .save_checkpoint(&start, LoaderState::default(), 1)
         .unwrap();
-    let (mut on_dev, _) = Stage1Trainer::resume(&start, 1, &gpu).unwrap();
+    let (on_dev, _) = Stage1Trainer::resume(&start, 1, &gpu).unwrap();
     assert_same(&params(on_cpu.model()), &params(on_dev.model()));
     assert_same(
         &params(on_cpu.discriminator()),
         &params(on_dev.discriminator()),
     );
 
+    let (mut on_cpu, mut on_dev) = (on_cpu, on_dev);
     for (i, batch) in data[..3].iter().enumerate() {
         let started = Instant::now();
-        let c = train(&mut on_cpu, batch);
+        let c;
+        (on_cpu, c) = train(on_cpu, batch);
         let cpu_time = started.elapsed();
         let started = Instant::now();
-        let d = train(&mut on_dev, batch);
+        let d;
+        (on_dev, d) = train(on_dev, batch);
         let dev_time = started.elapsed();
         // For BENCHMARKS.md (`-- --nocapture`); the first device step compiles its kernels.
         eprintln!(
@@ -193,8 +202,8 @@ fn stage1_steps_and_checkpoints_agree_between_the_cpu_and_the_device() {
     on_cpu
         .save_checkpoint(&from_cpu, LoaderState::default(), 1)
         .unwrap();
-    let (mut dev_on_cpu, _) = Stage1Trainer::resume(&from_dev, 1, &cpu).unwrap();
-    let (mut cpu_on_dev, _) = Stage1Trainer::resume(&from_cpu, 1, &gpu).unwrap();
+    let (dev_on_cpu, _) = Stage1Trainer::resume(&from_dev, 1, &cpu).unwrap();
+    let (cpu_on_dev, _) = Stage1Trainer::resume(&from_cpu, 1, &gpu).unwrap();
     assert_eq!((dev_on_cpu.step(), cpu_on_dev.step()), (3, 3));
     assert_same(&params(on_dev.model()), &params(dev_on_cpu.model()));
     assert_same(
@@ -206,10 +215,10 @@ fn stage1_steps_and_checkpoints_agree_between_the_cpu_and_the_device() {
     // The resumed copies continue as the originals do: the same weights and moments on the
     // other backend take the same step (first-step tolerance: nothing has drifted yet).
     let batch = &data[3];
-    let dev_step = train(&mut on_dev, batch);
-    let cpu_step = train(&mut on_cpu, batch);
-    same_step(4, &dev_step, &train(&mut dev_on_cpu, batch), FIRST_STEP);
-    same_step(4, &cpu_step, &train(&mut cpu_on_dev, batch), FIRST_STEP);
+    let dev_step = train(on_dev, batch).1;
+    let cpu_step = train(on_cpu, batch).1;
+    same_step(4, &dev_step, &train(dev_on_cpu, batch).1, FIRST_STEP);
+    same_step(4, &cpu_step, &train(cpu_on_dev, batch).1, FIRST_STEP);
 }
 
 /// A 2-layer class-conditional GPT over 8x8 grids of 64 codes.
@@ -250,10 +259,14 @@ fn stage2_steps_and_greedy_sampling_agree_between_the_cpu_and_the_device() {
     for step in 0..3 {
         let batch = stage2_samples(step);
         let started = Instant::now();
-        let c = on_cpu.train_batch(&batch).unwrap().expect("a step");
+        let (trainer, c) = on_cpu.train_batch(&batch).unwrap();
+        on_cpu = trainer;
+        let c = c.expect("a step");
         let cpu_time = started.elapsed();
         let started = Instant::now();
-        let d = on_dev.train_batch(&batch).unwrap().expect("a step");
+        let (trainer, d) = on_dev.train_batch(&batch).unwrap();
+        on_dev = trainer;
+        let d = d.expect("a step");
         let dev_time = started.elapsed();
         eprintln!(
             "stage-2 step {}: cpu {cpu_time:.2?}, {} {dev_time:.2?}",
