@@ -48,13 +48,13 @@ else
     TAMING_PYTHON=$(command -v python3)
     export TAMING_PYTHON
 fi
-# tbparse (with tensorboard) reads the event files runs write.
-if ! "$TAMING_PYTHON" -c 'import webdataset, tbparse' 2>/dev/null; then
-    echo "== installing webdataset and tbparse into $pyenv"
+# tbparse (with tensorboard) reads the event files runs write; pyarrow the code Parquet.
+if ! "$TAMING_PYTHON" -c 'import webdataset, tbparse, pyarrow' 2>/dev/null; then
+    echo "== installing webdataset, tbparse and pyarrow into $pyenv"
     if [ -f "$pyenv/pyvenv.cfg" ]; then
-        "$pyenv/bin/pip" install --quiet webdataset tbparse
+        "$pyenv/bin/pip" install --quiet webdataset tbparse pyarrow
     else
-        python3 -m pip install --quiet --prefix "$pyenv" webdataset tbparse
+        python3 -m pip install --quiet --prefix "$pyenv" webdataset tbparse pyarrow
     fi
 fi
 

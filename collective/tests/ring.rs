@@ -116,13 +116,20 @@ fn a_peer_of_another_job_is_refused() {
     assert!(stranger.join().unwrap().is_err());
 }
 
+/// Without CUDA's libraries NCCL is refused naming the missing one; where they load, a
+/// unique id (NCCL's first call) is made.
 #[test]
-fn nccl_is_refused_clearly_without_cuda() {
-    if nccl::unavailable().is_none() {
-        return; // A CUDA machine: the refusal does not apply.
+fn nccl_is_refused_clearly_without_cuda_and_starts_with_it() {
+    match nccl::unavailable() {
+        Some(_) => {
+            let err = nccl::new_id().expect_err("no NCCL here").to_string();
+            assert!(err.contains("libcuda") || err.contains("libnccl"), "{err}");
+        }
+        None => {
+            let id = nccl::new_id().expect("NCCL loads: ncclGetUniqueId");
+            assert!(id.iter().any(|&b| b != 0), "an all-zero NCCL id");
+        }
     }
-    let err = nccl::new_id().expect_err("no NCCL here").to_string();
-    assert!(err.contains("libcuda") || err.contains("libnccl"), "{err}");
 }
 
 /// Peers named as clusters name them (a DNS name, here `localhost`), resolved when dialing.

@@ -47,6 +47,7 @@ fn launch_runs_a_vqgan_job_and_leaves_a_complete_run_folder() {
         c
     };
     succeed(&mut args("3"));
+    let first_rows = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
     for file in [
         "metrics.csv",
         "loss.png",
@@ -64,11 +65,49 @@ fn launch_runs_a_vqgan_job_and_leaves_a_complete_run_folder() {
     );
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
     succeed(args("5").arg("--resume"));
+    let resumed = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
     assert_eq!(
         csv_steps(&out.join("metrics.csv")),
         vec![1, 2, 3, 4, 5],
-        "one continuous step count and loss curve"
+        "one continuous step count"
     );
+    assert!(
+        resumed.starts_with(&first_rows),
+        "the first run's rows are kept as they were:\n{first_rows}\n{resumed}"
+    );
+    // The loss curve continues as an uninterrupted run's would.
+    let straight = tmp.path().join("straight");
+    succeed(
+        coordinator()
+            .args(["launch", "--stage", "vqgan", "--nodes", "1", "--steps", "5"])
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&straight),
+    );
+    let l1 = |run: &Path| csv_column(&run.join("metrics.csv"), "l1");
+    let (ours, theirs) = (l1(&out), l1(&straight));
+    assert_eq!(ours.len(), 5);
+    for (step, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs().max(1e-3),
+            "step {}: l1 {a} resumed, {b} uninterrupted",
+            step + 1
+        );
+    }
+}
+
+/// The values of `column` in a metrics.csv, row by row.
+fn csv_column(path: &Path, column: &str) -> Vec<f64> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let i = header.iter().position(|h| *h == column).unwrap();
+    lines
+        .map(|l| l.split(',').nth(i).unwrap().parse().unwrap())
+        .collect()
 }
 
 #[test]
