@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{data_dir, png};
@@ -42,34 +42,37 @@ fn prefetched_batches_and_positions_are_the_loaders_own_across_epochs() {
     assert_eq!(ahead.state().epoch, 1);
 }
 
-#[test]
-fn a_position_taken_while_batches_wait_resumes_without_loss_or_repeat() {
-    let start = LoaderState::default();
-    let mut straight = loader(&data_dir(), config(96, true), &start);
-    let batches: Vec<ImageBatch> = (0..6).map(|_| straight.next_batch().unwrap()).collect();
-    let mut ahead = Prefetched::new(Box::new(loader(&data_dir(), config(96, true), &start)), 3);
-    for _ in 0..2 {
-        ahead.next_batch().unwrap();
-    }
-    // Let the thread fill its queue: the position must still be that after batch 2.
-    std::thread::sleep(Duration::from_millis(300));
-    let saved = ahead.state();
-    drop(ahead);
-    let mut resumed = loader(&data_dir(), config(96, true), &saved);
-    for expected in &batches[2..] {
-        assert_eq!(resumed.next_batch().unwrap().keys, expected.keys);
-    }
-}
-
-/// The real loader, counting the batches asked of it.
+/// The real loader, counting the batches asked of it and checking, as each is asked for,
+/// that the consumer's progress allows it: batch `m` may be made only once the consumer has
+/// started taking batch `m - depth - 1` (`depth` waiting, one being made).
 struct Counting {
     inner: ShardLoader,
     made: Arc<AtomicUsize>,
+    /// Batches the consumer has started to take (counted before it asks the queue).
+    taken: Arc<AtomicUsize>,
+    depth: usize,
+    /// Set when a batch was made further ahead than the depth allows.
+    overrun: Arc<AtomicBool>,
+}
+
+impl Counting {
+    fn new(inner: ShardLoader, depth: usize) -> Self {
+        Self {
+            inner,
+            made: Arc::default(),
+            taken: Arc::default(),
+            depth,
+            overrun: Arc::default(),
+        }
+    }
 }
 
 impl BatchSource for Counting {
     fn next_batch(&mut self) -> Result<ImageBatch, DataError> {
-        self.made.fetch_add(1, Ordering::SeqCst);
+        let m = self.made.fetch_add(1, Ordering::SeqCst) + 1;
+        if m > self.taken.load(Ordering::SeqCst) + self.depth + 1 {
+            self.overrun.store(true, Ordering::SeqCst);
+        }
         self.inner.next_batch()
     }
     fn state(&self) -> LoaderState {
@@ -80,38 +83,68 @@ impl BatchSource for Counting {
     }
 }
 
+/// Waits (polling, up to 20 s) until `count` reaches `n`.
+fn wait_until(count: &AtomicUsize, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count.load(Ordering::SeqCst) < n {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_position_taken_while_batches_wait_resumes_without_loss_or_repeat() {
+    let start = LoaderState::default();
+    let mut straight = loader(&data_dir(), config(96, true), &start);
+    let batches: Vec<ImageBatch> = (0..6).map(|_| straight.next_batch().unwrap()).collect();
+    let depth = 3;
+    let source = Counting::new(loader(&data_dir(), config(96, true), &start), depth);
+    let made = source.made.clone();
+    let mut ahead = Prefetched::new(Box::new(source), depth);
+    for _ in 0..2 {
+        ahead.next_batch().unwrap();
+    }
+    // The queue full (two taken, `depth` waiting, one being made): the position must still
+    // be that after batch 2.
+    wait_until(&made, 2 + depth + 1, "the queue to fill");
+    let saved = ahead.state();
+    drop(ahead);
+    let mut resumed = loader(&data_dir(), config(96, true), &saved);
+    for expected in &batches[2..] {
+        assert_eq!(resumed.next_batch().unwrap().keys, expected.keys);
+    }
+}
+
 #[test]
 fn batches_are_made_ahead_but_no_more_than_the_depth_allows() {
-    let made = Arc::new(AtomicUsize::new(0));
-    let source = Counting {
-        inner: loader(&data_dir(), config(16, true), &LoaderState::default()),
-        made: made.clone(),
-    };
     let depth = 2;
-    let mut ahead = Prefetched::new(Box::new(source), depth);
-    ahead.next_batch().unwrap();
-    // One handed out, `depth` waiting and one more being made (blocked on the full queue).
-    let most = 1 + depth + 1;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while made.load(Ordering::SeqCst) < most && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(made.load(Ordering::SeqCst), most, "made ahead while idle");
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        made.load(Ordering::SeqCst),
-        most,
-        "no further than the depth"
+    let source = Counting::new(
+        loader(&data_dir(), config(16, true), &LoaderState::default()),
+        depth,
     );
+    let (made, taken, overrun) = (
+        source.made.clone(),
+        source.taken.clone(),
+        source.overrun.clone(),
+    );
+    let mut ahead = Prefetched::new(Box::new(source), depth);
+    // Made ahead while the consumer is idle: one handed out, `depth` waiting, one more being
+    // made (blocked on the full queue).
+    taken.fetch_add(1, Ordering::SeqCst);
     ahead.next_batch().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while made.load(Ordering::SeqCst) < most + 1 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+    wait_until(&made, 1 + depth + 1, "batches made ahead while idle");
+    // Consumed at varying paces, never further ahead than the depth (checked by the source
+    // as each batch is asked for, not by timing).
+    for i in 0..20 {
+        taken.fetch_add(1, Ordering::SeqCst);
+        ahead.next_batch().unwrap();
+        if i % 3 == 0 {
+            wait_until(&made, i + 2 + depth + 1, "the queue to refill");
+        }
     }
-    assert_eq!(
-        made.load(Ordering::SeqCst),
-        most + 1,
-        "one taken, one more made"
+    assert!(
+        !overrun.load(Ordering::SeqCst),
+        "a batch was made more than {depth} ahead"
     );
 }
 
