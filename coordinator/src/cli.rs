@@ -148,6 +148,9 @@ struct LaunchArgs {
     /// Device of every rank: cpu, cuda or vulkan.
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// How ranks all-reduce gradients (default: nccl on cuda devices, else the TCP ring).
+    #[arg(long, value_enum)]
+    collective: Option<Collective>,
     /// A running coordinator; without it a local mini-cluster is started for the job.
     #[arg(long)]
     coordinator: Option<String>,
@@ -307,7 +310,10 @@ fn job_spec(args: LaunchArgs) -> Result<JobSpec> {
         nodes: args.nodes,
         min_nodes: args.min_nodes.unwrap_or(args.nodes),
         dataloaders: args.dataloader_addrs,
-        collective: Collective::Ring,
+        collective: args.collective.unwrap_or(match args.device.kind() {
+            "cuda" => Collective::Nccl,
+            _ => Collective::Ring,
+        }),
         eval_every: args.eval_every,
         checkpoint_every: args.checkpoint_every,
         resume: args.resume,

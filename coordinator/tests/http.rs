@@ -87,6 +87,7 @@ fn status_page_and_metrics_follow_a_running_job() {
     let tmp = tempfile::tempdir().unwrap();
     let (_coord, grpc, http) = serve(&tmp.path().join("state"));
     let log = std::fs::File::create(tmp.path().join("worker.log")).unwrap();
+    let release = tmp.path().join("release");
     let (_worker, said) = spawn_announcing(
         Command::new(bin("worker"))
             .args([
@@ -98,6 +99,9 @@ fn status_page_and_metrics_follow_a_running_job() {
                 "127.0.0.1:0",
             ])
             .env("TAMING_CLUSTER_TOKEN", TOKEN)
+            // Held running at step 5 until the page checks below are done.
+            .env("TAMING_FAILPOINT", "hold-at-step:5")
+            .env("TAMING_FAILPOINT_RELEASE", &release)
             .stderr(log),
         &["metrics on http://"],
     );
@@ -105,12 +109,12 @@ fn status_page_and_metrics_follow_a_running_job() {
     let out = tmp.path().join("run");
     let mut launch = Proc(
         Command::new(bin("coordinator"))
-            .args(["launch", "--stage", "vqgan", "--steps", "60", "--quiet"])
+            .args(["launch", "--stage", "vqgan", "--steps", "8", "--quiet"])
             .args([
                 "--eval-every",
-                "10",
+                "4",
                 "--checkpoint-every",
-                "10",
+                "4",
                 "--coordinator",
                 &grpc,
             ])
@@ -126,9 +130,10 @@ fn status_page_and_metrics_follow_a_running_job() {
             .spawn()
             .unwrap(),
     );
-    // While it runs: the metrics name the job, its step and losses.
+    // While it runs (held before reporting step 5): the metrics name the job, its step and
+    // losses.
     wait_for(
-        "a running job with a few steps in /metrics",
+        "a running job at step 4 in /metrics",
         Duration::from_secs(180),
         || {
             let (code, m) = get(&http, "/metrics");
@@ -136,7 +141,7 @@ fn status_page_and_metrics_follow_a_running_job() {
                 && m.contains("taming_jobs{state=\"running\"} 1")
                 && m.lines().any(|l| {
                     l.starts_with("taming_job_step{job=\"job-0001\",stage=\"vqgan\"}")
-                        && l.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()) >= Some(3)
+                        && l.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()) == Some(4)
                 })
         },
     );
@@ -228,7 +233,8 @@ fn status_page_and_metrics_follow_a_running_job() {
     assert!((400..500).contains(&code), "garbage request line: {code}");
     assert_eq!(get(&http, "/").0, 200, "still serving");
 
-    // Done: the page shows the run's images, served as PNG.
+    // Released, it finishes: the page shows the run's images, served as PNG.
+    std::fs::write(&release, b"").unwrap();
     assert!(launch.0.wait().unwrap().success());
     let (_, page) = get(&http, "/jobs/job-0001");
     assert!(

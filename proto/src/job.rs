@@ -177,6 +177,7 @@ wire_enum! {
 
 wire_enum! {
     /// How the ranks of a job all-reduce their gradients.
+    #[derive(clap::ValueEnum)]
     Collective("collective") {
         /// The TCP ring between the workers' ring addresses.
         Ring = "ring",

@@ -1,17 +1,22 @@
-//! One full stage-1 training iteration (generator step + discriminator step) on the CPU, for
-//! the config of issue 3's benchmark: ch 64, ch_mult [1,2,2,4], 2 residual blocks, attention
-//! at 8, z 64, 512 codes of dimension 64, 64x64 images, batch 4, LPIPS (full VGG16, random
-//! weights) and the discriminator on.
+//! One full stage-1 training iteration (generator step + discriminator step), by default on
+//! the CPU for the config of issue 3's benchmark: ch 64, ch_mult [1,2,2,4], 2 residual blocks,
+//! attention at 8, z 64, 512 codes of dimension 64, 64x64 images, batch 4, LPIPS (full VGG16,
+//! random weights) and the discriminator on.
 //!
-//! `cargo bench -p taming-worker --bench train_step -- [--iters N] [--json] [--burn-ops]`
+//! `cargo bench -p taming-worker --bench train_step -- [--iters N] [--json] [--burn-ops]
+//! [--config FILE --batch B] [--device SPEC]`
 //!
-//! `--burn-ops` times burn's own convolution and GroupNorm instead of taming-rs's CPU kernels.
+//! `--burn-ops` times burn's own convolution and GroupNorm instead of taming-rs's CPU kernels;
+//! `--config` takes a stage-1 config's model and discriminator (e.g.
+//! `configs/stage1/imagenet_f16_1024.yaml`, at its resolution) with batch `B`; `--device`
+//! runs on `cuda:N` or `vulkan:N` (built with that feature).
 
 use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor};
 use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
+use taming_model::device::DeviceSpec;
 use taming_model::loss::{DiscriminatorConfig, LossConfig, Lpips};
 use taming_worker::stage1::{Stage1Config, Stage1Trainer};
 
@@ -54,26 +59,49 @@ fn config() -> Stage1Config {
     }
 }
 
+/// The value after `flag`, if given.
+fn option<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let i = args.iter().position(|a| a == flag)?;
+    Some(args.get(i + 1).unwrap_or_else(|| panic!("{flag} needs a value")))
+}
+
+/// The benchmark's config, or a config file's model and discriminator at batch `batch`.
+fn chosen_config(args: &[String]) -> Stage1Config {
+    let Some(path) = option(args, "--config") else {
+        return config();
+    };
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let file: Stage1Config = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let batch = option(args, "--batch").map_or(file.batch_size, |b| b.parse().expect("batch"));
+    let mut cfg = config();
+    cfg.model = file.model;
+    cfg.loss.discriminator = file.loss.discriminator;
+    cfg.batch_size = batch;
+    cfg
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let iters: usize = args
-        .iter()
-        .position(|a| a == "--iters")
-        .and_then(|i| args.get(i + 1))
-        .map_or(5, |s| s.parse().expect("iterations"));
+    let iters: usize = option(&args, "--iters").map_or(5, |s| s.parse().expect("iterations"));
     let json = args.iter().any(|a| a == "--json");
     let burn_ops = args.iter().any(|a| a == "--burn-ops");
     taming_kernels::cpu::set_kernels(!burn_ops);
-    let name = if burn_ops {
-        "taming-rs (burn ops)"
-    } else {
-        "taming-rs"
+    let spec: DeviceSpec = option(&args, "--device")
+        .unwrap_or("cpu")
+        .parse()
+        .expect("--device cpu|cuda:N|vulkan:N");
+    let name = match (burn_ops, spec) {
+        (true, _) => "taming-rs (burn ops)".to_string(),
+        (false, DeviceSpec::Cpu) => "taming-rs".to_string(),
+        (false, spec) => format!("taming-rs on {spec}"),
     };
-    let device = Device::flex().autodiff();
+    let device = spec.device().expect("the device").autodiff();
+    let cfg = chosen_config(&args);
+    let (b, size) = (cfg.batch_size, cfg.model.ddconfig.resolution);
     let lpips = Lpips::new(5, &device).no_grad();
     let mut trainer =
-        Stage1Trainer::with_lpips(config(), 1, &device, Some(lpips)).expect("valid config");
-    let x = Tensor::<4>::random([4, 3, 64, 64], Distribution::Uniform(-1.0, 1.0), &device);
+        Stage1Trainer::with_lpips(cfg, 1, &device, Some(lpips)).expect("valid config");
+    let x = Tensor::<4>::random([b, 3, size, size], Distribution::Uniform(-1.0, 1.0), &device);
     let step = |t: Stage1Trainer| {
         let (t, report) = t.train_batch(x.clone(), None).expect("a step");
         let report = report.expect("one step per batch");
@@ -88,9 +116,12 @@ fn main() {
     let secs = start.elapsed().as_secs_f64() / iters as f64;
     if json {
         println!(
-            "{{\"impl\": \"{name}\", \"seconds_per_iteration\": {secs:.4}, \"iters\": {iters}}}"
+            "{{\"impl\": \"{name}\", \"seconds_per_iteration\": {secs:.4}, \"iters\": {iters}, \"batch\": {b}, \"size\": {size}}}"
         );
     } else {
-        println!("{name}: {secs:.3} s per training iteration (G + D), {iters} iterations");
+        println!(
+            "{name}: {secs:.3} s per training iteration (G + D), batch {b} at {size}x{size}, \
+             {iters} iterations"
+        );
     }
 }

@@ -3,13 +3,16 @@
 //! (every attempt that reaches step N panics again, as a deterministic bug would);
 //! `hang-at-step:N` makes it stop there for good while its heartbeat goes on (a hung rank);
 //! `nan-at-steps:A-B` makes stage-1 training inputs not-a-number in steps A to B (every time
-//! they are trained, as a diverging run would).
+//! they are trained, as a diverging run would); `hold-at-step:N` stops it at step N until the
+//! file named by `TAMING_FAILPOINT_RELEASE` exists (a job held running while a test looks).
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 /// The environment variable that sets the failpoint.
 pub const FAILPOINT_ENV: &str = "TAMING_FAILPOINT";
+/// The file whose existence releases a `hold-at-step` failpoint.
+pub const RELEASE_ENV: &str = "TAMING_FAILPOINT_RELEASE";
 
 /// A configured fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +21,8 @@ pub enum Failpoint {
     PanicAtStep(u64),
     /// Stop (sleep forever) when step N is reported.
     HangAtStep(u64),
+    /// Stop when step N is reported until the file named by [`RELEASE_ENV`] exists.
+    HoldAtStep(u64),
     /// Training inputs of steps A..=B are NaN.
     NanAtSteps(u64, u64),
 }
@@ -31,8 +36,8 @@ pub fn configured() -> Result<Option<Failpoint>, String> {
             Err(_) => Ok(None),
             Ok(v) => parse(&v).map(Some).ok_or_else(|| {
                 format!(
-                    "{FAILPOINT_ENV}=`{v}`: expected panic-at-step:N, hang-at-step:N or \
-                     nan-at-steps:A-B"
+                    "{FAILPOINT_ENV}=`{v}`: expected panic-at-step:N, hang-at-step:N, \
+                     hold-at-step:N or nan-at-steps:A-B"
                 )
             }),
         })
@@ -49,6 +54,7 @@ fn parse(v: &str) -> Option<Failpoint> {
     match kind {
         "panic-at-step" => Some(Failpoint::PanicAtStep(step)),
         "hang-at-step" => Some(Failpoint::HangAtStep(step)),
+        "hold-at-step" => Some(Failpoint::HoldAtStep(step)),
         _ => None,
     }
 }
@@ -63,6 +69,13 @@ pub fn at_step(step: u64) {
             tracing::warn!("{FAILPOINT_ENV}: hanging at step {step}");
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        Ok(Some(Failpoint::HoldAtStep(n))) if n == step => {
+            let release = std::env::var_os(RELEASE_ENV).unwrap_or_default();
+            tracing::warn!(?release, "{FAILPOINT_ENV}: held at step {step}");
+            while !std::path::Path::new(&release).exists() {
+                std::thread::sleep(Duration::from_millis(50));
             }
         }
         _ => {}
@@ -82,6 +95,7 @@ mod tests {
     fn failpoints_parse_or_are_refused() {
         assert_eq!(parse("panic-at-step:3"), Some(Failpoint::PanicAtStep(3)));
         assert_eq!(parse("hang-at-step:12"), Some(Failpoint::HangAtStep(12)));
+        assert_eq!(parse("hold-at-step:2"), Some(Failpoint::HoldAtStep(2)));
         assert_eq!(parse("nan-at-steps:4-6"), Some(Failpoint::NanAtSteps(4, 6)));
         for bad in [
             "panic-at-step",
