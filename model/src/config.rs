@@ -51,6 +51,59 @@ pub enum QuantizerConfig {
     Vector(VectorQuantizerConfig),
     /// Gumbel-softmax quantization (GumbelVQ).
     Gumbel(GumbelConfig),
+    /// Finite scalar quantization: `embed_dim` channels, each rounded to its number of levels;
+    /// `n_embed` is the product of the levels.
+    Fsq(FsqConfig),
+}
+
+/// Finite scalar quantization settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsqConfig {
+    /// Levels per latent channel, each at least 3 (e.g. `[8, 5, 5, 5]`: 1,000 codes; the FSQ
+    /// paper's `[8, 8, 8, 5, 5, 5]`: 64,000).
+    pub levels: Vec<usize>,
+}
+
+impl FsqConfig {
+    fn validate(&self, n_embed: usize, embed_dim: usize) -> Result<(), ModelError> {
+        let bad = |key: &str, reason: String| ModelError::Config {
+            key: key.into(),
+            reason,
+        };
+        if let Some(l) = self.levels.iter().find(|&&l| l < 3) {
+            return Err(bad(
+                "quantizer.levels",
+                format!("{l} levels: each channel needs at least 3"),
+            ));
+        }
+        if self.levels.len() != embed_dim {
+            return Err(bad(
+                "embed_dim",
+                format!(
+                    "{embed_dim}, but FSQ with {} levels quantizes {} channels",
+                    self.levels.len(),
+                    self.levels.len()
+                ),
+            ));
+        }
+        let codes = self
+            .levels
+            .iter()
+            .try_fold(1usize, |p, &l| p.checked_mul(l))
+            .filter(|&p| p <= 1 << 24);
+        if codes != Some(n_embed) {
+            return Err(bad(
+                "n_embed",
+                format!(
+                    "{n_embed}, but FSQ levels {:?} make {} codes",
+                    self.levels,
+                    codes.map_or("over 2^24".into(), |c| c.to_string())
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for QuantizerConfig {
@@ -375,6 +428,7 @@ impl VqganConfig {
         match &self.quantizer {
             QuantizerConfig::Vector(vq) => vq.validate(self.embed_dim),
             QuantizerConfig::Gumbel(g) => g.validate(),
+            QuantizerConfig::Fsq(f) => f.validate(self.n_embed, self.embed_dim),
         }
     }
 }

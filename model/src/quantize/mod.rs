@@ -1,5 +1,6 @@
 //! Quantizers between `quant_conv` and `post_quant_conv`, and codebook maintenance.
 
+pub mod fsq;
 pub mod gumbel;
 pub mod maintenance;
 pub mod vector;
@@ -7,6 +8,7 @@ pub mod vector;
 use burn::module::Module;
 use burn::tensor::{Int, Tensor};
 
+pub use fsq::FsqQuantizer;
 pub use gumbel::GumbelQuantizer;
 pub use maintenance::{CodebookMaintainer, MaintainerState, UsageWindow};
 pub use vector::VectorQuantizer;
@@ -51,6 +53,8 @@ pub enum Quantizer {
     Vector(VectorQuantizer),
     /// Gumbel-softmax quantization.
     Gumbel(GumbelQuantizer),
+    /// Finite scalar quantization (no codebook).
+    Fsq(FsqQuantizer),
 }
 
 impl Quantizer {
@@ -59,6 +63,7 @@ impl Quantizer {
         match self {
             Self::Vector(q) => q.forward(z),
             Self::Gumbel(q) => q.forward(z, mode),
+            Self::Fsq(q) => q.forward(z),
         }
     }
 
@@ -67,6 +72,7 @@ impl Quantizer {
         match self {
             Self::Vector(q) => q.lookup(indices),
             Self::Gumbel(q) => q.lookup(indices),
+            Self::Fsq(q) => q.lookup(indices),
         }
     }
 
@@ -75,6 +81,7 @@ impl Quantizer {
         match self {
             Self::Vector(q) => q.n_embed(),
             Self::Gumbel(q) => q.n_embed(),
+            Self::Fsq(q) => q.n_embed(),
         }
     }
 }

@@ -11,7 +11,9 @@ use taming_kernels::conv;
 
 use crate::config::{QuantizerConfig, VqganConfig};
 use crate::error::ModelError;
-use crate::quantize::{GumbelQuantizer, QuantizeMode, Quantized, Quantizer, VectorQuantizer};
+use crate::quantize::{
+    FsqQuantizer, GumbelQuantizer, QuantizeMode, Quantized, Quantizer, VectorQuantizer,
+};
 pub use decoder::Decoder;
 pub use encoder::Encoder;
 
@@ -54,6 +56,7 @@ impl Vqgan {
                 vq,
                 device,
             )),
+            QuantizerConfig::Fsq(f) => Quantizer::Fsq(FsqQuantizer::new(f)),
             QuantizerConfig::Gumbel(g) => Quantizer::Gumbel(GumbelQuantizer::new(
                 config.n_embed,
                 config.embed_dim,

@@ -19,7 +19,7 @@ use taming_model::loss::{
     GeneratorLog, LastLayer, LeCamAnchors, Lpips, NLayerDiscriminator, VqLoss, bce_with_logits,
 };
 use taming_model::quantize::{
-    CodebookMaintainer, MaintainerState, QuantizeMode, Quantizer, perplexity,
+    CodebookMaintainer, MaintainerState, QuantizeMode, Quantizer, UsageWindow, perplexity,
 };
 
 use super::config::{Objective, Stage1Config};
@@ -66,7 +66,7 @@ pub struct StepReport {
     pub generator: GeneratorLog,
     /// Discriminator loss, when the discriminator trained.
     pub d_loss: Option<f64>,
-    /// Codebook usage over the recent-token window (vector quantizers).
+    /// Codebook usage over the recent-token window.
     pub usage: Option<f64>,
     /// Per-batch perplexity of the codes.
     pub perplexity: f64,
@@ -101,7 +101,14 @@ pub struct Stage1Trainer {
     skipped: u64,
     /// The autoencoder's weight average (`ema` configured).
     ema: Option<Ema<Vqgan>>,
+    /// Codes used by recent tokens, for quantizers without codebook maintenance (which
+    /// keeps its own).
+    usage: UsageWindow,
 }
+
+/// Tokens over which quantizers without codebook maintenance report usage (the maintained
+/// ones use their config's `usage_window`, 65,536 by default).
+const USAGE_WINDOW: usize = 65_536;
 
 /// The reference's Adam (betas 0.5, 0.9), one pass per parameter on the CPU backend.
 fn adam(clip: Option<f32>) -> ModuleOptimizer {
@@ -145,11 +152,13 @@ impl Stage1Trainer {
                 config.model.n_embed,
                 config.seed,
             )),
-            QuantizerConfig::Gumbel(_) => None,
+            QuantizerConfig::Gumbel(_) | QuantizerConfig::Fsq(_) => None,
         };
         let ema = config.ema.map(|c| Ema::new(c, &model));
+        let usage = UsageWindow::new(config.model.n_embed, USAGE_WINDOW);
         Ok(Self {
             ema,
+            usage,
             ae: Learner::new(model, adam(config.grad_clip)),
             disc: Learner::new(disc, adam(config.grad_clip)),
             accumulation: Accumulation::new(config.grad_accum),
@@ -347,11 +356,15 @@ impl Stage1Trainer {
         };
         self.step += 1;
         self.ema = self.ema.map(|e| e.update(&self.ae.module, self.step));
+        let usage = usage.unwrap_or_else(|| {
+            self.usage.observe(&host);
+            self.usage.usage()
+        });
         let report = StepReport {
             step: self.step,
             generator: log,
             d_loss,
-            usage,
+            usage: Some(usage),
             perplexity: perplexity(&host, self.config.model.n_embed),
             restarted,
             skipped: false,
@@ -376,7 +389,7 @@ impl Stage1Trainer {
             step: self.step,
             generator: log,
             d_loss,
-            usage: self.maintainer.as_ref().map(|m| m.usage()),
+            usage: Some(self.maintainer.as_ref().map_or(self.usage.usage(), |m| m.usage())),
             perplexity: f64::NAN,
             restarted: 0,
             skipped: true,
@@ -482,7 +495,7 @@ impl Stage1Trainer {
     fn temperature(&self) -> f64 {
         match &self.config.model.quantizer {
             QuantizerConfig::Gumbel(g) => g.temperature.at(self.step),
-            QuantizerConfig::Vector(_) => 1.0,
+            QuantizerConfig::Vector(_) | QuantizerConfig::Fsq(_) => 1.0,
         }
     }
 

@@ -1,0 +1,85 @@
+//! Finite scalar quantization against vector-quantize-pytorch 1.32
+//! (`tools/fixtures/make_quantizer_fixtures.py`): quantized latents, code indices, the
+//! straight-through gradient through `tanh`, and the implicit codebook; and through a whole
+//! VQGAN, whose config checks levels, `embed_dim` and `n_embed` together.
+
+mod common;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use common::{Expected, assert_close_to_max, fixtures_dir, ints, values};
+use taming_model::config::{DdConfig, FsqConfig, QuantizerConfig, VqganConfig};
+use taming_model::quantize::FsqQuantizer;
+
+#[test]
+fn fsq_matches_vector_quantize_pytorch() {
+    for (name, levels) in [("8555", vec![8, 5, 5, 5]), ("346", vec![3, 4, 6])] {
+        let fixture = fixtures_dir().join(format!("quantizers/fsq_{name}.safetensors"));
+        let expected = Expected::from_file(&fixture);
+        let device = Device::flex().autodiff();
+        let q = FsqQuantizer::new(&FsqConfig {
+            levels: levels.clone(),
+        });
+        let z: Tensor<4> = expected.tensor("z", &device).require_grad();
+        let out = q.forward(z.clone());
+        let g: Tensor<4> = expected.tensor("g", &device);
+        let grads = (out.z_q.clone() * g).sum().backward();
+        let what = |t: &str| format!("fsq {levels:?} {t}");
+        let (_, out_ref) = expected.f32s("out");
+        assert_close_to_max(&what("output"), &values(out.z_q.clone()), &out_ref, 1e-6);
+        let (_, idx_ref) = expected.i64s("indices");
+        assert_eq!(ints(out.indices.clone()), idx_ref, "{}", what("indices"));
+        let (_, grad_ref) = expected.f32s("grad");
+        let grad = values(z.grad(&grads).unwrap());
+        assert_close_to_max(&what("gradient"), &grad, &grad_ref, 1e-5);
+        assert!(out.loss.into_scalar::<f32>() == 0.0, "no codebook loss");
+
+        // Every index's code, and the codes the forward pass produced.
+        let n = q.n_embed();
+        let all = Tensor::<3, Int>::from_data(
+            TensorData::new((0..n as i64).collect::<Vec<_>>(), [1, 1, n]),
+            &device,
+        );
+        let codes = q.lookup(all).reshape([levels.len(), n]).transpose();
+        let (_, codes_ref) = expected.f32s("codes");
+        assert_close_to_max(&what("codebook"), &values(codes), &codes_ref, 1e-6);
+        let again = q.lookup(out.indices);
+        assert_close_to_max(&what("lookup"), &values(again), &out_ref, 1e-6);
+    }
+}
+
+#[test]
+fn a_vqgan_config_with_fsq_checks_its_levels() {
+    let ddconfig = DdConfig {
+        ch: 8,
+        out_ch: 3,
+        ch_mult: vec![1, 2],
+        num_res_blocks: 1,
+        attn_resolutions: vec![],
+        dropout: 0.0,
+        resamp_with_conv: true,
+        in_channels: 3,
+        resolution: 16,
+        z_channels: 4,
+        double_z: false,
+    };
+    let config = |levels: Vec<usize>, n_embed: usize, embed_dim: usize| VqganConfig {
+        ddconfig: ddconfig.clone(),
+        n_embed,
+        embed_dim,
+        quantizer: QuantizerConfig::Fsq(FsqConfig { levels }),
+    };
+    assert!(config(vec![8, 5, 5, 5], 1000, 4).validate().is_ok());
+    for (levels, n, d, key) in [
+        (vec![8, 5, 5, 5], 1024, 4, "n_embed"),
+        (vec![8, 5, 5, 5], 1000, 3, "embed_dim"),
+        (vec![2, 5], 10, 2, "quantizer.levels"),
+    ] {
+        let err = config(levels, n, d).validate().unwrap_err().to_string();
+        assert!(err.contains(key), "{err}");
+    }
+    // The model directory format carries the kind.
+    let json = serde_json::to_string(&config(vec![8, 5, 5, 5], 1000, 4)).unwrap();
+    assert!(json.contains(r#""kind":"fsq""#), "{json}");
+    let back: VqganConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.quantizer, QuantizerConfig::Fsq(FsqConfig { levels: vec![8, 5, 5, 5] }));
+}
