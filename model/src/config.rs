@@ -132,6 +132,21 @@ pub struct VectorQuantizerConfig {
     pub dead_code_restart: Option<RestartConfig>,
     /// Number of recent tokens over which codebook usage is reported.
     pub usage_window: usize,
+    /// How gradients pass the quantizer to the encoder.
+    pub estimator: Estimator,
+}
+
+/// The gradient estimator of the vector quantizer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Estimator {
+    /// The gradient of the quantized latent is the latent's (the reference's).
+    #[default]
+    StraightThrough,
+    /// The rotation trick (Fifty et al. 2024): the latent is rotated and scaled onto its code,
+    /// the gradient passes through that (detached) linear map, so that it carries the angle
+    /// and norm between latent and code.
+    Rotation,
 }
 
 impl Default for VectorQuantizerConfig {
@@ -145,6 +160,7 @@ impl Default for VectorQuantizerConfig {
             kmeans_init: None,
             dead_code_restart: None,
             usage_window: 65_536,
+            estimator: Estimator::StraightThrough,
         }
     }
 }

@@ -6,7 +6,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor};
 
 use super::{Quantized, from_rows, l2_normalize, squared_distances, to_rows};
-use crate::config::VectorQuantizerConfig;
+use crate::config::{Estimator, VectorQuantizerConfig};
 
 /// EMA codebook statistics (the reference's `cluster_size` and `embed_avg` buffers).
 #[derive(Module, Debug)]
@@ -32,6 +32,7 @@ pub struct VectorQuantizer {
     beta: f64,
     legacy: bool,
     cosine: bool,
+    rotation: bool,
 }
 
 impl VectorQuantizer {
@@ -76,6 +77,7 @@ impl VectorQuantizer {
             beta: cfg.beta,
             legacy: cfg.legacy,
             cosine: cfg.cosine,
+            rotation: cfg.estimator == Estimator::Rotation,
         }
     }
 
@@ -124,8 +126,12 @@ impl VectorQuantizer {
         let indices = indices.reshape([b * h * w]);
         let chosen = codebook.select(0, indices.clone());
         let loss = self.loss(latents.clone(), chosen.clone());
-        let straight = latents.clone() + (chosen - latents.clone()).detach();
-        let z_q = from_rows(self.project_out(straight), [b, h, w]);
+        let passed = if self.rotation {
+            rotate_to(latents.clone(), chosen)
+        } else {
+            latents.clone() + (chosen - latents.clone()).detach()
+        };
+        let z_q = from_rows(self.project_out(passed), [b, h, w]);
         Quantized {
             z_q,
             loss,
@@ -214,6 +220,23 @@ impl VectorQuantizer {
         });
         self
     }
+}
+
+/// The rotation trick as vector-quantize-pytorch's `rotate_to`: each row of `src` rotated
+/// (in the plane of it and its target) and scaled onto the row of `tgt`, by a map computed from
+/// detached values, so the value is `tgt` and the gradient to `src` goes through the map.
+pub fn rotate_to(src: Tensor<2>, tgt: Tensor<2>) -> Tensor<2> {
+    const EPS: f64 = 1e-6;
+    let norm = |t: &Tensor<2>| t.clone().powi_scalar(2).sum_dim(1).sqrt();
+    let (norm_src, norm_tgt) = (norm(&src), norm(&tgt));
+    let u = (src.clone() / norm_src.clone().clamp_min(EPS)).detach();
+    let q = (tgt / norm_tgt.clone().clamp_min(EPS)).detach();
+    let sum = u.clone() + q.clone();
+    let w = (sum.clone() / norm(&sum).clamp_min(EPS)).detach();
+    let along_w = (src.clone() * w.clone()).sum_dim(1);
+    let along_u = (src.clone() * u).sum_dim(1);
+    let rotated = src - w * along_w.mul_scalar(2.0) + q * along_u.mul_scalar(2.0);
+    rotated * (norm_tgt / norm_src.clamp_min(EPS)).detach()
 }
 
 /// A parameter with a new value, keeping its id and whether it tracks gradients.

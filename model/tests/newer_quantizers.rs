@@ -1,14 +1,17 @@
-//! Finite scalar quantization against vector-quantize-pytorch 1.32
-//! (`tools/fixtures/make_quantizer_fixtures.py`): quantized latents, code indices, the
-//! straight-through gradient through `tanh`, and the implicit codebook; and through a whole
-//! VQGAN, whose config checks levels, `embed_dim` and `n_embed` together.
+//! The quantizers and estimators of the last years against vector-quantize-pytorch 1.32
+//! (`tools/fixtures/make_quantizer_fixtures.py`): finite scalar quantization (quantized
+//! latents, code indices, the straight-through gradient through `tanh`, the implicit
+//! codebook, and the VQGAN config's checks of levels, `embed_dim` and `n_embed`) and the
+//! rotation trick (values and gradients).
 
 mod common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::{Expected, assert_close_to_max, fixtures_dir, ints, values};
-use taming_model::config::{DdConfig, FsqConfig, QuantizerConfig, VqganConfig};
-use taming_model::quantize::FsqQuantizer;
+use taming_model::config::{
+    DdConfig, Estimator, FsqConfig, QuantizerConfig, VectorQuantizerConfig, VqganConfig,
+};
+use taming_model::quantize::{FsqQuantizer, VectorQuantizer};
 
 #[test]
 fn fsq_matches_vector_quantize_pytorch() {
@@ -82,4 +85,30 @@ fn a_vqgan_config_with_fsq_checks_its_levels() {
     assert!(json.contains(r#""kind":"fsq""#), "{json}");
     let back: VqganConfig = serde_json::from_str(&json).unwrap();
     assert_eq!(back.quantizer, QuantizerConfig::Fsq(FsqConfig { levels: vec![8, 5, 5, 5] }));
+}
+
+#[test]
+fn the_rotation_trick_matches_vector_quantize_pytorch() {
+    let expected =
+        Expected::from_file(&fixtures_dir().join("quantizers/rotation.safetensors"));
+    let device = Device::flex().autodiff();
+    let cfg = VectorQuantizerConfig {
+        estimator: Estimator::Rotation,
+        ..Default::default()
+    };
+    let codes: Tensor<2> = expected.tensor("codes", &device);
+    let q = VectorQuantizer::new(10, 6, &cfg, &device).with_codebook(codes);
+    let z: Tensor<4> = expected.tensor("z", &device).require_grad();
+    let out = q.forward(z.clone());
+    let (_, idx_ref) = expected.i64s("indices");
+    assert_eq!(ints(out.indices.clone()), idx_ref, "nearest codes");
+    let (_, out_ref) = expected.f32s("out");
+    assert_close_to_max("rotated latents", &values(out.z_q.clone()), &out_ref, 1e-5);
+    let g: Tensor<4> = expected.tensor("g", &device);
+    let grads = (out.z_q * g).sum().backward();
+    let (_, grad_ref) = expected.f32s("grad");
+    assert_close_to_max("gradient", &values(z.grad(&grads).unwrap()), &grad_ref, 1e-5);
+    // Not the straight-through gradient (which would be `g` itself).
+    let (_, g_ref) = expected.f32s("g");
+    assert!(grad_ref.iter().zip(&g_ref).any(|(a, b)| (a - b).abs() > 1e-3));
 }
