@@ -54,6 +54,28 @@ pub enum QuantizerConfig {
     /// Finite scalar quantization: `embed_dim` channels, each rounded to its number of levels;
     /// `n_embed` is the product of the levels.
     Fsq(FsqConfig),
+    /// SimVQ: a frozen random codebook through one learned linear layer.
+    Simvq(SimVqConfig),
+}
+
+/// SimVQ settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimVqConfig {
+    /// Commitment weight (vector-quantize-pytorch's `input_to_quantize_commit_loss_weight`).
+    pub beta: f64,
+    /// How gradients pass to the encoder (the rotation trick by default, as in
+    /// vector-quantize-pytorch).
+    pub estimator: Estimator,
+}
+
+impl Default for SimVqConfig {
+    fn default() -> Self {
+        Self {
+            beta: 0.25,
+            estimator: Estimator::Rotation,
+        }
+    }
 }
 
 /// Finite scalar quantization settings.
@@ -445,6 +467,11 @@ impl VqganConfig {
             QuantizerConfig::Vector(vq) => vq.validate(self.embed_dim),
             QuantizerConfig::Gumbel(g) => g.validate(),
             QuantizerConfig::Fsq(f) => f.validate(self.n_embed, self.embed_dim),
+            QuantizerConfig::Simvq(c) if c.beta.is_nan() || c.beta < 0.0 => Err(ModelError::Config {
+                key: "quantizer.beta".into(),
+                reason: format!("{} must be >= 0", c.beta),
+            }),
+            QuantizerConfig::Simvq(_) => Ok(()),
         }
     }
 }

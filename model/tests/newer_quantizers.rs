@@ -1,17 +1,20 @@
 //! The quantizers and estimators of the last years against vector-quantize-pytorch 1.32
 //! (`tools/fixtures/make_quantizer_fixtures.py`): finite scalar quantization (quantized
 //! latents, code indices, the straight-through gradient through `tanh`, the implicit
-//! codebook, and the VQGAN config's checks of levels, `embed_dim` and `n_embed`) and the
-//! rotation trick (values and gradients).
+//! codebook, and the VQGAN config's checks of levels, `embed_dim` and `n_embed`), the
+//! rotation trick (values and gradients) and SimVQ (values, loss, gradients to the latents
+//! and to its linear map).
 
 mod common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::{Expected, assert_close_to_max, fixtures_dir, ints, values};
+use burn::module::Param;
 use taming_model::config::{
-    DdConfig, Estimator, FsqConfig, QuantizerConfig, VectorQuantizerConfig, VqganConfig,
+    DdConfig, Estimator, FsqConfig, QuantizerConfig, SimVqConfig, VectorQuantizerConfig,
+    VqganConfig,
 };
-use taming_model::quantize::{FsqQuantizer, VectorQuantizer};
+use taming_model::quantize::{FsqQuantizer, SimVqQuantizer, VectorQuantizer};
 
 #[test]
 fn fsq_matches_vector_quantize_pytorch() {
@@ -111,4 +114,32 @@ fn the_rotation_trick_matches_vector_quantize_pytorch() {
     // Not the straight-through gradient (which would be `g` itself).
     let (_, g_ref) = expected.f32s("g");
     assert!(grad_ref.iter().zip(&g_ref).any(|(a, b)| (a - b).abs() > 1e-3));
+}
+
+#[test]
+fn simvq_matches_vector_quantize_pytorch() {
+    let expected = Expected::from_file(&fixtures_dir().join("quantizers/simvq.safetensors"));
+    let device = Device::flex().autodiff();
+    let mut q = SimVqQuantizer::new(10, 6, &SimVqConfig::default(), &device);
+    let frozen: Tensor<2> = expected.tensor("frozen", &device);
+    q.frozen_codebook = Param::from_tensor(frozen).set_require_grad(false);
+    // burn's Linear holds the weight as [in, out], torch's as [out, in].
+    let weight: Tensor<2> = expected.tensor("weight", &device);
+    q.code_transform.weight = Param::from_tensor(weight.transpose().require_grad());
+    let z: Tensor<4> = expected.tensor("z", &device).require_grad();
+    let out = q.forward(z.clone());
+    let (_, idx_ref) = expected.i64s("indices");
+    assert_eq!(ints(out.indices.clone()), idx_ref, "nearest codes");
+    let (_, out_ref) = expected.f32s("out");
+    assert_close_to_max("quantized", &values(out.z_q.clone()), &out_ref, 1e-5);
+    let loss = out.loss.clone().into_scalar::<f32>();
+    let loss_ref = expected.scalar("loss");
+    assert!((loss - loss_ref).abs() <= 1e-5 * loss_ref.abs(), "{loss} vs {loss_ref}");
+    let g: Tensor<4> = expected.tensor("g", &device);
+    let grads = ((out.z_q * g).sum() + out.loss.sum()).backward();
+    let (_, grad_ref) = expected.f32s("grad");
+    assert_close_to_max("gradient to z", &values(z.grad(&grads).unwrap()), &grad_ref, 1e-5);
+    let grad_w = q.code_transform.weight.grad(&grads).unwrap().transpose();
+    let (_, grad_w_ref) = expected.f32s("grad_w");
+    assert_close_to_max("gradient to the map", &values(grad_w), &grad_w_ref, 1e-5);
 }

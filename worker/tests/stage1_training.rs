@@ -7,7 +7,7 @@ use burn::tensor::Device;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
 use taming_model::config::{
-    FsqConfig, QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig,
+    FsqConfig, QuantizerConfig, RestartConfig, SimVqConfig, VectorQuantizerConfig, VqganConfig,
 };
 use taming_model::loss::{DiscriminatorConfig, LossConfig, LpipsConfig};
 use taming_tests::process::root;
@@ -361,34 +361,43 @@ fn a_non_finite_loss_skips_the_step_and_training_goes_on() {
     assert!(flat(&trainer) != start, "a finite step trains");
 }
 
-/// FSQ in the same trainer: no codebook loss, every code implicit; the run learns and
-/// reports usage and perplexity as the vector quantizer's runs do.
+/// FSQ and SimVQ in the same trainer: the runs learn, and report usage and perplexity as
+/// the vector quantizer's runs do (FSQ has no codebook loss).
 #[test]
-fn fsq_trains_and_reports_usage_like_the_vector_quantizer() {
+fn fsq_and_simvq_train_and_report_usage_like_the_vector_quantizer() {
     let device = Device::flex().autodiff();
-    let mut cfg = small_config(1000);
-    cfg.model.embed_dim = 3;
-    cfg.model.n_embed = 125;
-    cfg.model.quantizer = QuantizerConfig::Fsq(FsqConfig {
+    let fsq = QuantizerConfig::Fsq(FsqConfig {
         levels: vec![5, 5, 5],
     });
-    let mut trainer = Stage1Trainer::new(cfg, 1, &device).unwrap();
-    let val = loader("val", 64, false).next_in_epoch().unwrap().unwrap();
-    let val = trainer.to_tensor(&val);
-    let first = trainer.eval_l1(val.clone());
-    let mut train = loader("train", 8, true);
-    let mut last = None;
-    for _ in 0..60 {
-        let x = trainer.to_tensor(&train.next_batch().unwrap());
-        let (next, report) = trainer.train_batch(x, None).unwrap();
-        trainer = next;
-        last = report;
+    let simvq = QuantizerConfig::Simvq(SimVqConfig::default());
+    for (quantizer, n_embed, embed_dim) in [(fsq, 125, 3), (simvq, 64, 16)] {
+        let mut cfg = small_config(1000);
+        cfg.model.embed_dim = embed_dim;
+        cfg.model.n_embed = n_embed;
+        cfg.model.quantizer = quantizer.clone();
+        let mut trainer = Stage1Trainer::new(cfg, 1, &device).unwrap();
+        let val = loader("val", 64, false).next_in_epoch().unwrap().unwrap();
+        let val = trainer.to_tensor(&val);
+        let first = trainer.eval_l1(val.clone());
+        let mut train = loader("train", 8, true);
+        let mut last = None;
+        for _ in 0..60 {
+            let x = trainer.to_tensor(&train.next_batch().unwrap());
+            let (next, report) = trainer.train_batch(x, None).unwrap();
+            trainer = next;
+            last = report;
+        }
+        let report = last.expect("a step report");
+        if matches!(quantizer, QuantizerConfig::Fsq(_)) {
+            assert_eq!(report.generator.quant, 0.0, "FSQ has no codebook loss");
+        }
+        let usage = report.usage.expect("usage reported");
+        assert!(usage > 0.05 && usage <= 1.0, "{quantizer:?}: usage {usage}");
+        assert!(report.perplexity > 1.0, "perplexity {}", report.perplexity);
+        let end = trainer.eval_l1(val);
+        assert!(
+            end <= 0.8 * first,
+            "{quantizer:?}: validation L1 {first:.4} -> {end:.4}"
+        );
     }
-    let report = last.expect("a step report");
-    assert_eq!(report.generator.quant, 0.0, "FSQ has no codebook loss");
-    let usage = report.usage.expect("usage reported");
-    assert!(usage > 0.05 && usage <= 1.0, "usage {usage}");
-    assert!(report.perplexity > 1.0, "perplexity {}", report.perplexity);
-    let end = trainer.eval_l1(val);
-    assert!(end <= 0.8 * first, "validation L1 {first:.4} -> {end:.4}");
 }

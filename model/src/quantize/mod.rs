@@ -3,6 +3,7 @@
 pub mod fsq;
 pub mod gumbel;
 pub mod maintenance;
+pub mod simvq;
 pub mod vector;
 
 use burn::module::Module;
@@ -11,6 +12,7 @@ use burn::tensor::{Int, Tensor};
 pub use fsq::FsqQuantizer;
 pub use gumbel::GumbelQuantizer;
 pub use maintenance::{CodebookMaintainer, MaintainerState, UsageWindow};
+pub use simvq::SimVqQuantizer;
 pub use vector::VectorQuantizer;
 
 /// What a quantizer returns for a latent map `[b, d, h, w]`.
@@ -55,6 +57,8 @@ pub enum Quantizer {
     Gumbel(GumbelQuantizer),
     /// Finite scalar quantization (no codebook).
     Fsq(FsqQuantizer),
+    /// A frozen random codebook through a learned linear map.
+    SimVq(SimVqQuantizer),
 }
 
 impl Quantizer {
@@ -64,6 +68,7 @@ impl Quantizer {
             Self::Vector(q) => q.forward(z),
             Self::Gumbel(q) => q.forward(z, mode),
             Self::Fsq(q) => q.forward(z),
+            Self::SimVq(q) => q.forward(z),
         }
     }
 
@@ -73,6 +78,7 @@ impl Quantizer {
             Self::Vector(q) => q.lookup(indices),
             Self::Gumbel(q) => q.lookup(indices),
             Self::Fsq(q) => q.lookup(indices),
+            Self::SimVq(q) => q.lookup(indices),
         }
     }
 
@@ -82,6 +88,7 @@ impl Quantizer {
             Self::Vector(q) => q.n_embed(),
             Self::Gumbel(q) => q.n_embed(),
             Self::Fsq(q) => q.n_embed(),
+            Self::SimVq(q) => q.n_embed(),
         }
     }
 }

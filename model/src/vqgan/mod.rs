@@ -12,7 +12,8 @@ use taming_kernels::conv;
 use crate::config::{QuantizerConfig, VqganConfig};
 use crate::error::ModelError;
 use crate::quantize::{
-    FsqQuantizer, GumbelQuantizer, QuantizeMode, Quantized, Quantizer, VectorQuantizer,
+    FsqQuantizer, GumbelQuantizer, QuantizeMode, Quantized, Quantizer, SimVqQuantizer,
+    VectorQuantizer,
 };
 pub use decoder::Decoder;
 pub use encoder::Encoder;
@@ -57,6 +58,12 @@ impl Vqgan {
                 device,
             )),
             QuantizerConfig::Fsq(f) => Quantizer::Fsq(FsqQuantizer::new(f)),
+            QuantizerConfig::Simvq(c) => Quantizer::SimVq(SimVqQuantizer::new(
+                config.n_embed,
+                config.embed_dim,
+                c,
+                device,
+            )),
             QuantizerConfig::Gumbel(g) => Quantizer::Gumbel(GumbelQuantizer::new(
                 config.n_embed,
                 config.embed_dim,

@@ -152,7 +152,7 @@ impl Stage1Trainer {
                 config.model.n_embed,
                 config.seed,
             )),
-            QuantizerConfig::Gumbel(_) | QuantizerConfig::Fsq(_) => None,
+            QuantizerConfig::Gumbel(_) | QuantizerConfig::Fsq(_) | QuantizerConfig::Simvq(_) => None,
         };
         let ema = config.ema.map(|c| Ema::new(c, &model));
         let usage = UsageWindow::new(config.model.n_embed, USAGE_WINDOW);
@@ -495,7 +495,7 @@ impl Stage1Trainer {
     fn temperature(&self) -> f64 {
         match &self.config.model.quantizer {
             QuantizerConfig::Gumbel(g) => g.temperature.at(self.step),
-            QuantizerConfig::Vector(_) | QuantizerConfig::Fsq(_) => 1.0,
+            _ => 1.0,
         }
     }
 
