@@ -56,6 +56,70 @@ pub enum QuantizerConfig {
     Fsq(FsqConfig),
     /// SimVQ: a frozen random codebook through one learned linear layer.
     Simvq(SimVqConfig),
+    /// Lookup-free quantization: `embed_dim` sign bits, `n_embed = 2^embed_dim`.
+    Lfq(LfqConfig),
+}
+
+/// Lookup-free quantization settings (vector-quantize-pytorch's defaults but a commitment
+/// weight of 0.25).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LfqConfig {
+    /// Weight of the entropy terms.
+    pub entropy_weight: f64,
+    /// Weight of the codebook entropy within them.
+    pub diversity_gamma: f64,
+    /// Weight of `|x - sg[q]|^2`.
+    pub commitment_weight: f64,
+    /// Inverse temperature of the code distribution the entropies are taken of.
+    pub inv_temperature: f64,
+}
+
+impl Default for LfqConfig {
+    fn default() -> Self {
+        Self {
+            entropy_weight: 0.1,
+            diversity_gamma: 1.0,
+            commitment_weight: 0.25,
+            inv_temperature: 100.0,
+        }
+    }
+}
+
+/// The most sign bits LFQ takes: its entropy terms hold a probability per code and token.
+pub const MAX_LFQ_BITS: usize = 16;
+
+impl LfqConfig {
+    fn validate(&self, n_embed: usize, embed_dim: usize) -> Result<(), ModelError> {
+        let bad = |key: &str, reason: String| ModelError::Config {
+            key: key.into(),
+            reason,
+        };
+        if embed_dim > MAX_LFQ_BITS {
+            return Err(bad(
+                "embed_dim",
+                format!("{embed_dim} sign bits; LFQ takes at most {MAX_LFQ_BITS}"),
+            ));
+        }
+        if n_embed != 1 << embed_dim {
+            return Err(bad(
+                "n_embed",
+                format!("{n_embed}, but LFQ with embed_dim {embed_dim} has 2^{embed_dim} codes"),
+            ));
+        }
+        let weights = [
+            ("entropy_weight", self.entropy_weight),
+            ("diversity_gamma", self.diversity_gamma),
+            ("commitment_weight", self.commitment_weight),
+            ("inv_temperature", self.inv_temperature),
+        ];
+        for (key, v) in weights {
+            if v.is_nan() || v < 0.0 {
+                return Err(bad(&format!("quantizer.{key}"), format!("{v} must be >= 0")));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// SimVQ settings.
@@ -472,6 +536,7 @@ impl VqganConfig {
                 reason: format!("{} must be >= 0", c.beta),
             }),
             QuantizerConfig::Simvq(_) => Ok(()),
+            QuantizerConfig::Lfq(c) => c.validate(self.n_embed, self.embed_dim),
         }
     }
 }

@@ -2,8 +2,9 @@
 //! (`tools/fixtures/make_quantizer_fixtures.py`): finite scalar quantization (quantized
 //! latents, code indices, the straight-through gradient through `tanh`, the implicit
 //! codebook, and the VQGAN config's checks of levels, `embed_dim` and `n_embed`), the
-//! rotation trick (values and gradients) and SimVQ (values, loss, gradients to the latents
-//! and to its linear map).
+//! rotation trick (values and gradients), SimVQ (values, loss, gradients to the latents and
+//! to its linear map) and lookup-free quantization (values, indices, entropy and commitment
+//! loss and gradients while training; signs in evaluation).
 
 mod common;
 
@@ -11,10 +12,12 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::{Expected, assert_close_to_max, fixtures_dir, ints, values};
 use burn::module::Param;
 use taming_model::config::{
-    DdConfig, Estimator, FsqConfig, QuantizerConfig, SimVqConfig, VectorQuantizerConfig,
-    VqganConfig,
+    DdConfig, Estimator, FsqConfig, LfqConfig, QuantizerConfig, SimVqConfig,
+    VectorQuantizerConfig, VqganConfig,
 };
-use taming_model::quantize::{FsqQuantizer, SimVqQuantizer, VectorQuantizer};
+use taming_model::quantize::{
+    FsqQuantizer, LfqQuantizer, QuantizeMode, SimVqQuantizer, VectorQuantizer,
+};
 
 #[test]
 fn fsq_matches_vector_quantize_pytorch() {
@@ -142,4 +145,36 @@ fn simvq_matches_vector_quantize_pytorch() {
     let grad_w = q.code_transform.weight.grad(&grads).unwrap().transpose();
     let (_, grad_w_ref) = expected.f32s("grad_w");
     assert_close_to_max("gradient to the map", &values(grad_w), &grad_w_ref, 1e-5);
+}
+
+#[test]
+fn lfq_matches_vector_quantize_pytorch() {
+    let expected = Expected::from_file(&fixtures_dir().join("quantizers/lfq.safetensors"));
+    let device = Device::flex().autodiff();
+    let q = LfqQuantizer::new(4, &LfqConfig::default());
+    assert_eq!(q.n_embed(), 16);
+    let z: Tensor<4> = expected.tensor("z", &device).require_grad();
+    let training = QuantizeMode {
+        training: true,
+        temperature: 1.0,
+    };
+    let out = q.forward(z.clone(), training);
+    let (_, idx_ref) = expected.i64s("indices");
+    assert_eq!(ints(out.indices.clone()), idx_ref, "indices");
+    let (_, out_ref) = expected.f32s("out");
+    assert_close_to_max("output", &values(out.z_q.clone()), &out_ref, 1e-6);
+    let loss = out.loss.clone().into_scalar::<f32>();
+    let loss_ref = expected.scalar("loss");
+    assert!((loss - loss_ref).abs() <= 1e-4 * loss_ref.abs(), "{loss} vs {loss_ref}");
+    let g: Tensor<4> = expected.tensor("g", &device);
+    let grads = ((out.z_q * g).sum() + out.loss.sum()).backward();
+    let (_, grad_ref) = expected.f32s("grad");
+    assert_close_to_max("gradient", &values(z.grad(&grads).unwrap()), &grad_ref, 1e-4);
+
+    let eval = q.forward(z.detach(), QuantizeMode::EVAL);
+    let (_, eval_ref) = expected.f32s("out_eval");
+    assert_eq!(values(eval.z_q), eval_ref, "signs in evaluation");
+    assert_eq!(eval.loss.into_scalar::<f32>(), 0.0);
+    let again = q.lookup(eval.indices);
+    assert_eq!(values(again), eval_ref, "codes of the indices");
 }

@@ -2,6 +2,7 @@
 
 pub mod fsq;
 pub mod gumbel;
+pub mod lfq;
 pub mod maintenance;
 pub mod simvq;
 pub mod vector;
@@ -11,6 +12,7 @@ use burn::tensor::{Int, Tensor};
 
 pub use fsq::FsqQuantizer;
 pub use gumbel::GumbelQuantizer;
+pub use lfq::LfqQuantizer;
 pub use maintenance::{CodebookMaintainer, MaintainerState, UsageWindow};
 pub use simvq::SimVqQuantizer;
 pub use vector::VectorQuantizer;
@@ -31,7 +33,8 @@ pub struct Quantized {
 /// How a quantizer should run.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct QuantizeMode {
-    /// Training (stochastic Gumbel sampling) or evaluation (deterministic).
+    /// Training (stochastic Gumbel sampling, LFQ's entropy terms) or evaluation
+    /// (deterministic).
     pub training: bool,
     /// Gumbel temperature (ignored by the vector quantizer).
     pub temperature: f64,
@@ -59,6 +62,8 @@ pub enum Quantizer {
     Fsq(FsqQuantizer),
     /// A frozen random codebook through a learned linear map.
     SimVq(SimVqQuantizer),
+    /// Lookup-free (sign) quantization with entropy terms.
+    Lfq(LfqQuantizer),
 }
 
 impl Quantizer {
@@ -69,6 +74,7 @@ impl Quantizer {
             Self::Gumbel(q) => q.forward(z, mode),
             Self::Fsq(q) => q.forward(z),
             Self::SimVq(q) => q.forward(z),
+            Self::Lfq(q) => q.forward(z, mode),
         }
     }
 
@@ -79,6 +85,7 @@ impl Quantizer {
             Self::Gumbel(q) => q.lookup(indices),
             Self::Fsq(q) => q.lookup(indices),
             Self::SimVq(q) => q.lookup(indices),
+            Self::Lfq(q) => q.lookup(indices),
         }
     }
 
@@ -89,6 +96,7 @@ impl Quantizer {
             Self::Gumbel(q) => q.n_embed(),
             Self::Fsq(q) => q.n_embed(),
             Self::SimVq(q) => q.n_embed(),
+            Self::Lfq(q) => q.n_embed(),
         }
     }
 }

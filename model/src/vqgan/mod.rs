@@ -12,8 +12,8 @@ use taming_kernels::conv;
 use crate::config::{QuantizerConfig, VqganConfig};
 use crate::error::ModelError;
 use crate::quantize::{
-    FsqQuantizer, GumbelQuantizer, QuantizeMode, Quantized, Quantizer, SimVqQuantizer,
-    VectorQuantizer,
+    FsqQuantizer, GumbelQuantizer, LfqQuantizer, QuantizeMode, Quantized, Quantizer,
+    SimVqQuantizer, VectorQuantizer,
 };
 pub use decoder::Decoder;
 pub use encoder::Encoder;
@@ -58,6 +58,7 @@ impl Vqgan {
                 device,
             )),
             QuantizerConfig::Fsq(f) => Quantizer::Fsq(FsqQuantizer::new(f)),
+            QuantizerConfig::Lfq(c) => Quantizer::Lfq(LfqQuantizer::new(config.embed_dim, c)),
             QuantizerConfig::Simvq(c) => Quantizer::SimVq(SimVqQuantizer::new(
                 config.n_embed,
                 config.embed_dim,

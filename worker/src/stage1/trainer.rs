@@ -152,7 +152,7 @@ impl Stage1Trainer {
                 config.model.n_embed,
                 config.seed,
             )),
-            QuantizerConfig::Gumbel(_) | QuantizerConfig::Fsq(_) | QuantizerConfig::Simvq(_) => None,
+            _ => None,
         };
         let ema = config.ema.map(|c| Ema::new(c, &model));
         let usage = UsageWindow::new(config.model.n_embed, USAGE_WINDOW);
