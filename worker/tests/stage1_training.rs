@@ -7,7 +7,8 @@ use burn::tensor::Device;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
 use taming_model::config::{
-    FsqConfig, QuantizerConfig, RestartConfig, SimVqConfig, VectorQuantizerConfig, VqganConfig,
+    FsqConfig, LfqConfig, QuantizerConfig, RestartConfig, SimVqConfig, VectorQuantizerConfig,
+    VqganConfig,
 };
 use taming_model::loss::{DiscriminatorConfig, LossConfig, LpipsConfig};
 use taming_tests::process::root;
@@ -361,16 +362,17 @@ fn a_non_finite_loss_skips_the_step_and_training_goes_on() {
     assert!(flat(&trainer) != start, "a finite step trains");
 }
 
-/// FSQ and SimVQ in the same trainer: the runs learn, and report usage and perplexity as
-/// the vector quantizer's runs do (FSQ has no codebook loss).
+/// FSQ, SimVQ and LFQ in the same trainer: the runs learn, and report usage and perplexity
+/// as the vector quantizer's runs do (FSQ has no codebook loss).
 #[test]
-fn fsq_and_simvq_train_and_report_usage_like_the_vector_quantizer() {
+fn fsq_simvq_and_lfq_train_and_report_usage_like_the_vector_quantizer() {
     let device = Device::flex().autodiff();
     let fsq = QuantizerConfig::Fsq(FsqConfig {
         levels: vec![5, 5, 5],
     });
     let simvq = QuantizerConfig::Simvq(SimVqConfig::default());
-    for (quantizer, n_embed, embed_dim) in [(fsq, 125, 3), (simvq, 64, 16)] {
+    let lfq = QuantizerConfig::Lfq(LfqConfig::default());
+    for (quantizer, n_embed, embed_dim) in [(fsq, 125, 3), (simvq, 64, 16), (lfq, 64, 6)] {
         let mut cfg = small_config(1000);
         cfg.model.embed_dim = embed_dim;
         cfg.model.n_embed = n_embed;
