@@ -55,7 +55,11 @@ fn small_config(disc_start: u64) -> Stage1Config {
 
 fn loader(split: &str, batch: usize, train: bool) -> ShardLoader {
     let shards = list_split(root().join("data/fashion-mnist"), split).unwrap();
-    let cfg = LoaderConfig {
+    ShardLoader::open(&shards, loader_config(batch, train), &LoaderState::default()).unwrap()
+}
+
+fn loader_config(batch: usize, train: bool) -> LoaderConfig {
+    LoaderConfig {
         batch_size: batch,
         preprocess: Preprocess {
             size: 32,
@@ -68,8 +72,7 @@ fn loader(split: &str, batch: usize, train: bool) -> ShardLoader {
             ..ReaderConfig::default()
         },
         require_masks: false,
-    };
-    ShardLoader::open(&shards, cfg, &LoaderState::default()).unwrap()
+    }
 }
 
 #[test]
@@ -264,8 +267,29 @@ fn samples_without_a_label_map_are_skipped_where_training_needs_maps() {
     let mut run = RunSettings::single(out, 2, Device::flex().autodiff());
     run.eval_every = 2;
     run.checkpoint_every = 2;
-    let s = train(VqganPlan::new(cfg, data), run, None, false).unwrap();
+    let s = train(VqganPlan::new(cfg, data.clone()), run, None, false).unwrap();
     assert_eq!(s.steps, 2);
+    // Half the samples lack maps: some were skipped and counted on the way to 16 with maps.
+    assert!(s.skipped > 0 && s.skipped <= 60, "skipped {}", s.skipped);
+    // The loader the run reads with hands out only samples with maps, and counts the rest.
+    let shards = list_split(&data, "train").unwrap();
+    let cfg = LoaderConfig {
+        require_masks: true,
+        ..loader_config(8, false)
+    };
+    let mut reader = ShardLoader::open(&shards, cfg, &LoaderState::default()).unwrap();
+    let mut seen = 0;
+    while let Some(batch) = reader.next_in_epoch().unwrap() {
+        let masks = batch.masks.as_ref().expect("maps with every batch");
+        assert_eq!(masks.len(), batch.keys.len() * 32 * 32);
+        for key in &batch.keys {
+            let index: u32 = key["train".len()..].parse().unwrap();
+            assert_eq!(index % 2, 0, "{key} has no map and was not skipped");
+        }
+        seen += batch.keys.len();
+    }
+    assert_eq!(reader.skipped(), 60, "every sample without a map");
+    assert!(seen >= 56, "{seen} samples with maps handed out");
 }
 
 /// `configs/stage1/photo_crops.yaml` trains on the embedded photo crops (64x64 JPEG) through
