@@ -514,16 +514,29 @@ fn the_compose_mini_cluster_runs_a_launched_job_on_both_workers() {
     );
     let mut running = Vec::new();
     // Compose starts a service without waiting for the ones it depends on to be ready; here
-    // the coordinator comes last, seconds after the workers, who must wait for it.
+    // the coordinator comes last, once the workers have been retrying for longer than its
+    // heartbeat timeout: they must wait for it, not give up.
     let mut order: Vec<&Service> = services
         .iter()
         .filter(|s| s.profiles.is_empty() && !s.completed_first(&services))
         .collect();
     order.sort_by_key(|s| s.name == "coordinator");
     let names: Vec<String> = order.iter().map(|s| s.name.clone()).collect();
+    let coordinator = services.iter().find(|s| s.name == "coordinator").unwrap();
+    let heartbeat_timeout: u64 = coordinator
+        .arg("--heartbeat-timeout")
+        .expect("the coordinator's heartbeat timeout")
+        .parse()
+        .unwrap();
+    let first_started = std::time::Instant::now();
     for s in order {
         if s.name == "coordinator" {
-            std::thread::sleep(Duration::from_secs(2));
+            wait_until_workers_retried(
+                &tmp.path().join("worker-0.log"),
+                &tmp.path().join("worker-1.log"),
+                first_started,
+                Duration::from_secs(heartbeat_timeout + 1),
+            );
         }
         let log = std::fs::File::create(tmp.path().join(format!("{}.log", s.name))).unwrap();
         let child = net
@@ -665,5 +678,30 @@ fn the_compose_mini_cluster_runs_a_launched_job_on_both_workers() {
     }
     for (i, p) in running.iter_mut().enumerate() {
         assert!(p.0.try_wait().unwrap().is_none(), "service {i} is still up");
+    }
+}
+
+/// Waits until both worker logs say they are retrying to reach the coordinator and `longer`
+/// has passed since they started (polling; fails after two minutes, the workers' own limit).
+fn wait_until_workers_retried(
+    a: &Path,
+    b: &Path,
+    started: std::time::Instant,
+    longer: Duration,
+) {
+    let retried = |log: &Path| {
+        std::fs::read_to_string(log)
+            .map(|text| text.contains("retrying"))
+            .unwrap_or(false)
+    };
+    let deadline = started + Duration::from_secs(120);
+    while !(retried(a) && retried(b) && started.elapsed() > longer) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the workers did not retry: {} {}",
+            a.display(),
+            b.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
