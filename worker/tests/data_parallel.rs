@@ -166,6 +166,55 @@ fn two_ranks_with_batch_4_match_one_rank_with_batch_8() {
     assert!(diff < 1e-4, "2 x 4 vs 1 x 8: relative difference {diff}");
 }
 
+/// `grad_accum: 2` at batch 4 steps as batch 8 does (the micro-batches' gradients averaged,
+/// as Lightning's `accumulate_grad_batches`), with and without `grad_clip`.
+#[test]
+fn two_micro_batches_of_4_match_one_batch_of_8() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex().autodiff();
+    let data = batches();
+    for grad_clip in [None, Some(0.05)] {
+        let mut single = Stage1Trainer::new(
+            Stage1Config {
+                grad_clip,
+                ..config(8)
+            },
+            1,
+            &device,
+        )
+        .unwrap();
+        let mut accumulating = Stage1Trainer::new(
+            Stage1Config {
+                grad_accum: 2,
+                grad_clip,
+                ..config(4)
+            },
+            1,
+            &device,
+        )
+        .unwrap();
+        assert!((single.learning_rate() - accumulating.learning_rate()).abs() < 1e-12);
+        let before = flat(single.model());
+        assert_eq!(before, flat(accumulating.model()), "the same initial weights");
+        for b in &data {
+            let x = Tensor::cat(vec![half(b, 0), half(b, 1)], 0);
+            let (next, report) = single.train_batch(x, None).unwrap();
+            assert!(report.is_some());
+            single = next;
+            let (next, report) = accumulating.train_batch(half(b, 0), None).unwrap();
+            assert!(report.is_none(), "the first micro-batch does not step");
+            let (next, report) = next.train_batch(half(b, 1), None).unwrap();
+            assert!(report.is_some(), "the second does");
+            accumulating = next;
+        }
+        let after = flat(single.model());
+        let moved = relative_difference(&before, &after);
+        let diff = relative_difference(&after, &flat(accumulating.model()));
+        assert!(moved > 1e-4, "training moved the parameters ({moved})");
+        assert!(diff < 1e-4, "{grad_clip:?}: 2 x 4 vs 1 x 8: relative difference {diff}");
+    }
+}
+
 /// Two ranks restarting dead codes of a codebook twice the size of a rank's latents (one
 /// 32x32 image each: 256): rank 0's codebook is everyone's, so both ranks end identical.
 #[test]

@@ -435,7 +435,8 @@ impl Stage1Trainer {
             self.step,
             cond,
         );
-        let grads = GradientsParams::from_grads(generator.surrogate.backward(), &self.ae.module);
+        let surrogate = generator.surrogate.mul_scalar(self.micro_batch_share());
+        let grads = GradientsParams::from_grads(surrogate.backward(), &self.ae.module);
         self.ae.accumulate(grads);
         let d = self.loss.discriminator(
             &self.disc.module,
@@ -447,6 +448,7 @@ impl Stage1Trainer {
         let d_loss = d.map(|(loss, real, fake)| {
             self.logits = Some((real, fake));
             let value = loss.clone().into_scalar::<f32>() as f64;
+            let loss = loss.mul_scalar(self.micro_batch_share());
             let grads = GradientsParams::from_grads(loss.backward(), &self.disc.module);
             self.disc.accumulate(grads);
             value
@@ -475,9 +477,17 @@ impl Stage1Trainer {
             disc_factor: 0.0,
             quant: scalar(quant),
         };
+        let total = total.mul_scalar(self.micro_batch_share());
         let grads = GradientsParams::from_grads(total.backward(), &self.ae.module);
         self.ae.accumulate(grads);
         (log, None)
+    }
+
+    /// Each micro-batch's share of a step's gradient: accumulated gradients are the mean over
+    /// the micro-batches (as Lightning's `accumulate_grad_batches`), so that `grad_accum: N`
+    /// at batch B steps as batch N x B does.
+    fn micro_batch_share(&self) -> f64 {
+        1.0 / self.config.grad_accum as f64
     }
 
     /// At the first micro-batch of a step: random draws depend on (seed, step) only, so a

@@ -181,6 +181,8 @@ impl Stage2Trainer {
             .train_batch(&images, &conds, &mut rng, &self.device);
         let loss = self.layout.loss(&self.gpt.module, inputs);
         let value = loss.clone().into_scalar::<f32>() as f64;
+        // The mean over the step's micro-batches, as a larger batch's.
+        let loss = loss.mul_scalar(1.0 / self.config.grad_accum as f64);
         let grads = GradientsParams::from_grads(loss.backward(), &self.gpt.module);
         self.gpt.accumulate(grads);
         if !self.accumulation.count() {
