@@ -7,7 +7,8 @@ mod common;
 use common::{config, png_from, put_shard, sequential};
 use png::{BitDepth, ColorType};
 use taming_dataloader::label_map::decode;
-use taming_dataloader::{LoaderState, ShardLoader};
+use rand::SeedableRng;
+use taming_dataloader::{LoaderState, Preprocess, ShardLoader};
 
 /// A PNG of `w` x `h` with `rows` already packed as the PNG stores them.
 fn encode(w: u32, h: u32, color: ColorType, depth: BitDepth, rows: &[u8]) -> Vec<u8> {
@@ -148,4 +149,44 @@ fn the_loader_reads_palette_label_maps_as_indices() {
     assert_eq!(batch.keys, ["a"]);
     assert_eq!(batch.masks.unwrap(), want);
     assert_eq!(loader.skipped(), 1);
+}
+
+/// Label maps are resized by nearest neighbours exactly as the reference's segmentation data
+/// does it (albumentations' `SmallestMaxSize` with `cv2.INTER_NEAREST`, then a center crop:
+/// `tools/fixtures/make_label_resize_fixtures.py`), on a map whose neighbours all differ.
+#[test]
+fn label_maps_are_resized_as_the_reference_resizes_them() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/label_resize");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+            .unwrap();
+    let size = expected["size"].as_u64().unwrap() as usize;
+    let preprocess = Preprocess {
+        size,
+        random_crop: false,
+        flip: false,
+    };
+    let image = std::fs::read(dir.join("image.png")).unwrap();
+    let map = std::fs::read(dir.join("map.png")).unwrap();
+    let mut out = vec![0u8; preprocess.image_len()];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let ours = preprocess
+        .apply_into(&image, Some(&map), &mut rng, &mut out)
+        .unwrap()
+        .expect("a label map");
+    let rows = |key: &str| -> Vec<u8> {
+        expected[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8))
+            .collect()
+    };
+    let differing = |other: &[u8]| ours.iter().zip(other).filter(|(a, b)| a != b).count();
+    assert_eq!(
+        differing(&rows("reference")),
+        0,
+        "pixels differing from the reference's resize (PIL's NEAREST differs in {})",
+        differing(&rows("pil"))
+    );
 }
