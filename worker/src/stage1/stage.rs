@@ -33,7 +33,17 @@ use crate::settings::{RunContext, RunSettings};
 
 /// The training columns of a stage-1 `metrics.csv`.
 pub const VALUES: &[&str] = &[
-    "total", "nll", "l1", "p_loss", "quant", "g_loss", "d_loss", "d_weight", "usage", "skipped",
+    "total",
+    "nll",
+    "l1",
+    "p_loss",
+    "quant",
+    "g_loss",
+    "d_loss",
+    "d_weight",
+    "usage",
+    "perplexity",
+    "skipped",
 ];
 
 /// The columns of a stage-1 `metrics.csv`: the training values, then the validation metrics
@@ -327,6 +337,7 @@ impl Stage for VqganStage {
             r.d_loss.unwrap_or(0.0),
             g.d_weight,
             r.usage.unwrap_or(0.0),
+            r.perplexity,
             r.skipped_total as f64,
         ];
         let config = &stage.plan.config;
