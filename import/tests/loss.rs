@@ -13,7 +13,7 @@ use common::{Expected, assert_close_l2, assert_close_to_max, rel, values};
 use taming_import::fill_from_torch;
 use taming_model::loss::discriminator::reference_name;
 use taming_model::loss::{
-    DiscLoss, DiscriminatorConfig, LastLayer, LeCamAnchors, LossConfig, LpipsConfig,
+    DiscLoss, DiscriminatorConfig, GeneratorInputs, LastLayer, LeCamAnchors, LossConfig, LpipsConfig,
     NLayerDiscriminator, VqLoss,
 };
 
@@ -177,15 +177,14 @@ fn loss_case_with(tag: &str, kind: DiscLoss, step: u64, conditional: bool) {
         input: h.clone(),
         weight: w.clone(),
     };
-    let step_out = loss.generator(
-        &disc,
-        x.clone(),
-        rec.clone(),
+    let inputs = GeneratorInputs {
+        x: x.clone(),
+        rec: rec.clone(),
         quant,
-        &last,
-        step,
-        cond.as_ref(),
-    );
+        last: &last,
+        cond: cond.as_ref(),
+    };
+    let step_out = loss.generator(&disc, inputs, step);
     let log = step_out.log;
     let check = |name: &str, ours: f64, tol: f32| {
         let want = fx.scalar(&format!("{tag}/{name}"));

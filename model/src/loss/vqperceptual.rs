@@ -158,6 +158,20 @@ pub struct GeneratorLog {
     pub quant: f64,
 }
 
+/// What the generator step is computed from.
+pub struct GeneratorInputs<'a> {
+    /// The real images.
+    pub x: Tensor<4>,
+    /// The reconstruction, on the autoencoder's graph.
+    pub rec: Tensor<4>,
+    /// The quantizer loss.
+    pub quant: Tensor<1>,
+    /// The decoder's last layer, for the adaptive weight.
+    pub last: &'a LastLayer,
+    /// The discriminator's condition (with `disc_conditional`).
+    pub cond: Option<&'a Tensor<4>>,
+}
+
 /// What the generator step hands to the optimizer: a scalar whose gradients are those of the
 /// total loss, and the loss values.
 #[derive(Debug, Clone)]
@@ -227,20 +241,20 @@ impl VqLoss {
         }
     }
 
-    /// The generator (autoencoder) step at training step `step`. `rec` is the
-    /// reconstruction on the autoencoder's graph, `quant` the quantizer loss, `cond` the
-    /// discriminator's condition (with `disc_conditional`).
-    #[allow(clippy::too_many_arguments)]
+    /// The generator (autoencoder) step at training step `step`.
     pub fn generator(
         &self,
         disc: &NLayerDiscriminator,
-        x: Tensor<4>,
-        rec: Tensor<4>,
-        quant: Tensor<1>,
-        last: &LastLayer,
+        inputs: GeneratorInputs,
         step: u64,
-        cond: Option<&Tensor<4>>,
     ) -> GeneratorStep {
+        let GeneratorInputs {
+            x,
+            rec,
+            quant,
+            last,
+            cond,
+        } = inputs;
         let cfg = &self.config;
         let leaf = rec.clone().detach().require_grad();
         let (nll, l1, p_loss) = self.nll(x, leaf.clone());

@@ -16,7 +16,7 @@ use taming_model::Vqgan;
 use taming_model::config::QuantizerConfig;
 use taming_model::error::ModelError;
 use taming_model::loss::{
-    GeneratorLog, LastLayer, LeCamAnchors, Lpips, NLayerDiscriminator, VqLoss, bce_with_logits,
+    GeneratorInputs, GeneratorLog, LastLayer, LeCamAnchors, Lpips, NLayerDiscriminator, VqLoss, bce_with_logits,
 };
 use taming_model::quantize::{
     CodebookMaintainer, MaintainerState, QuantizeMode, Quantizer, UsageWindow, perplexity,
@@ -426,15 +426,14 @@ impl Stage1Trainer {
             input: out.last_input.clone(),
             weight: self.ae.module.last_layer_weight(),
         };
-        let generator = self.loss.generator(
-            &self.disc.module,
-            x.clone(),
-            out.reconstruction.clone(),
-            out.quantized.loss.clone(),
-            &last,
-            self.step,
+        let inputs = GeneratorInputs {
+            x: x.clone(),
+            rec: out.reconstruction.clone(),
+            quant: out.quantized.loss.clone(),
+            last: &last,
             cond,
-        );
+        };
+        let generator = self.loss.generator(&self.disc.module, inputs, self.step);
         let surrogate = generator.surrogate.mul_scalar(self.micro_batch_share());
         let grads = GradientsParams::from_grads(surrogate.backward(), &self.ae.module);
         self.ae.accumulate(grads);
