@@ -59,7 +59,7 @@ fn fsq_matches_vector_quantize_pytorch() {
 #[test]
 fn a_vqgan_config_with_fsq_checks_its_levels() {
     let ddconfig = DdConfig {
-        ch: 8,
+        ch: 32,
         out_ch: 3,
         ch_mult: vec![1, 2],
         num_res_blocks: 1,
@@ -77,7 +77,8 @@ fn a_vqgan_config_with_fsq_checks_its_levels() {
         embed_dim,
         quantizer: QuantizerConfig::Fsq(FsqConfig { levels }),
     };
-    assert!(config(vec![8, 5, 5, 5], 1000, 4).validate().is_ok());
+    let ok = config(vec![8, 5, 5, 5], 1000, 4).validate();
+    assert!(ok.is_ok(), "{ok:?}");
     for (levels, n, d, key) in [
         (vec![8, 5, 5, 5], 1024, 4, "n_embed"),
         (vec![8, 5, 5, 5], 1000, 3, "embed_dim"),

@@ -179,7 +179,7 @@ impl Extractor {
     pub fn stats_of(&self, input: &Input) -> Result<FeatureStats> {
         let mut acc = StatsAccumulator::new(FEATURES);
         let mut batch = Vec::with_capacity(self.batch_size);
-        let mut flush = |batch: &mut Vec<RgbImage>, acc: &mut StatsAccumulator| {
+        let flush = |batch: &mut Vec<RgbImage>, acc: &mut StatsAccumulator| {
             let result = self.add_images(acc, batch);
             batch.clear();
             result
