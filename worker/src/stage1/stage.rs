@@ -138,7 +138,7 @@ impl VqganPlan {
 
     /// pytorch-fid's Inception on the run's device, when `eval.inception` names its weights
     /// (refused with the file named when they are not pytorch-fid's, unless `any_weights`).
-    fn inception(&self, run: &RunContext) -> Result<Option<FidInception>, RunError> {
+    fn inception(&self, run: &RunContext) -> Result<Option<Box<FidInception>>, RunError> {
         let eval = &self.config.eval;
         let Some(path) = &eval.inception else {
             return Ok(None);
@@ -148,7 +148,7 @@ impl VqganPlan {
             false => WeightsCheck::Standard,
         };
         let device = run.device.clone().inner();
-        Ok(Some(load_fid_inception(path, check, &device)?))
+        Ok(Some(Box::new(load_fid_inception(path, check, &device)?)))
     }
 
     /// The first validation batch (the grid's images).
@@ -227,8 +227,9 @@ pub struct VqganStage {
     val_x: Tensor<4>,
     plan: VqganPlan,
     run: RunContext,
-    /// pytorch-fid's Inception, for rFID (`eval.inception`).
-    inception: Option<FidInception>,
+    /// pytorch-fid's Inception, for rFID (`eval.inception`); boxed, as the stage moves by
+    /// value.
+    inception: Option<Box<FidInception>>,
     /// Steps skipped within the divergence window.
     recent_skips: VecDeque<u64>,
 }

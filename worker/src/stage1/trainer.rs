@@ -99,8 +99,9 @@ pub struct Stage1Trainer {
     /// Whether a micro-batch of the current step had a non-finite loss.
     nonfinite: bool,
     skipped: u64,
-    /// The autoencoder's weight average (`ema` configured).
-    ema: Option<Ema<Vqgan>>,
+    /// The autoencoder's weight average (`ema` configured); boxed, as the trainer moves by
+    /// value.
+    ema: Option<Box<Ema<Vqgan>>>,
     /// Codes used by recent tokens, for quantizers without codebook maintenance (which
     /// keeps its own).
     usage: UsageWindow,
@@ -154,7 +155,7 @@ impl Stage1Trainer {
             )),
             _ => None,
         };
-        let ema = config.ema.map(|c| Ema::new(c, &model));
+        let ema = config.ema.map(|c| Box::new(Ema::new(c, &model)));
         let usage = UsageWindow::new(config.model.n_embed, USAGE_WINDOW);
         Ok(Self {
             ema,
@@ -355,7 +356,7 @@ impl Stage1Trainer {
             model
         };
         self.step += 1;
-        self.ema = self.ema.map(|e| e.update(&self.ae.module, self.step));
+        self.ema = self.ema.map(|e| Box::new(e.update(&self.ae.module, self.step)));
         let usage = usage.unwrap_or_else(|| {
             self.usage.observe(&host);
             self.usage.usage()
@@ -547,7 +548,7 @@ impl Stage1Trainer {
         trainer.ae = trainer.ae.load(&dir, "model", "opt_ae")?;
         trainer.disc = trainer.disc.load(&dir, "disc", "opt_d")?;
         trainer.ema = match trainer.ema {
-            Some(ema) => Some(ema.load(&dir, "model_ema")?),
+            Some(ema) => Some(Box::new(ema.load(&dir, "model_ema")?)),
             None => None,
         };
         trainer.step = state.step;

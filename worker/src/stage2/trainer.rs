@@ -80,7 +80,7 @@ pub struct Stage2Trainer {
     device: Device,
     group: Group,
     /// The GPT's weight average (`ema` configured).
-    ema: Option<Ema<Gpt>>,
+    ema: Option<Box<Ema<Gpt>>>,
 }
 
 impl Stage2Trainer {
@@ -103,7 +103,7 @@ impl Stage2Trainer {
             epsilon: 1e-8,
         };
         let adam = adam_optimizer(settings, config.grad_clip.map(GradientClippingConfig::Norm));
-        let ema = config.ema.map(|c| Ema::new(c, &gpt));
+        let ema = config.ema.map(|c| Box::new(Ema::new(c, &gpt)));
         Ok(Self {
             ema,
             gpt: Learner::new(gpt, adam),
@@ -195,7 +195,7 @@ impl Stage2Trainer {
             .scale_linear_weights(1.0 - lr * self.config.weight_decay);
         self.gpt = gpt.step(lr, &mut self.group)?;
         self.step += 1;
-        self.ema = self.ema.map(|e| e.update(&self.gpt.module, self.step));
+        self.ema = self.ema.map(|e| Box::new(e.update(&self.gpt.module, self.step)));
         let report = StepReport {
             step: self.step,
             loss: value,
@@ -253,7 +253,7 @@ impl Stage2Trainer {
         let mut trainer = Self::new(config.train, config.model, nodes, total_steps, device)?;
         trainer.gpt = trainer.gpt.load(&dir, "gpt", "opt")?;
         trainer.ema = match trainer.ema {
-            Some(ema) => Some(ema.load(&dir, "gpt_ema")?),
+            Some(ema) => Some(Box::new(ema.load(&dir, "gpt_ema")?)),
             None => None,
         };
         trainer.step = state.step;
