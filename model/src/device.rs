@@ -1,8 +1,11 @@
-//! Run-time device selection: `cpu`, `cuda:N`, `vulkan:N`.
+//! Run-time device selection: `cpu`, `cuda:N`, `vulkan:N`, `wgpu:N`.
 //!
 //! `vulkan:N` is the N-th Vulkan adapter of any kind, in the order burn lists them: discrete
-//! GPUs first, then integrated, virtual, software (Mesa's lavapipe, which the test suite runs
-//! on) and other adapters. On a machine with a discrete GPU, `vulkan:0` is that GPU.
+//! GPUs first, then integrated, virtual, software (Mesa's lavapipe) and other adapters; its
+//! kernels are cubecl's SPIR-V. `wgpu:N` is the N-th adapter wgpu finds, in the same order,
+//! with the kernels in WGSL, which wgpu translates for the adapter's API: the test suite
+//! runs on lavapipe this way, whose compiler crashes on cubecl's SPIR-V for kernels with
+//! shared memory. On a machine with a discrete GPU, `vulkan:0` and `wgpu:0` are that GPU.
 
 use std::str::FromStr;
 
@@ -18,6 +21,8 @@ pub enum DeviceSpec {
     /// Vulkan adapter N of any kind: discrete GPUs first, a software adapter such as
     /// lavapipe after the GPUs (needs the `vulkan` feature).
     Vulkan(usize),
+    /// Adapter N of wgpu with WGSL kernels, in the same order (needs the `wgpu` feature).
+    Wgpu(usize),
 }
 
 impl FromStr for DeviceSpec {
@@ -32,9 +37,13 @@ impl FromStr for DeviceSpec {
             None if s == "cpu" => Ok(Self::Cpu),
             None if s == "cuda" => Ok(Self::Cuda(0)),
             None if s == "vulkan" => Ok(Self::Vulkan(0)),
+            None if s == "wgpu" => Ok(Self::Wgpu(0)),
             Some(("cuda", n)) => index(n).map(Self::Cuda),
             Some(("vulkan", n)) => index(n).map(Self::Vulkan),
-            _ => Err(format!("device `{s}`: expected cpu, cuda:N or vulkan:N")),
+            Some(("wgpu", n)) => index(n).map(Self::Wgpu),
+            _ => Err(format!(
+                "device `{s}`: expected cpu, cuda:N, vulkan:N or wgpu:N"
+            )),
         }
     }
 }
@@ -45,6 +54,7 @@ impl std::fmt::Display for DeviceSpec {
             Self::Cpu => write!(f, "cpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
             Self::Vulkan(n) => write!(f, "vulkan:{n}"),
+            Self::Wgpu(n) => write!(f, "wgpu:{n}"),
         }
     }
 }
@@ -56,6 +66,7 @@ impl DeviceSpec {
             Self::Cpu => Ok(Device::flex()),
             Self::Cuda(n) => cuda(n),
             Self::Vulkan(n) => vulkan(n),
+            Self::Wgpu(n) => wgpu(n),
         }
     }
 
@@ -66,6 +77,7 @@ impl DeviceSpec {
             Self::Cpu => true,
             Self::Cuda(_) => cfg!(feature = "cuda"),
             Self::Vulkan(_) => cfg!(feature = "vulkan"),
+            Self::Wgpu(_) => cfg!(feature = "wgpu"),
         }
     }
 }
@@ -82,25 +94,36 @@ fn cuda(n: usize) -> Result<Device, String> {
     ))
 }
 
-/// The N-th adapter of [`vulkan_adapters`].
-#[cfg(feature = "vulkan")]
-fn vulkan(n: usize) -> Result<Device, String> {
-    let adapters = vulkan_adapters();
+/// The N-th of `adapters`, or why there is none (`kind` names the device kind).
+#[cfg(any(feature = "vulkan", feature = "wgpu"))]
+fn nth_adapter(kind: &str, adapters: Vec<Device>, n: usize) -> Result<Device, String> {
     let count = adapters.len();
     adapters.into_iter().nth(n).ok_or_else(|| match count {
-        0 => format!("device vulkan:{n}: this machine has no Vulkan adapter (no Vulkan driver?)"),
-        _ => format!("device vulkan:{n}: this machine has {count} Vulkan adapter(s), vulkan:0 to vulkan:{}", count - 1),
+        0 => format!("device {kind}:{n}: this machine has no {kind} adapter (no Vulkan driver?)"),
+        _ => format!(
+            "device {kind}:{n}: this machine has {count} {kind} adapter(s), {kind}:0 to \
+             {kind}:{}",
+            count - 1
+        ),
     })
 }
 
-/// The machine's Vulkan adapters, discrete GPUs first, then integrated, virtual, software
+#[cfg(feature = "vulkan")]
+fn vulkan(n: usize) -> Result<Device, String> {
+    nth_adapter("vulkan", adapters(burn::tensor::DeviceType::Vulkan), n)
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu(n: usize) -> Result<Device, String> {
+    nth_adapter("wgpu", adapters(burn::tensor::DeviceType::Wgpu), n)
+}
+
+/// The machine's adapters of `kind`, discrete GPUs first, then integrated, virtual, software
 /// (`DeviceKind::Cpu`: lavapipe) and other ones (burn's order). Listing them does not open
 /// them.
-#[cfg(feature = "vulkan")]
-pub fn vulkan_adapters() -> Vec<Device> {
-    Device::enumerate(burn::tensor::DeviceType::Vulkan)
-        .into_iter()
-        .collect()
+#[cfg(any(feature = "vulkan", feature = "wgpu"))]
+pub fn adapters(kind: burn::tensor::DeviceType) -> Vec<Device> {
+    Device::enumerate(kind).into_iter().collect()
 }
 
 #[cfg(not(feature = "vulkan"))]
@@ -110,22 +133,30 @@ fn vulkan(n: usize) -> Result<Device, String> {
     ))
 }
 
+#[cfg(not(feature = "wgpu"))]
+fn wgpu(n: usize) -> Result<Device, String> {
+    Err(format!(
+        "device wgpu:{n}: this build has no wgpu support (rebuild with `--features wgpu`)"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_three_kinds() {
+    fn parses_the_four_kinds() {
         assert_eq!("cpu".parse(), Ok(DeviceSpec::Cpu));
         assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
         assert_eq!("vulkan:0".parse(), Ok(DeviceSpec::Vulkan(0)));
+        assert_eq!("wgpu:1".parse(), Ok(DeviceSpec::Wgpu(1)));
         assert!("tpu:0".parse::<DeviceSpec>().unwrap_err().contains("tpu:0"));
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
     }
 
     #[test]
     fn a_backend_missing_from_the_build_is_named() {
-        for spec in [DeviceSpec::Cuda(1), DeviceSpec::Vulkan(2)] {
+        for spec in [DeviceSpec::Cuda(1), DeviceSpec::Vulkan(2), DeviceSpec::Wgpu(3)] {
             if spec.compiled() {
                 continue;
             }
@@ -140,11 +171,11 @@ mod tests {
 
     /// An index past the machine's adapters is refused with their count, not left to fail
     /// at the first tensor.
-    #[cfg(feature = "vulkan")]
+    #[cfg(feature = "wgpu")]
     #[test]
-    fn a_vulkan_index_past_the_adapters_is_refused() {
-        let count = vulkan_adapters().len();
-        let err = DeviceSpec::Vulkan(count).device().unwrap_err();
-        assert!(err.contains(&format!("vulkan:{count}")), "{err}");
+    fn an_index_past_the_adapters_is_refused() {
+        let count = adapters(burn::tensor::DeviceType::Wgpu).len();
+        let err = DeviceSpec::Wgpu(count).device().unwrap_err();
+        assert!(err.contains(&format!("wgpu:{count}")), "{err}");
     }
 }

@@ -199,7 +199,7 @@ wire_enum! {
     }
 }
 
-/// A device: `cpu`, or `cuda` / `vulkan` with or without an ordinal (`cuda:1`). Jobs ask for
+/// A device: `cpu`, or `cuda` / `vulkan` / `wgpu` with or without an ordinal (`cuda:1`). Jobs ask for
 /// a kind (`cuda`: each rank on one of the worker's CUDA devices) or one device; workers offer
 /// devices with their ordinal.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -234,12 +234,12 @@ impl FromStr for Device {
             |n: &str| n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<u32>().is_ok();
         let valid = match kind {
             "cpu" => ordinal.is_none(),
-            "cuda" | "vulkan" => ordinal.is_none_or(ordinal_ok),
+            "cuda" | "vulkan" | "wgpu" => ordinal.is_none_or(ordinal_ok),
             _ => false,
         };
         if !valid {
             return Err(format!(
-                "`{s}` is not a device (cpu, cuda, vulkan, cuda:N or vulkan:N)"
+                "`{s}` is not a device (cpu, cuda, vulkan, wgpu, or one of them with :N)"
             ));
         }
         Ok(Self(s.to_string()))

@@ -1,8 +1,9 @@
 //! The device that the device tests (`worker/tests/gpu.rs`, `model/cli/tests/gpu.rs`, which
-//! include this file by path: `taming-tests` stays without burn) compare with the CPU: `TAMING_TEST_DEVICE` names it (`vulkan:0`, `cuda:0`; parsed as `--device`
-//! is). Unset, it is the GPU backend this build has (`cuda:0` with the `cuda` feature,
-//! `vulkan:0` with `vulkan`), otherwise `cpu`, and the device tests skip: they compare the CPU
-//! with another backend.
+//! include this file by path) compare with the CPU: `TAMING_TEST_DEVICE` names it
+//! (`wgpu:0`, `vulkan:0`, `cuda:0`; parsed as `--device` is). Unset, it is the GPU backend
+//! this build has (`cuda:0` with the `cuda` feature, `vulkan:0` with `vulkan`, `wgpu:0` with
+//! `wgpu`), otherwise `cpu`, and the device tests skip: they compare the CPU with another
+//! backend.
 //!
 //! A test that cannot run (no device named, its backend not compiled in, no such adapter)
 //! prints one line saying why, past the test harness's capture, and passes; with
@@ -18,7 +19,7 @@ use taming_model::device::DeviceSpec;
 #[allow(dead_code)] // each including test binary uses a part
 #[derive(Debug, Clone)]
 pub struct TestDevice {
-    /// As named (`vulkan:0`), for `--device`.
+    /// As named (`wgpu:0`), for `--device`.
     pub spec: DeviceSpec,
     /// The burn device (no autodiff).
     pub device: Device,
@@ -50,7 +51,7 @@ fn test_spec() -> Result<DeviceSpec, String> {
         Ok(text) => text
             .parse()
             .map_err(|e| format!("TAMING_TEST_DEVICE: {e}")),
-        Err(_) => Ok([DeviceSpec::Cuda(0), DeviceSpec::Vulkan(0)]
+        Err(_) => Ok([DeviceSpec::Cuda(0), DeviceSpec::Vulkan(0), DeviceSpec::Wgpu(0)]
             .into_iter()
             .find(|spec| spec.compiled())
             .unwrap_or(DeviceSpec::Cpu)),
@@ -61,13 +62,14 @@ fn resolve() -> Result<TestDevice, String> {
     let spec = test_spec()?;
     if spec == DeviceSpec::Cpu {
         return Err("the test device is the CPU (TAMING_TEST_DEVICE unset in a build without \
-             the vulkan or cuda feature, or set to cpu); these tests compare the CPU with \
-             another device: TAMING_TEST_DEVICE=vulkan:0 with --features vulkan"
+             the wgpu, vulkan or cuda feature, or set to cpu); these tests compare the CPU \
+             with another device: TAMING_TEST_DEVICE=wgpu:0 with --features wgpu"
             .into());
     }
     if !spec.compiled() {
         let feature = match spec {
             DeviceSpec::Cuda(_) => "cuda",
+            DeviceSpec::Wgpu(_) => "wgpu",
             _ => "vulkan",
         };
         return Err(format!(
