@@ -68,8 +68,15 @@ pub async fn launch_local(mut spec: JobSpec, opts: StandaloneOptions) -> Result<
         }
     }
     let respawns = spec.max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS) + 1;
+    // Local workers find CUDA devices themselves; a Vulkan or wgpu device (the one adapter
+    // every local worker shares) is given to them.
+    let device = match spec.device.kind() {
+        "vulkan" | "wgpu" if spec.device.as_str().contains(':') => Some(spec.device.to_string()),
+        kind @ ("vulkan" | "wgpu") => Some(format!("{kind}:0")),
+        _ => None,
+    };
     let workers = (0..spec.nodes)
-        .map(|i| LocalWorker::start(i, &addr, &token, &tls, &logs))
+        .map(|i| LocalWorker::start(i, &addr, &token, &tls, &logs, device.clone()))
         .collect::<Result<Vec<_>>>()?;
     let mut c = client::connect(&addr, Some(&token), &tls.transport).await?;
     let id = client::submit(&mut c, &spec).await?;
@@ -133,13 +140,23 @@ struct LocalWorker {
     token: String,
     tls: Vec<(&'static str, PathBuf)>,
     log: PathBuf,
+    /// `--device` for the worker (a Vulkan or wgpu adapter).
+    device: Option<String>,
     child: Children,
     exits: u32,
 }
 
 impl LocalWorker {
-    fn start(i: u32, coordinator: &str, token: &str, tls: &LocalTls, logs: &Path) -> Result<Self> {
+    fn start(
+        i: u32,
+        coordinator: &str,
+        token: &str,
+        tls: &LocalTls,
+        logs: &Path,
+        device: Option<String>,
+    ) -> Result<Self> {
         let mut w = Self {
+            device,
             name: format!("local-{i}"),
             coordinator: coordinator.to_string(),
             token: token.to_string(),
@@ -159,6 +176,7 @@ impl LocalWorker {
         let log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
         let child = Command::new(&worker)
             .args(["--coordinator", &self.coordinator, "--name", &self.name])
+            .args(self.device.iter().flat_map(|d| ["--device", d.as_str()]))
             .env(TOKEN_ENV, &self.token)
             .envs(self.tls.iter().map(|(k, v)| (*k, v)))
             .stdout(log.try_clone()?)

@@ -472,3 +472,61 @@ fn a_job_that_cannot_be_placed_fails_after_the_placement_timeout() {
         "{err}"
     );
 }
+
+/// Two ranks on the test device (`TAMING_TEST_DEVICE`: Mesa's lavapipe through wgpu in CI),
+/// both on its one adapter: the local mini-cluster gives the workers the device, the job is
+/// placed on it, and gradients are staged to the host for the ring all-reduce. The run ends
+/// with finite losses and the model exported. Skips (or fails with TAMING_REQUIRE_DEVICE=1)
+/// without a device.
+#[test]
+fn two_nodes_train_on_the_test_device() {
+    let device = std::env::var("TAMING_TEST_DEVICE").unwrap_or_default();
+    let kind = device.split(':').next().unwrap_or_default().to_string();
+    if !matches!(kind.as_str(), "wgpu" | "vulkan" | "cuda") {
+        let why = format!("TAMING_TEST_DEVICE is `{device}`, not a GPU device");
+        assert!(
+            std::env::var("TAMING_REQUIRE_DEVICE").as_deref() != Ok("1"),
+            "{why} (TAMING_REQUIRE_DEVICE=1)"
+        );
+        eprintln!("skipped two_nodes_train_on_the_test_device: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(tmp.path());
+    // Validation on a software GPU: 8 images, not the whole split.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{text}\nval_images: 8\n")).unwrap();
+    let out = tmp.path().join("run");
+    let run = coordinator()
+        .args("launch --stage vqgan --nodes 2 --steps 2 --quiet --dataloaders 0".split_whitespace())
+        .args(["--eval-every", "2", "--checkpoint-every", "2", "--device", &kind])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--data")
+        .arg(root().join("data/fashion-mnist"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let logs = |name: &str| std::fs::read_to_string(out.join("logs").join(name)).unwrap_or_default();
+    assert!(
+        run.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&run.stderr),
+        logs("worker-0.log"),
+        logs("worker-1.log")
+    );
+    assert_eq!(csv_steps(&out.join("metrics.csv")), vec![1, 2]);
+    for l1 in csv_column(&out.join("metrics.csv"), "l1") {
+        assert!(l1.is_finite() && l1 > 0.0, "l1 {l1}");
+    }
+    assert!(out.join("model/model.safetensors").is_file());
+    for worker in ["worker-0.log", "worker-1.log"] {
+        let log = logs(worker);
+        assert!(
+            log.lines()
+                .any(|l| l.contains("training device") && l.contains(&format!("{kind}:"))),
+            "{worker}: not on the device: {log}"
+        );
+    }
+}

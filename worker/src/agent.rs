@@ -379,6 +379,7 @@ fn run_assignment(session: &Session, a: &WireAssignment) -> Result<()> {
     let resume = a.resume && has_checkpoint(&out, checkpoint_url.as_deref())?;
     let chosen = devices::choose(spec.device.as_str(), a.rank, opts.device.as_ref(), offered)?;
     let device = chosen.device().map_err(anyhow::Error::msg)?.autodiff();
+    tracing::info!(rank = a.rank, device = %chosen, "training device");
     let group = make_group(session, a, &chosen)?;
     let reporter = Reporter {
         rt: rt.handle().clone(),
