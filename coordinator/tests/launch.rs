@@ -499,7 +499,14 @@ fn two_nodes_train_on_the_test_device() {
     let out = tmp.path().join("run");
     let run = coordinator()
         .args("launch --stage vqgan --nodes 2 --steps 2 --quiet --dataloaders 0".split_whitespace())
-        .args(["--eval-every", "2", "--checkpoint-every", "2", "--device", &kind])
+        .args([
+            "--eval-every",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--device",
+            &kind,
+        ])
         .arg("--config")
         .arg(&cfg)
         .arg("--data")
@@ -508,7 +515,8 @@ fn two_nodes_train_on_the_test_device() {
         .arg(&out)
         .output()
         .unwrap();
-    let logs = |name: &str| std::fs::read_to_string(out.join("logs").join(name)).unwrap_or_default();
+    let logs =
+        |name: &str| std::fs::read_to_string(out.join("logs").join(name)).unwrap_or_default();
     assert!(
         run.status.success(),
         "{}\n{}\n{}",

@@ -6,8 +6,8 @@ mod common;
 
 use common::{config, png_from, put_shard, sequential};
 use png::{BitDepth, ColorType};
-use taming_dataloader::label_map::decode;
 use rand::SeedableRng;
+use taming_dataloader::label_map::decode;
 use taming_dataloader::{LoaderState, Preprocess, ShardLoader};
 
 /// A PNG of `w` x `h` with `rows` already packed as the PNG stores them.
@@ -158,8 +158,7 @@ fn the_loader_reads_palette_label_maps_as_indices() {
 fn label_maps_are_resized_as_the_reference_resizes_them() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/label_resize");
     let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let size = expected["size"].as_u64().unwrap() as usize;
     let preprocess = Preprocess {
         size,
@@ -179,7 +178,12 @@ fn label_maps_are_resized_as_the_reference_resizes_them() {
             .as_array()
             .unwrap()
             .iter()
-            .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8))
+            .flat_map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u8)
+            })
             .collect()
     };
     let differing = |other: &[u8]| ours.iter().zip(other).filter(|(a, b)| a != b).count();

@@ -13,8 +13,8 @@ use common::{Expected, assert_close_l2, assert_close_to_max, rel, values};
 use taming_import::fill_from_torch;
 use taming_model::loss::discriminator::reference_name;
 use taming_model::loss::{
-    DiscLoss, DiscriminatorConfig, GeneratorInputs, LastLayer, LeCamAnchors, LossConfig, LpipsConfig,
-    NLayerDiscriminator, VqLoss,
+    DiscLoss, DiscriminatorConfig, GeneratorInputs, LastLayer, LeCamAnchors, LossConfig,
+    LpipsConfig, NLayerDiscriminator, VqLoss,
 };
 
 fn dir() -> PathBuf {

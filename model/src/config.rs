@@ -115,7 +115,10 @@ impl LfqConfig {
         ];
         for (key, v) in weights {
             if v.is_nan() || v < 0.0 {
-                return Err(bad(&format!("quantizer.{key}"), format!("{v} must be >= 0")));
+                return Err(bad(
+                    &format!("quantizer.{key}"),
+                    format!("{v} must be >= 0"),
+                ));
             }
         }
         Ok(())
@@ -531,10 +534,12 @@ impl VqganConfig {
             QuantizerConfig::Vector(vq) => vq.validate(self.embed_dim),
             QuantizerConfig::Gumbel(g) => g.validate(),
             QuantizerConfig::Fsq(f) => f.validate(self.n_embed, self.embed_dim),
-            QuantizerConfig::Simvq(c) if c.beta.is_nan() || c.beta < 0.0 => Err(ModelError::Config {
-                key: "quantizer.beta".into(),
-                reason: format!("{} must be >= 0", c.beta),
-            }),
+            QuantizerConfig::Simvq(c) if c.beta.is_nan() || c.beta < 0.0 => {
+                Err(ModelError::Config {
+                    key: "quantizer.beta".into(),
+                    reason: format!("{} must be >= 0", c.beta),
+                })
+            }
             QuantizerConfig::Simvq(_) => Ok(()),
             QuantizerConfig::Lfq(c) => c.validate(self.n_embed, self.embed_dim),
         }

@@ -156,7 +156,11 @@ mod tests {
 
     #[test]
     fn a_backend_missing_from_the_build_is_named() {
-        for spec in [DeviceSpec::Cuda(1), DeviceSpec::Vulkan(2), DeviceSpec::Wgpu(3)] {
+        for spec in [
+            DeviceSpec::Cuda(1),
+            DeviceSpec::Vulkan(2),
+            DeviceSpec::Wgpu(3),
+        ] {
             if spec.compiled() {
                 continue;
             }

@@ -26,16 +26,21 @@ fn load(path: &Path) -> Tensor<4> {
 fn ssim_and_psnr_are_scikit_images() {
     let dir = fixtures_dir().join("metrics");
     let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let reference = load(&dir.join("reference.png"));
     for name in ["jpeg30", "blur", "noise"] {
         let changed = load(&dir.join(format!("{name}.png")));
         let theirs = &expected[name];
         let s = ssim(reference.clone(), changed.clone())[0];
         let p = psnr(reference.clone(), changed)[0];
-        let (ts, tp) = (theirs["ssim"].as_f64().unwrap(), theirs["psnr"].as_f64().unwrap());
+        let (ts, tp) = (
+            theirs["ssim"].as_f64().unwrap(),
+            theirs["psnr"].as_f64().unwrap(),
+        );
         assert!((s - ts).abs() < 1e-4, "{name}: SSIM {s}, scikit-image {ts}");
-        assert!((p - tp).abs() < 1e-3, "{name}: PSNR {p} dB, scikit-image {tp}");
+        assert!(
+            (p - tp).abs() < 1e-3,
+            "{name}: PSNR {p} dB, scikit-image {tp}"
+        );
     }
 }

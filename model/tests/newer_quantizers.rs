@@ -8,12 +8,12 @@
 
 mod common;
 
+use burn::module::Param;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::{Expected, assert_close_to_max, fixtures_dir, ints, values};
-use burn::module::Param;
 use taming_model::config::{
-    DdConfig, Estimator, FsqConfig, LfqConfig, QuantizerConfig, SimVqConfig,
-    VectorQuantizerConfig, VqganConfig,
+    DdConfig, Estimator, FsqConfig, LfqConfig, QuantizerConfig, SimVqConfig, VectorQuantizerConfig,
+    VqganConfig,
 };
 use taming_model::quantize::{
     FsqQuantizer, LfqQuantizer, QuantizeMode, SimVqQuantizer, VectorQuantizer,
@@ -91,13 +91,17 @@ fn a_vqgan_config_with_fsq_checks_its_levels() {
     let json = serde_json::to_string(&config(vec![8, 5, 5, 5], 1000, 4)).unwrap();
     assert!(json.contains(r#""kind":"fsq""#), "{json}");
     let back: VqganConfig = serde_json::from_str(&json).unwrap();
-    assert_eq!(back.quantizer, QuantizerConfig::Fsq(FsqConfig { levels: vec![8, 5, 5, 5] }));
+    assert_eq!(
+        back.quantizer,
+        QuantizerConfig::Fsq(FsqConfig {
+            levels: vec![8, 5, 5, 5]
+        })
+    );
 }
 
 #[test]
 fn the_rotation_trick_matches_vector_quantize_pytorch() {
-    let expected =
-        Expected::from_file(&fixtures_dir().join("quantizers/rotation.safetensors"));
+    let expected = Expected::from_file(&fixtures_dir().join("quantizers/rotation.safetensors"));
     let device = Device::flex().autodiff();
     let cfg = VectorQuantizerConfig {
         estimator: Estimator::Rotation,
@@ -114,10 +118,20 @@ fn the_rotation_trick_matches_vector_quantize_pytorch() {
     let g: Tensor<4> = expected.tensor("g", &device);
     let grads = (out.z_q * g).sum().backward();
     let (_, grad_ref) = expected.f32s("grad");
-    assert_close_to_max("gradient", &values(z.grad(&grads).unwrap()), &grad_ref, 1e-5);
+    assert_close_to_max(
+        "gradient",
+        &values(z.grad(&grads).unwrap()),
+        &grad_ref,
+        1e-5,
+    );
     // Not the straight-through gradient (which would be `g` itself).
     let (_, g_ref) = expected.f32s("g");
-    assert!(grad_ref.iter().zip(&g_ref).any(|(a, b)| (a - b).abs() > 1e-3));
+    assert!(
+        grad_ref
+            .iter()
+            .zip(&g_ref)
+            .any(|(a, b)| (a - b).abs() > 1e-3)
+    );
 }
 
 #[test]
@@ -138,11 +152,19 @@ fn simvq_matches_vector_quantize_pytorch() {
     assert_close_to_max("quantized", &values(out.z_q.clone()), &out_ref, 1e-5);
     let loss = out.loss.clone().into_scalar::<f32>();
     let loss_ref = expected.scalar("loss");
-    assert!((loss - loss_ref).abs() <= 1e-5 * loss_ref.abs(), "{loss} vs {loss_ref}");
+    assert!(
+        (loss - loss_ref).abs() <= 1e-5 * loss_ref.abs(),
+        "{loss} vs {loss_ref}"
+    );
     let g: Tensor<4> = expected.tensor("g", &device);
     let grads = ((out.z_q * g).sum() + out.loss.sum()).backward();
     let (_, grad_ref) = expected.f32s("grad");
-    assert_close_to_max("gradient to z", &values(z.grad(&grads).unwrap()), &grad_ref, 1e-5);
+    assert_close_to_max(
+        "gradient to z",
+        &values(z.grad(&grads).unwrap()),
+        &grad_ref,
+        1e-5,
+    );
     let grad_w = q.code_transform.weight.grad(&grads).unwrap().transpose();
     let (_, grad_w_ref) = expected.f32s("grad_w");
     assert_close_to_max("gradient to the map", &values(grad_w), &grad_w_ref, 1e-5);
@@ -166,11 +188,19 @@ fn lfq_matches_vector_quantize_pytorch() {
     assert_close_to_max("output", &values(out.z_q.clone()), &out_ref, 1e-6);
     let loss = out.loss.clone().into_scalar::<f32>();
     let loss_ref = expected.scalar("loss");
-    assert!((loss - loss_ref).abs() <= 1e-4 * loss_ref.abs(), "{loss} vs {loss_ref}");
+    assert!(
+        (loss - loss_ref).abs() <= 1e-4 * loss_ref.abs(),
+        "{loss} vs {loss_ref}"
+    );
     let g: Tensor<4> = expected.tensor("g", &device);
     let grads = ((out.z_q * g).sum() + out.loss.sum()).backward();
     let (_, grad_ref) = expected.f32s("grad");
-    assert_close_to_max("gradient", &values(z.grad(&grads).unwrap()), &grad_ref, 1e-4);
+    assert_close_to_max(
+        "gradient",
+        &values(z.grad(&grads).unwrap()),
+        &grad_ref,
+        1e-4,
+    );
 
     let eval = q.forward(z.detach(), QuantizeMode::EVAL);
     let (_, eval_ref) = expected.f32s("out_eval");

@@ -73,7 +73,10 @@ fn pyarrow_reads_the_documented_schema_row_groups_and_compression() {
     for (value, row) in read.iter().zip([0, 1, 2, 8999].map(|i| &written[i])) {
         assert_eq!(value["key"], row.key.as_str());
         assert_eq!(value["codes"], serde_json::json!(row.codes));
-        assert_eq!((value["height"].clone(), value["width"].clone()), (2.into(), 3.into()));
+        assert_eq!(
+            (value["height"].clone(), value["width"].clone()),
+            (2.into(), 3.into())
+        );
         assert_eq!(value["label"], serde_json::json!(row.label));
         assert_eq!(value["cond_codes"], serde_json::json!(row.cond_codes));
         assert_eq!(value["shard"], row.shard.as_str());

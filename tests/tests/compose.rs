@@ -683,12 +683,7 @@ fn the_compose_mini_cluster_runs_a_launched_job_on_both_workers() {
 
 /// Waits until both worker logs say they are retrying to reach the coordinator and `longer`
 /// has passed since they started (polling; fails after two minutes, the workers' own limit).
-fn wait_until_workers_retried(
-    a: &Path,
-    b: &Path,
-    started: std::time::Instant,
-    longer: Duration,
-) {
+fn wait_until_workers_retried(a: &Path, b: &Path, started: std::time::Instant, longer: Duration) {
     let retried = |log: &Path| {
         std::fs::read_to_string(log)
             .map(|text| text.contains("retrying"))

@@ -62,7 +62,10 @@ fn config() -> Stage1Config {
 /// The value after `flag`, if given.
 fn option<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
     let i = args.iter().position(|a| a == flag)?;
-    Some(args.get(i + 1).unwrap_or_else(|| panic!("{flag} needs a value")))
+    Some(
+        args.get(i + 1)
+            .unwrap_or_else(|| panic!("{flag} needs a value")),
+    )
 }
 
 /// The benchmark's config, or a config file's model and discriminator at batch `batch`.
@@ -101,7 +104,11 @@ fn main() {
     let lpips = Lpips::new(5, &device).no_grad();
     let mut trainer =
         Stage1Trainer::with_lpips(cfg, 1, &device, Some(lpips)).expect("valid config");
-    let x = Tensor::<4>::random([b, 3, size, size], Distribution::Uniform(-1.0, 1.0), &device);
+    let x = Tensor::<4>::random(
+        [b, 3, size, size],
+        Distribution::Uniform(-1.0, 1.0),
+        &device,
+    );
     let step = |t: Stage1Trainer| {
         let (t, report) = t.train_batch(x.clone(), None).expect("a step");
         let report = report.expect("one step per batch");

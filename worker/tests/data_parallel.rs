@@ -195,7 +195,11 @@ fn two_micro_batches_of_4_match_one_batch_of_8() {
         .unwrap();
         assert!((single.learning_rate() - accumulating.learning_rate()).abs() < 1e-12);
         let before = flat(single.model());
-        assert_eq!(before, flat(accumulating.model()), "the same initial weights");
+        assert_eq!(
+            before,
+            flat(accumulating.model()),
+            "the same initial weights"
+        );
         for b in &data {
             let x = Tensor::cat(vec![half(b, 0), half(b, 1)], 0);
             let (next, report) = single.train_batch(x, None).unwrap();
@@ -211,7 +215,10 @@ fn two_micro_batches_of_4_match_one_batch_of_8() {
         let moved = relative_difference(&before, &after);
         let diff = relative_difference(&after, &flat(accumulating.model()));
         assert!(moved > 1e-4, "training moved the parameters ({moved})");
-        assert!(diff < 1e-4, "{grad_clip:?}: 2 x 4 vs 1 x 8: relative difference {diff}");
+        assert!(
+            diff < 1e-4,
+            "{grad_clip:?}: 2 x 4 vs 1 x 8: relative difference {diff}"
+        );
     }
 }
 

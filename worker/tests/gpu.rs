@@ -29,8 +29,8 @@ use taming_model::loss::{DiscriminatorConfig, LossConfig, LpipsConfig};
 use taming_model::transformer::{Cond, Conditioning, Gpt, Sampling, sample_window};
 use taming_tests::process::root;
 use taming_worker::stage1::{Stage1Config, Stage1Trainer, StepReport};
-use taming_worker::stage2::data::CodeSample;
 use taming_worker::stage2::Stage2Trainer;
+use taming_worker::stage2::data::CodeSample;
 use taming_worker::stage2::trainer::DataPosition;
 
 /// One device at a time: lavapipe shares the CI machine's two cores, and burn's random
@@ -119,7 +119,10 @@ fn same_step(step: usize, cpu: &StepReport, dev: &StepReport, tol: f64) {
     close(&at("quant"), c.quant, d.quant, tol);
     let (cd, dd) = (cpu.d_loss.expect("disc trains"), dev.d_loss.expect("disc"));
     close(&at("d_loss"), cd, dd, tol);
-    assert!(c.p_loss > 0.0 && c.d_weight > 0.0, "LPIPS and the GAN term are on");
+    assert!(
+        c.p_loss > 0.0 && c.d_weight > 0.0,
+        "LPIPS and the GAN term are on"
+    );
 }
 
 /// One step of `trainer` on `batch` (no accumulation: a report per batch).
@@ -137,7 +140,11 @@ fn worst_relative(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
         .map(|((name, x), (other, y))| {
             assert_eq!(name, other);
             let scale = x.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-            let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+            let worst = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f32::max);
             worst / scale
         })
         .fold(0.0, f32::max)
@@ -204,7 +211,10 @@ fn stage1_steps_and_checkpoints_agree_between_the_cpu_and_the_device() {
     // may step differently, never by more than that, on each side, at each step.
     let bound = 2.0 * 3.0 * 1.6 * on_cpu.learning_rate() as f32;
     let drift = worst_absolute(&params(on_cpu.model()), &params(on_dev.model()));
-    assert!(drift <= bound, "weights after 3 steps differ by {drift} (> {bound})");
+    assert!(
+        drift <= bound,
+        "weights after 3 steps differ by {drift} (> {bound})"
+    );
 
     // Device -> CPU and CPU -> device, at step 3 (optimizer moments and all).
     let from_dev = tmp.path().join("from-device");
@@ -288,7 +298,12 @@ fn stage2_steps_and_greedy_sampling_agree_between_the_cpu_and_the_device() {
         );
         assert_eq!((c.step, c.lr), (d.step, d.lr));
         let tol = if step == 0 { FIRST_STEP } else { LATER_STEPS };
-        close(&format!("stage-2 step {} loss", step + 1), c.loss, d.loss, tol);
+        close(
+            &format!("stage-2 step {} loss", step + 1),
+            c.loss,
+            d.loss,
+            tol,
+        );
     }
     let drift = worst_relative(&params(on_cpu.gpt()), &params(on_dev.gpt()));
     assert!(drift < 1e-2, "weights after 3 steps differ by {drift}");
@@ -300,7 +315,8 @@ fn stage2_steps_and_greedy_sampling_agree_between_the_cpu_and_the_device() {
         .collect();
     let gpt_cpu = on_cpu.gpt().valid();
     let gpt_dev = gpt_cpu.clone().to_device(&dev.device);
-    let greedy = |gpt: &Gpt, cached: bool| sample_window(gpt, layout, &conds, Sampling::GREEDY, 0, cached);
+    let greedy =
+        |gpt: &Gpt, cached: bool| sample_window(gpt, layout, &conds, Sampling::GREEDY, 0, cached);
     let cpu_tokens = greedy(&gpt_cpu, true).unwrap();
     let dev_tokens = greedy(&gpt_dev, true).unwrap();
     assert_eq!(cpu_tokens.len(), 3);

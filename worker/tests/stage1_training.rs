@@ -55,7 +55,12 @@ fn small_config(disc_start: u64) -> Stage1Config {
 
 fn loader(split: &str, batch: usize, train: bool) -> ShardLoader {
     let shards = list_split(root().join("data/fashion-mnist"), split).unwrap();
-    ShardLoader::open(&shards, loader_config(batch, train), &LoaderState::default()).unwrap()
+    ShardLoader::open(
+        &shards,
+        loader_config(batch, train),
+        &LoaderState::default(),
+    )
+    .unwrap()
 }
 
 fn loader_config(batch: usize, train: bool) -> LoaderConfig {

@@ -79,7 +79,10 @@ fn encode_on_the_device_gives_the_cpus_codes_for_every_fixture() {
                 .chunks(w)
                 .map(<[i64]>::to_vec)
                 .collect();
-            assert_eq!(on_device, rows, "{name} photo {image}: the reference's codes");
+            assert_eq!(
+                on_device, rows,
+                "{name} photo {image}: the reference's codes"
+            );
         }
     }
 }

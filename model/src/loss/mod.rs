@@ -10,6 +10,6 @@ pub use discriminator::{DiscriminatorConfig, NLayerDiscriminator};
 pub use lpips::{Lpips, LpipsConfig};
 pub use segmentation::bce_with_logits;
 pub use vqperceptual::{
-    DiscLoss, GeneratorInputs, GeneratorLog, GeneratorStep, LastLayer, LeCamAnchors, LossConfig, VqLoss,
-    lecam_penalty,
+    DiscLoss, GeneratorInputs, GeneratorLog, GeneratorStep, LastLayer, LeCamAnchors, LossConfig,
+    VqLoss, lecam_penalty,
 };

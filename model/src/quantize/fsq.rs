@@ -47,8 +47,7 @@ impl FsqQuantizer {
         let half_l = |l: usize| (l - 1) as f64 * (1.0 + EPS) / 2.0;
         let offset = |l: usize| if l % 2 == 0 { 0.5 } else { 0.0 };
         let shift = self.row(|l| (offset(l) / half_l(l)).atanh(), &device);
-        let bounded = (rows + shift).tanh() * self.row(half_l, &device)
-            - self.row(offset, &device);
+        let bounded = (rows + shift).tanh() * self.row(half_l, &device) - self.row(offset, &device);
         // Rounded with straight-through gradients.
         let rounded = bounded.clone() + (bounded.clone().round() - bounded).detach();
         let half_width = self.row(|l| (l / 2) as f64, &device);
@@ -65,11 +64,7 @@ impl FsqQuantizer {
     /// Indices `[b, h, w]` of per-channel level numbers `[n, d]` (in 0..levels).
     fn indices_of(&self, levels: Tensor<2>, [b, h, w]: [usize; 3]) -> Tensor<3, Int> {
         let basis = self.basis(&levels.device());
-        (levels * basis)
-            .sum_dim(1)
-            .round()
-            .int()
-            .reshape([b, h, w])
+        (levels * basis).sum_dim(1).round().int().reshape([b, h, w])
     }
 
     /// The mixed-radix place values `[1, d]`: 1, levels[0], levels[0] * levels[1], ...

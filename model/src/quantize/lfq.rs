@@ -56,7 +56,15 @@ impl LfqQuantizer {
     fn codebook(&self, device: &Device) -> Tensor<2> {
         let n = self.n_embed();
         let values: Vec<f32> = (0..n)
-            .flat_map(|k| (0..self.bits).map(move |i| if (k >> (self.bits - 1 - i)) & 1 == 1 { 1.0 } else { -1.0 }))
+            .flat_map(|k| {
+                (0..self.bits).map(move |i| {
+                    if (k >> (self.bits - 1 - i)) & 1 == 1 {
+                        1.0
+                    } else {
+                        -1.0
+                    }
+                })
+            })
             .collect();
         Tensor::from_data(TensorData::new(values, [n, self.bits]), device)
     }
@@ -93,7 +101,10 @@ impl LfqQuantizer {
     /// The entropy terms and the commitment term, weighted, `[1]`.
     fn loss(&self, x: Tensor<2>, q: Tensor<2>) -> Tensor<1> {
         let codebook = self.codebook(&x.device());
-        let logits = x.clone().matmul(codebook.transpose()).mul_scalar(2.0 * self.inv_temperature);
+        let logits = x
+            .clone()
+            .matmul(codebook.transpose())
+            .mul_scalar(2.0 * self.inv_temperature);
         let prob = softmax(logits, 1);
         let entropy = |p: Tensor<2>| -> Tensor<2> {
             (p.clone() * p.clamp_min(LOG_EPS).log()).sum_dim(1).neg()

@@ -26,8 +26,9 @@ pub struct SimVqQuantizer {
 impl SimVqQuantizer {
     /// `n_embed` codes for `embed_dim`-channel latents.
     pub fn new(n_embed: usize, embed_dim: usize, cfg: &SimVqConfig, device: &Device) -> Self {
-        let frozen = Tensor::<2>::random([n_embed, embed_dim], Distribution::Normal(0.0, 1.0), device)
-            .mul_scalar((embed_dim as f64).powf(-0.5));
+        let frozen =
+            Tensor::<2>::random([n_embed, embed_dim], Distribution::Normal(0.0, 1.0), device)
+                .mul_scalar((embed_dim as f64).powf(-0.5));
         Self {
             frozen_codebook: Param::from_tensor(frozen).set_require_grad(false),
             code_transform: LinearConfig::new(embed_dim, embed_dim)

@@ -30,9 +30,9 @@ pub struct TestDevice {
 pub fn test_device(test: &str) -> Option<TestDevice> {
     match resolve() {
         Ok(found) => Some(found),
-        Err(why) if required() => panic!(
-            "{test}: {why} (TAMING_REQUIRE_DEVICE=1: the device tests must run, not skip)"
-        ),
+        Err(why) if required() => {
+            panic!("{test}: {why} (TAMING_REQUIRE_DEVICE=1: the device tests must run, not skip)")
+        }
         Err(why) => {
             // Written to the process's stderr, not through print!: the harness would hide it.
             let _ = writeln!(std::io::stderr(), "skipped {test}: {why}");
@@ -48,23 +48,27 @@ fn required() -> bool {
 /// The spec of the test device, from the environment or the build.
 fn test_spec() -> Result<DeviceSpec, String> {
     match std::env::var("TAMING_TEST_DEVICE") {
-        Ok(text) => text
-            .parse()
-            .map_err(|e| format!("TAMING_TEST_DEVICE: {e}")),
-        Err(_) => Ok([DeviceSpec::Cuda(0), DeviceSpec::Vulkan(0), DeviceSpec::Wgpu(0)]
-            .into_iter()
-            .find(|spec| spec.compiled())
-            .unwrap_or(DeviceSpec::Cpu)),
+        Ok(text) => text.parse().map_err(|e| format!("TAMING_TEST_DEVICE: {e}")),
+        Err(_) => Ok([
+            DeviceSpec::Cuda(0),
+            DeviceSpec::Vulkan(0),
+            DeviceSpec::Wgpu(0),
+        ]
+        .into_iter()
+        .find(|spec| spec.compiled())
+        .unwrap_or(DeviceSpec::Cpu)),
     }
 }
 
 fn resolve() -> Result<TestDevice, String> {
     let spec = test_spec()?;
     if spec == DeviceSpec::Cpu {
-        return Err("the test device is the CPU (TAMING_TEST_DEVICE unset in a build without \
+        return Err(
+            "the test device is the CPU (TAMING_TEST_DEVICE unset in a build without \
              the wgpu, vulkan or cuda feature, or set to cpu); these tests compare the CPU \
              with another device: TAMING_TEST_DEVICE=wgpu:0 with --features wgpu"
-            .into());
+                .into(),
+        );
     }
     if !spec.compiled() {
         let feature = match spec {

@@ -16,7 +16,8 @@ use taming_model::Vqgan;
 use taming_model::config::QuantizerConfig;
 use taming_model::error::ModelError;
 use taming_model::loss::{
-    GeneratorInputs, GeneratorLog, LastLayer, LeCamAnchors, Lpips, NLayerDiscriminator, VqLoss, bce_with_logits,
+    GeneratorInputs, GeneratorLog, LastLayer, LeCamAnchors, Lpips, NLayerDiscriminator, VqLoss,
+    bce_with_logits,
 };
 use taming_model::quantize::{
     CodebookMaintainer, MaintainerState, QuantizeMode, Quantizer, UsageWindow, perplexity,
@@ -356,7 +357,9 @@ impl Stage1Trainer {
             model
         };
         self.step += 1;
-        self.ema = self.ema.map(|e| Box::new(e.update(&self.ae.module, self.step)));
+        self.ema = self
+            .ema
+            .map(|e| Box::new(e.update(&self.ae.module, self.step)));
         let usage = usage.unwrap_or_else(|| {
             self.usage.observe(&host);
             self.usage.usage()
@@ -390,7 +393,11 @@ impl Stage1Trainer {
             step: self.step,
             generator: log,
             d_loss,
-            usage: Some(self.maintainer.as_ref().map_or(self.usage.usage(), |m| m.usage())),
+            usage: Some(
+                self.maintainer
+                    .as_ref()
+                    .map_or(self.usage.usage(), |m| m.usage()),
+            ),
             perplexity: f64::NAN,
             restarted: 0,
             skipped: true,

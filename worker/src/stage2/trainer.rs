@@ -195,7 +195,9 @@ impl Stage2Trainer {
             .scale_linear_weights(1.0 - lr * self.config.weight_decay);
         self.gpt = gpt.step(lr, &mut self.group)?;
         self.step += 1;
-        self.ema = self.ema.map(|e| Box::new(e.update(&self.gpt.module, self.step)));
+        self.ema = self
+            .ema
+            .map(|e| Box::new(e.update(&self.gpt.module, self.step)));
         let report = StepReport {
             step: self.step,
             loss: value,
