@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor};
 use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
 use taming_model::device::DeviceSpec;
 use taming_model::loss::{DiscriminatorConfig, LossConfig, Lpips};

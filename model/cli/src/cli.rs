@@ -181,16 +181,16 @@ pub fn run(cli: Cli) -> Result<()> {
                     stages: lpips_stages,
                 });
             let out = out.unwrap_or_else(|| model.model.join(format!("eval-{split}.json")));
-            eval::run(
-                &model.model,
-                model.device,
-                &data,
-                &split,
+            eval::run(eval::EvalJob {
+                model_dir: &model.model,
+                device: model.device,
+                data: &data,
+                split: &split,
                 batch_size,
                 lpips,
-                &inception,
-                &out,
-            )
+                inception: &inception,
+                out: &out,
+            })
         }
         Command::Fid(args) => fid::run(args),
         Command::Sample(args) => sample::sample(args),

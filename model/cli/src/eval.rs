@@ -40,17 +40,38 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-/// Evaluates the model in `model_dir` on `{split}-*.tar` of `data` and writes `out`.
-pub fn run(
-    model_dir: &Path,
-    device: DeviceSpec,
-    data: &Path,
-    split: &str,
-    batch_size: usize,
-    lpips: Option<LpipsConfig>,
-    inception: &InceptionArgs,
-    out: &Path,
-) -> Result<()> {
+/// What `vqgan eval` measures, and where.
+pub struct EvalJob<'a> {
+    /// The model directory.
+    pub model_dir: &'a Path,
+    /// The device to run on.
+    pub device: DeviceSpec,
+    /// The shards' directory or URL prefix.
+    pub data: &'a Path,
+    /// The split (`{split}-*.tar`).
+    pub split: &'a str,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// LPIPS weights, for the LPIPS column.
+    pub lpips: Option<LpipsConfig>,
+    /// Inception weights, for rFID.
+    pub inception: &'a InceptionArgs,
+    /// Where the JSON report goes.
+    pub out: &'a Path,
+}
+
+/// Evaluates the model of `job` on its split and writes the report.
+pub fn run(job: EvalJob) -> Result<()> {
+    let EvalJob {
+        model_dir,
+        device,
+        data,
+        split,
+        batch_size,
+        lpips,
+        inception,
+        out,
+    } = job;
     let device = device.device().map_err(anyhow::Error::msg)?;
     let (config, model) = native::load_model(model_dir, &device)
         .with_context(|| format!("loading model {}", model_dir.display()))?;

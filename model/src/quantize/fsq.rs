@@ -45,7 +45,7 @@ impl FsqQuantizer {
         let device = z.device();
         let rows = to_rows(z);
         let half_l = |l: usize| (l - 1) as f64 * (1.0 + EPS) / 2.0;
-        let offset = |l: usize| if l % 2 == 0 { 0.5 } else { 0.0 };
+        let offset = |l: usize| if l.is_multiple_of(2) { 0.5 } else { 0.0 };
         let shift = self.row(|l| (offset(l) / half_l(l)).atanh(), &device);
         let bounded = (rows + shift).tanh() * self.row(half_l, &device) - self.row(offset, &device);
         // Rounded with straight-through gradients.
