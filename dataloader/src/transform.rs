@@ -6,7 +6,6 @@
 //! is made: at most [`MAX_IMAGE_PIXELS`] decoded, and at most as many after the resize (a
 //! 1 x 100000 image resized to a shorter side of 256 would be 256 x 25600000).
 
-use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
 use rand::Rng;
 
@@ -89,7 +88,7 @@ impl Preprocess {
         crop_to_chw(&img, (left, top), (self.size, flip), out);
         Ok(mask.map(|m| {
             let (w, h) = img_dims_after_resize(&m, self.size);
-            let m = image::imageops::resize(&m, w, h, FilterType::Nearest);
+            let m = resize_nearest(&m, w, h);
             let m = image::imageops::crop_imm(&m, left, top, s, s).to_image();
             flip_rows(m.into_raw(), self.size, flip)
         }))
@@ -133,6 +132,19 @@ impl Preprocess {
 /// x / 127.5 - 1 for every byte.
 pub fn normalize(pixels: &[u8]) -> Vec<f32> {
     pixels.iter().map(|&p| f32::from_byte(p)).collect()
+}
+
+/// Nearest-neighbour resize as OpenCV's `INTER_NEAREST`, which the reference's segmentation
+/// data uses (through albumentations): output pixel `x` takes input pixel
+/// `floor(x * in / out)` (PIL's `NEAREST` takes pixel centres and differs).
+fn resize_nearest(m: &GrayImage, w: u32, h: u32) -> GrayImage {
+    let (sw, sh) = m.dimensions();
+    let (fx, fy) = (sw as f64 / w as f64, sh as f64 / h as f64);
+    GrayImage::from_fn(w, h, |x, y| {
+        let sx = ((x as f64 * fx).floor() as u32).min(sw - 1);
+        let sy = ((y as f64 * fy).floor() as u32).min(sh - 1);
+        *m.get_pixel(sx, sy)
+    })
 }
 
 fn img_dims_after_resize(img: &GrayImage, size: usize) -> (u32, u32) {
