@@ -49,11 +49,11 @@ fn pyarrow_reads_the_documented_schema_row_groups_and_compression() {
         serde_json::from_value(got["fields"].clone()).unwrap();
     let expected = [
         ("key", "string", false),
-        ("codes", "list<element: int32>", false),
+        ("codes", "list<element: int32 not null>", false),
         ("height", "int32", false),
         ("width", "int32", false),
         ("label", "int64", true),
-        ("cond_codes", "list<element: int32>", true),
+        ("cond_codes", "list<element: int32 not null>", true),
         ("shard", "string", false),
     ];
     assert_eq!(fields.len(), expected.len(), "{fields:?}");
