@@ -30,7 +30,11 @@ fn shipped_configs_parse_and_their_models_validate() {
             "imagenet_f16_1024",
             "imagenet_f16_16384",
             "photo_crops",
-            "photo_crops_f8_lowdim"
+            "photo_crops_f8_lowdim",
+            "photo_crops_fsq",
+            "photo_crops_lfq",
+            "photo_crops_rotation",
+            "photo_crops_simvq"
         ]
     );
 }
