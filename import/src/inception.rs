@@ -33,6 +33,17 @@ pub enum WeightsCheck {
     AnyWeights,
 }
 
+impl WeightsCheck {
+    /// The check that an `any_weights` option asks for.
+    pub fn accepting_any(any_weights: bool) -> Self {
+        if any_weights {
+            Self::AnyWeights
+        } else {
+            Self::Standard
+        }
+    }
+}
+
 /// Hex SHA-256 of the file at `path`, read in blocks.
 pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
     let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;

@@ -228,20 +228,20 @@ impl<M: Module + ModuleSnapshot> Ema<M> {
     pub fn new(config: EmaConfig, weights: &M) -> Self {
         Self {
             config,
-            average: ema_update(weights.clone().valid(), weights, 0.0),
+            average: weights.valid(),
         }
     }
 
     /// The average after optimizer step `step` left `weights`: a copy of them up to step
     /// `start`, an exponential average from then on.
     pub fn update(self, weights: &M, step: u64) -> Self {
-        let decay = if step <= self.config.start {
-            0.0
+        let average = if step <= self.config.start {
+            weights.valid()
         } else {
-            self.config.decay
+            ema_update(self.average, weights, self.config.decay)
         };
         Self {
-            average: ema_update(self.average, weights, decay),
+            average,
             config: self.config,
         }
     }

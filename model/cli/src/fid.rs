@@ -44,11 +44,7 @@ pub struct InceptionArgs {
 impl InceptionArgs {
     /// The weights check the flags ask for.
     pub fn check(&self) -> WeightsCheck {
-        if self.any_weights {
-            WeightsCheck::AnyWeights
-        } else {
-            WeightsCheck::Standard
-        }
+        WeightsCheck::accepting_any(self.any_weights)
     }
 }
 

@@ -67,18 +67,22 @@ impl FsqQuantizer {
         (levels * basis).sum_dim(1).round().int().reshape([b, h, w])
     }
 
-    /// The mixed-radix place values `[1, d]`: 1, levels[0], levels[0] * levels[1], ...
-    fn basis(&self, device: &Device) -> Tensor<2> {
-        let mut place = 1usize;
-        let values: Vec<f32> = self
-            .levels
+    /// The mixed-radix place values: 1, levels[0], levels[0] * levels[1], ...
+    fn places(&self) -> Vec<usize> {
+        let mut place = 1;
+        self.levels
             .iter()
             .map(|&l| {
-                let v = place as f32;
+                let p = place;
                 place *= l;
-                v
+                p
             })
-            .collect();
+            .collect()
+    }
+
+    /// [`Self::places`] as a `[1, d]` row.
+    fn basis(&self, device: &Device) -> Tensor<2> {
+        let values: Vec<f32> = self.places().into_iter().map(|p| p as f32).collect();
         Tensor::from_data(TensorData::new(values, [1, self.levels.len()]), device)
     }
 
@@ -86,13 +90,15 @@ impl FsqQuantizer {
     pub fn lookup(&self, indices: Tensor<3, Int>) -> Tensor<4> {
         let [b, h, w] = indices.dims();
         let flat = indices.reshape([b * h * w, 1]);
-        let mut place = 1i64;
         let channels: Vec<Tensor<2>> = self
             .levels
             .iter()
-            .map(|&l| {
-                let level = flat.clone().div_scalar(place).remainder_scalar(l as i64);
-                place *= l as i64;
+            .zip(self.places())
+            .map(|(&l, place)| {
+                let level = flat
+                    .clone()
+                    .div_scalar(place as i64)
+                    .remainder_scalar(l as i64);
                 let half = (l / 2) as f64;
                 level.float().sub_scalar(half).div_scalar(half)
             })

@@ -52,21 +52,12 @@ impl LfqQuantizer {
         Tensor::from_data(TensorData::new(values, [1, self.bits]), device)
     }
 
-    /// Every code, `[2^bits, bits]`, row `k` the code of index `k`.
+    /// Every code, `[2^bits, bits]`, row `k` the code of index `k` ([`Self::lookup`] of
+    /// all indices).
     fn codebook(&self, device: &Device) -> Tensor<2> {
         let n = self.n_embed();
-        let values: Vec<f32> = (0..n)
-            .flat_map(|k| {
-                (0..self.bits).map(move |i| {
-                    if (k >> (self.bits - 1 - i)) & 1 == 1 {
-                        1.0
-                    } else {
-                        -1.0
-                    }
-                })
-            })
-            .collect();
-        Tensor::from_data(TensorData::new(values, [n, self.bits]), device)
+        let all = Tensor::<1, Int>::arange(0..n as i64, device).reshape([1, 1, n]);
+        self.lookup(all).reshape([self.bits, n]).transpose()
     }
 
     /// Quantizes `[b, bits, h, w]`.

@@ -143,10 +143,7 @@ impl VqganPlan {
         let Some(path) = &eval.inception else {
             return Ok(None);
         };
-        let check = match eval.any_weights {
-            true => WeightsCheck::AnyWeights,
-            false => WeightsCheck::Standard,
-        };
+        let check = WeightsCheck::accepting_any(eval.any_weights);
         let device = run.device.clone().inner();
         Ok(Some(Box::new(load_fid_inception(path, check, &device)?)))
     }
