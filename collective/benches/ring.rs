@@ -1,4 +1,6 @@
-//! Ring all-reduce bus bandwidth on loopback against the loopback TCP limit, in one run:
+//! Ring all-reduce bus bandwidth on loopback against two loopback TCP limits, in one run: one
+//! stream alone, and n streams at once in a ring (thread i writing to thread i+1: what the
+//! ring's ranks send at the same time, with no reduction).
 //! `cargo bench -p taming-collective --bench ring -- [--ranks 2] [--max-mb 256]`.
 //! Bus bandwidth = 2(n-1)/n x bytes / time (what each rank sends), as nccl-tests reports it.
 
@@ -16,8 +18,20 @@ fn arg(name: &str, default: usize) -> usize {
         .map_or(default, |v| v.parse().expect("a number"))
 }
 
-/// One-way TCP throughput between two threads over loopback, in GB/s.
-fn tcp_limit(bytes: usize) -> f64 {
+/// One-way TCP throughput of each of `n` streams over loopback running at once, in GB/s.
+fn tcp_limit(n: usize, bytes: usize) -> f64 {
+    let streams: Vec<_> = (0..n)
+        .map(|_| std::thread::spawn(move || stream(bytes)))
+        .collect();
+    let slowest = streams
+        .into_iter()
+        .map(|s| s.join().unwrap())
+        .fold(0.0, f64::max);
+    bytes as f64 / slowest / 1e9
+}
+
+/// Seconds to send `bytes` from one thread to another over loopback TCP.
+fn stream(bytes: usize) -> f64 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let reader = std::thread::spawn(move || {
@@ -37,7 +51,7 @@ fn tcp_limit(bytes: usize) -> f64 {
         s.write_all(&chunk).unwrap();
     }
     reader.join().unwrap();
-    bytes as f64 / start.elapsed().as_secs_f64() / 1e9
+    start.elapsed().as_secs_f64()
 }
 
 fn rings(n: usize) -> Vec<TcpRing> {
@@ -47,7 +61,14 @@ fn rings(n: usize) -> Vec<TcpRing> {
 fn main() {
     let n = arg("--ranks", 2);
     let max_mb = arg("--max-mb", 256);
-    println!("loopback TCP, one stream: {:.2} GB/s", tcp_limit(512 << 20));
+    println!(
+        "loopback TCP, one stream: {:.2} GB/s",
+        tcp_limit(1, 512 << 20)
+    );
+    println!(
+        "loopback TCP, {n} streams at once: {:.2} GB/s each",
+        tcp_limit(n, 512 << 20)
+    );
     let sizes: Vec<usize> = std::iter::successors(Some(1usize), |s| Some(s * 4))
         .take_while(|s| *s <= max_mb)
         .collect();

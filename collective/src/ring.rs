@@ -1,9 +1,11 @@
 //! Ring all-reduce over TCP. Each rank listens for its predecessor and connects to its
 //! successor; a sum is a reduce-scatter (n-1 steps, each sending one chunk forward and adding
 //! the chunk received) followed by an all-gather (n-1 steps), so every rank sends and receives
-//! 2(n-1)/n of the buffer whatever n is. Sends run on a scoped thread while the receive runs
-//! on the caller's, so full socket buffers never deadlock the ring. Every socket operation
-//! has a timeout.
+//! 2(n-1)/n of the buffer whatever n is. Chunks travel in pieces of [`PIECE`] floats: a
+//! persistent sender thread writes queued pieces straight from the caller's buffer while the
+//! caller receives, reduces and queues each piece for the next step as it arrives, so steps
+//! overlap, full socket buffers never deadlock the ring, and nothing is copied or allocated
+//! per call. Every socket operation has a timeout.
 //!
 //! Joining is authenticated: every rank of one attempt holds the same random secret (issued
 //! by the coordinator over its authenticated channel), and a rank proves it to its successor,
@@ -11,7 +13,7 @@
 //! itself never crosses the ring. Handshakes run on threads of their own with a short
 //! deadline, so silent or wrong peers neither take the predecessor's place nor delay it.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,8 +52,10 @@ pub fn random_secret() -> RingSecret {
 pub struct TcpRing {
     rank: usize,
     world: usize,
-    next: BufWriter<TcpStream>,
-    prev: BufReader<TcpStream>,
+    next: Sender,
+    prev: TcpStream,
+    /// One piece of incoming floats for the reduce-scatter, reused across calls.
+    scratch: Vec<f32>,
 }
 
 const MAGIC: u32 = 0x7A61_6D32;
@@ -61,6 +65,112 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Handshakes in progress at once; connections beyond are closed at once.
 const MAX_HANDSHAKES: usize = 32;
+
+/// Floats per piece: chunks travel in pieces, so that a piece received and reduced is
+/// forwarded while the next one is still arriving.
+pub const PIECE: usize = 64 << 10;
+
+/// A region of the caller's buffer queued for sending.
+struct Piece {
+    ptr: *const f32,
+    len: usize,
+}
+
+// SAFETY: a `Piece` is only read, by the sender thread, while the caller of `Sender::push`
+// keeps the region alive and unwritten (its contract).
+unsafe impl Send for Piece {}
+
+/// The successor's side: one persistent thread that writes queued pieces in order and
+/// answers each with its result. After one failure every later piece fails too.
+struct Sender {
+    jobs: Option<mpsc::Sender<Piece>>,
+    done: mpsc::Receiver<std::io::Result<()>>,
+    /// The successor's socket, kept to shut it down when a call fails.
+    stream: TcpStream,
+    thread: Option<std::thread::JoinHandle<()>>,
+    queued: usize,
+}
+
+impl Sender {
+    fn spawn(stream: TcpStream) -> std::io::Result<Self> {
+        let mut out = stream.try_clone()?;
+        let (jobs, rx) = mpsc::channel::<Piece>();
+        let (tx, done) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("ring-send".into())
+            .spawn(move || {
+                let mut failed: Option<(std::io::ErrorKind, String)> = None;
+                for piece in rx {
+                    let result = match &failed {
+                        Some((kind, why)) => Err(std::io::Error::new(*kind, why.clone())),
+                        // SAFETY: `push`'s caller keeps the region valid until `wait`.
+                        None => out.write_all(bytemuck::cast_slice(unsafe {
+                            std::slice::from_raw_parts(piece.ptr, piece.len)
+                        })),
+                    };
+                    if let Err(e) = &result {
+                        failed.get_or_insert((e.kind(), e.to_string()));
+                    }
+                    if tx.send(result).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self {
+            jobs: Some(jobs),
+            done,
+            stream,
+            thread: Some(thread),
+            queued: 0,
+        })
+    }
+
+    /// Queues `data` for sending.
+    ///
+    /// # Safety
+    /// `data` must stay valid and must not be written until [`Sender::wait`] returns.
+    unsafe fn push(&mut self, data: &[f32]) {
+        let piece = Piece {
+            ptr: data.as_ptr(),
+            len: data.len(),
+        };
+        let jobs = self.jobs.as_ref().expect("the sender runs until drop");
+        if jobs.send(piece).is_ok() {
+            self.queued += 1;
+        }
+    }
+
+    /// Waits until every queued piece is written (or failed); the first error.
+    fn wait(&mut self) -> std::io::Result<()> {
+        let mut first = Ok(());
+        for _ in 0..std::mem::take(&mut self.queued) {
+            let result = self.done.recv().unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the ring's sender thread ended",
+                ))
+            });
+            if first.is_ok() {
+                first = result;
+            }
+        }
+        first
+    }
+
+    /// Makes every pending and later write fail at once (the call failed elsewhere).
+    fn abort(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 impl TcpRing {
     /// Connects an `n`-rank ring on loopback whose ranks all run in this process (threads of
@@ -159,8 +269,9 @@ impl TcpRing {
         Ok(Self {
             rank,
             world,
-            next: BufWriter::with_capacity(1 << 20, next),
-            prev: BufReader::with_capacity(1 << 20, prev),
+            next: Sender::spawn(next).map_err(io("starting the sender thread"))?,
+            prev,
+            scratch: vec![0.0; PIECE],
         })
     }
 
@@ -171,26 +282,67 @@ impl TcpRing {
         start..start + base + usize::from(chunk < extra)
     }
 
-    /// Sends `out` forward while receiving `inp.len()` floats from behind.
-    fn exchange(&mut self, out: &[f32], inp: &mut [f32]) -> Result<(), CollectiveError> {
-        let rank = self.rank;
-        let (next, prev) = (&mut self.next, &mut self.prev);
-        std::thread::scope(|s| {
-            let sender = s.spawn(move || write_floats(next, out));
-            let received = read_floats(prev, inp);
-            let sent = sender.join().expect("sender thread");
-            sent.map_err(|source| CollectiveError::Io {
-                rank,
-                what: "sending to the successor".into(),
-                source,
-            })?;
-            received.map_err(|source| CollectiveError::Io {
-                rank,
-                what: "receiving from the predecessor".into(),
-                source,
-            })
+    /// Waits for the queued sends; when `result` failed, makes them fail at once first.
+    fn finish(&mut self, result: Result<(), CollectiveError>) -> Result<(), CollectiveError> {
+        if result.is_err() {
+            self.next.abort();
+        }
+        let sent = self.next.wait();
+        result?;
+        sent.map_err(|source| CollectiveError::Io {
+            rank: self.rank,
+            what: "sending to the successor".into(),
+            source,
         })
     }
+
+    /// The pipelined ring sum over `buf` (`len` floats at `base`): each piece received is
+    /// reduced (or stored) and queued for forwarding while the next one arrives.
+    ///
+    /// # Safety
+    /// `base..base + len` is the caller's exclusively borrowed buffer. A region is written
+    /// here only after the sends that read it completed: a chunk is received in a step after
+    /// the one that sent it, and its data can only arrive once every rank before it on the
+    /// ring has received (so this rank has sent) the piece it depends on.
+    unsafe fn ring_sum(&mut self, base: *mut f32, len: usize) -> Result<(), CollectiveError> {
+        let n = self.world;
+        let rank = self.rank;
+        let region = |r: std::ops::Range<usize>| unsafe {
+            std::slice::from_raw_parts_mut(base.add(r.start), r.len())
+        };
+        for piece in pieces(self.chunk_range(len, rank)) {
+            unsafe { self.next.push(region(piece)) };
+        }
+        for step in 0..n - 1 {
+            let recv = self.chunk_range(len, (rank + n - step - 1) % n);
+            for piece in pieces(recv) {
+                let dst = region(piece);
+                let inp = &mut self.scratch[..dst.len()];
+                read_floats(&mut self.prev, inp).map_err(receive_error(rank, "receiving"))?;
+                dst.iter_mut().zip(inp.iter()).for_each(|(b, v)| *b += v);
+                unsafe { self.next.push(dst) };
+            }
+        }
+        for step in 0..n - 1 {
+            let recv = self.chunk_range(len, (rank + n - step) % n);
+            for piece in pieces(recv) {
+                let dst = region(piece);
+                read_floats(&mut self.prev, dst).map_err(receive_error(rank, "receiving"))?;
+                if step + 2 < n {
+                    unsafe { self.next.push(dst) };
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `range` cut into pieces of at most [`PIECE`] floats.
+fn pieces(range: std::ops::Range<usize>) -> impl Iterator<Item = std::ops::Range<usize>> {
+    range
+        .clone()
+        .step_by(PIECE)
+        .map(move |start| start..(start + PIECE).min(range.end))
 }
 
 impl AllReduce for TcpRing {
@@ -203,31 +355,13 @@ impl AllReduce for TcpRing {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
-        let n = self.world;
-        if n == 1 {
+        if self.world == 1 {
             return Ok(());
         }
-        let len = buf.len();
-        let mut incoming = vec![0f32; len / n + 1];
-        for step in 0..n - 1 {
-            let send = self.chunk_range(len, (self.rank + n - step) % n);
-            let recv = self.chunk_range(len, (self.rank + n - step - 1) % n);
-            let out = buf[send].to_vec();
-            let inp = &mut incoming[..recv.len()];
-            self.exchange(&out, inp)?;
-            buf[recv]
-                .iter_mut()
-                .zip(inp.iter())
-                .for_each(|(b, v)| *b += v);
-        }
-        for step in 0..n - 1 {
-            let send = self.chunk_range(len, (self.rank + 1 + n - step) % n);
-            let recv = self.chunk_range(len, (self.rank + n - step) % n);
-            let inp = &mut incoming[..recv.len()];
-            self.exchange(&buf[send], inp)?;
-            buf[recv].copy_from_slice(inp);
-        }
-        Ok(())
+        // SAFETY: `buf` is borrowed for the whole call and `finish` waits for every send
+        // that reads it.
+        let result = unsafe { self.ring_sum(buf.as_mut_ptr(), buf.len()) };
+        self.finish(result)
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
@@ -241,23 +375,32 @@ impl AllReduce for TcpRing {
         if n == 1 {
             return Ok(());
         }
-        let rank = self.rank;
-        let last = (root + n - 1) % n;
-        if rank != root {
-            read_floats(&mut self.prev, buf).map_err(|source| CollectiveError::Io {
-                rank,
-                what: "receiving a broadcast".into(),
-                source,
-            })?;
+        let forward = self.rank != (root + n - 1) % n;
+        let mut result = Ok(());
+        for piece in buf.chunks_mut(PIECE) {
+            if self.rank != root {
+                result = read_floats(&mut self.prev, piece)
+                    .map_err(receive_error(self.rank, "receiving a broadcast"));
+                if result.is_err() {
+                    break;
+                }
+            }
+            if forward {
+                // SAFETY: `buf` is not written again before `finish` waits for the sends.
+                unsafe { self.next.push(piece) };
+            }
         }
-        if rank != last {
-            write_floats(&mut self.next, buf).map_err(|source| CollectiveError::Io {
-                rank,
-                what: "forwarding a broadcast".into(),
-                source,
-            })?;
-        }
-        Ok(())
+        self.finish(result)
+    }
+}
+
+/// An I/O error of receiving from the predecessor.
+fn receive_error(rank: usize, what: &str) -> impl Fn(std::io::Error) -> CollectiveError {
+    let what = format!("{what} from the predecessor");
+    move |source| CollectiveError::Io {
+        rank,
+        what: what.clone(),
+        source,
     }
 }
 
@@ -446,11 +589,6 @@ const _: () = assert!(
     "the ring sends little-endian floats"
 );
 
-fn write_floats(w: &mut BufWriter<TcpStream>, data: &[f32]) -> std::io::Result<()> {
-    w.write_all(bytemuck::cast_slice(data))?;
-    w.flush()
-}
-
-fn read_floats(r: &mut BufReader<TcpStream>, out: &mut [f32]) -> std::io::Result<()> {
+fn read_floats(r: &mut TcpStream, out: &mut [f32]) -> std::io::Result<()> {
     r.read_exact(bytemuck::cast_slice_mut(out))
 }

@@ -6,9 +6,11 @@ use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
+use taming_collective::ring::PIECE;
 use taming_collective::{AllReduce, RingConfig, TcpRing, all_reduce_mean, nccl, random_secret};
 
-const LENGTHS: [usize; 5] = [1, 3, 7, 1001, 65_537];
+/// Odd sizes, from less than a float per rank to chunks of several pieces each.
+const LENGTHS: [usize; 6] = [1, 3, 7, 1001, 65_537, 5 * PIECE * 2 + 13];
 
 fn rings(n: usize, job: u64) -> Vec<TcpRing> {
     TcpRing::loopback(n, job, Duration::from_secs(20)).unwrap()
@@ -79,17 +81,73 @@ fn ring_sum_equals_a_plain_sum_for_odd_sizes_and_two_to_five_ranks() {
 
 #[test]
 fn broadcast_and_mean() {
-    let results = on_all(rings(3, 8), |ring| {
+    let long = 3 * PIECE + 17;
+    let results = on_all(rings(3, 8), move |ring| {
         let mut b = buffer(ring.rank(), 1001);
         ring.broadcast(&mut b, 2).unwrap();
+        let mut l = buffer(ring.rank(), long);
+        ring.broadcast(&mut l, 1).unwrap();
         let mut m = vec![ring.rank() as f32; 5];
         all_reduce_mean(ring, &mut m).unwrap();
-        (b, m)
+        (b, l, m)
     });
-    for (b, m) in &results {
+    for (b, l, m) in &results {
         assert_eq!(b, &buffer(2, 1001));
+        assert_eq!(l, &buffer(1, long));
         assert_eq!(m, &vec![1.0; 5]);
     }
+}
+
+/// One ring serves many calls of changing sizes (its sender thread and buffers are reused),
+/// each equal to a plain sum.
+#[test]
+fn repeated_calls_of_changing_sizes_on_one_ring() {
+    let sizes = [PIECE + 1, 5, 2 * PIECE, 1, 4 * PIECE - 3];
+    let results = on_all(rings(4, 11), move |ring| {
+        (0..3)
+            .flat_map(|_| sizes)
+            .map(|len| {
+                let mut buf = buffer(ring.rank(), len);
+                ring.all_reduce_sum(&mut buf).unwrap();
+                buf
+            })
+            .collect::<Vec<_>>()
+    });
+    for (i, len) in (0..3).flat_map(|_| sizes).enumerate() {
+        let inputs: Vec<Vec<f32>> = (0..4).map(|r| buffer(r, len)).collect();
+        let expected: Vec<f32> = (0..len)
+            .map(|j| inputs.iter().map(|b| b[j]).sum())
+            .collect();
+        for got in &results {
+            for (g, e) in got[i].iter().zip(&expected) {
+                assert!((g - e).abs() <= 1e-5 * e.abs().max(1.0), "len {len}");
+            }
+        }
+    }
+}
+
+/// A rank that leaves in the middle of a large sum makes the others fail with an error
+/// (not hang), well before their timeout.
+#[test]
+fn a_rank_leaving_mid_call_fails_the_others() {
+    let mut group = TcpRing::loopback(3, 12, Duration::from_secs(60)).unwrap();
+    let leaver = group.pop().unwrap();
+    let start = std::time::Instant::now();
+    let handles: Vec<_> = group
+        .into_iter()
+        .map(|mut ring| {
+            std::thread::spawn(move || {
+                let mut buf = vec![1.0f32; 64 * PIECE];
+                ring.all_reduce_sum(&mut buf).map(|_| ())
+            })
+        })
+        .collect();
+    drop(leaver);
+    for h in handles {
+        let err = h.join().unwrap().expect_err("a peer left");
+        assert!(err.to_string().contains("rank"), "{err}");
+    }
+    assert!(start.elapsed() < Duration::from_secs(30));
 }
 
 #[test]
