@@ -5,6 +5,7 @@
 //!   im2col GEMMs for the rest;
 //! - [`norm`]: GroupNorm fused with the swish that follows it;
 //! - [`adam`]: Adam updating the moments and the parameter in one pass;
+//! - [`linear`]: a Linear layer on a few rows (KV-cached sampling) streaming its weights;
 //! - [`cpu`]: the switch between these and burn's own operations (other backends always run
 //!   burn's), and the helpers they share.
 //!
@@ -14,4 +15,5 @@ pub mod adam;
 pub mod conv;
 pub mod cpu;
 mod fastmath;
+pub mod linear;
 pub mod norm;

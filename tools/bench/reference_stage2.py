@@ -6,9 +6,19 @@ up), Net2NetTransformer.sample at 256 tokens (batch 1 and 16; it has no KV cache
 sliding-window loop of scripts/sample_conditional.py over a 32x48 grid (one full forward per
 token). Random weights.
 
+With --reference-src (a checkout of CompVis/taming-transformers at HEAD), also HEAD's cached
+sampler: `sample_with_past` from its taming/modules/transformer/mingpt.py (loaded from the
+checkout, nothing of it copied here) on a 12-layer, 8-head, 512-wide GPT (1025 tokens, SOS
+1024), 256 tokens after the SOS token, batch 1 and 16, top_k 100, top_p 1.0 and temperature
+1.0 as scripts/sample_fast.py passes them. Without `transformers` installed, the
+`top_k_top_p_filtering` it imports is transformers 4.3.1's (HEAD's environment.yaml pin),
+defined here. --large-only runs only that.
+
 Usage: reference_stage2.py [--iters N] [--json] [--skip-window]
+                           [--reference-src DIR [--large-only]]
 """
 import argparse
+import importlib.util
 import json
 import pathlib
 import sys
@@ -92,7 +102,8 @@ def sample(args):
         start = time.perf_counter()
         Net2NetTransformer.sample(shim, x, c, steps=256, sample=True, top_k=100)
         secs = time.perf_counter() - start
-        report(args, f"sample 256 tokens batch {batch} no cache", batch * 256 / secs, "tokens_per_s")
+        report(args, f"sample 256 tokens batch {batch} no cache", batch * 256 / secs,
+               "tokens_per_s")
 
 
 @torch.no_grad()
@@ -118,17 +129,79 @@ def window(args):
     report(args, "sliding window 32x48 grid Plain", time.perf_counter() - start, "seconds")
 
 
+def filtering_shim():
+    """transformers 4.3.1's top_k_top_p_filtering, for HEAD's mingpt.py to import."""
+    def top_k_top_p_filtering(logits, top_k=0, top_p=1.0, filter_value=-float("Inf"),
+                              min_tokens_to_keep=1):
+        if top_k > 0:
+            top_k = min(max(top_k, min_tokens_to_keep), logits.size(-1))
+            indices_to_remove = logits < torch.topk(logits, top_k)[0][..., -1, None]
+            logits[indices_to_remove] = filter_value
+        if top_p < 1.0:
+            sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+            cumulative_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+            sorted_indices_to_remove = cumulative_probs > top_p
+            if min_tokens_to_keep > 1:
+                sorted_indices_to_remove[..., :min_tokens_to_keep] = 0
+            sorted_indices_to_remove[..., 1:] = sorted_indices_to_remove[..., :-1].clone()
+            sorted_indices_to_remove[..., 0] = 0
+            indices_to_remove = sorted_indices_to_remove.scatter(
+                1, sorted_indices, sorted_indices_to_remove)
+            logits[indices_to_remove] = filter_value
+        return logits
+
+    module = types.ModuleType("transformers")
+    module.top_k_top_p_filtering = top_k_top_p_filtering
+    return module
+
+
+def head_mingpt_module(reference_src):
+    """The reference's taming/modules/transformer/mingpt.py at HEAD, from a checkout."""
+    if importlib.util.find_spec("transformers") is None:
+        sys.modules.setdefault("transformers", filtering_shim())
+    path = pathlib.Path(reference_src) / "taming/modules/transformer/mingpt.py"
+    spec = importlib.util.spec_from_file_location("head_mingpt", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@torch.no_grad()
+def sample_large(args):
+    """HEAD's sample_with_past (KV cache) on a 12-layer, 512-wide GPT."""
+    mingpt = head_mingpt_module(args.reference_src)
+    torch.manual_seed(0)
+    gpt = mingpt.GPT(vocab_size=1025, block_size=256, n_layer=12, n_head=8, n_embd=512).eval()
+    for batch in (1, 16):
+        c = torch.full((batch, 1), 1024, dtype=torch.long)
+        start = time.perf_counter()
+        mingpt.sample_with_past(c, gpt, steps=256, temperature=1.0, sample_logits=True,
+                                top_k=100, top_p=1.0)
+        secs = time.perf_counter() - start
+        report(args, f"sample 256 tokens batch {batch} kv-cache 12x512",
+               batch * 256 / secs, "tokens_per_s")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", action="store_true")
     p.add_argument("--skip-window", action="store_true")
+    p.add_argument("--reference-src", type=pathlib.Path,
+                   help="checkout of CompVis/taming-transformers at HEAD (cached sampler)")
+    p.add_argument("--large-only", action="store_true",
+                   help="only the cached sampler on the 12x512 GPT (needs --reference-src)")
     args = p.parse_args()
+    if args.large_only and args.reference_src is None:
+        p.error("--large-only needs --reference-src")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    train(args)
-    sample(args)
-    if not args.skip_window:
-        window(args)
+    if not args.large_only:
+        train(args)
+        sample(args)
+        if not args.skip_window:
+            window(args)
+    if args.reference_src is not None:
+        sample_large(args)
 
 
 if __name__ == "__main__":

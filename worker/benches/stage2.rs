@@ -1,11 +1,12 @@
 //! Stage-2 speed on the CPU: training tokens per second of the small default transformer
 //! (4 layers, 128 wide, 8x8 Fashion-MNIST codes with a class token), sampling tokens per
 //! second at 256 tokens (batch 1 and 16, with and without the KV cache) and the time of a
-//! 32x48 sliding-window grid (16x16 window, plain rule and reuse). Random weights: speed
-//! does not depend on them. tools/bench/compare_stage2.sh runs this and the reference side
-//! by side.
+//! 32x48 sliding-window grid (16x16 window, plain rule and reuse), and cached sampling with
+//! the reference's 12-layer, 512-wide GPT. Random weights: speed does not depend on them.
+//! tools/bench/compare_stage2.sh runs this and the reference side by side.
 //!
-//! `cargo bench -p taming-worker --bench stage2 -- [--iters N] [--json] [--skip-plain-window]`
+//! `cargo bench -p taming-worker --bench stage2 -- [--iters N] [--json] [--skip-plain-window]
+//! [--large-only]`
 
 use std::time::Instant;
 
@@ -23,16 +24,31 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
-fn config(batch_size: usize) -> Stage2Config {
+/// A GPT of `n_layer` blocks `n_embd` wide, without dropout.
+fn shape(n_layer: usize, n_head: usize, n_embd: usize) -> GptShape {
+    GptShape {
+        n_layer,
+        n_head,
+        n_embd,
+        embd_pdrop: 0.0,
+        resid_pdrop: 0.0,
+        attn_pdrop: 0.0,
+    }
+}
+
+/// The small default transformer: 4 layers, 4 heads, 128 wide.
+fn small() -> GptShape {
+    shape(4, 4, 128)
+}
+
+/// The reference's sampling shape: 12 layers, 8 heads, 512 wide.
+fn large() -> GptShape {
+    shape(12, 8, 512)
+}
+
+fn config(gpt: GptShape, batch_size: usize) -> Stage2Config {
     Stage2Config {
-        gpt: GptShape {
-            n_layer: 4,
-            n_head: 4,
-            n_embd: 128,
-            embd_pdrop: 0.0,
-            resid_pdrop: 0.0,
-            attn_pdrop: 0.0,
-        },
+        gpt,
         window: None,
         pkeep: 1.0,
         permuter: Default::default(),
@@ -59,7 +75,7 @@ fn report(json: bool, what: &str, value: f64, unit: &str) {
 }
 
 fn train(iters: usize, json: bool) {
-    let cfg = config(32);
+    let cfg = config(small(), 32);
     let model = cfg.model(256, [8, 8], Conditioning::Class { n_classes: 10 });
     let device = Device::flex().autodiff();
     let mut trainer = Stage2Trainer::new(cfg, model, 1, 1000, &device).expect("trainer");
@@ -85,31 +101,32 @@ fn train(iters: usize, json: bool) {
     );
 }
 
-/// The 256-token sampling model: vocabulary 1024 image codes + 1 SOS, 16x16 window.
-fn sampling_model() -> (Gpt, TokenLayout) {
-    let model = config(1).model(1024, [16, 16], Conditioning::None { sos_token: 0 });
+/// A 256-token sampling model: vocabulary 1024 image codes + 1 SOS, 16x16 window.
+fn sampling_model(gpt: GptShape) -> (Gpt, TokenLayout) {
+    let model = config(gpt, 1).model(1024, [16, 16], Conditioning::None { sos_token: 0 });
     let device = Device::flex();
     device.seed(0);
     let gpt = Gpt::new(&model.gpt, &device);
     (gpt, TokenLayout::new(model).expect("layout"))
 }
 
-fn sample(json: bool) {
-    let (gpt, layout) = sampling_model();
+fn sample(json: bool, gpt: GptShape, name: &str, uncached: bool) {
+    let (gpt, layout) = sampling_model(gpt);
     let sos = layout.cond_rows(&Cond::None).expect("sos");
     let sampling = Sampling {
         temperature: 1.0,
         top_k: Some(100),
         top_p: None,
     };
+    let modes: &[bool] = if uncached { &[true, false] } else { &[true] };
     for batch in [1, 16] {
-        for cached in [true, false] {
+        for &cached in modes {
             let conds = vec![sos.clone(); batch];
             let start = Instant::now();
             sample_window(&gpt, &layout, &conds, sampling, 0, cached).expect("sample");
             let secs = start.elapsed().as_secs_f64();
             let what = format!(
-                "sample 256 tokens batch {batch} {}",
+                "sample 256 tokens batch {batch} {}{name}",
                 if cached { "kv-cache" } else { "no cache" }
             );
             report(json, &what, (batch * 256) as f64 / secs, "tokens_per_s");
@@ -118,7 +135,7 @@ fn sample(json: bool) {
 }
 
 fn window(json: bool, plain: bool) {
-    let (gpt, layout) = sampling_model();
+    let (gpt, layout) = sampling_model(small());
     let cond = GridCond::Fixed(layout.cond_rows(&Cond::None).expect("sos"));
     let sampling = Sampling {
         temperature: 1.0,
@@ -141,7 +158,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let iters: usize = arg(&args, "--iters").map_or(5, |s| s.parse().expect("iterations"));
     let json = args.iter().any(|a| a == "--json");
-    train(iters, json);
-    sample(json);
-    window(json, !args.iter().any(|a| a == "--skip-plain-window"));
+    if !args.iter().any(|a| a == "--large-only") {
+        train(iters, json);
+        sample(json, small(), "", true);
+        window(json, !args.iter().any(|a| a == "--skip-plain-window"));
+    }
+    sample(json, large(), " 12x512", false);
 }

@@ -12,6 +12,7 @@ use burn::nn::{
 };
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use taming_kernels::linear::linear as apply;
 
 use super::config::GptConfig;
 
@@ -48,11 +49,43 @@ pub struct CausalSelfAttention {
     n_head: usize,
 }
 
-/// Keys and values of one layer, `[batch, heads, positions, head_dim]`.
+/// Keys and values of one layer: buffers of `[batch, heads, block_size, head_dim]`
+/// allocated once, of which the first `len` positions are held; new positions are written
+/// in place (the buffers are not shared unless the cache is cloned).
 #[derive(Debug, Clone)]
 pub struct LayerCache {
     k: Tensor<4>,
     v: Tensor<4>,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Writes `k` and `v` (`[b, heads, t, head_dim]`) at positions `len..len + t` of
+    /// buffers of `capacity` positions.
+    fn append(self, k: Tensor<4>, v: Tensor<4>, capacity: usize) -> Self {
+        let [b, h, t, d] = k.dims();
+        let (mut keys, mut values, len) = (self.k, self.v, self.len);
+        if keys.dims()[0] != b {
+            let device = k.device();
+            keys = Tensor::zeros([b, h, capacity, d], &device);
+            values = Tensor::zeros([b, h, capacity, d], &device);
+        }
+        let at = [0..b, 0..h, len..len + t, 0..d];
+        Self {
+            k: keys.slice_assign(at.clone(), k),
+            v: values.slice_assign(at, v),
+            len: len + t,
+        }
+    }
+
+    /// An empty layer cache (no buffers yet).
+    fn empty(device: &Device) -> Self {
+        Self {
+            k: Tensor::zeros([0, 0, 0, 0], device),
+            v: Tensor::zeros([0, 0, 0, 0], device),
+            len: 0,
+        }
+    }
 }
 
 /// Keys and values of every layer for the positions fed so far.
@@ -64,7 +97,7 @@ pub struct KvCache {
 impl KvCache {
     /// Positions held.
     pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.k.dims()[2])
+        self.layers.first().map_or(0, |l| l.len)
     }
 
     /// Whether no position is held.
@@ -78,12 +111,8 @@ impl KvCache {
             self.layers.clear();
             return;
         }
-        if n >= self.len() {
-            return;
-        }
         for l in &mut self.layers {
-            l.k = l.k.clone().narrow(2, 0, n);
-            l.v = l.v.clone().narrow(2, 0, n);
+            l.len = l.len.min(n);
         }
     }
 }
@@ -108,31 +137,49 @@ impl CausalSelfAttention {
             .swap_dims(1, 2)
     }
 
-    /// `x`: `[b, t, n]` at positions `past..past + t`; `cache` holds positions `0..past`
-    /// and receives the new ones.
-    fn forward(&self, x: Tensor<3>, cache: Option<&mut LayerCache>) -> (Tensor<3>, LayerCache) {
-        let [b, t, n] = x.dims();
-        let q = self.heads(self.query.forward(x.clone()));
-        let mut k = self.heads(self.key.forward(x.clone()));
-        let mut v = self.heads(self.value.forward(x));
-        let past = cache.as_ref().map_or(0, |c| c.k.dims()[2]);
-        if let Some(c) = cache {
-            k = Tensor::cat(vec![c.k.clone(), k], 2);
-            v = Tensor::cat(vec![c.v.clone(), v], 2);
-        }
-        let total = past + t;
-        let scale = 1.0 / ((n / self.n_head) as f64).sqrt();
-        let mut att = q.matmul(k.clone().swap_dims(2, 3)).mul_scalar(scale);
+    /// Attention over the whole sequence `x` (`[b, t, n]`).
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let q = self.heads(apply(&self.query, x.clone()));
+        let k = self.heads(apply(&self.key, x.clone()));
+        let v = self.heads(apply(&self.value, x));
+        self.attend(q, k, v, 0)
+    }
+
+    /// `x`: `[b, t, n]` at positions `cache.len..cache.len + t` of at most `capacity`;
+    /// returns the output and the cache with the new positions written in.
+    fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        cache: LayerCache,
+        capacity: usize,
+    ) -> (Tensor<3>, LayerCache) {
+        let q = self.heads(apply(&self.query, x.clone()));
+        let k = self.heads(apply(&self.key, x.clone()));
+        let v = self.heads(apply(&self.value, x));
+        let past = cache.len;
+        let cache = cache.append(k, v, capacity);
+        let total = cache.len;
+        let k = cache.k.clone().narrow(2, 0, total);
+        let v = cache.v.clone().narrow(2, 0, total);
+        (self.attend(q, k, v, past), cache)
+    }
+
+    /// Causal attention of queries at positions `past..` over keys and values `0..`.
+    fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, past: usize) -> Tensor<3> {
+        let [b, _, t, d] = q.dims();
+        let total = k.dims()[2];
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut att = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
         if t > 1 {
             let mask = causal_mask(t, total, past, &att.device());
             att = att.mask_fill(mask.expand([b, self.n_head, t, total]), f32::NEG_INFINITY);
         }
         let att = self.attn_drop.forward(softmax(att, 3));
-        let y = att.matmul(v.clone()).swap_dims(1, 2).reshape([b, t, n]);
-        (
-            self.resid_drop.forward(self.proj.forward(y)),
-            LayerCache { k, v },
-        )
+        let y = att
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([b, t, d * self.n_head]);
+        self.resid_drop.forward(apply(&self.proj, y))
     }
 }
 
@@ -173,12 +220,26 @@ impl Block {
         }
     }
 
-    fn forward(&self, x: Tensor<3>, cache: Option<&mut LayerCache>) -> (Tensor<3>, LayerCache) {
-        let (a, kv) = self.attn.forward(self.ln1.forward(x.clone()), cache);
-        let x = x + a;
-        let h = self.mlp_fc.forward(self.ln2.forward(x.clone()));
-        let h = self.mlp_drop.forward(self.mlp_proj.forward(gelu(h)));
-        (x + h, kv)
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let a = self.attn.forward(self.ln1.forward(x.clone()));
+        self.mlp(x + a)
+    }
+
+    fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        cache: LayerCache,
+        capacity: usize,
+    ) -> (Tensor<3>, LayerCache) {
+        let (a, cache) = self
+            .attn
+            .forward_cached(self.ln1.forward(x.clone()), cache, capacity);
+        (self.mlp(x + a), cache)
+    }
+
+    fn mlp(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = apply(&self.mlp_fc, self.ln2.forward(x.clone()));
+        x + self.mlp_drop.forward(apply(&self.mlp_proj, gelu(h)))
     }
 }
 
@@ -223,11 +284,8 @@ impl Gpt {
     /// Logits `[b, t, vocab]` of a whole sequence `[b, t]`.
     pub fn forward(&self, idx: Tensor<2, Int>) -> Tensor<3> {
         let x = self.embed(idx, 0);
-        let x = self
-            .blocks
-            .iter()
-            .fold(x, |x, block| block.forward(x, None).0);
-        self.head.forward(self.ln_f.forward(x))
+        let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
+        apply(&self.head, self.ln_f.forward(x))
     }
 
     /// Logits `[b, t, vocab]` of tokens `[b, t]` that continue the positions in `cache`,
@@ -235,14 +293,15 @@ impl Gpt {
     pub fn forward_cached(&self, idx: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
         let past = cache.len();
         let mut x = self.embed(idx, past);
-        let mut layers = Vec::with_capacity(self.blocks.len());
-        for (i, block) in self.blocks.iter().enumerate() {
-            let (y, kv) = block.forward(x, cache.layers.get_mut(i));
+        let device = x.device();
+        let mut old = std::mem::take(&mut cache.layers).into_iter();
+        for block in &self.blocks {
+            let layer = old.next().unwrap_or_else(|| LayerCache::empty(&device));
+            let (y, kv) = block.forward_cached(x, layer, self.block_size);
             x = y;
-            layers.push(kv);
+            cache.layers.push(kv);
         }
-        cache.layers = layers;
-        self.head.forward(self.ln_f.forward(x))
+        apply(&self.head, self.ln_f.forward(x))
     }
 
     /// Multiplies every Linear weight (not biases, LayerNorms, embeddings or positions) by
