@@ -1,70 +1,78 @@
-//! Data parallelism for the trainers: gradients averaged over ranks through any
-//! [`AllReduce`] (NCCL or the TCP ring), and parameters copied from one rank to all (at the
-//! start, after a resume, and for state that each rank changes on its own, such as codebook
-//! maintenance). Tensors are staged through host `f32` buffers in the module's visiting
-//! order, which is the same on every rank.
+//! Host staging for data parallelism: a module's gradients ([`FlatGradients`]) and
+//! parameters ([`flatten_params`]) as `f32` buffers in the module's visiting order, which is
+//! the same on every rank, for the group's collectives (`crate::learner::Group`) to average
+//! or copy from one rank to all.
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
-use taming_collective::{AllReduce, CollectiveError, all_reduce_mean};
 
-/// Replaces `grads` by their mean over the group. A parameter that has a gradient on any
-/// rank gets one everywhere (zeros stand in for ranks where it had none), so every rank's
-/// optimizer sees the same set.
-pub fn mean_gradients<M: Module>(
-    group: &mut dyn AllReduce,
-    module: &M,
-    mut grads: GradientsParams,
-) -> Result<GradientsParams, CollectiveError> {
-    if group.world_size() == 1 {
-        return Ok(grads);
-    }
-    let mut collect = Collect {
-        grads: &mut grads,
-        entries: Vec::new(),
-        values: Vec::new(),
-    };
-    module.visit(&mut collect);
-    let Collect {
-        entries,
-        mut values,
-        ..
-    } = collect;
-    // Presence flags first, then the values.
-    let mut buf: Vec<f32> = entries.iter().map(|e| e.present as u8 as f32).collect();
-    buf.append(&mut values);
-    all_reduce_mean(group, &mut buf)?;
-    let (flags, values) = buf.split_at(entries.len());
-    let mut restore = Restore {
-        grads: &mut grads,
-        entries: &entries,
-        flags,
-        values,
-        next: 0,
-        offset: 0,
-    };
-    module.visit(&mut restore);
-    Ok(grads)
+/// The gradients of a module as one host buffer, in the module's visiting order: a presence
+/// flag per parameter, then every parameter's values (zeros where it has no gradient).
+pub struct FlatGradients {
+    entries: Vec<Entry>,
+    /// Flags, then values.
+    pub values: Vec<f32>,
 }
 
-/// Every float parameter of `module` replaced by `root`'s.
-pub fn broadcast_params<M: Module>(
-    group: &mut dyn AllReduce,
-    module: M,
-    root: usize,
-) -> Result<M, CollectiveError> {
-    if group.world_size() == 1 {
-        return Ok(module);
+impl FlatGradients {
+    /// Moves the gradients of `module`'s parameters out of `grads` into one buffer. A
+    /// parameter that has a gradient on any rank gets one everywhere after the mean (zeros
+    /// stand in for ranks where it had none), so every rank's optimizer sees the same set.
+    pub fn take<M: Module>(module: &M, grads: &mut GradientsParams) -> Self {
+        let mut collect = Collect {
+            grads,
+            entries: Vec::new(),
+            values: Vec::new(),
+        };
+        module.visit(&mut collect);
+        let Collect {
+            entries,
+            mut values,
+            ..
+        } = collect;
+        let mut buf: Vec<f32> = entries.iter().map(|e| e.present as u8 as f32).collect();
+        buf.append(&mut values);
+        Self {
+            entries,
+            values: buf,
+        }
     }
+
+    /// A buffer of plain values (no parameters to restore).
+    pub fn from_values(values: Vec<f32>) -> Self {
+        Self {
+            entries: Vec::new(),
+            values,
+        }
+    }
+
+    /// Puts the (averaged) buffer back into `grads`: a parameter gets a gradient when its
+    /// flag is non-zero.
+    pub fn restore<M: Module>(&self, module: &M, grads: &mut GradientsParams) {
+        let (flags, values) = self.values.split_at(self.entries.len());
+        let mut restore = Restore {
+            grads,
+            entries: &self.entries,
+            flags,
+            values,
+            next: 0,
+            offset: 0,
+        };
+        module.visit(&mut restore);
+    }
+}
+
+/// Every float parameter of `module`, end to end in visiting order.
+pub fn flatten_params<M: Module>(module: &M) -> Vec<f32> {
     let mut flat = Flatten { values: Vec::new() };
     module.visit(&mut flat);
-    let mut values = flat.values;
-    group.broadcast(&mut values, root)?;
-    Ok(module.map(&mut Unflatten {
-        values: &values,
-        offset: 0,
-    }))
+    flat.values
+}
+
+/// `module` with its float parameters read from `values` (what [`flatten_params`] gives).
+pub fn unflatten_params<M: Module>(module: M, values: &[f32]) -> M {
+    module.map(&mut Unflatten { values, offset: 0 })
 }
 
 struct Entry {

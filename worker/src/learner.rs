@@ -4,6 +4,7 @@
 //! timed ([`Group`]).
 
 use std::path::Path;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -13,21 +14,29 @@ use burn::tensor::Tensor;
 use taming_collective::{AllReduce, CollectiveError, all_reduce_mean};
 
 use crate::checkpoint::{CheckpointError, load_module, save_module};
-use crate::distributed::{broadcast_params, mean_gradients};
+use crate::distributed::{FlatGradients, flatten_params, unflatten_params};
 
-/// The data-parallel group of a run (none: a single process), and the time its collectives
-/// have taken.
+/// The data-parallel group of a run (none: a single process), and the time the trainer
+/// has waited for its collectives. Collectives run in the order they are called on a
+/// communication thread of their own, so that a gradient mean started with
+/// [`Group::start_mean`] proceeds while the trainer computes.
 #[derive(Default)]
 pub struct Group {
-    inner: Option<Box<dyn AllReduce>>,
+    inner: Option<CommThread>,
     comm: Duration,
 }
 
 impl Group {
-    /// A group over `inner`.
+    /// A group over `inner`, whose started means overlap the caller's work.
     pub fn new(inner: Box<dyn AllReduce>) -> Self {
+        Self::with_overlap(inner, true)
+    }
+
+    /// A group over `inner`; with `overlap` false a started mean completes before
+    /// [`Group::start_mean`] returns (every collective waits, as without a thread).
+    pub fn with_overlap(inner: Box<dyn AllReduce>, overlap: bool) -> Self {
         Self {
-            inner: Some(inner),
+            inner: Some(CommThread::spawn(inner, overlap)),
             comm: Duration::ZERO,
         }
     }
@@ -37,7 +46,8 @@ impl Group {
         self.inner.is_some()
     }
 
-    /// Time spent in collectives so far.
+    /// Time the trainer has waited for collectives (flattening and restoring included):
+    /// the communication a step exposes.
     pub fn comm_time(&self) -> Duration {
         self.comm
     }
@@ -48,26 +58,47 @@ impl Group {
         module: &M,
         grads: GradientsParams,
     ) -> Result<GradientsParams, CollectiveError> {
+        let pending = self.start_mean(module, grads);
+        self.finish_mean(pending, module)
+    }
+
+    /// Starts averaging `grads` of `module` over the group; [`Group::finish_mean`] waits for
+    /// the result. Every rank starts and finishes its collectives in the same order.
+    pub fn start_mean<M: Module>(&mut self, module: &M, mut grads: GradientsParams) -> PendingMean {
+        let Some(comm) = self.inner.as_mut() else {
+            return PendingMean { grads, flat: None };
+        };
+        let started = Instant::now();
+        let flat = FlatGradients::take(module, &mut grads);
+        let entries_and_reply = comm.submit(Op::Mean, flat);
+        self.comm += started.elapsed();
+        PendingMean {
+            grads,
+            flat: Some(entries_and_reply),
+        }
+    }
+
+    /// The averaged gradients of a started mean.
+    pub fn finish_mean<M: Module>(
+        &mut self,
+        pending: PendingMean,
+        module: &M,
+    ) -> Result<GradientsParams, CollectiveError> {
         // The span marks the step's all-reduce in traces, a single process's included.
         let _span = tracing::info_span!("allreduce").entered();
-        let Some(group) = self.inner.as_mut() else {
+        let PendingMean { mut grads, flat } = pending;
+        let Some(reply) = flat else {
             return Ok(grads);
         };
         let started = Instant::now();
-        let out = mean_gradients(group.as_mut(), module, grads);
+        let out = reply.wait().map(|flat| flat.restore(module, &mut grads));
         self.comm += started.elapsed();
-        out
+        out.map(|()| grads)
     }
 
     /// `values` averaged over the group, in place.
     pub fn mean_values(&mut self, values: &mut [f32]) -> Result<(), CollectiveError> {
-        let Some(group) = self.inner.as_mut() else {
-            return Ok(());
-        };
-        let started = Instant::now();
-        let out = all_reduce_mean(group.as_mut(), values);
-        self.comm += started.elapsed();
-        out
+        self.run(Op::Mean, values)
     }
 
     /// Whether `flag` holds on any rank.
@@ -79,13 +110,125 @@ impl Group {
 
     /// `module` with every float parameter replaced by rank 0's.
     pub fn broadcast<M: Module>(&mut self, module: M) -> Result<M, CollectiveError> {
-        let Some(group) = self.inner.as_mut() else {
+        if self.inner.is_none() {
             return Ok(module);
+        }
+        let mut values = flatten_params(&module);
+        self.run(Op::Broadcast { root: 0 }, &mut values)?;
+        Ok(unflatten_params(module, &values))
+    }
+
+    /// Runs `op` on `values` and waits for it.
+    fn run(&mut self, op: Op, values: &mut [f32]) -> Result<(), CollectiveError> {
+        let Some(comm) = self.inner.as_mut() else {
+            return Ok(());
         };
         let started = Instant::now();
-        let out = broadcast_params(group.as_mut(), module, 0);
+        let flat = FlatGradients::from_values(values.to_vec());
+        let out = comm.submit(op, flat).wait();
         self.comm += started.elapsed();
-        out
+        values.copy_from_slice(&out?.values);
+        Ok(())
+    }
+}
+
+/// A gradient mean started by [`Group::start_mean`] (dropping it leaves the collective to
+/// complete on the communication thread, its result unused).
+pub struct PendingMean {
+    grads: GradientsParams,
+    flat: Option<Reply>,
+}
+
+/// A collective on the communication thread.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Mean,
+    Broadcast { root: usize },
+}
+
+type Outcome = Result<FlatGradients, CollectiveError>;
+
+/// The answer to one submitted collective.
+struct Reply {
+    rx: mpsc::Receiver<Outcome>,
+    rank: usize,
+}
+
+impl Reply {
+    fn wait(self) -> Outcome {
+        self.rx.recv().unwrap_or_else(|_| {
+            Err(CollectiveError::Protocol {
+                rank: self.rank,
+                reason: "the communication thread ended".into(),
+            })
+        })
+    }
+}
+
+/// The thread that runs a group's collectives in submission order.
+struct CommThread {
+    jobs: Option<mpsc::Sender<(Op, FlatGradients, mpsc::Sender<Outcome>)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    rank: usize,
+    overlap: bool,
+}
+
+impl CommThread {
+    fn spawn(mut group: Box<dyn AllReduce>, overlap: bool) -> Self {
+        let rank = group.rank();
+        let (jobs, rx) = mpsc::channel::<(Op, FlatGradients, mpsc::Sender<Outcome>)>();
+        let thread = std::thread::Builder::new()
+            .name("collectives".into())
+            .spawn(move || {
+                for (op, mut flat, reply) in rx {
+                    let out = match op {
+                        Op::Mean => all_reduce_mean(group.as_mut(), &mut flat.values),
+                        Op::Broadcast { root } => group.broadcast(&mut flat.values, root),
+                    };
+                    let _ = reply.send(out.map(|()| flat));
+                }
+            })
+            .expect("spawning the collectives thread");
+        Self {
+            jobs: Some(jobs),
+            thread: Some(thread),
+            rank,
+            overlap,
+        }
+    }
+
+    /// Queues `op` on `flat`; without overlap, waits for it before returning.
+    fn submit(&mut self, op: Op, flat: FlatGradients) -> Reply {
+        let (tx, rx) = mpsc::channel();
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send((op, flat, tx));
+        }
+        if self.overlap {
+            return Reply {
+                rx,
+                rank: self.rank,
+            };
+        }
+        let done = Reply {
+            rx,
+            rank: self.rank,
+        }
+        .wait();
+        let (tx, rx) = mpsc::channel();
+        let _ = tx.send(done);
+        Reply {
+            rx,
+            rank: self.rank,
+        }
+    }
+}
+
+impl Drop for CommThread {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -133,6 +276,8 @@ pub struct Learner<M: Module> {
     pub module: M,
     optim: ModuleOptimizer,
     acc: GradientsAccumulator<M>,
+    /// The accumulated gradients' mean, started before the step.
+    pending: Option<PendingMean>,
 }
 
 impl<M: Module + ModuleSnapshot> Learner<M> {
@@ -142,6 +287,7 @@ impl<M: Module + ModuleSnapshot> Learner<M> {
             module,
             optim,
             acc: GradientsAccumulator::new(),
+            pending: None,
         }
     }
 
@@ -150,14 +296,26 @@ impl<M: Module + ModuleSnapshot> Learner<M> {
         self.acc.accumulate(&self.module, grads);
     }
 
-    /// Drops the accumulated gradients (a skipped step).
+    /// Drops the accumulated gradients (a skipped step), and a started mean's result.
     pub fn discard(&mut self) {
+        self.pending = None;
         drop(self.acc.grads());
     }
 
-    /// One optimizer step at `lr` on the accumulated gradients averaged over `group`.
+    /// Starts averaging the accumulated gradients over `group` (the micro-batches of this
+    /// step are all in): the next [`Self::step`] uses the mean, which meanwhile runs on the
+    /// group's communication thread while the caller computes.
+    pub fn start_mean(&mut self, group: &mut Group) {
+        self.pending = Some(group.start_mean(&self.module, self.acc.grads()));
+    }
+
+    /// One optimizer step at `lr` on the accumulated gradients averaged over `group` (the
+    /// mean started by [`Self::start_mean`], if any).
     pub fn step(mut self, lr: f64, group: &mut Group) -> Result<Self, CollectiveError> {
-        let grads = group.mean(&self.module, self.acc.grads())?;
+        let grads = match self.pending.take() {
+            Some(pending) => group.finish_mean(pending, &self.module)?,
+            None => group.mean(&self.module, self.acc.grads())?,
+        };
         self.module = self.optim.step(lr, self.module, grads);
         Ok(self)
     }

@@ -324,3 +324,58 @@ fn stage2_two_ranks_with_batch_4_match_one_rank_with_batch_8() {
     assert!(moved > 1e-4, "training moved the parameters ({moved})");
     assert!(diff < 1e-4, "2 x 4 vs 1 x 8: relative difference {diff}");
 }
+
+/// Collectives overlapped with compute (the generator's mean running while the
+/// discriminator computes, on the group's communication thread) leave the same parameters,
+/// bit for bit on every rank, as collectives that complete before the trainer goes on: with
+/// the discriminator active, one and two micro-batches per step.
+#[test]
+fn overlapped_collectives_equal_waiting_ones() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex().autodiff();
+    let data = batches();
+    for grad_accum in [1, 2] {
+        let cfg = Stage1Config {
+            grad_accum,
+            loss: LossConfig {
+                disc_start: 0,
+                ..config(4).loss
+            },
+            ..config(4)
+        };
+        let mut ends = Vec::new();
+        for overlap in [true, false] {
+            let ranks: Vec<Stage1Trainer> = (0..2)
+                .map(|_| Stage1Trainer::new(cfg.clone(), 2, &device).unwrap())
+                .collect();
+            let data = data.clone();
+            let results = in_a_ring(
+                20 + u64::from(overlap),
+                ranks,
+                move |rank, trainer, ring| {
+                    let group = Group::with_overlap(Box::new(ring), overlap);
+                    let mut trainer = trainer.join_group(group).unwrap();
+                    let mut d_losses = 0;
+                    for b in &data {
+                        let (next, report) = trainer.train_batch(half(b, rank), None).unwrap();
+                        d_losses += usize::from(report.is_some_and(|r| r.d_loss.is_some()));
+                        trainer = next;
+                    }
+                    assert_eq!(
+                        d_losses,
+                        data.len() / grad_accum,
+                        "the discriminator trained"
+                    );
+                    (flat(trainer.model()), flat(trainer.discriminator()))
+                },
+            );
+            // The discriminator's BatchNorm statistics are each rank's own: ranks are
+            // compared with themselves.
+            ends.push(results);
+        }
+        assert!(
+            ends[0] == ends[1],
+            "grad_accum {grad_accum}: overlapped and waiting collectives differ"
+        );
+    }
+}

@@ -315,22 +315,33 @@ impl Stage1Trainer {
             temperature: self.temperature(),
         };
         let out = self.ae.module.forward(x.clone(), mode);
-        let (log, d_loss) = if !finite_output(&out) {
+        let finite = finite_output(&out);
+        let log = if !finite {
             // Nothing reaches the losses: the discriminator's BatchNorm statistics would keep
             // the NaN.
-            let nan = GeneratorLog {
+            GeneratorLog {
                 total: f64::NAN,
                 ..GeneratorLog::default()
-            };
-            (nan, None)
+            }
         } else {
             match self.config.objective {
-                Objective::Vqgan => self.vqgan_losses(x, &out, cond.as_ref()),
-                Objective::Segmentation => self.segmentation_loss(x, &out),
+                Objective::Vqgan => self.generator_backward(x.clone(), &out, cond.as_ref()),
+                Objective::Segmentation => self.segmentation_loss(x.clone(), &out),
             }
         };
+        let completes = self.accumulation.count();
+        if completes {
+            // The generator's mean runs while the discriminator computes. Every rank starts
+            // it at the same micro-batch, finite or not, so that the group's collectives stay
+            // in the same order everywhere.
+            self.ae.start_mean(&mut self.group);
+        }
+        let d_loss = match self.config.objective {
+            Objective::Vqgan if finite => self.discriminator_backward(x, &out, cond.as_ref()),
+            _ => None,
+        };
         self.nonfinite |= !log.total.is_finite() || d_loss.is_some_and(|d| !d.is_finite());
-        if !self.accumulation.count() {
+        if !completes {
             return Ok((self, None));
         }
         if self.group.any(std::mem::take(&mut self.nonfinite))? {
@@ -422,20 +433,20 @@ impl Stage1Trainer {
         Ok(())
     }
 
-    /// The reference's objective: the generator's gradients from L1 + LPIPS + the adaptive
-    /// GAN term, then the discriminator's on the detached reconstruction (once it started).
-    fn vqgan_losses(
+    /// The reference's objective, generator side: gradients from L1 + LPIPS + the adaptive
+    /// GAN term.
+    fn generator_backward(
         &mut self,
         x: Tensor<4>,
         out: &taming_model::vqgan::VqganOutput,
         cond: Option<&Tensor<4>>,
-    ) -> (GeneratorLog, Option<f64>) {
+    ) -> GeneratorLog {
         let last = LastLayer {
             input: out.last_input.clone(),
             weight: self.ae.module.last_layer_weight(),
         };
         let inputs = GeneratorInputs {
-            x: x.clone(),
+            x,
             rec: out.reconstruction.clone(),
             quant: out.quantized.loss.clone(),
             last: &last,
@@ -445,6 +456,17 @@ impl Stage1Trainer {
         let surrogate = generator.surrogate.mul_scalar(self.micro_batch_share());
         let grads = GradientsParams::from_grads(surrogate.backward(), &self.ae.module);
         self.ae.accumulate(grads);
+        generator.log
+    }
+
+    /// The discriminator's gradients on the detached reconstruction, once it started; its
+    /// loss.
+    fn discriminator_backward(
+        &mut self,
+        x: Tensor<4>,
+        out: &taming_model::vqgan::VqganOutput,
+        cond: Option<&Tensor<4>>,
+    ) -> Option<f64> {
         let d = self.loss.discriminator(
             &self.disc.module,
             (x, out.reconstruction.clone().detach()),
@@ -452,15 +474,14 @@ impl Stage1Trainer {
             cond,
             self.lecam,
         );
-        let d_loss = d.map(|(loss, real, fake)| {
+        d.map(|(loss, real, fake)| {
             self.logits = Some((real, fake));
             let value = loss.clone().into_scalar::<f32>() as f64;
             let loss = loss.mul_scalar(self.micro_batch_share());
             let grads = GradientsParams::from_grads(loss.backward(), &self.disc.module);
             self.disc.accumulate(grads);
             value
-        });
-        (generator.log, d_loss)
+        })
     }
 
     /// The segmentation objective: BCE on the logits plus the quantizer loss; the
@@ -469,7 +490,7 @@ impl Stage1Trainer {
         &mut self,
         x: Tensor<4>,
         out: &taming_model::vqgan::VqganOutput,
-    ) -> (GeneratorLog, Option<f64>) {
+    ) -> GeneratorLog {
         let bce = bce_with_logits(out.reconstruction.clone(), x);
         let quant = out.quantized.loss.clone();
         let total = bce.clone() + quant.clone().mul_scalar(self.config.loss.codebook_weight);
@@ -487,7 +508,7 @@ impl Stage1Trainer {
         let total = total.mul_scalar(self.micro_batch_share());
         let grads = GradientsParams::from_grads(total.backward(), &self.ae.module);
         self.ae.accumulate(grads);
-        (log, None)
+        log
     }
 
     /// Each micro-batch's share of a step's gradient: accumulated gradients are the mean over

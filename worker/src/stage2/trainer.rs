@@ -180,12 +180,17 @@ impl Stage2Trainer {
             .layout
             .train_batch(&images, &conds, &mut rng, &self.device);
         let loss = self.layout.loss(&self.gpt.module, inputs);
-        let value = loss.clone().into_scalar::<f32>() as f64;
         // The mean over the step's micro-batches, as a larger batch's.
-        let loss = loss.mul_scalar(1.0 / self.config.grad_accum as f64);
-        let grads = GradientsParams::from_grads(loss.backward(), &self.gpt.module);
+        let scaled = loss.clone().mul_scalar(1.0 / self.config.grad_accum as f64);
+        let grads = GradientsParams::from_grads(scaled.backward(), &self.gpt.module);
         self.gpt.accumulate(grads);
-        if !self.accumulation.count() {
+        let completes = self.accumulation.count();
+        if completes {
+            // The mean runs while the loss is read and the weights decay.
+            self.gpt.start_mean(&mut self.group);
+        }
+        let value = loss.into_scalar::<f32>() as f64;
+        if !completes {
             return Ok((self, None));
         }
         let lr = self.learning_rate();
