@@ -56,6 +56,9 @@ pub struct TcpRing {
     prev: TcpStream,
     /// One piece of incoming floats for the reduce-scatter, reused across calls.
     scratch: Vec<f32>,
+    /// Why an earlier call failed: the streams are then out of step, and every later call
+    /// fails at once with this reason.
+    broken: Option<String>,
 }
 
 const MAGIC: u32 = 0x7A61_6D32;
@@ -272,6 +275,7 @@ impl TcpRing {
             next: Sender::spawn(next).map_err(io("starting the sender thread"))?,
             prev,
             scratch: vec![0.0; PIECE],
+            broken: None,
         })
     }
 
@@ -282,18 +286,36 @@ impl TcpRing {
         start..start + base + usize::from(chunk < extra)
     }
 
-    /// Waits for the queued sends; when `result` failed, makes them fail at once first.
+    /// Waits for the queued sends; when `result` failed, makes them fail at once first. A
+    /// failure breaks the ring for good.
     fn finish(&mut self, result: Result<(), CollectiveError>) -> Result<(), CollectiveError> {
         if result.is_err() {
             self.next.abort();
         }
         let sent = self.next.wait();
-        result?;
-        sent.map_err(|source| CollectiveError::Io {
-            rank: self.rank,
-            what: "sending to the successor".into(),
-            source,
-        })
+        let out = result.and_then(|()| {
+            sent.map_err(|source| CollectiveError::Io {
+                rank: self.rank,
+                what: "sending to the successor".into(),
+                source,
+            })
+        });
+        if let Err(e) = &out {
+            self.next.abort();
+            self.broken = Some(e.to_string());
+        }
+        out
+    }
+
+    /// Fails at once when an earlier call broke the ring.
+    fn check_intact(&self) -> Result<(), CollectiveError> {
+        match &self.broken {
+            Some(why) => Err(protocol(
+                self.rank,
+                format!("the ring broke in an earlier call: {why}"),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// The pipelined ring sum over `buf` (`len` floats at `base`): each piece received is
@@ -358,6 +380,7 @@ impl AllReduce for TcpRing {
         if self.world == 1 {
             return Ok(());
         }
+        self.check_intact()?;
         // SAFETY: `buf` is borrowed for the whole call and `finish` waits for every send
         // that reads it.
         let result = unsafe { self.ring_sum(buf.as_mut_ptr(), buf.len()) };
@@ -375,6 +398,7 @@ impl AllReduce for TcpRing {
         if n == 1 {
             return Ok(());
         }
+        self.check_intact()?;
         let forward = self.rank != (root + n - 1) % n;
         let mut result = Ok(());
         for piece in buf.chunks_mut(PIECE) {

@@ -127,7 +127,7 @@ fn repeated_calls_of_changing_sizes_on_one_ring() {
 }
 
 /// A rank that leaves in the middle of a large sum makes the others fail with an error
-/// (not hang), well before their timeout.
+/// (not hang), well before their timeout, and their later calls fail at once.
 #[test]
 fn a_rank_leaving_mid_call_fails_the_others() {
     let mut group = TcpRing::loopback(3, 12, Duration::from_secs(60)).unwrap();
@@ -138,7 +138,11 @@ fn a_rank_leaving_mid_call_fails_the_others() {
         .map(|mut ring| {
             std::thread::spawn(move || {
                 let mut buf = vec![1.0f32; 64 * PIECE];
-                ring.all_reduce_sum(&mut buf).map(|_| ())
+                let first = ring.all_reduce_sum(&mut buf).map(|_| ());
+                // The ring stays broken: a later call fails at once, not after a timeout.
+                let later = ring.all_reduce_sum(&mut buf).expect_err("broken");
+                assert!(later.to_string().contains("broke"), "{later}");
+                first
             })
         })
         .collect();
