@@ -39,14 +39,6 @@ impl FlatGradients {
         }
     }
 
-    /// A buffer of plain values (no parameters to restore).
-    pub fn from_values(values: Vec<f32>) -> Self {
-        Self {
-            entries: Vec::new(),
-            values,
-        }
-    }
-
     /// Puts the (averaged) buffer back into `grads`: a parameter gets a gradient when its
     /// flag is non-zero.
     pub fn restore<M: Module>(&self, module: &M, grads: &mut GradientsParams) {

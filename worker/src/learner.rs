@@ -69,12 +69,12 @@ impl Group {
             return PendingMean { grads, flat: None };
         };
         let started = Instant::now();
-        let flat = FlatGradients::take(module, &mut grads);
-        let entries_and_reply = comm.submit(Op::Mean, flat);
+        let mut flat = FlatGradients::take(module, &mut grads);
+        let reply = comm.submit(Op::Mean, std::mem::take(&mut flat.values));
         self.comm += started.elapsed();
         PendingMean {
             grads,
-            flat: Some(entries_and_reply),
+            flat: Some((flat, reply)),
         }
     }
 
@@ -87,18 +87,23 @@ impl Group {
         // The span marks the step's all-reduce in traces, a single process's included.
         let _span = tracing::info_span!("allreduce").entered();
         let PendingMean { mut grads, flat } = pending;
-        let Some(reply) = flat else {
+        let Some((mut flat, reply)) = flat else {
             return Ok(grads);
         };
         let started = Instant::now();
-        let out = reply.wait().map(|flat| flat.restore(module, &mut grads));
+        let out = reply.wait().map(|values| {
+            flat.values = values;
+            flat.restore(module, &mut grads);
+        });
         self.comm += started.elapsed();
         out.map(|()| grads)
     }
 
     /// `values` averaged over the group, in place.
     pub fn mean_values(&mut self, values: &mut [f32]) -> Result<(), CollectiveError> {
-        self.run(Op::Mean, values)
+        let mean = self.run(Op::Mean, values.to_vec())?;
+        values.copy_from_slice(&mean);
+        Ok(())
     }
 
     /// Whether `flag` holds on any rank.
@@ -113,22 +118,20 @@ impl Group {
         if self.inner.is_none() {
             return Ok(module);
         }
-        let mut values = flatten_params(&module);
-        self.run(Op::Broadcast { root: 0 }, &mut values)?;
+        let values = self.run(Op::Broadcast { root: 0 }, flatten_params(&module))?;
         Ok(unflatten_params(module, &values))
     }
 
-    /// Runs `op` on `values` and waits for it.
-    fn run(&mut self, op: Op, values: &mut [f32]) -> Result<(), CollectiveError> {
+    /// Runs `op` on `values` and waits for the result (`values` as they are in a single
+    /// process).
+    fn run(&mut self, op: Op, values: Vec<f32>) -> Result<Vec<f32>, CollectiveError> {
         let Some(comm) = self.inner.as_mut() else {
-            return Ok(());
+            return Ok(values);
         };
         let started = Instant::now();
-        let flat = FlatGradients::from_values(values.to_vec());
-        let out = comm.submit(op, flat).wait();
+        let out = comm.submit(op, values).wait();
         self.comm += started.elapsed();
-        values.copy_from_slice(&out?.values);
-        Ok(())
+        out
     }
 }
 
@@ -136,7 +139,7 @@ impl Group {
 /// complete on the communication thread, its result unused).
 pub struct PendingMean {
     grads: GradientsParams,
-    flat: Option<Reply>,
+    flat: Option<(FlatGradients, Reply)>,
 }
 
 /// A collective on the communication thread.
@@ -146,28 +149,37 @@ enum Op {
     Broadcast { root: usize },
 }
 
-type Outcome = Result<FlatGradients, CollectiveError>;
+type Outcome = Result<Vec<f32>, CollectiveError>;
 
-/// The answer to one submitted collective.
-struct Reply {
-    rx: mpsc::Receiver<Outcome>,
-    rank: usize,
+/// One queued collective and where its outcome goes.
+type Job = (Op, Vec<f32>, mpsc::Sender<Outcome>);
+
+/// The outcome of one submitted collective: still running, or already known.
+enum Reply {
+    Running {
+        rx: mpsc::Receiver<Outcome>,
+        rank: usize,
+    },
+    Done(Outcome),
 }
 
 impl Reply {
     fn wait(self) -> Outcome {
-        self.rx.recv().unwrap_or_else(|_| {
-            Err(CollectiveError::Protocol {
-                rank: self.rank,
-                reason: "the communication thread ended".into(),
-            })
-        })
+        match self {
+            Self::Done(out) => out,
+            Self::Running { rx, rank } => rx.recv().unwrap_or_else(|_| {
+                Err(CollectiveError::Protocol {
+                    rank,
+                    reason: "the communication thread ended".into(),
+                })
+            }),
+        }
     }
 }
 
 /// The thread that runs a group's collectives in submission order.
 struct CommThread {
-    jobs: Option<mpsc::Sender<(Op, FlatGradients, mpsc::Sender<Outcome>)>>,
+    jobs: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     rank: usize,
     overlap: bool,
@@ -176,16 +188,16 @@ struct CommThread {
 impl CommThread {
     fn spawn(mut group: Box<dyn AllReduce>, overlap: bool) -> Self {
         let rank = group.rank();
-        let (jobs, rx) = mpsc::channel::<(Op, FlatGradients, mpsc::Sender<Outcome>)>();
+        let (jobs, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("collectives".into())
             .spawn(move || {
-                for (op, mut flat, reply) in rx {
+                for (op, mut values, reply) in rx {
                     let out = match op {
-                        Op::Mean => all_reduce_mean(group.as_mut(), &mut flat.values),
-                        Op::Broadcast { root } => group.broadcast(&mut flat.values, root),
+                        Op::Mean => all_reduce_mean(group.as_mut(), &mut values),
+                        Op::Broadcast { root } => group.broadcast(&mut values, root),
                     };
-                    let _ = reply.send(out.map(|()| flat));
+                    let _ = reply.send(out.map(|()| values));
                 }
             })
             .expect("spawning the collectives thread");
@@ -197,28 +209,20 @@ impl CommThread {
         }
     }
 
-    /// Queues `op` on `flat`; without overlap, waits for it before returning.
-    fn submit(&mut self, op: Op, flat: FlatGradients) -> Reply {
+    /// Queues `op` on `values`; without overlap, waits for it before returning.
+    fn submit(&mut self, op: Op, values: Vec<f32>) -> Reply {
         let (tx, rx) = mpsc::channel();
         if let Some(jobs) = &self.jobs {
-            let _ = jobs.send((op, flat, tx));
+            let _ = jobs.send((op, values, tx));
         }
+        let running = Reply::Running {
+            rx,
+            rank: self.rank,
+        };
         if self.overlap {
-            return Reply {
-                rx,
-                rank: self.rank,
-            };
-        }
-        let done = Reply {
-            rx,
-            rank: self.rank,
-        }
-        .wait();
-        let (tx, rx) = mpsc::channel();
-        let _ = tx.send(done);
-        Reply {
-            rx,
-            rank: self.rank,
+            running
+        } else {
+            Reply::Done(running.wait())
         }
     }
 }

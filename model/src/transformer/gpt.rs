@@ -137,11 +137,18 @@ impl CausalSelfAttention {
             .swap_dims(1, 2)
     }
 
+    /// Queries, keys and values of `x` (`[b, t, n]`), each `[b, heads, t, head_dim]`.
+    fn qkv(&self, x: Tensor<3>) -> [Tensor<4>; 3] {
+        [
+            self.heads(apply(&self.query, x.clone())),
+            self.heads(apply(&self.key, x.clone())),
+            self.heads(apply(&self.value, x)),
+        ]
+    }
+
     /// Attention over the whole sequence `x` (`[b, t, n]`).
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let q = self.heads(apply(&self.query, x.clone()));
-        let k = self.heads(apply(&self.key, x.clone()));
-        let v = self.heads(apply(&self.value, x));
+        let [q, k, v] = self.qkv(x);
         self.attend(q, k, v, 0)
     }
 
@@ -153,9 +160,7 @@ impl CausalSelfAttention {
         cache: LayerCache,
         capacity: usize,
     ) -> (Tensor<3>, LayerCache) {
-        let q = self.heads(apply(&self.query, x.clone()));
-        let k = self.heads(apply(&self.key, x.clone()));
-        let v = self.heads(apply(&self.value, x));
+        let [q, k, v] = self.qkv(x);
         let past = cache.len;
         let cache = cache.append(k, v, capacity);
         let total = cache.len;
