@@ -58,8 +58,9 @@ enum Cmd {
         /// Also serve the status page and /metrics (Prometheus) over HTTP on this address.
         #[arg(long)]
         http: Option<SocketAddr>,
-        /// Seconds a rank may go without reporting a step (at least 20 of its job's recent
-        /// step times) before it is taken for hung and its attempt fails; 0: never.
+        /// Seconds a rank may go without progress (a step, or work such as evaluation
+        /// batches; at least 20 of its job's recent step times) before it is taken for hung
+        /// and its attempt fails; 0: never.
         #[arg(long, default_value_t = crate::service::DEFAULT_PROGRESS_TIMEOUT_S)]
         progress_timeout: u64,
     },

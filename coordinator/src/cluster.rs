@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use liveness::RankProgress;
 use serde::{Deserialize, Serialize};
 use state_file::float_text;
 use taming_proto::job::{
@@ -37,6 +38,8 @@ pub struct Worker {
     /// The assignment (job, attempt) its last heartbeat said it still runs, and since when
     /// that attempt has been over (it was told to stop).
     pub busy: Option<(String, u32, Option<Instant>)>,
+    /// Its training thread's work counter, as its last heartbeat said.
+    pub work: u64,
 }
 
 impl Worker {
@@ -173,12 +176,12 @@ pub struct Cluster {
     pending_since: BTreeMap<String, Instant>,
     /// The jobs as last written to the state file (what a failed save rolls back to).
     saved: Option<Vec<u8>>,
-    /// A rank of a running job that reports no step for this long (or for 20 of its job's
+    /// A rank of a running job that shows no progress (no step, no work) for this long (or for 20 of its job's
     /// recent step times, when longer) is taken for hung: its worker is dropped and the
     /// attempt fails. Zero: never.
     pub progress_timeout: Duration,
-    /// Per running job: each rank's latest reported step and when it came.
-    progress_seen: BTreeMap<String, Vec<(u64, Instant)>>,
+    /// Per running job: each rank's latest step and signs of work.
+    progress_seen: BTreeMap<String, Vec<RankProgress>>,
     /// Per running job: seconds per step of rank 0, smoothed.
     step_seconds: BTreeMap<String, f64>,
     next_worker: u64,
@@ -222,6 +225,7 @@ impl Cluster {
                 job: None,
                 session,
                 busy: None,
+                work: 0,
             },
         );
         id
@@ -356,7 +360,7 @@ impl Cluster {
             job.done.clear();
             job.message = format!("attempt {} on {} worker(s)", job.attempt, chosen.len());
             self.progress_seen
-                .insert(id.clone(), vec![(0, now); chosen.len()]);
+                .insert(id.clone(), vec![RankProgress::new(now); chosen.len()]);
             self.step_seconds.remove(&id);
             for (rank, w) in chosen.iter().enumerate() {
                 self.workers.get_mut(w).expect("idle").job = Some(id.clone());

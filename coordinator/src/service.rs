@@ -32,7 +32,7 @@ pub struct ServeOptions {
     pub heartbeat_interval: Duration,
     /// Required cluster token.
     pub token: Option<String>,
-    /// A rank that reports no step for this long (or 20 step times) is taken for hung; zero:
+    /// A rank that shows no progress for this long (or 20 step times) is taken for hung; zero:
     /// never.
     pub progress_timeout: Duration,
     /// Running jobs' step reports are written to the state file at most this often (the
@@ -303,9 +303,9 @@ impl Coordinator for CoordinatorService {
         let busy = (!r.busy_job.is_empty()).then(|| (r.busy_job.clone(), r.busy_attempt));
         let mut cluster = self.shared.cluster.lock().expect("cluster");
         cluster.authorize(&r.worker_id, &session).map_err(status)?;
-        let stop = cluster
-            .heartbeat(&r.worker_id, busy, Instant::now())
-            .map_err(status)?;
+        let now = Instant::now();
+        let stop = cluster.heartbeat(&r.worker_id, busy, now).map_err(status)?;
+        cluster.note_work(&r.worker_id, r.work, now);
         Ok(Response::new(HeartbeatReply { stop_jobs: stop }))
     }
 

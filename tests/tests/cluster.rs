@@ -150,9 +150,14 @@ fn a_hung_worker_is_dropped_and_the_job_finishes_on_the_rest() {
         .spawn()
         .unwrap();
     let result = launch.wait_with_output_timeout();
-    assert!(result.0, "launch failed:\n{}\n{}", result.1, result.2);
+    let ok_log = std::fs::read_to_string(tmp.path().join("ok.log")).unwrap_or_default();
     assert!(
-        result.2.contains("reported no step for") && result.2.contains("(hung;"),
+        result.0,
+        "launch failed:\n{}\n{}\nthe ok worker's log:\n{ok_log}",
+        result.1, result.2
+    );
+    assert!(
+        result.2.contains("showed no progress") && result.2.contains("(hung;"),
         "launch says why the first attempt ended: {}",
         result.2
     );

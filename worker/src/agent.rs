@@ -325,6 +325,7 @@ async fn heartbeat(
                 worker_id: id.clone(),
                 busy_job,
                 busy_attempt,
+                work: crate::liveness::work(),
             })
             .await
         {

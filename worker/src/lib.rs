@@ -10,6 +10,7 @@
 //! - [`agent`]: the cluster worker (registration, heartbeats, assignments, the ring);
 //! - [`checkpoint`], [`mirror`]: checkpoints with attempt fencing and their object-store copy;
 //! - [`tensorboard`]: the event files every run writes;
+//! - [`liveness`]: the work counter heartbeats carry (progress between steps);
 //! - [`settings`], [`devices`], [`metrics`], [`defaults`], [`failpoint`].
 
 pub mod agent;
@@ -21,6 +22,7 @@ pub mod distributed;
 pub mod engine;
 pub mod failpoint;
 pub mod learner;
+pub mod liveness;
 pub mod metrics;
 pub mod mirror;
 pub mod plan;

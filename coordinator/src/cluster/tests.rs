@@ -236,13 +236,87 @@ fn a_rank_that_stops_reporting_is_dropped_and_the_job_restarts_on_the_rest() {
     let job = &c.jobs[&id];
     assert_eq!(job.state, JobState::Pending);
     assert!(
-        job.message.contains("rank(s) [1] reported no step"),
+        job.message.contains("rank(s) [1] showed no progress"),
         "{}",
         job.message
     );
     let again = c.schedule(later + Duration::from_secs(1));
     assert_eq!(again.len(), 2, "on the two workers left");
     assert!(again.iter().all(|(w, _)| *w != a[1].0));
+}
+
+/// A rank between steps (in a long evaluation) whose heartbeats carry a changing work counter
+/// is not taken for hung; once the counter stops, it is, counted from its last change. A
+/// counter heard while the worker still runs an ended attempt counts for nothing.
+#[test]
+fn work_between_steps_keeps_a_rank_alive_and_its_end_starts_the_clock() {
+    let now = Instant::now();
+    let (mut c, ids) = cluster_with(1, now);
+    c.progress_timeout = Duration::from_secs(60);
+    let id = c.submit(spec(1, 1));
+    let a = c.schedule(now);
+    let busy = || Some((id.clone(), 1));
+    c.progress(&ProgressReport {
+        worker_id: a[0].0.clone(),
+        job_id: id.clone(),
+        attempt: 1,
+        step: 1,
+        ..rank_report(RankState::Running)
+    })
+    .unwrap();
+    // Evaluating for 150 s, one batch every 30 s.
+    let mut t = now;
+    for work in 1..=5 {
+        t += Duration::from_secs(30);
+        c.heartbeat(&ids[0], busy(), t).unwrap();
+        c.note_work(&ids[0], work, t);
+        assert!(c.expire(t, Duration::from_secs(10)).is_empty(), "at {work}");
+    }
+    // The counter stops at 5: 60 s later the rank is hung.
+    let quiet = t + Duration::from_secs(59);
+    c.heartbeat(&ids[0], busy(), quiet).unwrap();
+    c.note_work(&ids[0], 5, quiet);
+    assert!(c.expire(quiet, Duration::from_secs(10)).is_empty());
+    let hung = t + Duration::from_secs(61);
+    c.heartbeat(&ids[0], busy(), hung).unwrap();
+    c.note_work(&ids[0], 5, hung);
+    assert_eq!(
+        c.expire(hung, Duration::from_secs(10)),
+        vec![ids[0].clone()]
+    );
+    assert!(
+        c.jobs[&id]
+            .message
+            .contains("no progress (no step, no work) for 61 s"),
+        "{}",
+        c.jobs[&id].message
+    );
+}
+
+/// Work counted while the worker's heartbeat says it runs no assignment (or another one) is
+/// not progress of the rank the job placed on it.
+#[test]
+fn work_outside_the_assignment_is_not_progress() {
+    let now = Instant::now();
+    let (mut c, ids) = cluster_with(1, now);
+    c.progress_timeout = Duration::from_secs(60);
+    let id = c.submit(spec(1, 1));
+    c.schedule(now);
+    let mut t = now;
+    for work in 1..=10 {
+        t += Duration::from_secs(20);
+        let busy = (work % 2 == 0).then(|| ("job-9999".to_string(), 1));
+        c.heartbeat(&ids[0], busy, t).unwrap();
+        c.note_work(&ids[0], work, t);
+        c.expire(t, Duration::from_secs(10));
+    }
+    assert_eq!(
+        c.jobs[&id].state,
+        JobState::Pending,
+        "{}",
+        c.jobs[&id].message
+    );
+    assert!(c.jobs[&id].failures[0].contains("no progress"));
 }
 
 #[test]

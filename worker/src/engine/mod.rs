@@ -146,6 +146,7 @@ pub fn train<P: Plan>(
         let before = stage.step();
         let (next, out) = stage.train_step()?;
         stage = next;
+        crate::liveness::beat();
         if stage.step() <= before {
             // The stage went back to a checkpoint (divergence): so do the metrics.
             log.rewind(stage.step())?;
@@ -160,7 +161,9 @@ pub fn train<P: Plan>(
         let step = stage.step();
         let evaluate = step % run.eval_every.max(1) == 0 || step == run.steps;
         let val = if evaluate {
-            Some(stage.evaluate()?)
+            let val = stage.evaluate()?;
+            crate::liveness::beat();
+            Some(val)
         } else {
             None
         };
@@ -175,11 +178,13 @@ pub fn train<P: Plan>(
         log.append(&row)?;
         if evaluate && step < run.steps && lead {
             log.pictures(step, &stage.pictures(false)?)?;
+            crate::liveness::beat();
         }
         bar.set_position(step);
         bar.set_message(message(&columns, &row, last_val));
         if step % run.checkpoint_every.max(1) == 0 || step == run.steps {
             save(&run, &stage, &mut uploader)?;
+            crate::liveness::beat();
         }
         if let Some(hook) = hook.as_mut()
             && !hook(&columns, &row)
@@ -193,6 +198,7 @@ pub fn train<P: Plan>(
         uploader.wait()?;
         log.finish()?;
         let pictures = stage.pictures(true)?;
+        crate::liveness::beat();
         log.pictures(stage.step(), &pictures)?;
         for (name, picture) in &pictures {
             let path = run.out.join(format!("{name}.png"));

@@ -364,6 +364,7 @@ impl Stage for VqganStage {
         while left > 0
             && let Some(batch) = loader.next_in_epoch()?
         {
+            crate::liveness::beat();
             let x = self.trainer.input(&batch)?.inner();
             let n = x.dims()[0].min(left);
             left -= n;

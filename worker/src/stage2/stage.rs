@@ -532,6 +532,7 @@ fn samples(
     };
     let mut images = Vec::new();
     for (i, cond) in conds.iter().enumerate() {
+        crate::liveness::beat();
         let codes = synth.sample_codes(cond, window, 8, sampling, seed + i as u64)?;
         images.extend(synth.decode(&codes, window));
     }
