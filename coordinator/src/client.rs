@@ -35,8 +35,13 @@ pub async fn submit(client: &mut Client, spec: &JobSpec) -> Result<String> {
     Ok(reply.into_inner().job_id)
 }
 
+/// How long `follow` waits for a coordinator that does not answer (restarting) before it
+/// gives up.
+pub const COORDINATOR_WAIT: Duration = Duration::from_secs(120);
+
 /// Follows a job until it ends, drawing a progress bar (when `show`) and printing why each
-/// failed attempt ended (always, on stderr); returns its final state.
+/// failed attempt ended (always, on stderr); returns its final state. A coordinator that does
+/// not answer is waited for up to [`COORDINATOR_WAIT`].
 pub async fn follow(client: &mut Client, job_id: &str, show: bool) -> Result<Job> {
     let bar = if show {
         ProgressBar::new(0)
@@ -48,14 +53,31 @@ pub async fn follow(client: &mut Client, job_id: &str, show: bool) -> Result<Job
             .expect("template"),
     );
     let mut printed = std::collections::HashSet::new();
+    let mut unanswered_since = None;
     loop {
-        let reply = client
-            .job_status(JobStatusRequest {
-                job_id: job_id.to_string(),
-            })
-            .await
-            .with_context(|| format!("status of {job_id}"))?
-            .into_inner();
+        let request = JobStatusRequest {
+            job_id: job_id.to_string(),
+        };
+        let reply = match client.job_status(request).await {
+            Ok(r) => r.into_inner(),
+            Err(e) if e.code() == tonic::Code::Unavailable => {
+                // The coordinator restarts: its jobs are in its state file.
+                let since = *unanswered_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > COORDINATOR_WAIT {
+                    return Err(e).with_context(|| format!("status of {job_id}"));
+                }
+                bar.suspend(|| {
+                    eprintln!(
+                        "{job_id}: the coordinator does not answer ({}); waiting",
+                        e.message()
+                    )
+                });
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("status of {job_id}")),
+        };
+        unanswered_since = None;
         let job = Job::decode(reply).with_context(|| format!("status of {job_id}"))?;
         bar.set_length(job.spec.steps);
         bar.set_position(job.step);

@@ -1,5 +1,6 @@
 //! The cluster as operators run it: `coordinator serve`, `worker --coordinator` processes,
-//! `coordinator launch|status|cancel --coordinator`; a worker killed mid-job; the token.
+//! `coordinator launch|status|cancel --coordinator`; a worker killed or hung mid-job, a job
+//! cancelled mid-run, a coordinator restarted mid-run; the token.
 
 use taming_tests::http::metric;
 use taming_tests::process::{
@@ -17,9 +18,22 @@ fn serve(state: &Path) -> (Proc, String) {
 }
 
 fn serve_with(state: &Path, extra: &[&str]) -> (Proc, String) {
+    serve_at("127.0.0.1:0", state, extra)
+}
+
+/// `coordinator serve` bound to `bind`, keeping its jobs in `state`; the process and its
+/// address.
+fn serve_at(bind: &str, state: &Path, extra: &[&str]) -> (Proc, String) {
     let (proc, said) = spawn_announcing(
         Command::new(bin("coordinator"))
-            .args("serve --bind 127.0.0.1:0 --heartbeat-timeout 3 --state".split_whitespace())
+            .args([
+                "serve",
+                "--bind",
+                bind,
+                "--heartbeat-timeout",
+                "3",
+                "--state",
+            ])
             .arg(state)
             .args(extra)
             .env("TAMING_CLUSTER_TOKEN", TOKEN)
@@ -333,6 +347,163 @@ fn status_and_cancel_work_against_a_running_coordinator_and_jobs_survive_its_res
         .unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("job-9999"));
+}
+
+/// A `launch` of the tiny stage-1 config into `out` with these extra flags, followed.
+fn launch_tiny(addr: &str, dir: &Path, out: &Path, extra: &[&str]) -> Child {
+    coordinator(addr)
+        .args("launch --stage vqgan --nodes 1 --quiet --coordinator".split_whitespace())
+        .arg(addr)
+        .args(extra)
+        .arg("--config")
+        .arg(tiny_config(dir))
+        .arg("--out")
+        .arg(out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the log file `log` says `what`; fails the test showing the log after `timeout`.
+fn wait_for_log(log: &Path, what: &str, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(what) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for `{what}` in {}:\n{text}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Steps written to a run's metrics so far (none before the file exists).
+fn steps_so_far(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("metrics.csv"))
+        .map_or(0, |t| t.lines().count().saturating_sub(1))
+}
+
+/// Cancelling a running job: its worker stops at its next heartbeat or step, `launch` says
+/// cancelled, and the same worker (idle again) runs the next job.
+#[test]
+fn a_running_job_is_cancelled_and_its_worker_runs_the_next() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_coord, addr) = serve(&tmp.path().join("state"));
+    let log = tmp.path().join("w.log");
+    let _w = worker(&addr, "w", TOKEN, &log);
+    let long = tmp.path().join("long");
+    let first = launch_tiny(
+        &addr,
+        tmp.path(),
+        &long,
+        &["--steps", "400", "--eval-every", "400"],
+    );
+    wait_for("two steps", Duration::from_secs(120), || {
+        steps_so_far(&long) >= 2
+    });
+    let cancel = succeed(coordinator(&addr).args(["cancel", "job-0001", "--coordinator", &addr]));
+    assert!(String::from_utf8_lossy(&cancel.stdout).contains("cancelled"));
+    let first = first.wait_with_output_timeout();
+    assert!(!first.0, "a cancelled job is not a success: {}", first.1);
+    assert!(first.2.contains("cancelled"), "{}", first.2);
+    let short = tmp.path().join("short");
+    let second = launch_tiny(
+        &addr,
+        tmp.path(),
+        &short,
+        &[
+            "--steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--placement-timeout",
+            "60",
+        ],
+    )
+    .wait_with_output_timeout();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        second.0,
+        "{}\n{}\nthe worker's log:\n{log}",
+        second.1, second.2
+    );
+    assert_eq!(csv_steps(&short.join("metrics.csv")), vec![1, 2]);
+    let stopped = steps_so_far(&long);
+    assert!(
+        (2..400).contains(&stopped),
+        "the cancelled job stopped: {stopped} steps"
+    );
+    assert!(
+        !long.join("model").exists(),
+        "a cancelled run exports no model"
+    );
+}
+
+/// A coordinator restarted while a job runs: the worker, told that the new coordinator does
+/// not know it, stops the job at its next step and registers again; the job resumes on it
+/// from its checkpoint with one continuous step count, and `launch` follows it throughout.
+#[test]
+fn a_running_job_resumes_after_a_coordinator_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let bind = format!("127.0.0.1:{}", free_port());
+    let (coord, addr) = serve_at(&bind, &state, &[]);
+    let release = tmp.path().join("release");
+    let log = tmp.path().join("w.log");
+    let _w = {
+        let file = std::fs::File::create(&log).unwrap();
+        Proc(
+            Command::new(bin("worker"))
+                .args(["--coordinator", &addr, "--name", "w"])
+                .env("TAMING_CLUSTER_TOKEN", TOKEN)
+                .env("TAMING_FAILPOINT", "hold-at-step:4")
+                .env("TAMING_FAILPOINT_RELEASE", &release)
+                .stdout(file.try_clone().unwrap())
+                .stderr(file)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let out = tmp.path().join("run");
+    let launch = launch_tiny(
+        &addr,
+        tmp.path(),
+        &out,
+        &[
+            "--steps",
+            "8",
+            "--checkpoint-every",
+            "2",
+            "--eval-every",
+            "8",
+            "--placement-timeout",
+            "60",
+        ],
+    );
+    wait_for_log(&log, "held at step 4", Duration::from_secs(120));
+    drop(coord);
+    let (_coord, _) = serve_at(&bind, &state, &[]);
+    wait_for_log(&log, "heartbeat refused", Duration::from_secs(60));
+    std::fs::write(&release, b"").unwrap();
+    let result = launch.wait_with_output_timeout();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        result.0,
+        "{}\n{}\nthe worker's log:\n{text}",
+        result.1, result.2
+    );
+    assert!(result.1.contains("succeeded attempt 2"), "{}", result.1);
+    assert!(text.contains("registering again"), "{text}");
+    assert_eq!(
+        csv_steps(&out.join("metrics.csv")),
+        (1..=8).collect::<Vec<u64>>()
+    );
+    assert!(out.join("model/model.safetensors").is_file());
 }
 
 #[test]

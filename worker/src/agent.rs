@@ -72,9 +72,12 @@ fn bound_ring_addr(listener: &TcpListener) -> Result<String> {
     Ok(bound.to_string())
 }
 
-/// Runs the agent until the coordinator goes away. A panic while running an assignment is
-/// reported to the coordinator as the attempt's failure, then ends the process (exit status
-/// 101, as an uncaught panic), since its state can no longer be trusted.
+/// Runs the agent until the coordinator closes its assignment stream. A coordinator that
+/// forgets this worker (it restarted, or dropped the worker as hung) ends the session: the
+/// assignment in hand stops at its next step, and the worker registers again (waiting for the
+/// coordinator as at start). A panic while running an assignment is reported to the
+/// coordinator as the attempt's failure, then ends the process (exit status 101, as an
+/// uncaught panic), since its state can no longer be trusted.
 pub fn run_agent(opts: AgentOptions) -> Result<()> {
     crate::failpoint::configured().map_err(anyhow::Error::msg)?;
     record_panics();
@@ -106,7 +109,43 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
             .collect(),
         ring_addr,
     };
-    let (_, reply) = register(&rt, &opts, request)?;
+    let host = Host {
+        rt: &rt,
+        listener: &listener,
+        opts: &opts,
+        offered: &offered,
+        metrics,
+    };
+    loop {
+        match serve_session(&host, request.clone())? {
+            SessionEnd::Closed => return Ok(()),
+            SessionEnd::Lost(why) => tracing::warn!("{why}; registering again"),
+        }
+    }
+}
+
+/// What a worker keeps across its sessions with the coordinator.
+struct Host<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    listener: &'a TcpListener,
+    opts: &'a AgentOptions,
+    offered: &'a [devices::Offered],
+    metrics: Arc<WorkerMetrics>,
+}
+
+/// How a session with the coordinator ended.
+enum SessionEnd {
+    /// The coordinator closed the assignment stream: the worker is done.
+    Closed,
+    /// The coordinator went away or no longer knows this worker.
+    Lost(String),
+}
+
+/// One registration: heartbeats, and the assignments it is given, run one at a time, until
+/// the coordinator closes the stream or loses this worker.
+fn serve_session(host: &Host, request: RegisterRequest) -> Result<SessionEnd> {
+    let (rt, opts) = (host.rt, host.opts);
+    let (_, reply) = register(rt, opts, request)?;
     let id = reply.worker_id;
     tracing::info!(worker = id, "registered");
     // From here on every call carries this worker's session.
@@ -114,7 +153,7 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
         token: opts.token.as_deref(),
         session: Some(&reply.session),
     };
-    let mut client = rt
+    let client = rt
         .block_on(taming_proto::connect_coordinator(
             &opts.coordinator,
             caller,
@@ -123,13 +162,19 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
         .context("connecting to the coordinator")?;
     let stop = Arc::new(AtomicBool::new(false));
     let busy = Busy::default();
-    rt.spawn(heartbeat(
-        client.clone(),
-        id.clone(),
-        Duration::from_millis(reply.heartbeat_ms.max(100) as u64),
-        stop.clone(),
-        busy.clone(),
+    let (lost_tx, mut lost) = tokio::sync::watch::channel(None);
+    let beat = rt.spawn(heartbeat(
+        Heartbeat {
+            client: client.clone(),
+            id: id.clone(),
+            every: Duration::from_millis(reply.heartbeat_ms.max(100) as u64),
+            stop: stop.clone(),
+            busy: busy.clone(),
+        },
+        lost_tx,
     ));
+    // The heartbeat of this session ends with it.
+    let _beat = AbortOnDrop(beat);
     let mut stream = rt
         .block_on(async {
             let mut c = taming_proto::connect_coordinator_stream(
@@ -145,63 +190,103 @@ pub fn run_agent(opts: AgentOptions) -> Result<()> {
         })
         .context("watching assignments")?
         .into_inner();
-    while let Some(a) = rt.block_on(stream.message()).context("assignment stream")? {
+    let session = Session {
+        rt,
+        client: &client,
+        worker_id: &id,
+        listener: host.listener,
+        opts,
+        offered: host.offered,
+        stop: stop.clone(),
+        metrics: host.metrics.clone(),
+    };
+    loop {
+        let next = rt.block_on(async {
+            tokio::select! {
+                m = stream.message() => Ok(m),
+                _ = lost.wait_for(Option::is_some) => Err(()),
+            }
+        });
+        let a = match next {
+            Ok(Ok(Some(a))) => a,
+            Ok(Ok(None)) => return Ok(SessionEnd::Closed),
+            Ok(Err(e)) => {
+                return Ok(SessionEnd::Lost(format!(
+                    "the assignment stream broke: {e}"
+                )));
+            }
+            Err(()) => return Ok(SessionEnd::Lost(lost_reason(&lost))),
+        };
         stop.store(false, Ordering::SeqCst);
         if let Ok(mut b) = busy.lock() {
             *b = Some((a.job_id.clone(), a.attempt));
         }
-        tracing::info!(
-            job = a.job_id,
-            rank = a.rank,
-            attempt = a.attempt,
-            "assignment"
-        );
-        let started = Instant::now();
-        let session = Session {
-            rt: &rt,
-            client: &client,
-            worker_id: &id,
-            listener: &listener,
-            opts: &opts,
-            offered: &offered,
-            stop: stop.clone(),
-            metrics: metrics.clone(),
-        };
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_assignment(&session, &a)));
-        let panicked = outcome.is_err();
-        let result = outcome.unwrap_or_else(|_| Err(anyhow::anyhow!("{}", last_panic())));
-        let (state, message) = match &result {
-            Ok(()) => (
-                RankState::Succeeded,
-                format!("done in {:.0} s", started.elapsed().as_secs_f64()),
-            ),
-            Err(e) => (RankState::Failed, format!("{e:#}")),
-        };
-        let retryable = panicked || result.as_ref().err().is_some_and(retryable);
-        if let Err(e) = &result {
-            tracing::error!(job = a.job_id, "{e:#}");
-        }
-        let report = ProgressReport {
-            worker_id: id.clone(),
-            job_id: a.job_id.clone(),
-            attempt: a.attempt,
-            rank: a.rank,
-            step: 0,
-            losses: Default::default(),
-            images_per_s: 0.0,
-            state,
-            message,
-            retryable,
-        };
-        let _ = rt.block_on(client.report_progress(report.to_wire()));
+        run_and_report(&session, &a);
         if let Ok(mut b) = busy.lock() {
             *b = None;
         }
-        if panicked {
-            std::process::exit(101);
+        if lost.borrow().is_some() {
+            return Ok(SessionEnd::Lost(lost_reason(&lost)));
         }
     }
-    Ok(())
+}
+
+/// Why the heartbeat says the session is lost.
+fn lost_reason(lost: &tokio::sync::watch::Receiver<Option<String>>) -> String {
+    lost.borrow().clone().unwrap_or_default()
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs one assignment and reports how it ended; a panic ends the process once reported.
+fn run_and_report(session: &Session, a: &WireAssignment) {
+    tracing::info!(
+        job = a.job_id,
+        rank = a.rank,
+        attempt = a.attempt,
+        "assignment"
+    );
+    let started = Instant::now();
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_assignment(session, a)));
+    let panicked = outcome.is_err();
+    let result = outcome.unwrap_or_else(|_| Err(anyhow::anyhow!("{}", last_panic())));
+    let (state, message) = match &result {
+        Ok(()) => (
+            RankState::Succeeded,
+            format!("done in {:.0} s", started.elapsed().as_secs_f64()),
+        ),
+        Err(e) => (RankState::Failed, format!("{e:#}")),
+    };
+    let retryable = panicked || result.as_ref().err().is_some_and(retryable);
+    if let Err(e) = &result {
+        tracing::error!(job = a.job_id, "{e:#}");
+    }
+    let report = ProgressReport {
+        worker_id: session.worker_id.to_string(),
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        rank: a.rank,
+        step: 0,
+        losses: Default::default(),
+        images_per_s: 0.0,
+        state,
+        message,
+        retryable,
+    };
+    let mut client = session.client.clone();
+    let _ = session
+        .rt
+        .block_on(client.report_progress(report.to_wire()));
+    if panicked {
+        std::process::exit(101);
+    }
 }
 
 /// The latest panic of this process, as `panicked at FILE:LINE:COL: MESSAGE`.
@@ -305,46 +390,85 @@ async fn connect(addr: &str, token: Option<&str>, transport: &Transport) -> Resu
 /// The assignment (job, attempt) the worker is running, which its heartbeats announce.
 type Busy = Arc<Mutex<Option<(String, u32)>>>;
 
-async fn heartbeat(
-    mut client: Client,
+/// Heartbeats the coordinator has not answered before the worker takes it for gone.
+const HEARTBEAT_FAILURES: u32 = 30;
+
+/// What a session's heartbeat sends with and where it says what it heard.
+struct Heartbeat {
+    client: Client,
     id: String,
     every: Duration,
+    /// Set when the coordinator says the running assignment must stop.
     stop: Arc<AtomicBool>,
     busy: Busy,
-) {
+}
+
+/// Heartbeats every `h.every`, with the assignment in hand and the work counter. When the
+/// coordinator no longer knows this worker (it restarted, or dropped the worker as hung),
+/// the assignment is told to stop and `lost` says why; a worker whose session is not over
+/// [`HEARTBEAT_FAILURES`] beats later (its training thread is stuck), or whose coordinator
+/// does not answer that many, exits (status 3) for its supervisor to start it afresh.
+async fn heartbeat(h: Heartbeat, lost: tokio::sync::watch::Sender<Option<String>>) {
     let mut failures = 0;
     loop {
-        tokio::time::sleep(every).await;
-        let (busy_job, busy_attempt) = busy
+        tokio::time::sleep(h.every).await;
+        if lost.borrow().is_some() {
+            failures += 1;
+            if failures >= HEARTBEAT_FAILURES {
+                tracing::error!(
+                    "the coordinator lost this worker, and its assignment does not stop; exiting"
+                );
+                std::process::exit(3);
+            }
+            continue;
+        }
+        let (busy_job, busy_attempt) = h
+            .busy
             .lock()
             .map(|b| b.clone())
             .unwrap_or_default()
             .unwrap_or_default();
-        match client
-            .heartbeat(HeartbeatRequest {
-                worker_id: id.clone(),
-                busy_job,
-                busy_attempt,
-                work: crate::liveness::work(),
-            })
-            .await
-        {
+        let beat = HeartbeatRequest {
+            worker_id: h.id.clone(),
+            busy_job,
+            busy_attempt,
+            work: crate::liveness::work(),
+        };
+        match h.client.clone().heartbeat(beat).await {
             Ok(r) => {
                 failures = 0;
                 if !r.into_inner().stop_jobs.is_empty() {
-                    stop.store(true, Ordering::SeqCst);
+                    h.stop.store(true, Ordering::SeqCst);
                 }
+            }
+            Err(e) if forgotten(&e) => {
+                tracing::warn!("heartbeat refused: {}", e.message());
+                h.stop.store(true, Ordering::SeqCst);
+                failures = 0;
+                let _ = lost.send(Some(format!(
+                    "the coordinator no longer knows worker {} ({})",
+                    h.id,
+                    e.message()
+                )));
             }
             Err(e) => {
                 failures += 1;
                 tracing::warn!("heartbeat failed: {e}");
-                if failures >= 30 {
+                if failures >= HEARTBEAT_FAILURES {
                     tracing::error!("the coordinator is gone; exiting");
                     std::process::exit(3);
                 }
             }
         }
     }
+}
+
+/// Whether a refused heartbeat says the coordinator does not know this worker's session.
+fn forgotten(e: &tonic::Status) -> bool {
+    matches!(
+        e.code(),
+        tonic::Code::NotFound | tonic::Code::PermissionDenied
+    )
 }
 
 /// The worker's registered session with the coordinator: what every assignment runs with.
