@@ -1,6 +1,7 @@
 //! Decoding and augmentation: the reference's preprocessing (shorter side to `size`, random
 //! crop for training or center crop for validation, x/127.5 - 1) plus an optional
-//! horizontal flip.
+//! horizontal flip. The resize is PIL's antialiased bilinear (within one level of PIL's
+//! pixels, `tests/resize.rs`), not the reference's cv2 linear, which aliases when it shrinks.
 //!
 //! Image and label-map sizes are read from their headers and checked before any pixel buffer
 //! is made: at most [`MAX_IMAGE_PIXELS`] decoded, and at most as many after the resize (a
