@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything CI checks, from a fresh clone: formatting, clippy with warnings as errors (with
-# the Vulkan backend compiled in, which is also CI's `cargo check` of that feature), the fuzz
+# the Vulkan backend compiled in, which is also CI's `cargo check` of that feature), the
+# crates' docs with warnings as errors, the fuzz
 # targets for 30 s each (scripts/fuzz.sh, which installs cargo-fuzz), and the whole test
 # suite. Needs the Rust toolchain, python3 and npm (installed with apt when
 # missing and root); installs rustfmt and clippy if missing, the storage servers the data
@@ -141,6 +142,8 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy (with --features vulkan,wgpu)"
 cargo clippy --workspace --all-targets --features taming-model/vulkan,taming-model/wgpu -- -D warnings
+echo "== cargo doc (warnings as errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --features taming-model/wgpu --quiet
 echo "== cargo fuzz (each target 30 s)"
 bash scripts/fuzz.sh 30
 echo "== cargo test (with --features wgpu; the device tests on ${TAMING_TEST_DEVICE:-wgpu:0})"
