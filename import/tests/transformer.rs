@@ -1,7 +1,7 @@
 //! Stage-2 transformer: parity of GPT logits with the reference (fixtures made by
 //! tools/fixtures/make_gpt_fixtures.py with taming-transformers 0.0.1), the reference's token
-//! orders, the KV cache against full forwards, sliding-window sampling (plain against reuse)
-//! and the errors of bad requests.
+//! orders, the KV cache against full forwards, sliding-window sampling (against the
+//! reference's own loop, and plain against reuse) and the errors of bad requests.
 
 #[path = "../../model/tests/common/mod.rs"]
 mod common;
@@ -177,6 +177,38 @@ fn cached_sampling_draws_what_uncached_sampling_draws() {
     let other = sample_window(&m.gpt, &layout, &conds, top_k, 6, true).unwrap();
     let first = sample_window(&m.gpt, &layout, &conds, top_k, 5, true).unwrap();
     assert_ne!(other, first, "another seed draws other codes");
+}
+
+/// On an 18x20 grid with a 16x16 window, both modes pick, greedily, the codes that the
+/// reference's own loop (`run_conditional` of scripts/sample_conditional.py at HEAD, run by
+/// tools/fixtures/make_window_fixtures.py) picks for the same GPT and cond codes.
+#[test]
+fn sliding_window_sampling_picks_what_the_reference_loop_picks() {
+    let m = import("window", Some([16, 16]));
+    assert_eq!(m.config.permuter, PermuterKind::Identity);
+    let layout = TokenLayout::new(m.config.clone()).unwrap();
+    let exp = Expected::from_file(&fixture("window").join("sampled.safetensors"));
+    let (_, cond) = exp.i64s("cond");
+    let (_, want) = exp.i64s("codes");
+    for mode in [WindowMode::Plain, WindowMode::Reuse] {
+        let got = sample_grid(
+            &m.gpt,
+            &layout,
+            [18, 20],
+            &GridCond::Spatial(cond.clone()),
+            Sampling::GREEDY,
+            0,
+            mode,
+        )
+        .unwrap();
+        let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differ,
+            0,
+            "{mode:?}: {differ} of {} codes differ",
+            want.len()
+        );
+    }
 }
 
 #[test]
