@@ -4,7 +4,6 @@
 //! order, so the results equal burn's. The state is burn's `AdamState`, so checkpoints are
 //! those of burn's Adam. Other backends, dtypes and AMSGrad run burn's `Adam`.
 
-use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{
     Adam, AdamConfig, AdamState, AdaptiveMomentumState, LearningRate, ModuleOptimizer, Optimizer,
 };
@@ -27,16 +26,9 @@ pub struct AdamSettings {
     pub epsilon: f32,
 }
 
-/// Adam ([`AdamSettings`]), optionally with gradient clipping, as a module optimizer.
-pub fn adam_optimizer(
-    settings: AdamSettings,
-    clip: Option<GradientClippingConfig>,
-) -> ModuleOptimizer {
-    let optim = ModuleOptimizer::from(FusedAdam::new(settings));
-    match clip {
-        Some(clip) => optim.with_grad_clipping(clip.init()),
-        None => optim,
-    }
+/// Adam ([`AdamSettings`]) as a module optimizer.
+pub fn adam_optimizer(settings: AdamSettings) -> ModuleOptimizer {
+    ModuleOptimizer::from(FusedAdam::new(settings))
 }
 
 /// Adam updating each f32 parameter of burn's Flex backend in one pass; burn's `Adam`

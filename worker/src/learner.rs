@@ -282,6 +282,8 @@ pub struct Learner<M: Module> {
     acc: GradientsAccumulator<M>,
     /// The accumulated gradients' mean, started before the step.
     pending: Option<PendingMean>,
+    /// The largest global l2 norm of the gradients a step applies.
+    clip: Option<f32>,
 }
 
 impl<M: Module + ModuleSnapshot> Learner<M> {
@@ -292,7 +294,15 @@ impl<M: Module + ModuleSnapshot> Learner<M> {
             optim,
             acc: GradientsAccumulator::new(),
             pending: None,
+            clip: None,
         }
+    }
+
+    /// Clips each step's averaged gradients to a global l2 norm of at most `max_norm`
+    /// ([`clip_global_norm`]); `None`: no clipping.
+    pub fn with_clip(mut self, max_norm: Option<f32>) -> Self {
+        self.clip = max_norm;
+        self
     }
 
     /// Adds a micro-batch's gradients.
@@ -316,10 +326,13 @@ impl<M: Module + ModuleSnapshot> Learner<M> {
     /// One optimizer step at `lr` on the accumulated gradients averaged over `group` (the
     /// mean started by [`Self::start_mean`], if any).
     pub fn step(mut self, lr: f64, group: &mut Group) -> Result<Self, CollectiveError> {
-        let grads = match self.pending.take() {
+        let mut grads = match self.pending.take() {
             Some(pending) => group.finish_mean(pending, &self.module)?,
             None => group.mean(&self.module, self.acc.grads())?,
         };
+        if let Some(max_norm) = self.clip {
+            clip_global_norm(&self.module, &mut grads, max_norm);
+        }
         self.module = self.optim.step(lr, self.module, grads);
         Ok(self)
     }
@@ -499,4 +512,49 @@ mod tests {
             .is_err()
         );
     }
+}
+
+/// Scales the gradients of `module`'s parameters in `grads` so that their global l2 norm
+/// (over all of them together) is at most `max_norm`, as torch's `clip_grad_norm_` (and so
+/// Lightning's `gradient_clip_val`) does: by `max_norm / (norm + 1e-6)` when that is below
+/// one. Returns the norm before clipping.
+pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f32) -> f32 {
+    struct SquaredSum<'a> {
+        grads: &'a GradientsParams,
+        sum: Option<Tensor<1>>,
+    }
+    impl ModuleVisitor for SquaredSum<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let s = g.powi_scalar(2).sum();
+                self.sum = Some(match self.sum.take() {
+                    Some(acc) => acc + s,
+                    None => s,
+                });
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f32,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads
+                    .register::<D>(param.id, g.mul_scalar(self.factor));
+            }
+        }
+    }
+    let mut squared = SquaredSum { grads, sum: None };
+    module.visit(&mut squared);
+    let Some(sum) = squared.sum else {
+        return 0.0;
+    };
+    let norm = sum.into_scalar::<f32>().sqrt();
+    let factor = max_norm / (norm + 1e-6);
+    if factor < 1.0 {
+        module.visit(&mut Scale { grads, factor });
+    }
+    norm
 }

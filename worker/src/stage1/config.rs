@@ -42,7 +42,8 @@ pub struct Stage1Config {
     /// Micro-batches whose gradients are summed before each optimizer step.
     #[serde(default = "one")]
     pub grad_accum: usize,
-    /// Clip each parameter's gradient to this l2 norm.
+    /// Clip the averaged gradients of each network to this global l2 norm (as torch's
+    /// `clip_grad_norm_`).
     #[serde(default)]
     pub grad_clip: Option<f32>,
     /// Horizontal flips in training augmentation.

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::optim::ModuleOptimizer;
-use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use taming_dataloader::{ImageBatch, LoaderState};
@@ -113,13 +112,13 @@ pub struct Stage1Trainer {
 const USAGE_WINDOW: usize = 65_536;
 
 /// The reference's Adam (betas 0.5, 0.9), one pass per parameter on the CPU backend.
-fn adam(clip: Option<f32>) -> ModuleOptimizer {
+fn adam() -> ModuleOptimizer {
     let settings = AdamSettings {
         beta_1: 0.5,
         beta_2: 0.9,
         epsilon: 1e-8,
     };
-    adam_optimizer(settings, clip.map(GradientClippingConfig::Norm))
+    adam_optimizer(settings)
 }
 
 impl Stage1Trainer {
@@ -161,8 +160,8 @@ impl Stage1Trainer {
         Ok(Self {
             ema,
             usage,
-            ae: Learner::new(model, adam(config.grad_clip)),
-            disc: Learner::new(disc, adam(config.grad_clip)),
+            ae: Learner::new(model, adam()).with_clip(config.grad_clip),
+            disc: Learner::new(disc, adam()).with_clip(config.grad_clip),
             accumulation: Accumulation::new(config.grad_accum),
             loss: VqLoss::new(config.loss.clone(), lpips),
             maintainer,

@@ -79,7 +79,7 @@ pub struct Stage2Config {
     /// Final rate of the cosine schedule as a fraction of the peak.
     #[serde(default)]
     pub min_lr_ratio: f64,
-    /// Clip the gradient norm of each parameter.
+    /// Clip the averaged gradients to this global l2 norm (as torch's `clip_grad_norm_`).
     #[serde(default)]
     pub grad_clip: Option<f32>,
     /// Seed of initialization, data order and token dropout.

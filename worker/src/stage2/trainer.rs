@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::tensor::Device;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -102,11 +101,11 @@ impl Stage2Trainer {
             beta_2: 0.95,
             epsilon: 1e-8,
         };
-        let adam = adam_optimizer(settings, config.grad_clip.map(GradientClippingConfig::Norm));
+        let adam = adam_optimizer(settings);
         let ema = config.ema.map(|c| Box::new(Ema::new(c, &gpt)));
         Ok(Self {
             ema,
-            gpt: Learner::new(gpt, adam),
+            gpt: Learner::new(gpt, adam).with_clip(config.grad_clip),
             accumulation: Accumulation::new(config.grad_accum),
             layout,
             config,
