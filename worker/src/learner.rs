@@ -485,35 +485,6 @@ pub fn step_seed(seed: u64, step: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use burn::nn::{Linear, LinearConfig};
-    use burn::tensor::Device;
-
-    #[test]
-    fn the_average_moves_by_one_minus_decay() {
-        let device = Device::flex();
-        let a: Linear = LinearConfig::new(2, 3).init(&device);
-        let w: Linear = LinearConfig::new(2, 3).init(&device);
-        let avg = ema_update(a.clone(), &w, 0.75);
-        let v = |m: &Linear| m.weight.val().into_data().try_to_vec::<f32>().unwrap();
-        for ((x, y), z) in v(&a).iter().zip(v(&w)).zip(v(&avg)) {
-            assert!((0.75 * x + 0.25 * y - z).abs() < 1e-6);
-        }
-        let copy = ema_update(a, &w, 0.0);
-        assert_eq!(v(&copy), v(&w));
-        assert!(
-            EmaConfig {
-                decay: 1.0,
-                start: 0
-            }
-            .validate()
-            .is_err()
-        );
-    }
-}
-
 /// Scales the gradients of `module`'s parameters in `grads` so that their global l2 norm
 /// (over all of them together) is at most `max_norm`, as torch's `clip_grad_norm_` (and so
 /// Lightning's `gradient_clip_val`) does: by `max_norm / (norm + 1e-6)` when that is below
@@ -557,4 +528,33 @@ pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_
         module.visit(&mut Scale { grads, factor });
     }
     norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::Device;
+
+    #[test]
+    fn the_average_moves_by_one_minus_decay() {
+        let device = Device::flex();
+        let a: Linear = LinearConfig::new(2, 3).init(&device);
+        let w: Linear = LinearConfig::new(2, 3).init(&device);
+        let avg = ema_update(a.clone(), &w, 0.75);
+        let v = |m: &Linear| m.weight.val().into_data().try_to_vec::<f32>().unwrap();
+        for ((x, y), z) in v(&a).iter().zip(v(&w)).zip(v(&avg)) {
+            assert!((0.75 * x + 0.25 * y - z).abs() < 1e-6);
+        }
+        let copy = ema_update(a, &w, 0.0);
+        assert_eq!(v(&copy), v(&w));
+        assert!(
+            EmaConfig {
+                decay: 1.0,
+                start: 0
+            }
+            .validate()
+            .is_err()
+        );
+    }
 }

@@ -51,7 +51,7 @@ struct Read<'a> {
 impl ModuleVisitor for Read<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let g = self.grads.get::<D>(param.id).unwrap();
-        self.values.push(g.into_data().to_vec::<f32>().unwrap());
+        self.values.push(g.into_data().try_to_vec::<f32>().unwrap());
     }
 }
 
