@@ -4,7 +4,9 @@
 //! `hang-at-step:N` makes it stop there for good while its heartbeat goes on (a hung rank);
 //! `nan-at-steps:A-B` makes stage-1 training inputs not-a-number in steps A to B (every time
 //! they are trained, as a diverging run would); `hold-at-step:N` stops it at step N until the
-//! file named by `TAMING_FAILPOINT_RELEASE` exists (a job held running while a test looks).
+//! file named by `TAMING_FAILPOINT_RELEASE` exists (a job held running while a test looks);
+//! `abort-in-upload:N` aborts the process while it copies the checkpoint of step N to object
+//! storage, its files sent and `checkpoints/latest` not yet (a process killed mid-upload).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -25,6 +27,8 @@ pub enum Failpoint {
     HoldAtStep(u64),
     /// Training inputs of steps A..=B are NaN.
     NanAtSteps(u64, u64),
+    /// Abort while uploading the checkpoint of step N, before naming it.
+    AbortInUpload(u64),
 }
 
 /// The failpoint set by [`FAILPOINT_ENV`], if any; an error naming the variable when its
@@ -37,7 +41,7 @@ pub fn configured() -> Result<Option<Failpoint>, String> {
             Ok(v) => parse(&v).map(Some).ok_or_else(|| {
                 format!(
                     "{FAILPOINT_ENV}=`{v}`: expected panic-at-step:N, hang-at-step:N, \
-                     hold-at-step:N or nan-at-steps:A-B"
+                     hold-at-step:N, abort-in-upload:N or nan-at-steps:A-B"
                 )
             }),
         })
@@ -55,6 +59,7 @@ fn parse(v: &str) -> Option<Failpoint> {
         "panic-at-step" => Some(Failpoint::PanicAtStep(step)),
         "hang-at-step" => Some(Failpoint::HangAtStep(step)),
         "hold-at-step" => Some(Failpoint::HoldAtStep(step)),
+        "abort-in-upload" => Some(Failpoint::AbortInUpload(step)),
         _ => None,
     }
 }
@@ -82,6 +87,14 @@ pub fn at_step(step: u64) {
     }
 }
 
+/// Aborts the process when the failpoint names the checkpoint of `step`, being uploaded.
+pub fn in_upload(step: u64) {
+    if matches!(configured(), Ok(Some(Failpoint::AbortInUpload(n))) if n == step) {
+        tracing::warn!("{FAILPOINT_ENV}: aborting in the upload of step {step}'s checkpoint");
+        std::process::abort();
+    }
+}
+
 /// Whether the failpoint makes the inputs of training step `step` NaN.
 pub fn nan_at(step: u64) -> bool {
     matches!(configured(), Ok(Some(Failpoint::NanAtSteps(a, b))) if (a..=b).contains(&step))
@@ -96,6 +109,10 @@ mod tests {
         assert_eq!(parse("panic-at-step:3"), Some(Failpoint::PanicAtStep(3)));
         assert_eq!(parse("hang-at-step:12"), Some(Failpoint::HangAtStep(12)));
         assert_eq!(parse("hold-at-step:2"), Some(Failpoint::HoldAtStep(2)));
+        assert_eq!(
+            parse("abort-in-upload:4"),
+            Some(Failpoint::AbortInUpload(4))
+        );
         assert_eq!(parse("nan-at-steps:4-6"), Some(Failpoint::NanAtSteps(4, 6)));
         for bad in [
             "panic-at-step",

@@ -148,6 +148,9 @@ impl RunMirror {
         if out.join("metrics.csv").exists() {
             self.push_file(out, "metrics.csv")?;
         }
+        if let Some(step) = name.strip_prefix("ckpt-").and_then(|d| d.parse().ok()) {
+            crate::failpoint::in_upload(step);
+        }
         self.claim(out)?;
         self.push_file(out, &format!("checkpoints/{LATEST}"))?;
         self.prune(out, &name)

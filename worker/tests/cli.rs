@@ -1,6 +1,7 @@
 //! The `worker` binary: decoding batches ahead (`--prefetch`) changes when batches are made,
 //! not which ones a run trains on; a device the build lacks is refused before any work;
-//! `--threads` sizes the compute pool.
+//! `--threads` sizes the compute pool; a run killed while it copies a checkpoint to object
+//! storage leaves the previous one named and whole, and resumes from it elsewhere.
 
 mod common;
 
@@ -100,4 +101,57 @@ fn threads_sets_the_size_of_the_named_compute_pool() {
     );
     compute.sort();
     assert_eq!(compute, ["compute-0", "compute-1", "compute-2"]);
+}
+
+/// `worker train` keeping its checkpoints in a `file://` object store, for `steps`; `extra`
+/// flags and environment as given.
+fn train_mirrored(config: &Path, out: &Path, url: &str, steps: &str) -> Command {
+    let mut cmd = Command::new(bin("worker"));
+    cmd.args(["train", "--stage", "vqgan", "--quiet", "--steps", steps])
+        .args(["--eval-every", "2", "--checkpoint-every", "2"])
+        .args(["--checkpoint-url", url])
+        .arg("--config")
+        .arg(config)
+        .arg("--out")
+        .arg(out);
+    cmd
+}
+
+/// A process killed while it uploads the checkpoint of step 4 (its files sent, `latest` not
+/// yet): the copy still names step 2's checkpoint, whole, and a run elsewhere resumes from
+/// it with one continuous step count.
+#[test]
+fn a_run_killed_mid_upload_leaves_the_previous_checkpoint_named_and_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_config(tmp.path());
+    let copy = tmp.path().join("copy");
+    let url = format!("file://{}", copy.display());
+    let killed = train_mirrored(&config, &tmp.path().join("first"), &url, "6")
+        .env("TAMING_FAILPOINT", "abort-in-upload:4")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&killed.stderr);
+    assert!(!killed.status.success(), "{stderr}");
+    assert!(stderr.contains("aborting in the upload"), "{stderr}");
+    let latest = std::fs::read_to_string(copy.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), "ckpt-00000002");
+    assert!(
+        copy.join("checkpoints/ckpt-00000004/model.bpk").is_file(),
+        "step 4's files were sent before the abort"
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(copy.join("checkpoints/ckpt-00000002/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["step"], 2);
+    let elsewhere = tmp.path().join("elsewhere");
+    succeed(train_mirrored(&config, &elsewhere, &url, "6").arg("--resume"));
+    let csv = std::fs::read_to_string(elsewhere.join("metrics.csv")).unwrap();
+    assert_eq!(
+        taming_tests::process::csv_text_steps(&csv),
+        [1, 2, 3, 4, 5, 6],
+        "resumed from step 2"
+    );
+    let latest = std::fs::read_to_string(copy.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), "ckpt-00000006");
 }
