@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use burn::tensor::Device;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
@@ -313,11 +315,48 @@ fn the_photo_crop_default_trains_end_to_end() {
         .into_owned();
     let mut run = RunSettings::single(out.clone(), 2, Device::flex().autodiff());
     run.eval_every = 2;
-    let s = train(VqganPlan::new(cfg, data), run, None, false).unwrap();
+    let s = train(VqganPlan::new(cfg, data.clone()), run, None, false).unwrap();
     assert_eq!(s.steps, 2);
     assert!(s.first_val.is_finite() && s.last_val.is_finite());
     assert!(out.join("model/model.safetensors").is_file());
-    assert!(out.join("val_grid.png").is_file());
+    assert_grid_shows_the_validation_images(&out.join("val_grid.png"), &data, 16, 64);
+}
+
+/// `val_grid.png` holds, four pairs a row, the first `n` validation images (decoded here from
+/// the shard, independently of the loader) on the left of each pair, and on the right a
+/// reconstruction: an image of its own (not the input, not the background).
+fn assert_grid_shows_the_validation_images(grid: &Path, data: &str, n: usize, size: u32) {
+    let grid = image::open(grid).unwrap().into_rgb8();
+    let (gap, per_row) = (2, 4);
+    let rows = (n as u32).div_ceil(per_row);
+    assert_eq!(
+        grid.dimensions(),
+        (per_row * (2 * size + 3 * gap), rows * (size + gap))
+    );
+    let shard = std::fs::File::open(Path::new(data).join("val-000000.tar")).unwrap();
+    let mut archive = tar::Archive::new(shard);
+    let images: Vec<image::RgbImage> = archive
+        .entries()
+        .unwrap()
+        .take(n)
+        .map(|e| {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut e.unwrap(), &mut bytes).unwrap();
+            image::load_from_memory(&bytes).unwrap().into_rgb8()
+        })
+        .collect();
+    for (i, want) in images.iter().enumerate() {
+        let (col, row) = (i as u32 % per_row, i as u32 / per_row);
+        let (x, y) = (col * (2 * size + 3 * gap), row * (size + gap));
+        let tile = |x0: u32| image::imageops::crop_imm(&grid, x0, y, size, size).to_image();
+        assert!(tile(x) == *want, "image {i} is not on the left of pair {i}");
+        let rec = tile(x + size + gap);
+        let white = image::RgbImage::from_pixel(size, size, image::Rgb([255, 255, 255]));
+        assert!(
+            rec != *want && rec != white,
+            "pair {i} has no reconstruction"
+        );
+    }
 }
 
 /// Dead-code restart through the trainer with codebooks 1x, 2x and 64x the batch's latents
