@@ -1,7 +1,9 @@
 //! `vqgan encode --device` on the test device (`TAMING_TEST_DEVICE`: Mesa's lavapipe in CI)
 //! gives the CPU's codes, and the reference's, for both photos of every parity fixture,
-//! each taken at its own size (`--no-resize`), as the reference encoded them. Skips with a printed line where the build or the machine has no
-//! such device (`model/tests/common/device.rs`).
+//! each taken at its own size (`--no-resize`), as the reference encoded them; `reconstruct`
+//! and `decode --device` give the CPU's pictures (and the reference decoder's) within a
+//! level. Skips with a printed line where the build or the machine has no such device
+//! (`model/tests/common/device.rs`).
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -85,4 +87,77 @@ fn encode_on_the_device_gives_the_cpus_codes_for_every_fixture() {
             );
         }
     }
+}
+
+/// The largest difference between two pictures of the same size, in levels.
+fn largest_difference(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn reconstruct_and_decode_on_the_device_give_the_cpus_pictures() {
+    let Some(dev) = test_device("vqgan reconstruct and decode on the test device") else {
+        return;
+    };
+    let spec = dev.spec.to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("vq_a");
+    let model = tmp.path().join("vq_a");
+    vqgan(&[
+        "import-taming",
+        "--config",
+        s(&dir.join("model.yaml")),
+        "--ckpt",
+        s(&dir.join("model.ckpt")),
+        "--out",
+        s(&model),
+    ]);
+    let photo = dir.join("photo_0.png");
+    let codes = tmp.path().join("codes.json");
+    vqgan(&[
+        "encode",
+        "--model",
+        s(&model),
+        "--image",
+        s(&photo),
+        "--no-resize",
+        "--out",
+        s(&codes),
+    ]);
+    let picture = |command: &str, device: &str| {
+        let out = tmp.path().join(format!("{command}-{device}.png"));
+        let input = match command {
+            "reconstruct" => ["--image", s(&photo)],
+            _ => ["--codes", s(&codes)],
+        };
+        let mut args = vec![command, "--model", s(&model), "--device", device];
+        args.extend(input);
+        args.extend(["--out", s(&out)]);
+        vqgan(&args);
+        image::open(&out).unwrap().to_rgb8()
+    };
+    for command in ["reconstruct", "decode"] {
+        let (cpu, on_device) = (picture(command, "cpu"), picture(command, &spec));
+        let d = largest_difference(&cpu, &on_device);
+        assert!(d <= 1, "{command}: {spec} is {d} levels from the CPU");
+    }
+    // The reference decoder's output for the photo, as 8-bit pixels.
+    let (_, dec) = Expected::load("vq_a").f32s("decoder_out");
+    let reference = image::RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([0, 1, 2].map(|c| {
+            let r = dec[c * 32 * 32 + y as usize * 32 + x as usize].clamp(-1.0, 1.0);
+            ((r + 1.0) * 127.5).round() as u8
+        }))
+    });
+    let d = largest_difference(&picture("reconstruct", &spec), &reference);
+    assert!(
+        d <= 1,
+        "reconstruct on {spec}: {d} levels from the reference decoder"
+    );
 }
