@@ -194,8 +194,9 @@ print(len(keys))
 
 /// With `eval.inception`, validation adds rFID (the validation images against their
 /// reconstructions through pytorch-fid's Inception, here with the FID fixture's generated
-/// weights): the last row's `val_rfid` is what `vqgan eval --inception` reports for the
-/// exported model over the same images.
+/// weights) at the evaluations `eval.fid_every` names: every step is evaluated, rFID only at
+/// step 3 (the others `NaN`), and the last row's `val_rfid` is what `vqgan eval --inception`
+/// reports for the exported model over the same images.
 #[test]
 fn rfid_in_validation_is_vqgan_evals() {
     let tmp = tempfile::tempdir().unwrap();
@@ -224,7 +225,7 @@ fn rfid_in_validation_is_vqgan_evals() {
     let mut yaml: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
     yaml["eval"] = serde_yaml::from_str(&format!(
-        "{{inception: {}, any_weights: true}}",
+        "{{inception: {}, any_weights: true, fid_every: 3}}",
         weights.display()
     ))
     .unwrap();
@@ -237,11 +238,11 @@ fn rfid_in_validation_is_vqgan_evals() {
                 "--stage",
                 "vqgan",
                 "--steps",
-                "2",
+                "3",
                 "--eval-every",
-                "2",
+                "1",
             ])
-            .args(["--checkpoint-every", "2", "--quiet", "--config"])
+            .args(["--checkpoint-every", "3", "--quiet", "--config"])
             .arg(&config)
             .arg("--data")
             .arg(&data)
@@ -253,7 +254,18 @@ fn rfid_in_validation_is_vqgan_evals() {
         .iter()
         .position(|h| h == "val_rfid")
         .expect("val_rfid");
-    let ours: f64 = rows.last().unwrap()[column].parse().unwrap();
+    let rfid: Vec<f64> = rows.iter().map(|r| r[column].parse().unwrap()).collect();
+    assert_eq!(rfid.len(), 3);
+    assert!(
+        rfid[0].is_nan() && rfid[1].is_nan(),
+        "rFID only every 3 steps: {rfid:?}"
+    );
+    let l1 = header.iter().position(|h| h == "val_l1").expect("val_l1");
+    assert!(
+        rows.iter()
+            .all(|r| r[l1].parse::<f64>().unwrap().is_finite())
+    );
+    let ours = rfid[2];
 
     let eval = tmp.path().join("eval.json");
     succeed(

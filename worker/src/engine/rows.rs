@@ -57,7 +57,8 @@ impl Row {
         columns.index(name).map(|i| self.values[i])
     }
 
-    /// The values with their names, then the validation values when there are any.
+    /// The values with their names, then the validation values when there are any (those
+    /// not measured at this step, `NaN`, left out).
     pub fn named<'a>(&self, columns: &'a Columns) -> Vec<(&'a str, f64)> {
         let mut out: Vec<(&str, f64)> = columns
             .values
@@ -71,7 +72,8 @@ impl Row {
                     .val
                     .iter()
                     .map(String::as_str)
-                    .zip(val.iter().copied()),
+                    .zip(val.iter().copied())
+                    .filter(|(_, v)| !v.is_nan()),
             );
         }
         out

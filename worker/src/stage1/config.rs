@@ -74,11 +74,21 @@ pub struct Stage1Config {
 #[serde(default, deny_unknown_fields)]
 pub struct EvalConfig {
     /// pytorch-fid's Inception weights (`pt_inception-2015-12-05-6726825d.pth`, SHA-256
-    /// checked): rFID of the validation images against their reconstructions at every
-    /// evaluation (column `val_rfid`).
+    /// checked): rFID of the validation images against their reconstructions (column
+    /// `val_rfid`).
     pub inception: Option<PathBuf>,
     /// Accept `inception` weights other than pytorch-fid's file, in its layout.
     pub any_weights: bool,
+    /// rFID at the evaluations whose step is a multiple of this (absent: at every
+    /// evaluation); the others leave `val_rfid` empty (`NaN` in metrics.csv).
+    pub fid_every: Option<u64>,
+}
+
+impl EvalConfig {
+    /// Whether the evaluation at `step` measures rFID.
+    pub fn fid_at(&self, step: u64) -> bool {
+        self.inception.is_some() && self.fid_every.is_none_or(|n| step % n == 0)
+    }
 }
 
 /// Divergence handling: a step whose loss is not finite (on any rank) is skipped and
@@ -141,6 +151,12 @@ impl Stage1Config {
         }
         if let Some(ema) = &self.ema {
             ema.validate()?;
+        }
+        if self.eval.fid_every == Some(0) {
+            return Err(bad(
+                "eval.fid_every",
+                "must be positive (absent: at every evaluation)",
+            ));
         }
         if self.val_images == Some(0) {
             return Err(bad(

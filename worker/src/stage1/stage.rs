@@ -353,6 +353,10 @@ impl Stage for VqganStage {
         let model = self.trainer.eval_model();
         let config = &self.plan.config;
         let mut loader = self.plan.validation_loader()?;
+        let inception = self
+            .inception
+            .as_ref()
+            .filter(|_| config.eval.fid_at(self.trainer.step()));
         let mut left = config.val_images.unwrap_or(usize::MAX);
         let mut measured = Reconstructions::new(config.model.n_embed);
         let mut seg_l1 = (0.0, 0usize);
@@ -381,7 +385,7 @@ impl Stage for VqganStage {
                 .indices
                 .try_into_vec_as::<i64>()
                 .expect("int codes");
-            if let Some(net) = &self.inception {
+            if let Some(net) = inception {
                 let rec = out.reconstruction.clone();
                 for (acc, images) in fid.iter_mut().zip([x.clone(), rec]) {
                     let features = net.features(eight_bit(images));
@@ -395,10 +399,13 @@ impl Stage for VqganStage {
         }
         let r = measured.report();
         let mut values = vec![r.l1, r.psnr, r.ssim, r.usage];
-        if self.inception.is_some() {
+        if inception.is_some() {
             let [images, recs] = fid;
             let rfid = frechet_distance(&images.finish()?, &recs.finish()?)?;
             values.push(rfid);
+        } else if self.inception.is_some() {
+            // Not measured at this step.
+            values.push(f64::NAN);
         }
         Ok(values)
     }
