@@ -175,21 +175,7 @@ fn serve_session(host: &Host, request: RegisterRequest) -> Result<SessionEnd> {
     ));
     // The heartbeat of this session ends with it.
     let _beat = AbortOnDrop(beat);
-    let mut stream = rt
-        .block_on(async {
-            let mut c = taming_proto::connect_coordinator_stream(
-                &opts.coordinator,
-                caller,
-                &opts.transport,
-            )
-            .await?;
-            let watch = WatchRequest {
-                worker_id: id.clone(),
-            };
-            Ok::<_, anyhow::Error>(c.watch_assignments(watch).await?)
-        })
-        .context("watching assignments")?
-        .into_inner();
+    let mut stream = watch_assignments(rt, opts, caller, &id)?;
     let session = Session {
         rt,
         client: &client,
@@ -201,21 +187,9 @@ fn serve_session(host: &Host, request: RegisterRequest) -> Result<SessionEnd> {
         metrics: host.metrics.clone(),
     };
     loop {
-        let next = rt.block_on(async {
-            tokio::select! {
-                m = stream.message() => Ok(m),
-                _ = lost.wait_for(Option::is_some) => Err(()),
-            }
-        });
-        let a = match next {
-            Ok(Ok(Some(a))) => a,
-            Ok(Ok(None)) => return Ok(SessionEnd::Closed),
-            Ok(Err(e)) => {
-                return Ok(SessionEnd::Lost(format!(
-                    "the assignment stream broke: {e}"
-                )));
-            }
-            Err(()) => return Ok(SessionEnd::Lost(lost_reason(&lost))),
+        let a = match next_assignment(rt, &mut stream, &mut lost) {
+            Ok(a) => a,
+            Err(end) => return Ok(end),
         };
         stop.store(false, Ordering::SeqCst);
         if let Ok(mut b) = busy.lock() {
@@ -228,6 +202,53 @@ fn serve_session(host: &Host, request: RegisterRequest) -> Result<SessionEnd> {
         if lost.borrow().is_some() {
             return Ok(SessionEnd::Lost(lost_reason(&lost)));
         }
+    }
+}
+
+/// The stream of this worker's assignments.
+fn watch_assignments(
+    rt: &tokio::runtime::Runtime,
+    opts: &AgentOptions,
+    caller: taming_proto::Caller<'_>,
+    id: &str,
+) -> Result<tonic::Streaming<WireAssignment>> {
+    let stream = rt
+        .block_on(async {
+            let mut c = taming_proto::connect_coordinator_stream(
+                &opts.coordinator,
+                caller,
+                &opts.transport,
+            )
+            .await?;
+            let watch = WatchRequest {
+                worker_id: id.to_string(),
+            };
+            Ok::<_, anyhow::Error>(c.watch_assignments(watch).await?)
+        })
+        .context("watching assignments")?;
+    Ok(stream.into_inner())
+}
+
+/// The next assignment, or how the session ended: the stream closed or broke, or the
+/// heartbeat heard that the coordinator lost this worker.
+fn next_assignment(
+    rt: &tokio::runtime::Runtime,
+    stream: &mut tonic::Streaming<WireAssignment>,
+    lost: &mut tokio::sync::watch::Receiver<Option<String>>,
+) -> Result<WireAssignment, SessionEnd> {
+    let next = rt.block_on(async {
+        tokio::select! {
+            m = stream.message() => Ok(m),
+            _ = lost.wait_for(Option::is_some) => Err(()),
+        }
+    });
+    match next {
+        Ok(Ok(Some(a))) => Ok(a),
+        Ok(Ok(None)) => Err(SessionEnd::Closed),
+        Ok(Err(e)) => Err(SessionEnd::Lost(format!(
+            "the assignment stream broke: {e}"
+        ))),
+        Err(()) => Err(SessionEnd::Lost(lost_reason(lost))),
     }
 }
 
