@@ -87,7 +87,7 @@ pub struct EvalConfig {
 impl EvalConfig {
     /// Whether the evaluation at `step` measures rFID.
     pub fn fid_at(&self, step: u64) -> bool {
-        self.inception.is_some() && self.fid_every.is_none_or(|n| step % n == 0)
+        self.inception.is_some() && self.fid_every.is_none_or(|n| step.is_multiple_of(n))
     }
 }
 
