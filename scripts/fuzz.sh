@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs each cargo fuzz target (fuzz/fuzz_targets: the checkpoint pickle reader, shards through
-# the loader, the dataloader service's request check) for SECONDS (default 45) from a copy of
+# the loader, images through the transform, the dataloader service's request check) for SECONDS (default 45) from a copy of
 # its committed corpus (fuzz/corpus/TARGET), with a 2 GiB memory and a 10 s time limit per
 # input. A crash, an out-of-memory or a timeout fails the script and leaves the input under
 # fuzz/artifacts/TARGET/. Installs cargo-fuzz when missing; builds without a sanitizer (the
 # code is safe Rust: what is looked for is panics, unbounded allocation and hangs) on stable
 # Rust (RUSTC_BOOTSTRAP=1 lets cargo fuzz pass its -Z flags), in a target directory of its own.
+# libjpeg-turbo, which the image target reaches, is not instrumented: its inputs are found
+# through the Rust code's coverage and the seed JPEGs.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds=${1:-45}
@@ -16,7 +18,7 @@ fi
 export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR="${TAMING_FUZZ_TARGET:-$HOME/.cache/taming-rs/fuzz-target}"
 cargo fuzz build --sanitizer none
-for target in pickle shard request; do
+for target in pickle shard image request; do
     corpus=$(mktemp -d)
     cp -r "corpus/$target/." "$corpus/"
     echo "== fuzz $target for ${seconds}s"

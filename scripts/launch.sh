@@ -14,6 +14,11 @@ cd "$(dirname "$0")/.."
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get install -y -qq fonts-dejavu-core >/dev/null 2>&1 || true)
 fi
+# The data loader links libjpeg-turbo (its JPEG window decoder).
+if ! pkg-config --exists libjpeg 2>/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -qq libjpeg62-turbo-dev pkg-config >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null && apt-get install -y -qq libjpeg62-turbo-dev pkg-config >/dev/null; })
+fi
 cargo build --release -p taming-coordinator -p taming-worker -p taming-dataloader-cli -p taming-model-cli
 bin=${CARGO_TARGET_DIR:-target}/release
 args=("$@")

@@ -28,6 +28,16 @@ apt_install() {
         || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; }
 }
 
+# libjpeg-turbo's development files: the data loader's JPEG window decoder links them.
+if ! pkg-config --exists libjpeg 2>/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing libjpeg62-turbo-dev and pkg-config (apt)"
+        apt_install libjpeg62-turbo-dev pkg-config
+    else
+        echo "warning: libjpeg-turbo's development files (libjpeg62-turbo-dev) are missing; the build will fail" >&2
+    fi
+fi
+
 pyenv=${TAMING_PYENV:-$HOME/.cache/taming-rs/pyenv}
 if [ ! -x "$pyenv/bin/moto_server" ]; then
     echo "== installing moto[server] into $pyenv"

@@ -2,8 +2,9 @@
 //! decode -- SHARD_DIR [--size 256] [--threads 1] [--passes 2]`. Shards come from
 //! tools/bench/make_jpeg_shards.py; tools/bench/compare_dataloader.sh runs this beside the
 //! Python WebDataset + PIL peer (tools/bench/python_decode.py) on the same shards. With
-//! `--decode-only` it times JPEG decoding alone (the `image` crate, as the loader uses it) over
-//! the shards' images held in memory: the floor under the loader's time per sample.
+//! `--decode-only` it times, over the shards' images held in memory, whole-image JPEG decoding
+//! (the `image` crate) and the transform at `--size` both ways: the full-decode path
+//! ([`Preprocess::apply_full_decode`]) and the JPEG window path the loader takes.
 //!
 //! With `--step-ms MS [--prefetch N] [--batches B]` it is a trainer's view instead: batches of
 //! 32 taken by a loop whose step leaves the CPU free for MS milliseconds (it sleeps, as a host
@@ -40,7 +41,7 @@ fn main() {
     );
     let shards = list_split(dir, "train").expect("benchmark shards");
     if args.iter().any(|a| a == "--decode-only") {
-        decode_only(&shards, arg(&args, "--passes", 2));
+        decode_only(&shards, size, arg(&args, "--passes", 2));
         return;
     }
     let pre = Preprocess {
@@ -87,8 +88,53 @@ fn main() {
     );
 }
 
-/// JPEG decoding alone, one thread, over every `.jpg` of the shards read into memory first.
-fn decode_only(shards: &[String], passes: usize) {
+/// Over every `.jpg` of the shards read into memory first, one thread: whole-image decoding,
+/// then the random-crop transform at `size` by the full-decode path and by the window path.
+fn decode_only(shards: &[String], size: usize, passes: usize) {
+    let images = read_images(shards);
+    let pre = Preprocess {
+        size,
+        random_crop: true,
+        flip: true,
+    };
+    let decode = |b: &[u8]| {
+        std::hint::black_box(image::load_from_memory(b).expect("a JPEG").to_rgb8());
+    };
+    let full = |b: &[u8]| {
+        std::hint::black_box(pre.apply_full_decode(b, &mut rand::rng()).expect("a JPEG"));
+    };
+    let rate = |f: &dyn Fn(&[u8])| best_rate(&images, passes, f);
+    println!(
+        "taming-rs decode only: {:.1} img/s on 1 thread ({} images)",
+        rate(&decode),
+        images.len()
+    );
+    let window = |b: &[u8]| {
+        std::hint::black_box(pre.apply(b, &mut rand::rng()).expect("a JPEG"));
+    };
+    println!(
+        "taming-rs full-decode path at {size}: {:.1} img/s",
+        rate(&full)
+    );
+    println!(
+        "taming-rs window path at {size}: {:.1} img/s",
+        rate(&window)
+    );
+}
+
+/// The best of `passes` rates (images per second) of `f` over `images`.
+fn best_rate(images: &[Vec<u8>], passes: usize, f: &dyn Fn(&[u8])) -> f64 {
+    let mut best = 0.0f64;
+    for _ in 0..passes {
+        let start = Instant::now();
+        images.iter().for_each(|b| f(b));
+        best = best.max(images.len() as f64 / start.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// Every `.jpg` of the shards, read into memory.
+fn read_images(shards: &[String]) -> Vec<Vec<u8>> {
     let mut images = Vec::new();
     for shard in shards {
         let mut archive = tar::Archive::new(std::fs::File::open(shard).expect("a local shard"));
@@ -104,19 +150,7 @@ fn decode_only(shards: &[String], passes: usize) {
             }
         }
     }
-    let mut best = 0.0f64;
-    for _ in 0..passes {
-        let start = Instant::now();
-        for bytes in &images {
-            let img = image::load_from_memory(bytes).expect("a JPEG").to_rgb8();
-            std::hint::black_box(img);
-        }
-        best = best.max(images.len() as f64 / start.elapsed().as_secs_f64());
-    }
-    println!(
-        "taming-rs decode only: {best:.1} img/s on 1 thread ({} images)",
-        images.len()
-    );
+    images
 }
 
 /// Batches of 32 for `batches` steps that each leave the CPU free for `step`, with `depth`

@@ -10,7 +10,8 @@
 //! Where to look: [`source`], [`shards`] and [`stream`] (where shards live, shard lists, a
 //! shard as a bounded stream); [`tar_bound`] (tar members bounded as their headers stream
 //! past); [`reader`] (one rank's sample stream and its [`LoaderState`]); [`sample`],
-//! [`label_map`] and [`transform`] (what a sample holds, decoding and augmentation);
+//! [`label_map`], [`transform`] and [`jpeg`] (what a sample holds, decoding and
+//! augmentation, JPEG crops decoded at a reduced scale);
 //! [`loader`] and [`prefetch`] (batches, made ahead); [`service`] and [`client`] (the batch
 //! service and its fail-over client); [`pack`] and [`codes`] (shard packing, code Parquet).
 
@@ -18,6 +19,7 @@ pub mod bounds;
 pub mod client;
 pub mod codes;
 pub mod error;
+pub mod jpeg;
 pub mod label_map;
 pub mod loader;
 pub mod pack;

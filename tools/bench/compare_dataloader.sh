@@ -6,8 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 py=${1:?usage: compare_dataloader.sh PYTHON}
 shards="$PWD/out/bench-jpeg"   # absolute: cargo bench runs in the crate folder
+imagenet="$PWD/out/bench-imagenet"
 [ -d "$shards" ] || "$py" tools/bench/make_jpeg_shards.py "$shards" --samples 2000
+[ -d "$imagenet" ] || "$py" tools/bench/make_jpeg_shards.py "$imagenet" --samples 2000 --imagenet
 cargo bench -p taming-dataloader --bench decode --no-run
+# ImageNet-shaped photos (shorter side 320-400) to 256 and 224, then the 256x256 shards.
+for size in 256 224; do
+    cargo bench -q -p taming-dataloader --bench decode -- "$imagenet" --size "$size" --threads 1 --passes 3
+    "$py" tools/bench/python_decode.py "$imagenet" --size "$size" --passes 3
+done
+cargo bench -q -p taming-dataloader --bench decode -- "$imagenet" --decode-only --size 256 --passes 3
+"$py" tools/bench/python_decode.py "$imagenet" --decode-only --passes 3
 for size in 256 224; do
     cargo bench -q -p taming-dataloader --bench decode -- "$shards" --size "$size" --threads 1 --passes 3
     "$py" tools/bench/python_decode.py "$shards" --size "$size" --passes 3
