@@ -153,9 +153,10 @@ pub fn upload(url: &str, data: Bytes) -> Result<(), DataError> {
         }
         let mut upload = loc.store.put_multipart(&loc.path).await?;
         let mut sent = async {
-            for start in (0..data.len()).step_by(PART_BYTES) {
+            for (i, start) in (0..data.len()).step_by(PART_BYTES).enumerate() {
                 let end = (start + PART_BYTES).min(data.len());
                 upload.put_part(data.slice(start..end).into()).await?;
+                crate::failpoint::after_part(i + 1);
             }
             upload.complete().await.map(drop)
         }

@@ -19,6 +19,7 @@ pub mod bounds;
 pub mod client;
 pub mod codes;
 pub mod error;
+pub mod failpoint;
 pub mod jpeg;
 pub mod label_map;
 pub mod loader;

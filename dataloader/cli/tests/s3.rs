@@ -1,16 +1,18 @@
 //! The data pipeline against a real S3 server (moto): reading and splitting across ranks,
-//! resume, packing, Parquet multipart upload, precompute over two ranks, and a service
-//! instance killed mid-stream.
+//! resume, packing (and a pack killed mid-upload), Parquet multipart upload, precompute over
+//! two ranks, and a service instance killed mid-stream.
 
 mod common;
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::process::Stdio;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use common::{code_rows, dataloader, image_folder, s3, upload_fashion_mnist, url};
 use taming_dataloader::client::RemoteLoader;
 use taming_dataloader::codes;
+use taming_dataloader::failpoint::UPLOAD_FAILPOINT_ENV;
 use taming_dataloader::shards::{list_split, resolve};
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, ShardLoader};
 use taming_model::checkpoint::native;
@@ -126,6 +128,93 @@ fn pack_writes_complete_shards_to_s3() {
         err.contains("--label-offset is only for --layout pairs"),
         "{err}"
     );
+}
+
+/// 48 PNGs of 192x192 noise in class folder `a` (about 110 KB each: 5.3 MB, which no
+/// compression shrinks, so one shard of them goes up as a multipart upload of two parts).
+fn noise_folder(dir: &Path) {
+    std::fs::create_dir_all(dir.join("a")).unwrap();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..48 {
+        let img = image::RgbImage::from_fn(192, 192, |_, _| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            image::Rgb([x as u8, (x >> 8) as u8, (x >> 16) as u8])
+        });
+        img.save(dir.join(format!("a/{i:02}.png"))).unwrap();
+    }
+}
+
+/// A pack killed after the first part of its shard's multipart upload leaves no shard under
+/// the shard's name (S3 and a local folder), and a rerun writes it whole.
+#[test]
+fn a_pack_killed_mid_upload_leaves_no_shard_and_a_rerun_writes_it_whole() {
+    s3();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    noise_folder(&input);
+    let local = tmp.path().join("local-out");
+    for out in [url("killed"), local.to_string_lossy().into_owned()] {
+        let pack = |failpoint: Option<&str>| {
+            let mut cmd = dataloader();
+            cmd.args([
+                "pack",
+                "--layout",
+                "imagefolder",
+                "--shard-mb",
+                "64",
+                "--out",
+            ])
+            .arg(&out)
+            .arg("--input")
+            .arg(&input);
+            if let Some(f) = failpoint {
+                cmd.env(UPLOAD_FAILPOINT_ENV, f);
+            }
+            cmd.output().unwrap()
+        };
+        let shard = codes::join(&out, "train-000000.tar");
+        let killed = pack(Some("abort-after-parts:1"));
+        assert!(!killed.status.success(), "{out}: the pack was not killed");
+        let stderr = String::from_utf8_lossy(&killed.stderr);
+        assert!(
+            stderr.contains("aborting after 1 uploaded part"),
+            "{stderr}"
+        );
+        assert!(
+            codes::download(&shard).is_err(),
+            "{out}: a half-uploaded shard is visible"
+        );
+
+        let rerun = pack(None);
+        assert!(
+            rerun.status.success(),
+            "{out}: {}",
+            String::from_utf8_lossy(&rerun.stderr)
+        );
+        let bytes = codes::download(&shard).unwrap();
+        assert!(
+            bytes.len() > codes::PART_BYTES,
+            "{out}: {} bytes, one part",
+            bytes.len()
+        );
+        let reader = ReaderConfig {
+            shuffle_shards: false,
+            ..ReaderConfig::default()
+        };
+        let mut loader = ShardLoader::open(
+            std::slice::from_ref(&shard),
+            cfg(100, reader),
+            &LoaderState::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            loader.next_in_epoch().unwrap().unwrap().keys.len(),
+            48,
+            "{out}"
+        );
+    }
 }
 
 /// Without credentials (and no instance metadata service) S3 is refused at once with one
