@@ -15,6 +15,8 @@ use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ReaderConfig, Sha
 use taming_model::Vqgan;
 use taming_model::checkpoint::native;
 use taming_model::config::{DdConfig, QuantizerConfig, VqganConfig};
+use taming_model::synthesis::{SynthCond, Synthesizer};
+use taming_model::transformer::{Sampling, TokenLayout};
 use taming_tests::process::root;
 use taming_worker::engine::{RunError, RunSummary, StepHook, train};
 use taming_worker::learner::EmaConfig;
@@ -162,12 +164,15 @@ fn class_conditional_training_from_parquet_learns_and_exports() {
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
-    let samples = image::open(out.join("samples.png")).unwrap();
-    assert!(
-        samples.width() >= 8 * 32 && samples.height() >= 10 * 32,
-        "one row per class"
+    let samples = image::open(out.join("samples.png")).unwrap().into_rgb8();
+    assert_eq!(
+        samples.dimensions(),
+        (8 * 34 - 2, 10 * 34 - 2),
+        "one row of eight 32x32 samples per class, 2 pixels apart"
     );
     let (cfg, _) = native::load_transformer(&out.join("model"), &Device::flex()).unwrap();
+    let seed = small_stage2_config(16).seed;
+    assert_rows_are_the_models_class_samples(&samples, &out.join("model"), &vq, seed);
     assert_eq!(cfg.n_embed, 64);
     assert_eq!(cfg.window, [8, 8]);
     assert_eq!(
@@ -175,6 +180,47 @@ fn class_conditional_training_from_parquet_learns_and_exports() {
         64 + 10,
         "class tokens get their own range"
     );
+}
+
+/// Row `c` of `samples` holds the exported model's eight samples for class `c`, as
+/// `vqgan sample --class c --seed SEED+c --top-k 64` draws them from `model/` and the VQGAN.
+fn assert_rows_are_the_models_class_samples(
+    samples: &image::RgbImage,
+    model: &Path,
+    vq: &Path,
+    seed: u64,
+) {
+    let device = Device::flex();
+    let (cfg, gpt) = native::load_transformer(model, &device).unwrap();
+    let (vq_cfg, vq_model) = native::load_model(vq, &device).unwrap();
+    let layout = TokenLayout::new(cfg.clone()).unwrap();
+    let synth = Synthesizer {
+        gpt: &gpt,
+        layout: &layout,
+        vqgan: (&vq_cfg, &vq_model),
+        cond_vqgan: None,
+        device,
+    };
+    let sampling = Sampling {
+        temperature: 1.0,
+        top_k: Some(64),
+        top_p: None,
+    };
+    for class in 0..10u32 {
+        let cond = synth
+            .grid_cond(&SynthCond::Class(class as i64), cfg.window)
+            .unwrap();
+        let codes = synth
+            .sample_codes(&cond, cfg.window, 8, sampling, seed + class as u64)
+            .unwrap();
+        for (i, want) in synth.decode(&codes, cfg.window).iter().enumerate() {
+            let cell = image::imageops::crop_imm(samples, i as u32 * 34, class * 34, 32, 32);
+            assert!(
+                cell.to_image() == *want,
+                "samples.png row {class}, column {i}: not the model's sample for class {class}"
+            );
+        }
+    }
 }
 
 #[test]
