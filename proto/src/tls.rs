@@ -48,7 +48,12 @@ pub struct TlsArgs {
     #[arg(long, global = true, env = TLS_CA_ENV, value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
     /// Allow plaintext gRPC (and the cluster token in it) off loopback.
-    #[arg(long, global = true, env = INSECURE_ENV)]
+    #[arg(
+        long,
+        global = true,
+        env = INSECURE_ENV,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub insecure: bool,
 }
 

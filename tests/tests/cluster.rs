@@ -565,6 +565,77 @@ fn workers_advertising_host_names_train_a_two_node_job() {
     assert_eq!(csv_steps(&out.join("metrics.csv")), vec![1, 2, 3]);
 }
 
+/// Whether process `pid` is gone (or a zombie nobody has reaped yet).
+fn gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rfind(')')
+            .and_then(|close| stat[close + 1..].split_whitespace().next())
+            == Some("Z")
+    })
+}
+
+/// `worker --nproc-per-node 2`: one worker process per local rank (`node-0`, `node-1`, each
+/// with its own ring port and one compute thread), a two-node job trains on them, and killing
+/// the node's process stops both.
+#[test]
+fn one_worker_with_two_local_ranks_trains_a_two_node_job_and_dies_as_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_coord, addr) = serve(&tmp.path().join("state"));
+    let log = tmp.path().join("node.log");
+    let node = worker_with(&addr, "node", TOKEN, &log, &["--nproc-per-node", "2"]);
+    let out = tmp.path().join("run");
+    let launch = succeed(
+        coordinator(&addr)
+            .args("launch --stage vqgan --nodes 2 --steps 3 --quiet".split_whitespace())
+            .args(["--eval-every", "3", "--checkpoint-every", "3"])
+            .args(["--coordinator", &addr])
+            .arg("--config")
+            .arg(tiny_config(tmp.path()))
+            .arg("--out")
+            .arg(&out),
+    );
+    let said = String::from_utf8_lossy(&launch.stdout);
+    assert!(said.contains("succeeded"), "{said}");
+    assert_eq!(csv_steps(&out.join("metrics.csv")), vec![1, 2, 3]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    for rank in ["local rank 0: node-0", "local rank 1: node-1"] {
+        assert!(text.contains(rank), "{rank} missing from:\n{text}");
+    }
+    let ranks = taming_tests::process::children_named(node.0.id(), "worker");
+    assert_eq!(ranks.len(), 2, "{ranks:?}");
+    drop(node);
+    wait_for(
+        "the local ranks to die with their node",
+        Duration::from_secs(15),
+        || ranks.iter().all(|&pid| gone(pid)),
+    );
+}
+
+/// A local rank that cannot start (its ring port is taken) stops the node: the other rank is
+/// stopped and the node exits naming the one that failed.
+#[test]
+fn a_local_rank_that_fails_stops_the_node_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bind = taken.local_addr().unwrap().to_string();
+    let run = Command::new(bin("worker"))
+        .args([
+            "--coordinator",
+            "127.0.0.1:9",
+            "--name",
+            "node",
+            "--nproc-per-node",
+            "2",
+        ])
+        .args(["--ring-bind", &bind, "--insecure"])
+        .env("TAMING_CLUSTER_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{err}");
+    assert!(err.contains("local rank 0 (node-0) exited with"), "{err}");
+    assert!(err.contains(&format!("binding {bind}")), "{err}");
+}
+
 #[test]
 fn a_malformed_advertised_address_stops_the_worker_naming_the_flag() {
     let run = Command::new(bin("worker"))

@@ -62,6 +62,11 @@ pub struct Cli {
     /// fails.
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     collective_timeout: u64,
+    /// Local ranks (with --coordinator): one worker process per device, registered as
+    /// NAME-0 .. NAME-(N-1), on cuda:0 .. cuda:N-1 (or the ordinals after --device), ring and
+    /// metrics ports the given ones plus the local rank, the cores shared out.
+    #[arg(long, value_name = "N")]
+    nproc_per_node: Option<usize>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -168,6 +173,9 @@ impl Cli {
 
 /// Runs the command `cli` names.
 pub fn run(cli: Cli) -> Result<()> {
+    if let Some(nproc) = cli.nproc_per_node {
+        return run_node(cli, nproc);
+    }
     compute_threads(cli.threads)?;
     crate::failpoint::configured().map_err(anyhow::Error::msg)?;
     let command = match (cli.command, cli.coordinator) {
@@ -255,6 +263,37 @@ pub fn run(cli: Cli) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// `--nproc-per-node`: the node's local ranks, each a worker process of its own.
+fn run_node(cli: Cli, nproc: usize) -> Result<()> {
+    let (Some(coordinator), None) = (&cli.coordinator, &cli.command) else {
+        bail!("--nproc-per-node goes with --coordinator and no subcommand");
+    };
+    let mut common: Vec<std::ffi::OsString> = vec![
+        "--coordinator".into(),
+        coordinator.into(),
+        "--prefetch".into(),
+        cli.prefetch.to_string().into(),
+        "--collective-timeout".into(),
+        cli.collective_timeout.to_string().into(),
+    ];
+    if cli.telemetry.log_json {
+        common.push("--log-json".into());
+    }
+    if let Some(endpoint) = &cli.telemetry.otlp_endpoint {
+        common.extend(["--otlp-endpoint".into(), endpoint.into()]);
+    }
+    crate::local_ranks::run_node(crate::local_ranks::NodeOptions {
+        nproc,
+        name: cli.name,
+        device: cli.device,
+        ring_bind: cli.ring_bind,
+        advertise: cli.advertise,
+        metrics: cli.metrics,
+        threads: cli.threads,
+        common_args: common,
+    })
 }
 
 /// The config file's text and name; empty for the embedded default.

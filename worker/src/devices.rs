@@ -10,14 +10,22 @@ use taming_proto::device_kind;
 /// A device and its memory in bytes (0: unknown).
 pub type Offered = (String, u64);
 
-/// The devices to register: `cpu`, the CUDA devices, and `configured` when not among them.
+/// The devices to register: `cpu`, then the device given with `--device` alone (a local
+/// rank of `--nproc-per-node` offers only its own), else every CUDA device.
 pub fn detect(configured: Option<&DeviceSpec>) -> Vec<Offered> {
-    let mut devices = vec![("cpu".to_string(), host_memory())];
-    devices.extend(cuda_devices());
-    if let Some(d) = configured {
-        let spec = d.to_string();
-        if !devices.iter().any(|(s, _)| *s == spec) {
-            devices.push((spec, 0));
+    offer(configured, host_memory(), cuda_devices())
+}
+
+/// [`detect`] over what was found: the host's memory and the CUDA devices listed.
+fn offer(configured: Option<&DeviceSpec>, host: u64, cuda: Vec<Offered>) -> Vec<Offered> {
+    let mut devices = vec![("cpu".to_string(), host)];
+    match configured {
+        None => devices.extend(cuda),
+        Some(DeviceSpec::Cpu) => {}
+        Some(d) => {
+            let spec = d.to_string();
+            let memory = cuda.iter().find(|(s, _)| *s == spec).map_or(0, |(_, m)| *m);
+            devices.push((spec, memory));
         }
     }
     devices
@@ -160,6 +168,23 @@ mod tests {
             detect(Some(&configured))
                 .iter()
                 .any(|(s, _)| s == "vulkan:2")
+        );
+    }
+
+    /// A worker given a device (a local rank of `--nproc-per-node`) offers that one alone,
+    /// with the memory the driver lists; without one it offers every CUDA device.
+    #[test]
+    fn a_worker_given_a_device_offers_it_alone() {
+        let cuda = vec![("cuda:0".to_string(), 80), ("cuda:1".to_string(), 81)];
+        let given: DeviceSpec = "cuda:1".parse().unwrap();
+        assert_eq!(
+            offer(Some(&given), 7, cuda.clone()),
+            [("cpu".to_string(), 7), ("cuda:1".to_string(), 81)]
+        );
+        assert_eq!(offer(None, 7, cuda.clone()).len(), 3);
+        assert_eq!(
+            offer(Some(&DeviceSpec::Cpu), 7, cuda),
+            [("cpu".to_string(), 7)]
         );
     }
 }

@@ -8,6 +8,7 @@
 //! - [`plan`]: a job (from the command line or the coordinator) as a run plan;
 //! - [`cli`]: the `worker` command line;
 //! - [`agent`]: the cluster worker (registration, heartbeats, assignments, the ring);
+//!   [`local_ranks`]: one worker process per local device (`--nproc-per-node`);
 //! - [`checkpoint`], [`mirror`]: checkpoints with attempt fencing and their object-store copy;
 //! - [`tensorboard`]: the event files every run writes;
 //! - [`liveness`]: the work counter heartbeats carry (progress between steps);
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod failpoint;
 pub mod learner;
 pub mod liveness;
+pub mod local_ranks;
 pub mod metrics;
 pub mod mirror;
 pub mod plan;
