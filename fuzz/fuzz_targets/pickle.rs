@@ -3,7 +3,7 @@
 #![no_main]
 
 // The model crate's own reader, compiled here without burn.
-#[path = "../../import/src/pickle.rs"]
+#[path = "../../import/src/pickle/mod.rs"]
 #[allow(dead_code)]
 mod pickle;
 
