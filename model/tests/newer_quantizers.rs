@@ -180,6 +180,7 @@ fn lfq_matches_vector_quantize_pytorch() {
     let training = QuantizeMode {
         training: true,
         temperature: 1.0,
+        group: None,
     };
     let out = q.forward(z.clone(), training);
     let (_, idx_ref) = expected.i64s("indices");

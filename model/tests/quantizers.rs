@@ -365,6 +365,7 @@ fn gumbel_training_samples_hard_codes_with_gradients_to_logits() {
     let mode = QuantizeMode {
         training: true,
         temperature: 0.9,
+        group: None,
     };
     let out = q.forward(z.clone(), mode);
     // Hard one-hot: each position equals exactly one code vector.

@@ -12,9 +12,35 @@ use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::store::ModuleSnapshot;
 use burn::tensor::Tensor;
 use taming_collective::{AllReduce, CollectiveError, all_reduce_mean};
+use taming_model::quantize::GroupMean;
 
 use crate::checkpoint::{CheckpointError, load_module, save_module};
 use crate::distributed::{FlatGradients, flatten_params, unflatten_params};
+
+/// A group lent to a forward pass, for the quantizer statistics it averages over the ranks
+/// ([`GroupMean`]; a distributed group only).
+pub struct ForwardGroup<'a>(std::cell::RefCell<&'a mut Group>);
+
+impl<'a> ForwardGroup<'a> {
+    /// `group` for one forward pass; none when it is a single process.
+    pub fn lend(group: &'a mut Group) -> Option<Self> {
+        group
+            .is_distributed()
+            .then(|| Self(std::cell::RefCell::new(group)))
+    }
+}
+
+impl GroupMean for ForwardGroup<'_> {
+    fn mean(&self, values: &mut [f32]) -> bool {
+        match self.0.borrow_mut().mean_values(values) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("averaging quantizer statistics over the group: {e}");
+                false
+            }
+        }
+    }
+}
 
 /// The data-parallel group of a run (none: a single process), and the time the trainer
 /// has waited for its collectives. Collectives run in the order they are called on a

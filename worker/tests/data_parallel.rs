@@ -17,7 +17,9 @@ use common::params;
 use taming_collective::TcpRing;
 use taming_dataloader::shards::list_split;
 use taming_dataloader::{LoaderConfig, LoaderState, Preprocess, ShardLoader};
-use taming_model::config::{QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig};
+use taming_model::config::{
+    LfqConfig, QuantizerConfig, RestartConfig, VectorQuantizerConfig, VqganConfig,
+};
 use taming_model::loss::{DiscriminatorConfig, LossConfig};
 use taming_tests::process::root;
 use taming_worker::learner::Group;
@@ -164,6 +166,58 @@ fn two_ranks_with_batch_4_match_one_rank_with_batch_8() {
     let diff = relative_difference(&after, &results[0].0);
     assert!(moved > 1e-4, "training moved the parameters ({moved})");
     assert!(diff < 1e-4, "2 x 4 vs 1 x 8: relative difference {diff}");
+}
+
+/// LFQ's codebook entropy is the whole batch's: two ranks with batch 4, averaging the code
+/// probabilities over the ring inside the forward pass, match one rank with batch 8 after a
+/// step: within 5e-4 relative (measured 8e-5, the Adam rounding of the file's doc; with each
+/// rank's own entropy, 3.7e-3). One step: over more, latents near zero take other signs from
+/// rounding-level differences and the runs part (1.7e-3 after three steps, against 1.2e-2
+/// without the average).
+#[test]
+fn lfq_codebook_entropy_over_two_ranks_matches_one_rank_with_their_batch() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex().autodiff();
+    let data: Vec<_> = batches().into_iter().take(1).collect();
+    let lfq = |batch_size| {
+        let mut c = config(batch_size);
+        c.model.embed_dim = 6;
+        c.model.n_embed = 64;
+        c.model.quantizer = QuantizerConfig::Lfq(LfqConfig {
+            entropy_weight: 1.0,
+            ..LfqConfig::default()
+        });
+        c
+    };
+    let mut single = Stage1Trainer::new(lfq(8), 1, &device).unwrap();
+    let ranks: Vec<Stage1Trainer> = (0..2)
+        .map(|_| Stage1Trainer::new(lfq(4), 2, &device).unwrap())
+        .collect();
+    let before = flat(single.model());
+    for b in &data {
+        let x = Tensor::cat(vec![half(b, 0), half(b, 1)], 0);
+        single = single.train_batch(x, None).unwrap().0;
+    }
+    let results = in_a_ring(5, ranks, move |rank, trainer, ring| {
+        let mut trainer = trainer.join_group(Group::new(Box::new(ring))).unwrap();
+        for b in &data {
+            trainer = trainer.train_batch(half(b, rank), None).unwrap().0;
+        }
+        flat(trainer.model())
+    });
+    assert_eq!(
+        results[0], results[1],
+        "both ranks hold identical parameters"
+    );
+    let after = flat(single.model());
+    let moved = relative_difference(&before, &after);
+    let diff = relative_difference(&after, &results[0]);
+    assert!(moved > 1e-4, "training moved the parameters ({moved})");
+    println!("2 x 4 vs 1 x 8 with LFQ after a step: relative difference {diff}");
+    assert!(
+        diff < 5e-4,
+        "2 x 4 vs 1 x 8 with LFQ: relative difference {diff}"
+    );
 }
 
 /// `grad_accum: 2` at batch 4 steps as batch 8 does (the micro-batches' gradients averaged,

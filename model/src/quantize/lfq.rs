@@ -5,17 +5,38 @@
 //! `entropy_weight x (per-sample entropy - diversity_gamma x codebook entropy)` of the
 //! softmax over all `2^embed_dim` codes of `2 x.c x inv_temperature`, plus
 //! `commitment_weight x |x - sg[q]|^2`; the per-sample term makes each latent sure of its code,
-//! the codebook term spreads the batch over all codes.
+//! the codebook term spreads the batch over all codes. In a data-parallel group the codebook
+//! entropy is that of the whole batch: the code probabilities are averaged over the ranks
+//! (as vector-quantize-pytorch's distributed mean does), and each rank's gradient is the
+//! whole batch's, which the gradient mean then shares out.
 
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use super::{QuantizeMode, Quantized, from_rows, to_rows};
+use super::{GroupMean, QuantizeMode, Quantized, from_rows, to_rows};
 use crate::config::LfqConfig;
 
 /// Probabilities under this are clamped before their log, as the reference's `log`.
 const LOG_EPS: f64 = 1e-5;
+
+/// `mean` (`[1, codes]`) averaged over the group's ranks, its gradient passed straight to this
+/// rank's; itself without a group (or when the collective fails).
+fn across(mean: Tensor<2>, group: Option<&dyn GroupMean>) -> Tensor<2> {
+    let Some(group) = group else {
+        return mean;
+    };
+    let mut values = mean
+        .clone()
+        .try_into_vec_as::<f32>()
+        .expect("f32 probabilities");
+    if !group.mean(&mut values) {
+        return mean;
+    }
+    let shape = mean.dims();
+    let all = Tensor::from_data(TensorData::new(values, shape), &mean.device());
+    mean.clone() + (all - mean).detach()
+}
 
 /// The LFQ quantizer for `bits`-channel latents (`2^bits` codes).
 #[derive(Module, Debug)]
@@ -79,7 +100,7 @@ impl LfqQuantizer {
                 lookup_latents: q,
             };
         }
-        let loss = self.loss(x.clone(), q.clone());
+        let loss = self.loss(x.clone(), q.clone(), mode.group);
         let z_q = x.clone() + (q.clone() - x).detach();
         Quantized {
             z_q: from_rows(z_q, [b, h, w]),
@@ -90,7 +111,7 @@ impl LfqQuantizer {
     }
 
     /// The entropy terms and the commitment term, weighted, `[1]`.
-    fn loss(&self, x: Tensor<2>, q: Tensor<2>) -> Tensor<1> {
+    fn loss(&self, x: Tensor<2>, q: Tensor<2>, group: Option<&dyn GroupMean>) -> Tensor<1> {
         let codebook = self.codebook(&x.device());
         let logits = x
             .clone()
@@ -101,7 +122,7 @@ impl LfqQuantizer {
             (p.clone() * p.clamp_min(LOG_EPS).log()).sum_dim(1).neg()
         };
         let per_sample = entropy(prob.clone()).mean();
-        let codebook_entropy = entropy(prob.mean_dim(0)).mean();
+        let codebook_entropy = entropy(across(prob.mean_dim(0), group)).mean();
         let commitment = (x - q.detach()).powi_scalar(2).mean();
         (per_sample - codebook_entropy.mul_scalar(self.diversity_gamma))
             .mul_scalar(self.entropy_weight)

@@ -31,20 +31,42 @@ pub struct Quantized {
 }
 
 /// How a quantizer should run.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct QuantizeMode {
+#[derive(Clone, Copy)]
+pub struct QuantizeMode<'a> {
     /// Training (stochastic Gumbel sampling, LFQ's entropy terms) or evaluation
     /// (deterministic).
     pub training: bool,
     /// Gumbel temperature (ignored by the vector quantizer).
     pub temperature: f64,
+    /// The data-parallel group, for statistics of the whole batch across ranks (LFQ's
+    /// codebook entropy); none: this process's batch is the whole batch.
+    pub group: Option<&'a dyn GroupMean>,
 }
 
-impl QuantizeMode {
+impl std::fmt::Debug for QuantizeMode<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuantizeMode")
+            .field("training", &self.training)
+            .field("temperature", &self.temperature)
+            .field("group", &self.group.is_some())
+            .finish()
+    }
+}
+
+/// Averages values over the ranks of a data-parallel group: a collective that every rank
+/// calls at the same point of the same forward pass.
+pub trait GroupMean {
+    /// Replaces `values` by their mean over the ranks; false when the collective failed
+    /// (`values` then hold this rank's own, and the step's gradient mean fails the attempt).
+    fn mean(&self, values: &mut [f32]) -> bool;
+}
+
+impl QuantizeMode<'static> {
     /// Deterministic evaluation.
     pub const EVAL: Self = Self {
         training: false,
         temperature: 1.0,
+        group: None,
     };
 }
 

@@ -19,13 +19,14 @@ use taming_model::loss::{
     bce_with_logits,
 };
 use taming_model::quantize::{
-    CodebookMaintainer, MaintainerState, QuantizeMode, Quantizer, UsageWindow, perplexity,
+    CodebookMaintainer, GroupMean, MaintainerState, QuantizeMode, Quantizer, UsageWindow,
+    perplexity,
 };
 
 use super::config::{Objective, Stage1Config};
 use crate::checkpoint::{self, CheckpointError, HasStep};
 use crate::engine::TrainError;
-use crate::learner::{Accumulation, Ema, Group, Learner, materialize, step_seed};
+use crate::learner::{Accumulation, Ema, ForwardGroup, Group, Learner, materialize, step_seed};
 
 /// The small, human-readable part of a stage-1 checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -309,9 +310,12 @@ impl Stage1Trainer {
         cond: Option<Tensor<4>>,
     ) -> Result<(Self, Option<StepReport>), TrainError> {
         self.seed_micro_batch();
+        let temperature = self.temperature();
+        let group = ForwardGroup::lend(&mut self.group);
         let mode = QuantizeMode {
             training: true,
-            temperature: self.temperature(),
+            temperature,
+            group: group.as_ref().map(|g| g as &dyn GroupMean),
         };
         let out = self.ae.module.forward(x.clone(), mode);
         let finite = finite_output(&out);
