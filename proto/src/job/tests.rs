@@ -1,5 +1,7 @@
 //! Decoding: every refusal names its field; what is encoded decodes to itself.
 use super::*;
+use crate::coordinator as wire;
+use crate::coordinator::job_spec::StageJob as WireStageJob;
 
 fn transformer_spec() -> JobSpec {
     JobSpec {
