@@ -102,6 +102,11 @@ struct LaunchArgs {
     /// Ranks (workers) to run on.
     #[arg(long, default_value_t = 1)]
     nodes: u32,
+    /// Local ranks per node, on the local mini-cluster: each of the --nodes workers runs N
+    /// worker processes (`worker --nproc-per-node N`, one per device) and the job has
+    /// nodes x N ranks. On a cluster the workers are started that way and --nodes counts ranks.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    nproc_per_node: u32,
     /// Fewest ranks to continue with after a worker is lost (default: nodes).
     #[arg(long)]
     min_nodes: Option<u32>,
@@ -264,11 +269,22 @@ async fn run_launch(
     let show = !args.quiet;
     let coordinator = args.coordinator.clone();
     let dataloaders = args.dataloaders;
+    let nproc_per_node = args.nproc_per_node;
+    if nproc_per_node != 1 && coordinator.is_some() {
+        bail!(
+            "--nproc-per-node is for the local mini-cluster: on a cluster, start the workers with \
+             `worker --nproc-per-node N` and give --nodes the total number of ranks"
+        );
+    }
     let spec = job_spec(args)?;
     match coordinator {
         Some(addr) => launch_remote(&addr, token, transport, &spec, show).await,
         None => {
-            let opts = StandaloneOptions { dataloaders, show };
+            let opts = StandaloneOptions {
+                dataloaders,
+                show,
+                nproc_per_node,
+            };
             finish(launch_local(spec, opts).await?)
         }
     }
@@ -303,13 +319,20 @@ fn job_spec(args: LaunchArgs) -> Result<JobSpec> {
             Stage::Transformer => "runs/transformer",
         })
     });
+    if args.nproc_per_node == 0 {
+        bail!("--nproc-per-node must be at least 1");
+    }
+    let nodes = args
+        .nodes
+        .checked_mul(args.nproc_per_node)
+        .context("--nodes x --nproc-per-node is too large")?;
     Ok(JobSpec {
         config_yaml,
         data: args.data.map(absolute_if_local).unwrap_or_default(),
         out: std::path::absolute(&out)?.to_string_lossy().into_owned(),
         steps: args.steps,
-        nodes: args.nodes,
-        min_nodes: args.min_nodes.unwrap_or(args.nodes),
+        nodes,
+        min_nodes: args.min_nodes.unwrap_or(nodes),
         dataloaders: args.dataloader_addrs,
         collective: args.collective.unwrap_or(match args.device.kind() {
             "cuda" => Collective::Nccl,

@@ -27,6 +27,9 @@ pub struct StandaloneOptions {
     pub dataloaders: usize,
     /// Draw the progress bar.
     pub show: bool,
+    /// Local ranks per worker process (`worker --nproc-per-node`); the job's ranks are
+    /// shared out over `nodes / nproc_per_node` workers.
+    pub nproc_per_node: u32,
 }
 
 /// Runs `spec` on a mini-cluster started for it and returns the job's final state. Logs go
@@ -75,8 +78,15 @@ pub async fn launch_local(mut spec: JobSpec, opts: StandaloneOptions) -> Result<
         kind @ ("vulkan" | "wgpu") => Some(format!("{kind}:0")),
         _ => None,
     };
-    let workers = (0..spec.nodes)
-        .map(|i| LocalWorker::start(i, &addr, &token, &tls, &logs, device.clone()))
+    let nproc = opts.nproc_per_node.max(1);
+    let workers = (0..spec.nodes.div_ceil(nproc))
+        .map(|i| {
+            let node = LocalNode {
+                device: device.clone(),
+                nproc,
+            };
+            LocalWorker::start(i, &addr, &token, &tls, &logs, node)
+        })
         .collect::<Result<Vec<_>>>()?;
     let mut c = client::connect(&addr, Some(&token), &tls.transport).await?;
     let id = client::submit(&mut c, &spec).await?;
@@ -89,6 +99,14 @@ pub async fn launch_local(mut spec: JobSpec, opts: StandaloneOptions) -> Result<
     let _ = stop_tx.send(());
     let _ = server.await;
     job
+}
+
+/// What a local worker process runs on: `--device` (a Vulkan or wgpu adapter) and its local
+/// ranks (`--nproc-per-node`).
+#[derive(Clone)]
+struct LocalNode {
+    device: Option<String>,
+    nproc: u32,
 }
 
 /// Children killed when dropped.
@@ -140,8 +158,8 @@ struct LocalWorker {
     token: String,
     tls: Vec<(&'static str, PathBuf)>,
     log: PathBuf,
-    /// `--device` for the worker (a Vulkan or wgpu adapter).
-    device: Option<String>,
+    /// Its device and local ranks.
+    node: LocalNode,
     child: Children,
     exits: u32,
 }
@@ -153,10 +171,10 @@ impl LocalWorker {
         token: &str,
         tls: &LocalTls,
         logs: &Path,
-        device: Option<String>,
+        node: LocalNode,
     ) -> Result<Self> {
         let mut w = Self {
-            device,
+            node,
             name: format!("local-{i}"),
             coordinator: coordinator.to_string(),
             token: token.to_string(),
@@ -176,7 +194,18 @@ impl LocalWorker {
         let log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
         let child = Command::new(&worker)
             .args(["--coordinator", &self.coordinator, "--name", &self.name])
-            .args(self.device.iter().flat_map(|d| ["--device", d.as_str()]))
+            .args(
+                self.node
+                    .device
+                    .iter()
+                    .flat_map(|d| ["--device", d.as_str()]),
+            )
+            .args(
+                (self.node.nproc > 1)
+                    .then(|| ["--nproc-per-node".to_string(), self.node.nproc.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .env(TOKEN_ENV, &self.token)
             .envs(self.tls.iter().map(|(k, v)| (*k, v)))
             .stdout(log.try_clone()?)

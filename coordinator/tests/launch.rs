@@ -166,6 +166,52 @@ fn tiny_stage2_config(dir: &Path) -> PathBuf {
     path
 }
 
+/// `launch --nodes 1 --nproc-per-node 2`: one local worker process that runs two local ranks
+/// (`worker --nproc-per-node 2`), and the job has both.
+#[test]
+fn one_node_with_two_local_ranks_runs_a_two_rank_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let run = succeed(
+        coordinator()
+            .args("launch --stage vqgan --nodes 1 --nproc-per-node 2 --steps 3".split_whitespace())
+            .args(["--quiet", "--dataloaders", "0", "--eval-every", "3"])
+            .arg("--config")
+            .arg(tiny_config(tmp.path()))
+            .arg("--out")
+            .arg(&out),
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains("succeeded") && stdout.contains("on 2 worker(s)"),
+        "{stdout}"
+    );
+    assert_eq!(csv_steps(&out.join("metrics.csv")), vec![1, 2, 3]);
+    let log = std::fs::read_to_string(out.join("logs/worker-0.log")).unwrap();
+    for said in [
+        "local rank 0: local-0-0",
+        "local rank 1: local-0-1",
+        "rank=1",
+    ] {
+        assert!(log.contains(said), "{said} missing from:\n{log}");
+    }
+    assert!(
+        !out.join("logs/worker-1.log").exists(),
+        "one worker process"
+    );
+    let refused = coordinator()
+        .args(
+            "launch --stage vqgan --nproc-per-node 2 --coordinator 127.0.0.1:9".split_whitespace(),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("--nproc-per-node is for the local mini-cluster"),
+        "{err}"
+    );
+}
+
 /// Stage 1 on two nodes through the dataloader service, then stage 2 (class-conditional, on
 /// codes the workers encode with the new VQGAN) on two nodes over the same mini-cluster.
 #[test]

@@ -322,9 +322,22 @@ fn the_photo_crop_default_trains_end_to_end() {
     assert_grid_shows_the_validation_images(&out.join("val_grid.png"), &data, 16, 64);
 }
 
+/// The mean and largest difference of two images' bytes, in levels.
+fn level_difference(a: &image::RgbImage, b: &image::RgbImage) -> (f64, u8) {
+    let d: Vec<u8> = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .collect();
+    let mean = d.iter().map(|&v| v as f64).sum::<f64>() / d.len() as f64;
+    (mean, d.into_iter().max().unwrap_or(0))
+}
+
 /// `val_grid.png` holds, four pairs a row, the first `n` validation images (decoded here from
-/// the shard, independently of the loader) on the left of each pair, and on the right a
-/// reconstruction: an image of its own (not the input, not the background).
+/// the shard, independently of the loader, by another JPEG decoder: within half a level on
+/// average and 8 levels at most) on the left of each pair, and on the right a reconstruction:
+/// an image of its own (not the input, not the background).
 fn assert_grid_shows_the_validation_images(grid: &Path, data: &str, n: usize, size: u32) {
     let grid = image::open(grid).unwrap().into_rgb8();
     let (gap, per_row) = (2, 4);
@@ -349,11 +362,15 @@ fn assert_grid_shows_the_validation_images(grid: &Path, data: &str, n: usize, si
         let (col, row) = (i as u32 % per_row, i as u32 / per_row);
         let (x, y) = (col * (2 * size + 3 * gap), row * (size + gap));
         let tile = |x0: u32| image::imageops::crop_imm(&grid, x0, y, size, size).to_image();
-        assert!(tile(x) == *want, "image {i} is not on the left of pair {i}");
+        let (mean, max) = level_difference(&tile(x), want);
+        assert!(
+            mean <= 0.5 && max <= 8,
+            "image {i} is not on the left of pair {i} (mean {mean:.3}, max {max} levels apart)"
+        );
         let rec = tile(x + size + gap);
         let white = image::RgbImage::from_pixel(size, size, image::Rgb([255, 255, 255]));
         assert!(
-            rec != *want && rec != white,
+            level_difference(&rec, want).0 > 2.0 && rec != white,
             "pair {i} has no reconstruction"
         );
     }
