@@ -192,20 +192,15 @@ impl LocalWorker {
     fn spawn(&mut self) -> Result<()> {
         let worker = sibling("worker")?;
         let log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
-        let child = Command::new(&worker)
-            .args(["--coordinator", &self.coordinator, "--name", &self.name])
-            .args(
-                self.node
-                    .device
-                    .iter()
-                    .flat_map(|d| ["--device", d.as_str()]),
-            )
-            .args(
-                (self.node.nproc > 1)
-                    .then(|| ["--nproc-per-node".to_string(), self.node.nproc.to_string()])
-                    .into_iter()
-                    .flatten(),
-            )
+        let mut cmd = Command::new(&worker);
+        cmd.args(["--coordinator", &self.coordinator, "--name", &self.name]);
+        if let Some(d) = &self.node.device {
+            cmd.args(["--device", d]);
+        }
+        if self.node.nproc > 1 {
+            cmd.args(["--nproc-per-node", &self.node.nproc.to_string()]);
+        }
+        let child = cmd
             .env(TOKEN_ENV, &self.token)
             .envs(self.tls.iter().map(|(k, v)| (*k, v)))
             .stdout(log.try_clone()?)

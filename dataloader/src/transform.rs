@@ -5,9 +5,10 @@
 //!
 //! A JPEG without a label map takes a shorter path to the same crop ([`crate::jpeg`]): the
 //! window the crop's filter reads, decoded at the smallest scale (1/8, 1/4, 1/2 or 1) that
-//! still holds the output size, then resized with the crop box. Its values stay within 2.5 levels (mean; 32 at most, at edges) of
-//! the full-decode path ([`Preprocess::apply_full_decode`]; `tests/jpeg.rs`), and any JPEG it
-//! cannot decode (CMYK, say) takes the full path.
+//! still holds the output size, then resized with the crop box. Its values stay within 2.5
+//! levels (mean; 32 at most, at edges) of the full-decode path
+//! ([`Preprocess::apply_full_decode`]; `tests/jpeg.rs`), and any JPEG it cannot decode (CMYK,
+//! say) takes the full path.
 //!
 //! Image and label-map sizes are read from their headers and checked before any pixel buffer
 //! is made: at most [`MAX_IMAGE_PIXELS`] decoded, and at most as many after the resize (a
@@ -110,12 +111,13 @@ impl Preprocess {
 
     /// Where the crop falls, from the image's header, drawing from `rng` as every path does.
     fn crop(&self, bytes: &[u8], rng: &mut impl Rng) -> Result<Crop, String> {
-        let (width, height) = self.image_size(bytes)?;
-        let (left, top) = self.crop_origin(resized_dims(width, height, self.size), rng);
+        let ((width, height), resized) = self.image_size(bytes)?;
+        let (left, top) = self.crop_origin(resized, rng);
         let flip = self.flip && rng.random_bool(0.5);
         Ok(Crop {
             width,
             height,
+            resized,
             left,
             top,
             flip,
@@ -152,16 +154,15 @@ impl Preprocess {
             out,
         );
         Ok(mask.map(|m| {
-            let (w, h) = img_dims_after_resize(&m, self.size);
-            let m = resize_nearest(&m, w, h);
+            let m = resize_nearest(&m, crop.resized.0, crop.resized.1);
             let m = image::imageops::crop_imm(&m, crop.left, crop.top, s, s).to_image();
             flip_rows(m.into_raw(), self.size, crop.flip)
         }))
     }
 
-    /// The image's size from its header, checked to fit [`MAX_IMAGE_PIXELS`] decoded and
-    /// resized.
-    fn image_size(&self, bytes: &[u8]) -> Result<(u32, u32), String> {
+    /// The image's size from its header and its size with the shorter side resized, checked
+    /// to fit [`MAX_IMAGE_PIXELS`] both.
+    fn image_size(&self, bytes: &[u8]) -> Result<(Size, Size), String> {
         let (w, h) = reader(bytes)
             .into_dimensions()
             .map_err(|e| format!("image: {e}"))?;
@@ -174,7 +175,7 @@ impl Preprocess {
                 self.size
             ));
         }
-        Ok((w, h))
+        Ok(((w, h), (nw, nh)))
     }
 
     /// The `size` x `size` crop at `(left, top)` of the image resized on its shorter side,
@@ -190,8 +191,7 @@ impl Preprocess {
         out: &mut [T],
     ) -> Result<(), jpeg::JpegError> {
         let (s, w, h) = (self.size as u32, crop.width, crop.height);
-        let (left, top) = (crop.left, crop.top);
-        let (rw, rh) = resized_dims(w, h, self.size);
+        let ((left, top), (rw, rh)) = ((crop.left, crop.top), crop.resized);
         let flip = (self.size, crop.flip);
         BUFFERS.with_borrow_mut(|bufs| {
             if (rw, rh) == (w, h) {
@@ -279,10 +279,15 @@ fn filter_span(start: u32, len: u32, f: f64, limit: u32) -> (u32, u32) {
     (lo, hi)
 }
 
-/// The image's size and where its crop falls in the resized image.
+/// Width and height in pixels.
+type Size = (u32, u32);
+
+/// The image's size, its size with the shorter side resized, and where its crop falls in
+/// the resized image.
 struct Crop {
     width: u32,
     height: u32,
+    resized: Size,
     left: u32,
     top: u32,
     flip: bool,
@@ -311,12 +316,16 @@ fn resize_box(
     dst.resize(3 * (size * size) as usize, 0);
     let mut dst = fr::images::Image::from_slice_u8(size, size, dst, fr::PixelType::U8x3)
         .expect("an RGB buffer of the output size");
-    let opts = fr::ResizeOptions::new()
-        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear))
-        .crop(crop.left, crop.top, crop.width, crop.height);
+    let opts = bilinear().crop(crop.left, crop.top, crop.width, crop.height);
     fr::Resizer::new()
         .resize(&src, &mut dst, &opts)
         .map_err(|e| jpeg::JpegError::Failed(format!("resizing the window: {e}")))
+}
+
+/// PIL's antialiased bilinear filter (a convolution whose support widens when shrinking).
+fn bilinear() -> fast_image_resize::ResizeOptions {
+    use fast_image_resize as fr;
+    fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear))
 }
 
 /// Buffers a decoding thread reuses from image to image (no allocation or page faults per
@@ -349,11 +358,6 @@ fn resize_nearest(m: &GrayImage, w: u32, h: u32) -> GrayImage {
     })
 }
 
-fn img_dims_after_resize(img: &GrayImage, size: usize) -> (u32, u32) {
-    let (w, h) = img.dimensions();
-    resized_dims(w, h, size)
-}
-
 fn resized_dims(w: u32, h: u32, size: usize) -> (u32, u32) {
     let scale = size as f64 / w.min(h) as f64;
     let nw = ((w as f64 * scale).round() as u32).max(size as u32);
@@ -380,17 +384,14 @@ pub fn resize_shorter(img: RgbImage, size: usize) -> RgbImage {
     let src = fr::images::Image::from_vec_u8(w, h, img.into_raw(), fr::PixelType::U8x3)
         .expect("an RGB buffer of its own size");
     let mut dst = fr::images::Image::new(nw, nh, fr::PixelType::U8x3);
-    let opts =
-        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
     fr::Resizer::new()
-        .resize(&src, &mut dst, &opts)
+        .resize(&src, &mut dst, &bilinear())
         .expect("same pixel types");
     RgbImage::from_raw(nw, nh, dst.into_vec()).expect("a buffer of the new size")
 }
 
 /// The `size` x `size` window at `(left, top)` of the RGB rows `raw` (`width` pixels each)
-/// into `out` as CHW planes, mirrored
-/// left-right when `flip`: one pass over the window's rows.
+/// into `out` as CHW planes, mirrored left-right when `flip`: one pass over the window's rows.
 fn crop_to_chw<T: Channel>(
     raw: &[u8],
     width: u32,
